@@ -1,0 +1,95 @@
+// PackedKVCache<T>: a paged KV cache whose blocks are PackKV-compressed as they fill, with
+// attention computed directly on the packed blocks.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "packkv/config.hpp"
+#include "packkv/error.hpp"
+#include "packkv/stats.hpp"
+#include "packkv/types.hpp"
+
+namespace packkv {
+
+using SeqId = std::uint64_t;
+
+namespace detail {
+template <class T>
+class CacheBackend;
+}
+
+/// A compressed KV cache for one model.
+///
+/// Layouts (row-major, contiguous):
+///   k, v     [n_tokens][num_kv_heads][head_dim]   (K after RoPE)
+///   q, out   [batch][num_q_heads][head_dim]
+///   scores   [num_q_heads][length]                 (original token order)
+///   weights  [num_q_heads][length]
+/// On Device::cuda every pointer is a device pointer and work is queued on the cache's stream.
+///
+/// Every method validates its arguments; on any error it throws packkv::error and leaves the cache
+/// exactly as it was. Query heads map to KV heads in groups: q head j reads KV head
+/// j / (num_q_heads / num_kv_heads).
+template <class T>
+class PackedKVCache {
+  static_assert(is_storage_type_v<T>, "PackedKVCache<T>: T must be float, fp16_t or bf16_t");
+
+ public:
+  using value_type = T;
+
+  explicit PackedKVCache(const CacheConfig& config);
+  ~PackedKVCache();
+  PackedKVCache(PackedKVCache&&) noexcept;
+  PackedKVCache& operator=(PackedKVCache&&) noexcept;
+  PackedKVCache(const PackedKVCache&) = delete;
+  PackedKVCache& operator=(const PackedKVCache&) = delete;
+
+  const CacheConfig& config() const noexcept { return config_; }
+
+  // ---- sequences ----
+  void add_sequence(SeqId id);
+  void remove_sequence(SeqId id);
+  bool contains(SeqId id) const;
+  std::size_t num_sequences() const;
+  std::vector<SeqId> sequence_ids() const;
+  /// Tokens appended to `layer` of sequence `id`.
+  std::int64_t length(SeqId id, int layer = 0) const;
+
+  // ---- writing ----
+  /// Appends n_tokens (1 for decode, many for prefill) to one layer. Full blocks are compressed;
+  /// the rest stays in the uncompressed tail. All-or-nothing: on error nothing is appended.
+  /// Rejects NaN, Inf and |x| > 65504 (the per-token parameters are stored as fp16).
+  void append(SeqId id, int layer, const T* k, const T* v, int n_tokens);
+
+  // ---- attention ----
+  /// Decode attention for one query per sequence: out[b] = softmax(scale * K q[b]) V.
+  void attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float softmax_scale) const;
+  /// scores[h][t] = K_t . q[h] for every token of the sequence (no scale, no softmax).
+  void scores(SeqId id, int layer, const T* q, float* scores) const;
+  /// out[h][c] = sum_t weights[h][t] * V_t[c].
+  void attn_v(SeqId id, int layer, const float* weights, float* out) const;
+
+  // ---- inspection ----
+  /// Dequantized K and V of a sequence, original token order: [length][num_kv_heads][head_dim].
+  void read_back(SeqId id, int layer, float* k, float* v) const;
+  MemoryStats memory_stats() const;
+
+  /// CUDA stream (a cudaStream_t) that device work is queued on; ignored on the CPU.
+  void set_stream(void* cuda_stream);
+
+ private:
+  void check_sequence(SeqId id, const char* what) const;
+  void check_layer(int layer, const char* what) const;
+
+  CacheConfig config_;
+  std::unique_ptr<detail::CacheBackend<T>> backend_;
+};
+
+extern template class PackedKVCache<float>;
+extern template class PackedKVCache<fp16_t>;
+extern template class PackedKVCache<bf16_t>;
+
+}  // namespace packkv

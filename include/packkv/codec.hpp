@@ -1,0 +1,58 @@
+// The CPU block codec: encodes one block of K/V (all KV heads, block_tokens tokens) into the
+// format of format.hpp, decodes it back, and validates untrusted block bytes. It is the reference
+// that the CUDA encoder matches byte for byte.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "packkv/config.hpp"
+#include "packkv/format.hpp"
+
+namespace packkv {
+
+/// What the encoder needs from a CacheConfig, resolved once.
+struct CodecParams {
+  format::BlockGeometry geometry;
+  int k_max_code;
+  int v_max_code;
+  RepackMethod repack;
+};
+
+CodecParams make_codec_params(const CacheConfig& config);
+
+/// Reusable scratch for encode_block (avoids allocations on the append path).
+struct EncodeScratch {
+  std::vector<std::uint8_t> k_codes, v_codes;  // [block_tokens][head_dim], original order
+  std::vector<format::Params> k_params, v_params;
+  std::vector<std::uint8_t> order;              // packed position -> original token
+  std::vector<std::uint8_t> sort_keys;
+};
+
+/// Encodes one block. Element (t, h, c) of K is k[t * row_stride + h * head_dim + c], likewise V.
+/// `out` must hold geometry.max_block_bytes(); returns the block's size. Throws packkv::error naming
+/// the token and head when a value is NaN, Inf, or outside what fp16 parameters can represent.
+template <class T>
+std::uint32_t encode_block(const CodecParams& params, const T* k, const T* v, std::size_t row_stride,
+                           std::uint8_t* out, EncodeScratch& scratch);
+
+/// Decodes a block to float in the original token order, same indexing as encode_block.
+void decode_block(const CodecParams& params, const std::uint8_t* block, float* k, float* v,
+                  std::size_t row_stride);
+
+/// Sizes of a block's parts, for memory statistics.
+struct BlockBytes {
+  std::size_t payload = 0, params = 0, descriptors = 0, permutations = 0, headers = 0;
+};
+BlockBytes block_bytes_breakdown(const CodecParams& params, const std::uint8_t* block);
+
+/// Checks that `bytes` is a well-formed block for `params` (header fields, offsets, widths,
+/// descriptor mins, permutation, sizes). Throws packkv::error describing the first problem.
+void validate_block(const CodecParams& params, std::span<const std::uint8_t> bytes);
+
+/// The codes of one section in packed order ([block_tokens][head_dim]), for tests and tools.
+void unpack_section_codes(const format::SectionLayout& layout, const std::uint8_t* section, std::uint8_t* codes);
+
+}  // namespace packkv

@@ -1,0 +1,66 @@
+// Configuration of a PackedKVCache: model shape, block geometry, accuracy knobs, memory, device.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace packkv {
+
+/// Where the cache's blocks live and where attention runs.
+enum class Device : std::uint8_t { cpu, cuda };
+
+/// How K is quantized. V is always quantized per token.
+enum class QuantMode : std::uint8_t {
+  per_token,    ///< PackKV: one (step, min) per (token, KV head).
+  per_channel,  ///< KIVI-style: one (step, min) per (channel, KV head) over a block.
+};
+
+/// Token reordering inside a block before bit-packing (same permutation for K and V).
+enum class RepackMethod : std::uint8_t {
+  none,    ///< keep arrival order; no permutation is stored
+  median,  ///< stable sort by the median V code of each token
+  greedy,  ///< grow each 16-token pack by the token that adds the fewest bits
+};
+
+const char* to_string(Device d);
+const char* to_string(QuantMode m);
+const char* to_string(RepackMethod m);
+
+/// Smallest and largest accepted relative error bound: codes of 8 bits down to 1 bit.
+inline constexpr float kMinRel = 1.0f / 255.0f;
+inline constexpr float kMaxRel = 1.0f;
+
+struct CacheConfig {
+  int num_layers = 1;
+  int num_kv_heads = 1;
+  int num_q_heads = 1;        ///< a multiple of num_kv_heads (grouped-query attention)
+  int head_dim = 128;         ///< a multiple of 8 in [8, 256]
+  int block_tokens = 64;      ///< tokens per compressed block: a multiple of 16 in [16, 256]
+  int residual_tokens = 0;    ///< most recent tokens always kept uncompressed (>= 0)
+  float k_rel = 0.1f;         ///< relative error bound for K, in [1/255, 1]
+  float v_rel = 0.2f;         ///< relative error bound for V, in [1/255, 1]
+  QuantMode k_mode = QuantMode::per_token;
+  RepackMethod repack = RepackMethod::median;
+  std::size_t memory_budget_bytes = 0;  ///< cap on all memory the cache holds; 0 means none
+  Device device = Device::cpu;
+  int num_threads = 0;        ///< CPU worker threads for attention and encoding; 0: all cores
+};
+
+/// Throws packkv::error naming the first invalid field.
+void validate(const CacheConfig& config);
+
+/// One-line description, for logs and error messages.
+std::string describe(const CacheConfig& config);
+
+/// Largest code a relative error bound produces: ceil(1/rel), in [1, 255].
+int max_code_for_rel(float rel);
+
+/// Bits needed to store codes in [0, max_code].
+constexpr int bits_for_max_code(int max_code) {
+  int bits = 0;
+  while ((1 << bits) <= max_code) ++bits;
+  return bits;
+}
+
+}  // namespace packkv

@@ -1,0 +1,28 @@
+// The one error type packkv throws. Every invalid input (config, shape, id, data) and every
+// exhausted resource raises packkv::error with a message that names the offending value; the
+// object the call was made on is left exactly as it was.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace packkv {
+
+class error : public std::runtime_error {
+ public:
+  explicit error(const std::string& what) : std::runtime_error("packkv: " + what) {}
+};
+
+namespace detail {
+/// Out-of-line thrower keeps the formatting code off hot paths.
+[[noreturn]] void throw_error(const std::string& message);
+}  // namespace detail
+
+}  // namespace packkv
+
+/// Check a precondition; on failure throw packkv::error with the given message (a std::string
+/// expression, evaluated only on failure).
+#define PACKKV_REQUIRE(cond, message)                       \
+  do {                                                      \
+    if (!(cond)) ::packkv::detail::throw_error(message);    \
+  } while (0)

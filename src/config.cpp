@@ -1,0 +1,72 @@
+#include "packkv/config.hpp"
+
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "packkv/error.hpp"
+
+namespace packkv {
+
+const char* to_string(Device d) { return d == Device::cpu ? "cpu" : "cuda"; }
+const char* to_string(QuantMode m) { return m == QuantMode::per_token ? "per_token" : "per_channel"; }
+const char* to_string(RepackMethod m) {
+  switch (m) {
+    case RepackMethod::none: return "none";
+    case RepackMethod::median: return "median";
+    case RepackMethod::greedy: return "greedy";
+  }
+  return "?";
+}
+
+int max_code_for_rel(float rel) {
+  PACKKV_REQUIRE(std::isfinite(rel) && rel >= kMinRel && rel <= kMaxRel,
+                 fmt::format("relative error bound {} is outside [1/255, 1]", rel));
+  // The tolerance keeps rel = 1/n (which float cannot hold exactly) at n codes' worth of range.
+  const double inverse = 1.0 / static_cast<double>(rel);
+  int max_code = static_cast<int>(std::ceil(inverse - 1e-6));
+  if (max_code < 1) max_code = 1;
+  if (max_code > 255) max_code = 255;
+  return max_code;
+}
+
+void validate(const CacheConfig& c) {
+  PACKKV_REQUIRE(c.num_layers >= 1, fmt::format("num_layers must be >= 1, got {}", c.num_layers));
+  PACKKV_REQUIRE(c.num_kv_heads >= 1 && c.num_kv_heads <= 1024,
+                 fmt::format("num_kv_heads must be in [1, 1024], got {}", c.num_kv_heads));
+  PACKKV_REQUIRE(c.num_q_heads >= 1 && c.num_q_heads % c.num_kv_heads == 0,
+                 fmt::format("num_q_heads must be a positive multiple of num_kv_heads ({}), got {}",
+                             c.num_kv_heads, c.num_q_heads));
+  PACKKV_REQUIRE(c.num_q_heads / c.num_kv_heads <= 64,
+                 fmt::format("at most 64 query heads per KV head are supported, got {}",
+                             c.num_q_heads / c.num_kv_heads));
+  PACKKV_REQUIRE(c.head_dim >= 8 && c.head_dim <= 256 && c.head_dim % 8 == 0,
+                 fmt::format("head_dim must be a multiple of 8 in [8, 256], got {}", c.head_dim));
+  PACKKV_REQUIRE(c.block_tokens >= 16 && c.block_tokens <= 256 && c.block_tokens % 16 == 0,
+                 fmt::format("block_tokens must be a multiple of 16 in [16, 256], got {}", c.block_tokens));
+  PACKKV_REQUIRE(c.residual_tokens >= 0 && c.residual_tokens <= 1 << 20,
+                 fmt::format("residual_tokens must be in [0, 2^20], got {}", c.residual_tokens));
+  PACKKV_REQUIRE(std::isfinite(c.k_rel) && c.k_rel >= kMinRel && c.k_rel <= kMaxRel,
+                 fmt::format("k_rel must be in [1/255, 1], got {}", c.k_rel));
+  PACKKV_REQUIRE(std::isfinite(c.v_rel) && c.v_rel >= kMinRel && c.v_rel <= kMaxRel,
+                 fmt::format("v_rel must be in [1/255, 1], got {}", c.v_rel));
+  PACKKV_REQUIRE(c.k_mode == QuantMode::per_token || c.k_mode == QuantMode::per_channel,
+                 fmt::format("unknown k_mode {}", static_cast<int>(c.k_mode)));
+  PACKKV_REQUIRE(c.repack == RepackMethod::none || c.repack == RepackMethod::median ||
+                     c.repack == RepackMethod::greedy,
+                 fmt::format("unknown repack method {}", static_cast<int>(c.repack)));
+  PACKKV_REQUIRE(c.device == Device::cpu || c.device == Device::cuda,
+                 fmt::format("unknown device {}", static_cast<int>(c.device)));
+  PACKKV_REQUIRE(c.num_threads >= 0 && c.num_threads <= 1024,
+                 fmt::format("num_threads must be in [0, 1024], got {}", c.num_threads));
+}
+
+std::string describe(const CacheConfig& c) {
+  return fmt::format(
+      "layers={} kv_heads={} q_heads={} head_dim={} block={} residual={} k_rel={} v_rel={} k_mode={} "
+      "repack={} budget={} device={}",
+      c.num_layers, c.num_kv_heads, c.num_q_heads, c.head_dim, c.block_tokens, c.residual_tokens, c.k_rel,
+      c.v_rel, to_string(c.k_mode), to_string(c.repack), c.memory_budget_bytes, to_string(c.device));
+}
+
+}  // namespace packkv

@@ -1,0 +1,20 @@
+#include "packkv/stats.hpp"
+
+namespace packkv {
+
+MemoryBreakdown& MemoryBreakdown::operator+=(const MemoryBreakdown& o) {
+  payload += o.payload;
+  params += o.params;
+  descriptors += o.descriptors;
+  permutations += o.permutations;
+  headers += o.headers;
+  block_tables += o.block_tables;
+  tail += o.tail;
+  compressed_tokens += o.compressed_tokens;
+  tail_tokens += o.tail_tokens;
+  original_bytes += o.original_bytes;
+  original_fp16_bytes += o.original_fp16_bytes;
+  return *this;
+}
+
+}  // namespace packkv
