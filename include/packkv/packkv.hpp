@@ -9,3 +9,4 @@
 #include "packkv/stats.hpp"
 #include "packkv/types.hpp"
 #include "packkv/version.hpp"
+#include "packkv/synthetic.hpp"
