@@ -1,0 +1,159 @@
+// CPU benchmarks: encoding throughput, and decode attention on packed blocks vs dense fp32 over the
+// same data with the same threads. Shape: Llama-3-8B (32 query heads, 8 KV heads, head_dim 128),
+// K rel 0.1, V rel 0.2, median repacking. A closing table gives the packed / dense speed-ups
+// measured in this run.
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "dense_attention.hpp"
+#include "packkv/packkv.hpp"
+
+namespace {
+
+using namespace packkv;
+
+constexpr int kQHeads = 32, kKVHeads = 8, kHeadDim = 128;
+
+CacheConfig llama3_config() {
+  CacheConfig c;
+  c.num_layers = 1;
+  c.num_kv_heads = kKVHeads;
+  c.num_q_heads = kQHeads;
+  c.head_dim = kHeadDim;
+  c.block_tokens = 64;
+  c.k_rel = 0.1f;
+  c.v_rel = 0.2f;
+  c.repack = RepackMethod::median;
+  return c;
+}
+
+int threads() { return omp_get_max_threads(); }
+
+// One synthetic context per length, shared by the packed and dense benchmarks.
+struct Context {
+  std::vector<float> k, v;                        // dense fp32 [len][8][128]
+  std::unique_ptr<PackedKVCache<fp16_t>> cache;   // the same tokens, packed
+  std::vector<float> q;
+};
+
+Context& context(std::int64_t len) {
+  static std::map<std::int64_t, std::unique_ptr<Context>> contexts;
+  auto& slot = contexts[len];
+  if (!slot) {
+    slot = std::make_unique<Context>();
+    synthetic::KVStream stream(kKVHeads, kHeadDim, 42);
+    stream.next(static_cast<int>(len), slot->k, slot->v);
+    slot->cache = std::make_unique<PackedKVCache<fp16_t>>(llama3_config());
+    slot->cache->add_sequence(0);
+    std::vector<fp16_t> k16(slot->k.size()), v16(slot->v.size());
+    for (std::size_t i = 0; i < k16.size(); ++i) {
+      k16[i] = fp16_from_float(slot->k[i]);
+      v16[i] = fp16_from_float(slot->v[i]);
+      slot->k[i] = to_float(k16[i]);  // the dense baseline holds exactly the values the cache saw
+      slot->v[i] = to_float(v16[i]);
+    }
+    slot->cache->append(0, 0, k16.data(), v16.data(), static_cast<int>(len));
+    synthetic::Rng rng(7);
+    slot->q.resize(kQHeads * kHeadDim);
+    for (auto& x : slot->q) x = static_cast<float>(rng.normal());
+  }
+  return *slot;
+}
+
+void BM_PackedAttention(benchmark::State& state) {
+  Context& ctx = context(state.range(0));
+  std::vector<fp16_t> q(ctx.q.size()), out(ctx.q.size());
+  for (std::size_t i = 0; i < q.size(); ++i) q[i] = fp16_from_float(ctx.q[i]);
+  const SeqId ids[] = {0};
+  for (auto _ : state) {
+    ctx.cache->attention(ids, 0, q.data(), out.data(), 1.0f / std::sqrt(128.0f));
+    benchmark::DoNotOptimize(out.data());
+  }
+  const MemoryStats m = ctx.cache->memory_stats();
+  state.counters["ratio_vs_fp16"] = m.total.ratio_vs_fp16();
+  state.counters["bytes_read"] = static_cast<double>(m.total.total());
+  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(m.total.total()));
+}
+
+void BM_DenseFp32Attention(benchmark::State& state) {
+  Context& ctx = context(state.range(0));
+  std::vector<float> out(ctx.q.size());
+  const std::size_t len = static_cast<std::size_t>(state.range(0));
+  for (auto _ : state) {
+    bench::dense_decode_attention(ctx.k.data(), ctx.v.data(), len, kKVHeads, kQHeads, kHeadDim, ctx.q.data(),
+                                  out.data(), 1.0f / std::sqrt(128.0f), threads());
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>((ctx.k.size() + ctx.v.size()) * 4));
+}
+
+template <class T>
+void BM_Encode(benchmark::State& state) {
+  const int tokens = static_cast<int>(state.range(0));
+  synthetic::KVStream stream(kKVHeads, kHeadDim, 3);
+  std::vector<float> kf, vf;
+  stream.next(tokens, kf, vf);
+  std::vector<T> k(kf.size()), v(vf.size());
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = from_float<T>(kf[i]);
+    v[i] = from_float<T>(vf[i]);
+  }
+  for (auto _ : state) {
+    PackedKVCache<T> cache(llama3_config());
+    cache.add_sequence(0);
+    cache.append(0, 0, k.data(), v.data(), tokens);
+    benchmark::DoNotOptimize(cache.length(0));
+  }
+  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>((k.size() + v.size()) * sizeof(T)));
+}
+
+void contexts(benchmark::internal::Benchmark* b) {
+  for (std::int64_t len : {1024, 4096, 16384, 32768, 65536}) b->Arg(len);
+  b->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+BENCHMARK(BM_PackedAttention)->Apply(contexts);
+BENCHMARK(BM_DenseFp32Attention)->Apply(contexts);
+BENCHMARK(BM_Encode<fp16_t>)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Encode<float>)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// Records each run's time so the closing table can give ratios from this very run.
+class RatioReporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    ConsoleReporter::ReportRuns(runs);
+    for (const Run& run : runs) {
+      if (run.run_type == Run::RT_Iteration && !run.error_occurred) {
+        times[run.benchmark_name()] = run.GetAdjustedRealTime();
+        if (run.counters.count("ratio_vs_fp16")) ratios[run.benchmark_name()] = run.counters.at("ratio_vs_fp16");
+      }
+    }
+  }
+  std::map<std::string, double> times, ratios;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  RatioReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  std::printf("\npacked vs dense fp32 decode attention, %d threads, Llama-3-8B head shape (this run)\n", threads());
+  std::printf("%10s %12s %12s %10s %14s\n", "context", "packed ms", "dense ms", "speed-up", "ratio vs fp16");
+  for (std::int64_t len : {1024, 4096, 16384, 32768, 65536}) {
+    const std::string suffix = "/" + std::to_string(len) + "/real_time";
+    const auto p = reporter.times.find("BM_PackedAttention" + suffix);
+    const auto d = reporter.times.find("BM_DenseFp32Attention" + suffix);
+    if (p == reporter.times.end() || d == reporter.times.end()) continue;
+    std::printf("%10lld %12.3f %12.3f %9.2fx %14.2f\n", static_cast<long long>(len), p->second, d->second,
+                d->second / p->second, reporter.ratios["BM_PackedAttention" + suffix]);
+  }
+  benchmark::Shutdown();
+  return 0;
+}
