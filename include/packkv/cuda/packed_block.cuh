@@ -1,0 +1,128 @@
+// Device-side helpers shared by packkv's CUDA kernels: storage-type loads, block-wide scans and
+// the unpacking of one section of a packed block (format.hpp) into shared memory.
+//
+// Every kernel of the CUDA backend runs blocks of kThreads threads; the helpers assume it.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "packkv/format.hpp"
+#include "packkv/types.hpp"
+
+namespace packkv::cuda {
+
+inline constexpr int kThreads = 256;
+inline constexpr int kWarps = kThreads / 32;
+inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+// The intrinsics give the same exact widening as types.hpp's integer code, in one instruction.
+__device__ __forceinline__ float load_as_float(const float* p) { return *p; }
+__device__ __forceinline__ float load_as_float(const fp16_t* p) { return __half2float(__ushort_as_half(p->bits)); }
+__device__ __forceinline__ float load_as_float(const bf16_t* p) {
+  return __bfloat162float(__ushort_as_bfloat16(p->bits));
+}
+__device__ __forceinline__ float fp16_bits_to_float(std::uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+  return x;
+}
+__device__ __forceinline__ float warp_min(float x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x = fminf(x, __shfl_xor_sync(kFullMask, x, offset));
+  return x;
+}
+__device__ __forceinline__ int warp_sum_int(int x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
+/// Exclusive prefix sum of one value per thread over the whole block; `total` receives the sum.
+/// `warp_totals` is kWarps words of shared memory. Every thread must call it (it synchronises).
+__device__ __forceinline__ std::uint32_t block_exclusive_scan(std::uint32_t value, std::uint32_t* warp_totals,
+                                                              std::uint32_t& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  std::uint32_t inclusive = value;
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const std::uint32_t neighbour = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += neighbour;
+  }
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    std::uint32_t running = lane < kWarps ? warp_totals[lane] : 0u;
+    for (int offset = 1; offset < kWarps; offset <<= 1) {
+      const std::uint32_t neighbour = __shfl_up_sync(kFullMask, running, offset);
+      if (lane >= offset) running += neighbour;
+    }
+    if (lane < kWarps) warp_totals[lane] = running;
+  }
+  __syncthreads();
+  const std::uint32_t before_warp = warp > 0 ? warp_totals[warp - 1] : 0u;
+  total = warp_totals[kWarps - 1];
+  __syncthreads();  // the scratch words may be reused by the next call
+  return before_warp + inclusive - value;
+}
+
+/// Bytes per row of the channel-major code tile: 4 spare bytes make the row stride an odd number
+/// of words, so threads walking channels hit distinct shared-memory banks.
+__host__ __device__ constexpr int code_row_stride(int block_tokens) { return block_tokens + 4; }
+
+/// Unpacks every code of one section into `codes[c * row_stride + i]` (channel c, packed position
+/// i), pack minimum included. Pack offsets come from a block-wide scan of the widths, so no pack
+/// is read twice and the round_start array is not needed.
+__device__ inline void unpack_section_to_shared(const std::uint8_t* section, const format::SectionLayout& layout,
+                                                std::uint8_t* codes, int row_stride, std::uint32_t* scan_scratch) {
+  const std::uint8_t* descs = section + layout.desc_offset;
+  const std::uint8_t* payload = section + layout.payload_offset;
+  const std::uint32_t dim = layout.head_dim;
+  const std::uint32_t packs = layout.rounds * dim;
+  std::uint32_t carry = 0;
+  for (std::uint32_t base = 0; base < packs; base += kThreads) {
+    const std::uint32_t pack = base + threadIdx.x;
+    std::uint32_t descriptor = 0;
+    if (pack < packs) descriptor = format::load_descriptor(descs, pack, layout.desc_bytes);
+    const std::uint32_t width = format::descriptor_width(descriptor);
+    std::uint32_t chunk_bytes = 0;
+    const std::uint32_t offset = block_exclusive_scan(2 * width, scan_scratch, chunk_bytes);
+    if (pack < packs) {
+      std::uint8_t values[format::kPackTokens];
+      format::unpack16(payload + carry + offset, width, values);
+      const std::uint32_t pack_min = format::descriptor_min(descriptor);
+      const std::uint32_t round = pack / dim, channel = pack % dim;
+      auto* row = reinterpret_cast<std::uint32_t*>(codes + channel * row_stride + round * format::kPackTokens);
+#pragma unroll
+      for (int word = 0; word < 4; ++word) {
+        std::uint32_t packed = 0;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) packed |= ((values[4 * word + b] + pack_min) & 0xFFu) << (8 * b);
+        row[word] = packed;
+      }
+    }
+    carry += chunk_bytes;
+  }
+}
+
+/// Loads a section's (step, min) pairs as floats.
+__device__ inline void load_section_params(const std::uint8_t* section, std::uint32_t count, float* step,
+                                           float* min) {
+  const auto* params = reinterpret_cast<const format::Params*>(section);
+  for (std::uint32_t i = threadIdx.x; i < count; i += kThreads) {
+    step[i] = fp16_bits_to_float(params[i].step.bits);
+    min[i] = fp16_bits_to_float(params[i].min.bits);
+  }
+}
+
+__device__ __forceinline__ format::HeadEntry head_entry(const std::uint8_t* block, const format::BlockGeometry& g,
+                                                         int head) {
+  return reinterpret_cast<const format::HeadEntry*>(block + g.directory_offset())[head];
+}
+
+}  // namespace packkv::cuda

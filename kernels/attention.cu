@@ -1,0 +1,575 @@
+// Kernels that read packed sequences: fused decode attention (flash-decoding split + merge),
+// the scores and attn_v primitives, read_back, and block statistics.
+//
+// A CTA owns one KV head, up to kMaxHeadsPerCta of its query heads, and a range of "units": a
+// unit is one packed block or one block-sized chunk of the uncompressed tail. A packed section is
+// unpacked once into a channel-major code tile in shared memory, then every query head of the CTA
+// reads it, so each block is decoded once per GQA group. Scale and min are applied per token:
+//   q . k_t = step_t * (q . codes_t) + min_t * sum(q)
+//   sum_t w_t v_t = sum_t (w_t step_t) codes_t + sum_t w_t min_t
+// and for per-channel K the steps are folded into q once per block. Accumulation is fp32.
+#include <cstdint>
+
+#include "launch.hpp"
+#include "packkv/cuda/packed_block.cuh"
+
+namespace packkv::cuda::detail {
+
+namespace {
+
+using format::SectionLayout;
+
+struct ReaderShared {
+  std::uint8_t* codes;     // [head_dim][code_row_stride(block_tokens)]
+  float* step;             // [max(block_tokens, head_dim)]
+  float* min;
+  float* q;                // [kMaxHeadsPerCta][head_dim]
+  float* q_folded;         // q * per-channel K step
+  float* probs;            // [kMaxHeadsPerCta][block_tokens]
+  float* acc;              // [kMaxHeadsPerCta][head_dim]
+  float* running_max;      // [kMaxHeadsPerCta] each
+  float* running_sum;
+  float* rescale;
+  float* q_sum;
+  float* k_offset;         // per-channel K: sum_c q_c min_c of the current block
+  float* weighted_min;     // sum_t w_t min_t of the current block
+  std::uint32_t* scan;
+  std::uint8_t* order;     // [block_tokens]
+};
+
+__host__ __device__ constexpr std::size_t align16(std::size_t n) { return (n + 15) / 16 * 16; }
+
+__host__ __device__ std::size_t reader_shared_layout(const format::BlockGeometry& g, unsigned char* base,
+                                                     ReaderShared* out) {
+  const std::size_t tokens = static_cast<std::size_t>(g.block_tokens), dim = static_cast<std::size_t>(g.head_dim);
+  const std::size_t params = tokens > dim ? tokens : dim;
+  std::size_t offsets[15];
+  const std::size_t sizes[15] = {
+      align16(dim * static_cast<std::size_t>(code_row_stride(g.block_tokens))),
+      align16(4 * params), align16(4 * params),
+      align16(4 * kMaxHeadsPerCta * dim), align16(4 * kMaxHeadsPerCta * dim),
+      align16(4 * kMaxHeadsPerCta * tokens), align16(4 * kMaxHeadsPerCta * dim),
+      align16(4 * kMaxHeadsPerCta), align16(4 * kMaxHeadsPerCta), align16(4 * kMaxHeadsPerCta),
+      align16(4 * kMaxHeadsPerCta), align16(4 * kMaxHeadsPerCta), align16(4 * kMaxHeadsPerCta),
+      align16(4 * kWarps), align16(tokens)};
+  std::size_t at = 0;
+  for (int i = 0; i < 15; ++i) {
+    offsets[i] = at;
+    at += sizes[i];
+  }
+  if (out != nullptr) {
+    out->codes = base + offsets[0];
+    out->step = reinterpret_cast<float*>(base + offsets[1]);
+    out->min = reinterpret_cast<float*>(base + offsets[2]);
+    out->q = reinterpret_cast<float*>(base + offsets[3]);
+    out->q_folded = reinterpret_cast<float*>(base + offsets[4]);
+    out->probs = reinterpret_cast<float*>(base + offsets[5]);
+    out->acc = reinterpret_cast<float*>(base + offsets[6]);
+    out->running_max = reinterpret_cast<float*>(base + offsets[7]);
+    out->running_sum = reinterpret_cast<float*>(base + offsets[8]);
+    out->rescale = reinterpret_cast<float*>(base + offsets[9]);
+    out->q_sum = reinterpret_cast<float*>(base + offsets[10]);
+    out->k_offset = reinterpret_cast<float*>(base + offsets[11]);
+    out->weighted_min = reinterpret_cast<float*>(base + offsets[12]);
+    out->scan = reinterpret_cast<std::uint32_t*>(base + offsets[13]);
+    out->order = base + offsets[14];
+  }
+  return at;
+}
+
+/// Which KV head and query heads a CTA serves, from blockIdx.y.
+struct HeadGroup {
+  int kv_head;
+  int first_q_head;
+  int count;
+};
+__device__ __forceinline__ HeadGroup head_group(const ReadShape& shape) {
+  HeadGroup h;
+  h.kv_head = blockIdx.y / shape.subgroups;
+  const int sub = blockIdx.y % shape.subgroups;
+  const int first_in_group = sub * shape.heads_per_cta;
+  h.first_q_head = h.kv_head * shape.group + first_in_group;
+  const int left = shape.group - first_in_group;
+  h.count = left < shape.heads_per_cta ? left : shape.heads_per_cta;
+  return h;
+}
+
+/// Loads the CTA's query heads (as float) and their sums.
+template <class T>
+__device__ void load_queries(const T* q, const HeadGroup& heads, int dim, ReaderShared& s) {
+  for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) {
+    s.q[i] = load_as_float(q + static_cast<std::size_t>(heads.first_q_head) * dim + i);
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int g = warp; g < heads.count; g += kWarps) {
+    float sum = 0.0f;
+    for (int c = lane; c < dim; c += 32) sum += s.q[g * dim + c];
+    sum = warp_sum(sum);
+    if (lane == 0) s.q_sum[g] = sum;
+  }
+  __syncthreads();
+}
+
+/// Scores of a packed block's tokens, in packed order, into s.probs[g][i] (times `scale`).
+__device__ void packed_block_scores(const std::uint8_t* block, const format::BlockGeometry& g,
+                                    const HeadGroup& heads, float scale, ReaderShared& s) {
+  const int dim = g.head_dim, tokens = g.block_tokens, stride = code_row_stride(tokens);
+  const SectionLayout layout = g.k_layout();
+  const std::uint8_t* section = block + head_entry(block, g, heads.kv_head).k_offset;
+  load_section_params(section, layout.param_count, s.step, s.min);
+  unpack_section_to_shared(section, layout, s.codes, stride, s.scan);
+  __syncthreads();
+  const float* q_rows = s.q;
+  if (g.k_per_channel) {
+    for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) s.q_folded[i] = s.q[i] * s.step[i % dim];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int h = warp; h < heads.count; h += kWarps) {
+      float sum = 0.0f;
+      for (int c = lane; c < dim; c += 32) sum += s.q[h * dim + c] * s.min[c];
+      sum = warp_sum(sum);
+      if (lane == 0) s.k_offset[h] = sum;
+    }
+    __syncthreads();
+    q_rows = s.q_folded;
+  }
+  for (int pair = threadIdx.x; pair < heads.count * tokens; pair += kThreads) {
+    const int h = pair / tokens, i = pair % tokens;
+    const float* q = q_rows + h * dim;
+    float dot = 0.0f;
+    for (int c = 0; c < dim; ++c) dot += q[c] * static_cast<float>(s.codes[c * stride + i]);
+    const float score = g.k_per_channel ? dot + s.k_offset[h] : s.step[i] * dot + s.min[i] * s.q_sum[h];
+    s.probs[h * tokens + i] = score * scale;
+  }
+  __syncthreads();
+}
+
+/// Scores of tail tokens [first, first + count): one warp per token, reading the row once.
+template <class T>
+__device__ void tail_scores(const SeqView<T>& seq, const format::BlockGeometry& g, const HeadGroup& heads,
+                            int first, int count, float scale, ReaderShared& s) {
+  const int dim = g.head_dim, tokens = g.block_tokens;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
+  for (int i = warp; i < count; i += kWarps) {
+    const int slot = (seq.tail_start + first + i) % seq.tail_cap;
+    const T* row = seq.tail_k + slot * row_elems + static_cast<std::size_t>(heads.kv_head) * dim;
+    float dots[kMaxHeadsPerCta] = {};
+    for (int c = lane; c < dim; c += 32) {
+      const float x = load_as_float(row + c);
+#pragma unroll
+      for (int h = 0; h < kMaxHeadsPerCta; ++h) {
+        if (h < heads.count) dots[h] += s.q[h * dim + c] * x;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < kMaxHeadsPerCta; ++h) {
+      if (h < heads.count) {
+        const float dot = warp_sum(dots[h]);
+        if (lane == 0) s.probs[h * tokens + i] = dot * scale;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+/// Unpacks a block's V section and turns s.probs (weights in packed order) into w_t * step_t,
+/// with sum_t w_t min_t in s.weighted_min.
+__device__ void prepare_packed_values(const std::uint8_t* block, const format::BlockGeometry& g,
+                                      const HeadGroup& heads, ReaderShared& s) {
+  const int tokens = g.block_tokens;
+  const SectionLayout layout = g.v_layout();
+  const std::uint8_t* section = block + head_entry(block, g, heads.kv_head).v_offset;
+  load_section_params(section, layout.param_count, s.step, s.min);
+  unpack_section_to_shared(section, layout, s.codes, code_row_stride(tokens), s.scan);
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int h = warp; h < heads.count; h += kWarps) {
+    float weighted_min = 0.0f;
+    for (int i = lane; i < tokens; i += 32) {
+      const float w = s.probs[h * tokens + i];
+      weighted_min += w * s.min[i];
+      s.probs[h * tokens + i] = w * s.step[i];
+    }
+    weighted_min = warp_sum(weighted_min);
+    if (lane == 0) s.weighted_min[h] = weighted_min;
+  }
+  __syncthreads();
+}
+
+/// acc[h][c] = acc[h][c] * rescale[h] + sum_t probs[h][t] codes[c][t] + weighted_min[h].
+__device__ void accumulate_packed_values(const format::BlockGeometry& g, const HeadGroup& heads, ReaderShared& s) {
+  const int dim = g.head_dim, tokens = g.block_tokens, stride = code_row_stride(tokens);
+  for (int pair = threadIdx.x; pair < heads.count * dim; pair += kThreads) {
+    const int h = pair / dim, c = pair % dim;
+    const float* w = s.probs + h * tokens;
+    const auto* row = reinterpret_cast<const std::uint32_t*>(s.codes + c * stride);
+    float sum = 0.0f;
+    for (int word = 0; word < tokens / 4; ++word) {
+      const std::uint32_t packed = row[word];
+      sum += w[4 * word + 0] * static_cast<float>(packed & 0xFFu);
+      sum += w[4 * word + 1] * static_cast<float>((packed >> 8) & 0xFFu);
+      sum += w[4 * word + 2] * static_cast<float>((packed >> 16) & 0xFFu);
+      sum += w[4 * word + 3] * static_cast<float>(packed >> 24);
+    }
+    s.acc[pair] = s.acc[pair] * s.rescale[h] + sum + s.weighted_min[h];
+  }
+  __syncthreads();
+}
+
+template <class T>
+__device__ void accumulate_tail_values(const SeqView<T>& seq, const format::BlockGeometry& g, const HeadGroup& heads,
+                                       int first, int count, ReaderShared& s) {
+  const int dim = g.head_dim, tokens = g.block_tokens;
+  const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
+  for (int pair = threadIdx.x; pair < heads.count * dim; pair += kThreads) {
+    const int h = pair / dim, c = pair % dim;
+    float sum = 0.0f;
+    for (int i = 0; i < count; ++i) {
+      const int slot = (seq.tail_start + first + i) % seq.tail_cap;
+      sum += s.probs[h * tokens + i] *
+             load_as_float(seq.tail_v + slot * row_elems + static_cast<std::size_t>(heads.kv_head) * dim + c);
+    }
+    s.acc[pair] = s.acc[pair] * s.rescale[h] + sum;
+  }
+  __syncthreads();
+}
+
+/// Online softmax over the unit's `count` scores: probs become exp(score - new max).
+__device__ void online_softmax_step(const HeadGroup& heads, int tokens, int count, ReaderShared& s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int h = warp; h < heads.count; h += kWarps) {
+    float* scores = s.probs + h * tokens;
+    float unit_max = -INFINITY;
+    for (int i = lane; i < count; i += 32) unit_max = fmaxf(unit_max, scores[i]);
+    unit_max = warp_max(unit_max);
+    const float old_max = s.running_max[h];
+    const float new_max = fmaxf(old_max, unit_max);
+    float sum = 0.0f;
+    for (int i = lane; i < tokens; i += 32) {
+      const float p = i < count ? expf(scores[i] - new_max) : 0.0f;
+      scores[i] = p;
+      sum += p;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      const float rescale = old_max == -INFINITY ? 0.0f : expf(old_max - new_max);
+      s.rescale[h] = rescale;
+      s.running_sum[h] = s.running_sum[h] * rescale + sum;
+      s.running_max[h] = new_max;
+    }
+  }
+  __syncthreads();
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttentionParams<T> p) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  ReaderShared s;
+  const format::BlockGeometry& g = p.shape.geometry;
+  reader_shared_layout(g, shared_bytes, &s);
+  const HeadGroup heads = head_group(p.shape);
+  const int batch_index = blockIdx.z, split = blockIdx.x;
+  const SeqView<T>& seq = p.seqs[batch_index];
+  const int dim = g.head_dim, tokens = g.block_tokens;
+
+  load_queries(p.q + static_cast<std::size_t>(batch_index) * p.shape.num_q_heads * dim, heads, dim, s);
+  for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) s.acc[i] = 0.0f;
+  if (threadIdx.x < kMaxHeadsPerCta) {
+    s.running_max[threadIdx.x] = -INFINITY;
+    s.running_sum[threadIdx.x] = 0.0f;
+  }
+  __syncthreads();
+
+  const int units = seq.num_units(tokens);
+  const int unit_begin = split * p.units_per_split;
+  const int unit_end = min(unit_begin + p.units_per_split, units);
+  for (int unit = unit_begin; unit < unit_end; ++unit) {
+    if (unit < seq.num_blocks) {
+      const std::uint8_t* block = seq.blocks[unit];
+      packed_block_scores(block, g, heads, p.softmax_scale, s);
+      online_softmax_step(heads, tokens, tokens, s);
+      prepare_packed_values(block, g, heads, s);
+      accumulate_packed_values(g, heads, s);
+    } else {
+      const int first = (unit - seq.num_blocks) * tokens;
+      const int count = min(tokens, seq.tail_len - first);
+      tail_scores(seq, g, heads, first, count, p.softmax_scale, s);
+      online_softmax_step(heads, tokens, count, s);
+      accumulate_tail_values(seq, g, heads, first, count, s);
+    }
+  }
+
+  const int stride = dim + 2;
+  for (int i = threadIdx.x; i < heads.count * stride; i += kThreads) {
+    const int h = i / stride, c = i % stride;
+    const std::size_t row =
+        (static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + heads.first_q_head + h) * p.num_splits + split;
+    const float value = c < dim ? s.acc[h * dim + c] : (c == dim ? s.running_max[h] : s.running_sum[h]);
+    p.partials[row * stride + c] = value;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) attention_merge_kernel(const AttentionParams<T> p) {
+  const int dim = p.shape.geometry.head_dim, stride = dim + 2;
+  const std::size_t head_row = blockIdx.x;  // batch_index * num_q_heads + q_head
+  const float* partials = p.partials + head_row * p.num_splits * stride;
+  float global_max = -INFINITY;
+  for (int split = 0; split < p.num_splits; ++split) global_max = fmaxf(global_max, partials[split * stride + dim]);
+  float total = 0.0f;
+  for (int split = 0; split < p.num_splits; ++split) {
+    const float m = partials[split * stride + dim];
+    if (m != -INFINITY) total += partials[split * stride + dim + 1] * expf(m - global_max);
+  }
+  for (int c = threadIdx.x; c < dim; c += kThreads) {
+    float sum = 0.0f;
+    for (int split = 0; split < p.num_splits; ++split) {
+      const float m = partials[split * stride + dim];
+      if (m != -INFINITY) sum += partials[split * stride + c] * expf(m - global_max);
+    }
+    p.out[head_row * dim + c] = from_float<T>(sum / total);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) scores_kernel(const ScoresParams<T> p) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  ReaderShared s;
+  const format::BlockGeometry& g = p.shape.geometry;
+  reader_shared_layout(g, shared_bytes, &s);
+  const HeadGroup heads = head_group(p.shape);
+  const int dim = g.head_dim, tokens = g.block_tokens, unit = blockIdx.x;
+  load_queries(p.q, heads, dim, s);
+  int count = tokens;
+  const std::uint8_t* order = nullptr;
+  if (unit < p.seq.num_blocks) {
+    const std::uint8_t* block = p.seq.blocks[unit];
+    packed_block_scores(block, g, heads, 1.0f, s);
+    if (g.permuted) order = block + g.permutation_offset() + heads.kv_head * tokens;
+  } else {
+    const int first = (unit - p.seq.num_blocks) * tokens;
+    count = min(tokens, p.seq.tail_len - first);
+    tail_scores(p.seq, g, heads, first, count, 1.0f, s);
+  }
+  const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
+  for (int pair = threadIdx.x; pair < heads.count * count; pair += kThreads) {
+    const int h = pair / count, i = pair % count;
+    const int token = order != nullptr ? order[i] : i;
+    p.scores[static_cast<std::int64_t>(heads.first_q_head + h) * p.length + unit_start + token] =
+        s.probs[h * tokens + i];
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) attn_v_kernel(const AttnVParams<T> p) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  ReaderShared s;
+  const format::BlockGeometry& g = p.shape.geometry;
+  reader_shared_layout(g, shared_bytes, &s);
+  const HeadGroup heads = head_group(p.shape);
+  const int dim = g.head_dim, tokens = g.block_tokens, split = blockIdx.x;
+  for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) s.acc[i] = 0.0f;
+  if (threadIdx.x < kMaxHeadsPerCta) s.rescale[threadIdx.x] = 1.0f;
+  __syncthreads();
+  const int units = p.seq.num_units(tokens);
+  const int unit_begin = split * p.units_per_split;
+  const int unit_end = min(unit_begin + p.units_per_split, units);
+  for (int unit = unit_begin; unit < unit_end; ++unit) {
+    const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
+    const bool packed = unit < p.seq.num_blocks;
+    const std::uint8_t* block = packed ? p.seq.blocks[unit] : nullptr;
+    const std::uint8_t* order = packed && g.permuted ? block + g.permutation_offset() + heads.kv_head * tokens : nullptr;
+    const int first = packed ? 0 : (unit - p.seq.num_blocks) * tokens;
+    const int count = packed ? tokens : min(tokens, p.seq.tail_len - first);
+    for (int pair = threadIdx.x; pair < heads.count * tokens; pair += kThreads) {
+      const int h = pair / tokens, i = pair % tokens;
+      float w = 0.0f;
+      if (i < count) {
+        const int token = order != nullptr ? order[i] : i;
+        w = p.weights[static_cast<std::int64_t>(heads.first_q_head + h) * p.length + unit_start + token];
+      }
+      s.probs[pair] = w;
+    }
+    __syncthreads();
+    if (packed) {
+      prepare_packed_values(block, g, heads, s);
+      accumulate_packed_values(g, heads, s);
+    } else {
+      accumulate_tail_values(p.seq, g, heads, first, count, s);
+    }
+  }
+  for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) {
+    const int h = i / dim, c = i % dim;
+    p.partials[(static_cast<std::size_t>(heads.first_q_head + h) * p.num_splits + split) * dim + c] = s.acc[i];
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) attn_v_sum_kernel(const AttnVParams<T> p) {
+  const int dim = p.shape.geometry.head_dim;
+  const std::size_t head = blockIdx.x;
+  for (int c = threadIdx.x; c < dim; c += kThreads) {
+    float sum = 0.0f;
+    for (int split = 0; split < p.num_splits; ++split) sum += p.partials[(head * p.num_splits + split) * dim + c];
+    p.out[head * dim + c] = sum;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParams<T> p) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  ReaderShared s;
+  const format::BlockGeometry& g = p.geometry;
+  reader_shared_layout(g, shared_bytes, &s);
+  const int dim = g.head_dim, tokens = g.block_tokens, stride = code_row_stride(tokens);
+  const int unit = blockIdx.x, head = blockIdx.y;
+  const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
+  const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
+  if (unit >= p.seq.num_blocks) {
+    const int first = (unit - p.seq.num_blocks) * tokens;
+    const int count = min(tokens, p.seq.tail_len - first);
+    for (int i = threadIdx.x; i < count * dim; i += kThreads) {
+      const int t = i / dim, c = i % dim;
+      const int slot = (p.seq.tail_start + first + t) % p.seq.tail_cap;
+      const std::size_t from = slot * row_elems + static_cast<std::size_t>(head) * dim + c;
+      const std::size_t to = (unit_start + t) * row_elems + static_cast<std::size_t>(head) * dim + c;
+      p.k[to] = load_as_float(p.seq.tail_k + from);
+      p.v[to] = load_as_float(p.seq.tail_v + from);
+    }
+    return;
+  }
+  const std::uint8_t* block = p.seq.blocks[unit];
+  const format::HeadEntry entry = head_entry(block, g, head);
+  const std::uint8_t* order = g.permuted ? block + g.permutation_offset() + head * tokens : nullptr;
+  for (int which = 0; which < 2; ++which) {
+    const SectionLayout layout = which == 0 ? g.k_layout() : g.v_layout();
+    const bool per_channel = which == 0 && g.k_per_channel;
+    const std::uint8_t* section = block + (which == 0 ? entry.k_offset : entry.v_offset);
+    load_section_params(section, layout.param_count, s.step, s.min);
+    unpack_section_to_shared(section, layout, s.codes, stride, s.scan);
+    __syncthreads();
+    float* out = which == 0 ? p.k : p.v;
+    for (int i = threadIdx.x; i < tokens * dim; i += kThreads) {
+      const int t = i / dim, c = i % dim;
+      const int param = per_channel ? c : t;
+      const int token = order != nullptr ? order[t] : t;
+      const float code = static_cast<float>(s.codes[c * stride + t]);
+      out[(unit_start + token) * row_elems + static_cast<std::size_t>(head) * dim + c] =
+          __fadd_rn(s.min[param], __fmul_rn(code, s.step[param]));
+    }
+    __syncthreads();
+  }
+}
+
+// One CTA per block: payload = sum of 2 * width over every pack of every section.
+__global__ void __launch_bounds__(kThreads) block_stats_kernel(format::BlockGeometry g,
+                                                               const std::uint8_t* const* blocks,
+                                                               const int* block_layers,
+                                                               unsigned long long* counters) {
+  __shared__ unsigned long long warp_sums[kWarps];
+  const std::uint8_t* block = blocks[blockIdx.x];
+  const SectionLayout layouts[2] = {g.k_layout(), g.v_layout()};
+  unsigned long long payload = 0;
+  const int packs = static_cast<int>(layouts[0].rounds * layouts[0].head_dim);
+  for (int i = threadIdx.x; i < g.num_heads * 2 * packs; i += kThreads) {
+    const int head = i / (2 * packs), which = i / packs % 2, pack = i % packs;
+    const format::HeadEntry entry = head_entry(block, g, head);
+    const std::uint8_t* section = block + (which == 0 ? entry.k_offset : entry.v_offset);
+    const SectionLayout& layout = layouts[which];
+    payload += 2 * format::descriptor_width(format::load_descriptor(section + layout.desc_offset, pack,
+                                                                    layout.desc_bytes));
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) payload += __shfl_xor_sync(kFullMask, payload, offset);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = payload;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned long long total = 0;
+    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+    const int layer = block_layers[blockIdx.x];
+    atomicAdd(counters + 2 * layer, total);
+    atomicAdd(counters + 2 * layer + 1,
+              static_cast<unsigned long long>(reinterpret_cast<const format::BlockHeader*>(block)->block_bytes));
+  }
+}
+
+template <class Kernel>
+cudaError_t allow_shared(Kernel kernel, std::size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+}  // namespace
+
+std::size_t read_shared_bytes(const format::BlockGeometry& g) { return reader_shared_layout(g, nullptr, nullptr); }
+
+template <class T>
+cudaError_t launch_attention(const AttentionParams<T>& p, cudaStream_t stream) {
+  const std::size_t shared = read_shared_bytes(p.shape.geometry);
+  cudaError_t status = allow_shared(attention_split_kernel<T>, shared);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(p.num_splits),
+                  static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups), static_cast<unsigned>(p.batch));
+  attention_split_kernel<T><<<grid, kThreads, shared, stream>>>(p);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  attention_merge_kernel<T><<<static_cast<unsigned>(p.batch * p.shape.num_q_heads), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_scores(const ScoresParams<T>& p, cudaStream_t stream) {
+  const int units = p.seq.num_units(p.shape.geometry.block_tokens);
+  if (units == 0) return cudaSuccess;
+  const std::size_t shared = read_shared_bytes(p.shape.geometry);
+  cudaError_t status = allow_shared(scores_kernel<T>, shared);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups));
+  scores_kernel<T><<<grid, kThreads, shared, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_attn_v(const AttnVParams<T>& p, cudaStream_t stream) {
+  const std::size_t shared = read_shared_bytes(p.shape.geometry);
+  cudaError_t status = allow_shared(attn_v_kernel<T>, shared);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(p.num_splits),
+                  static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups));
+  attn_v_kernel<T><<<grid, kThreads, shared, stream>>>(p);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  attn_v_sum_kernel<T><<<static_cast<unsigned>(p.shape.num_q_heads), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_read_back(const ReadBackParams<T>& p, cudaStream_t stream) {
+  const int units = p.seq.num_units(p.geometry.block_tokens);
+  if (units == 0) return cudaSuccess;
+  const std::size_t shared = read_shared_bytes(p.geometry);
+  cudaError_t status = allow_shared(read_back_kernel<T>, shared);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(p.geometry.num_heads));
+  read_back_kernel<T><<<grid, kThreads, shared, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_t* const* blocks,
+                               const int* block_layers, int count, unsigned long long* counters,
+                               cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  block_stats_kernel<<<static_cast<unsigned>(count), kThreads, 0, stream>>>(g, blocks, block_layers, counters);
+  return cudaGetLastError();
+}
+
+#define PACKKV_INSTANTIATE_READERS(T)                                                        \
+  template cudaError_t launch_attention<T>(const AttentionParams<T>&, cudaStream_t);         \
+  template cudaError_t launch_scores<T>(const ScoresParams<T>&, cudaStream_t);               \
+  template cudaError_t launch_attn_v<T>(const AttnVParams<T>&, cudaStream_t);                \
+  template cudaError_t launch_read_back<T>(const ReadBackParams<T>&, cudaStream_t);
+PACKKV_INSTANTIATE_READERS(float)
+PACKKV_INSTANTIATE_READERS(fp16_t)
+PACKKV_INSTANTIATE_READERS(bf16_t)
+#undef PACKKV_INSTANTIATE_READERS
+
+}  // namespace packkv::cuda::detail

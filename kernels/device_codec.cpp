@@ -1,0 +1,73 @@
+// packkv::cuda::encode_blocks: the append path's encoder kernel, callable on its own.
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "cuda_support.hpp"
+#include "launch.hpp"
+#include "packkv/cuda/device_codec.hpp"
+#include "packkv/error.hpp"
+
+namespace packkv::cuda {
+
+bool device_available(std::string* why) {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    if (why != nullptr) *why = fmt::format("no usable CUDA device: {}", cudaGetErrorString(status));
+    cudaGetLastError();
+    return false;
+  }
+  if (count == 0) {
+    if (why != nullptr) *why = "no CUDA device is present";
+    return false;
+  }
+  return true;
+}
+
+template <class T>
+void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_blocks, std::uint8_t* out,
+                   std::size_t out_stride, std::uint32_t* block_sizes, void* cuda_stream) {
+  using namespace detail;
+  PACKKV_REQUIRE(params.repack != RepackMethod::greedy, "encode_blocks: greedy repacking is not available on the GPU");
+  PACKKV_REQUIRE(num_blocks >= 0, fmt::format("encode_blocks: num_blocks must be >= 0, got {}", num_blocks));
+  PACKKV_REQUIRE(out_stride >= params.geometry.max_block_bytes(),
+                 fmt::format("encode_blocks: out_stride {} is below the largest block size {}", out_stride,
+                             params.geometry.max_block_bytes()));
+  if (num_blocks == 0) return;
+  auto stream = static_cast<cudaStream_t>(cuda_stream);
+  DeviceBuffer error_buffer(sizeof(DeviceError), stream);
+  check_cuda(cudaMemsetAsync(error_buffer.data(), 0, sizeof(DeviceError), stream), "cudaMemsetAsync");
+
+  EncodeParams<T> p{};
+  p.geometry = params.geometry;
+  p.k_max_code = params.k_max_code;
+  p.v_max_code = params.v_max_code;
+  p.median_repack = params.repack == RepackMethod::median ? 1 : 0;
+  p.source.in_k = k;
+  p.source.in_v = v;
+  p.source.tail_cap = 1;
+  p.source.row_elems = params.geometry.num_heads * params.geometry.head_dim;
+  p.out_base = out;
+  p.out_stride = out_stride;
+  p.block_sizes = block_sizes;
+  p.errors = ErrorContext{error_buffer.as<DeviceError>(), 0, 0, 0};
+  check_cuda(launch_encode(p, num_blocks, stream), "encode kernel launch");
+
+  DeviceError error{};
+  check_cuda(cudaMemcpyAsync(&error, error_buffer.data(), sizeof error, cudaMemcpyDeviceToHost, stream),
+             "error record download");
+  check_cuda(cudaStreamSynchronize(stream), "encode_blocks");
+  if (error.ready != 0) throw_device_error(error, false);
+}
+
+template void encode_blocks<float>(const CodecParams&, const float*, const float*, int, std::uint8_t*, std::size_t,
+                                   std::uint32_t*, void*);
+template void encode_blocks<fp16_t>(const CodecParams&, const fp16_t*, const fp16_t*, int, std::uint8_t*,
+                                    std::size_t, std::uint32_t*, void*);
+template void encode_blocks<bf16_t>(const CodecParams&, const bf16_t*, const bf16_t*, int, std::uint8_t*,
+                                    std::size_t, std::uint32_t*, void*);
+
+}  // namespace packkv::cuda

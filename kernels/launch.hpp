@@ -1,0 +1,207 @@
+// The interface between the CUDA backend's host code (.cpp, compiled by the host compiler, where
+// fmt may be used) and its kernels (.cu): plain parameter structs passed by value to kernels, and
+// launchers that return cudaError_t. Every value the host knows travels in kernel parameters, so
+// no launch needs a host-to-device copy and a decode step can be captured in a CUDA graph.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "packkv/format.hpp"
+#include "packkv/types.hpp"
+
+namespace packkv::cuda::detail {
+
+/// The first invalid value an encode or append kernel met. It lives in mapped, pinned host memory:
+/// the host reads it without a synchronisation and raises packkv::error on its next call.
+struct DeviceError {
+  int claimed;   ///< set by the first kernel thread that reports
+  int ready;     ///< set once the fields below are written
+  int kind;      ///< ErrorKind
+  int tensor;    ///< 0: K, 1: V
+  int layer;
+  int head;
+  int channel;   ///< -1 when the error concerns a whole token or channel range
+  int reserved;
+  std::uint64_t sequence;
+  std::int64_t token;  ///< position in the sequence
+  float value;
+  float value2;
+};
+enum ErrorKind : int { kBadValue = 1, kRangeTooWide = 2 };
+
+/// Tokens [0, tail_len) are the old uncompressed tail (a ring of tail_cap tokens starting at
+/// tail_start), tokens [tail_len, tail_len + n) are the appended input. Rows are
+/// [num_kv_heads][head_dim].
+template <class T>
+struct TokenSource {
+  const T* tail_k;
+  const T* tail_v;
+  const T* in_k;
+  const T* in_v;
+  int tail_start;
+  int tail_len;
+  int tail_cap;
+  int row_elems;
+
+  PACKKV_HOST_DEVICE const T* row(bool is_v, std::int64_t token) const {
+    if (token < tail_len) {
+      const std::int64_t slot = (tail_start + token) % tail_cap;
+      return (is_v ? tail_v : tail_k) + slot * row_elems;
+    }
+    return (is_v ? in_v : in_k) + (token - tail_len) * row_elems;
+  }
+};
+
+struct ErrorContext {
+  DeviceError* error;          ///< may be null (then invalid values are not reported)
+  std::uint64_t sequence;
+  int layer;
+  std::int64_t first_token;    ///< sequence position of source token 0
+};
+
+template <class T>
+struct EncodeParams {
+  format::BlockGeometry geometry;
+  int k_max_code;
+  int v_max_code;
+  int median_repack;               ///< 1: median order; 0: arrival order
+  TokenSource<T> source;           ///< block b holds source tokens [b * block_tokens, (b + 1) * block_tokens)
+  std::uint8_t* const* out_table;  ///< block b goes to out_table[b] when not null ...
+  std::uint8_t* out_base;          ///< ... else to out_base + b * out_stride
+  std::size_t out_stride;
+  std::uint32_t* block_sizes;      ///< optional: receives each block's size
+  ErrorContext errors;
+};
+
+/// Shared memory the encoder needs; the launcher refuses geometries beyond the device's limit.
+std::size_t encode_shared_bytes(const format::BlockGeometry& g);
+
+template <class T>
+cudaError_t launch_encode(const EncodeParams<T>& params, int num_blocks, cudaStream_t stream);
+
+/// Copies source tokens [first, end) into the tail ring: source token j goes to slot
+/// (ring_origin + j) mod tail_cap, the slot it keeps while it stays in the tail. Checks every value.
+template <class T>
+struct TailWriteParams {
+  TokenSource<T> source;
+  T* ring_k;
+  T* ring_v;
+  std::int64_t first;
+  std::int64_t end;
+  int ring_origin;
+  int head_dim;
+  ErrorContext errors;
+};
+
+template <class T>
+cudaError_t launch_tail_write(const TailWriteParams<T>& params, cudaStream_t stream);
+
+/// Strict mode: checks n tokens of input (values and per-token parameter ranges) before anything
+/// is changed; the host synchronises and throws on a report.
+template <class T>
+cudaError_t launch_validate(const T* k, const T* v, int n_tokens, int num_heads, int head_dim, int k_max_code,
+                            int v_max_code, bool k_per_token, ErrorContext errors, cudaStream_t stream);
+
+/// Up to kInlineTableEntries new block-table entries, written by one tiny kernel.
+inline constexpr int kInlineTableEntries = 32;
+struct TableEntries {
+  std::uint8_t* blocks[kInlineTableEntries];
+  int count;
+};
+cudaError_t launch_write_table(std::uint8_t** table, TableEntries entries, cudaStream_t stream);
+
+// ---- reading packed sequences --------------------------------------------------------------
+
+/// One (sequence, layer) as the kernels see it.
+template <class T>
+struct SeqView {
+  const std::uint8_t* const* blocks;  ///< device block table
+  const T* tail_k;                    ///< tail rings [tail_cap][num_kv_heads][head_dim]
+  const T* tail_v;
+  int num_blocks;
+  int tail_start;
+  int tail_len;
+  int tail_cap;
+
+  PACKKV_HOST_DEVICE int num_units(int block_tokens) const {
+    return num_blocks + (tail_len + block_tokens - 1) / block_tokens;
+  }
+};
+
+/// Query heads a CTA handles at once: a packed block is decoded once for all of them.
+inline constexpr int kMaxHeadsPerCta = 8;
+/// Sequences per attention launch (kernel parameters stay well under 4 KiB).
+inline constexpr int kMaxBatchPerLaunch = 32;
+
+struct ReadShape {
+  format::BlockGeometry geometry;
+  int num_q_heads;
+  int group;           ///< query heads per KV head
+  int heads_per_cta;   ///< min(group, kMaxHeadsPerCta)
+  int subgroups;       ///< ceil(group / heads_per_cta)
+};
+
+template <class T>
+struct AttentionParams {
+  ReadShape shape;
+  SeqView<T> seqs[kMaxBatchPerLaunch];
+  int batch;
+  const T* q;            ///< [batch][num_q_heads][head_dim]
+  T* out;
+  float softmax_scale;
+  int units_per_split;
+  int num_splits;
+  float* partials;       ///< [batch][num_q_heads][num_splits][head_dim + 2]: acc, max, sum
+};
+
+template <class T>
+cudaError_t launch_attention(const AttentionParams<T>& params, cudaStream_t stream);
+
+template <class T>
+struct ScoresParams {
+  ReadShape shape;
+  SeqView<T> seq;
+  const T* q;          ///< [num_q_heads][head_dim]
+  float* scores;       ///< [num_q_heads][length]
+  std::int64_t length;
+};
+template <class T>
+cudaError_t launch_scores(const ScoresParams<T>& params, cudaStream_t stream);
+
+template <class T>
+struct AttnVParams {
+  ReadShape shape;
+  SeqView<T> seq;
+  const float* weights;  ///< [num_q_heads][length]
+  float* out;            ///< [num_q_heads][head_dim]
+  std::int64_t length;
+  int units_per_split;
+  int num_splits;
+  float* partials;       ///< [num_q_heads][num_splits][head_dim]
+};
+template <class T>
+cudaError_t launch_attn_v(const AttnVParams<T>& params, cudaStream_t stream);
+
+template <class T>
+struct ReadBackParams {
+  format::BlockGeometry geometry;
+  SeqView<T> seq;
+  float* k;  ///< [length][num_kv_heads][head_dim]
+  float* v;
+};
+template <class T>
+cudaError_t launch_read_back(const ReadBackParams<T>& params, cudaStream_t stream);
+
+/// Sums, per layer, the payload bytes and block bytes of the listed blocks into
+/// counters[2 * layer] and counters[2 * layer + 1].
+cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_t* const* blocks,
+                               const int* block_layers, int count, unsigned long long* counters,
+                               cudaStream_t stream);
+
+/// Shared memory of the reading kernels, and whether the device can give it.
+std::size_t read_shared_bytes(const format::BlockGeometry& g);
+
+}  // namespace packkv::cuda::detail
