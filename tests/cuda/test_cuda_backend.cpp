@@ -1,0 +1,425 @@
+// The CUDA backend against the CPU backend and the CPU codec: encoded bytes must be identical,
+// attention, scores, attn_v and read_back equal within fp32 tolerance, statistics equal.
+// Without a usable GPU every test skips and says why.
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "packkv/cuda/device_codec.hpp"
+#include "test_util.hpp"
+
+namespace packkv {
+namespace {
+
+using test::convert;
+using test::random_values;
+
+#define PACKKV_SKIP_WITHOUT_GPU()                                                   \
+  do {                                                                               \
+    std::string why;                                                                 \
+    if (!cuda::device_available(&why)) GTEST_SKIP() << "CUDA tests skipped: " << why; \
+  } while (0)
+
+void cuda_ok(cudaError_t status, const char* what) {
+  ASSERT_EQ(status, cudaSuccess) << what << ": " << cudaGetErrorString(status);
+}
+
+/// A device copy of a host vector; poison() fills it with 0xFF bytes (NaN in every float type).
+template <class U>
+class DeviceArray {
+ public:
+  explicit DeviceArray(std::size_t n) : n_(n) {
+    if (n_ != 0 && cudaMalloc(&data_, n_ * sizeof(U)) != cudaSuccess) throw std::runtime_error("cudaMalloc failed");
+  }
+  explicit DeviceArray(const std::vector<U>& host) : DeviceArray(host.size()) { upload(host); }
+  ~DeviceArray() { cudaFree(data_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+
+  U* get() const { return static_cast<U*>(data_); }
+  void upload(const std::vector<U>& host) {
+    if (n_) cudaMemcpy(data_, host.data(), n_ * sizeof(U), cudaMemcpyHostToDevice);
+  }
+  std::vector<U> download() const {
+    std::vector<U> host(n_);
+    if (n_) cudaMemcpy(host.data(), data_, n_ * sizeof(U), cudaMemcpyDeviceToHost);
+    return host;
+  }
+  void poison() {
+    if (n_) cudaMemset(data_, 0xFF, n_ * sizeof(U));
+  }
+
+ private:
+  void* data_ = nullptr;
+  std::size_t n_;
+};
+
+/// Compares element-wise with |gpu - cpu| <= atol + rtol * |cpu|; reports the worst element and
+/// fails on any NaN/Inf in the GPU result (outputs are poisoned before each run).
+template <class U>
+void expect_close(const std::vector<U>& gpu, const std::vector<U>& cpu, double rtol, double atol_fraction,
+                  const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  double scale = 0;
+  for (const U& x : cpu) scale = std::max(scale, std::fabs(static_cast<double>(to_float(x))));
+  const double atol = atol_fraction * std::max(scale, 1e-30);
+  double worst_ratio = 0;
+  std::size_t worst = 0;
+  for (std::size_t i = 0; i < gpu.size(); ++i) {
+    const double g = to_float(gpu[i]), c = to_float(cpu[i]);
+    ASSERT_TRUE(std::isfinite(g)) << what << ": element " << i << " is " << g << " (unwritten or overflowed)";
+    const double ratio = std::fabs(g - c) / (atol + rtol * std::fabs(c));
+    if (ratio > worst_ratio) {
+      worst_ratio = ratio;
+      worst = i;
+    }
+  }
+  EXPECT_LE(worst_ratio, 1.0) << what << ": worst element " << worst << " gpu " << to_float(gpu[worst]) << " cpu "
+                              << to_float(cpu[worst]) << " (" << worst_ratio << " x the tolerance)";
+}
+
+template <class T>
+double output_rtol() {
+  return 4 * test::unit_roundoff<T>() + 1e-5;
+}
+
+// ---- the encoder, byte for byte ---------------------------------------------------------------
+
+struct EncoderCase {
+  int head_dim, block_tokens, num_heads;
+  float k_rel, v_rel;
+  RepackMethod repack;
+  QuantMode k_mode;
+};
+
+template <class T>
+void check_encoder_case(const EncoderCase& e, int num_blocks, std::uint64_t seed) {
+  CacheConfig c;
+  c.num_kv_heads = e.num_heads;
+  c.num_q_heads = e.num_heads;
+  c.head_dim = e.head_dim;
+  c.block_tokens = e.block_tokens;
+  c.k_rel = e.k_rel;
+  c.v_rel = e.v_rel;
+  c.repack = e.repack;
+  c.k_mode = e.k_mode;
+  const CodecParams params = make_codec_params(c);
+  const std::size_t row = static_cast<std::size_t>(e.num_heads) * e.head_dim;
+  const std::size_t n = static_cast<std::size_t>(num_blocks) * e.block_tokens * row;
+  const auto k = convert<T>(random_values(n, seed, 3.0));
+  const auto v = convert<T>(random_values(n, seed + 1, 0.5));
+  const std::size_t stride = params.geometry.max_block_bytes();
+
+  DeviceArray<T> dk(k), dv(v);
+  DeviceArray<std::uint8_t> out(static_cast<std::size_t>(num_blocks) * stride);
+  DeviceArray<std::uint32_t> sizes(static_cast<std::size_t>(num_blocks));
+  out.poison();
+  cuda::encode_blocks(params, dk.get(), dv.get(), num_blocks, out.get(), stride, sizes.get());
+  const auto gpu = out.download();
+  const auto gpu_sizes = sizes.download();
+
+  EncodeScratch scratch;
+  std::vector<std::uint8_t> cpu(stride);
+  for (int b = 0; b < num_blocks; ++b) {
+    const std::size_t at = static_cast<std::size_t>(b) * e.block_tokens * row;
+    const std::uint32_t size = encode_block(params, k.data() + at, v.data() + at, row, cpu.data(), scratch);
+    ASSERT_EQ(gpu_sizes[b], size) << "block " << b << " size; " << describe(c);
+    const std::uint8_t* g = gpu.data() + static_cast<std::size_t>(b) * stride;
+    for (std::uint32_t i = 0; i < size; ++i) {
+      ASSERT_EQ(g[i], cpu[i]) << "block " << b << " byte " << i << " of " << size << "; " << describe(c);
+    }
+  }
+}
+
+template <class T>
+class CudaTyped : public ::testing::Test {};
+using StorageTypes = ::testing::Types<float, fp16_t, bf16_t>;
+TYPED_TEST_SUITE(CudaTyped, StorageTypes);
+
+TYPED_TEST(CudaTyped, EncoderBytesEqualCpuAcrossGeometries) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  std::uint64_t seed = 11;
+  for (int dim : {64, 128, 256, 40}) {
+    for (int block : {32, 64, 128}) {
+      for (RepackMethod repack : {RepackMethod::none, RepackMethod::median}) {
+        for (QuantMode mode : {QuantMode::per_token, QuantMode::per_channel}) {
+          check_encoder_case<TypeParam>({dim, block, 3, 0.1f, 0.2f, repack, mode}, 3, seed++);
+          if (this->HasFatalFailure()) return;
+        }
+      }
+    }
+  }
+}
+
+TYPED_TEST(CudaTyped, EncoderBytesEqualCpuForEveryCodeWidth) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  // rel = 1, 1/2, 1/4, ... gives codes of 1 to 8 bits; K and V get different widths.
+  const float rels[] = {1.0f, 0.5f, 0.25f, 0.1f, 1.0f / 20, 1.0f / 60, 1.0f / 127, 1.0f / 255};
+  std::uint64_t seed = 101;
+  for (int i = 0; i < 8; ++i) {
+    check_encoder_case<TypeParam>({128, 64, 2, rels[i], rels[7 - i], RepackMethod::median, QuantMode::per_token}, 2,
+                                  seed++);
+    check_encoder_case<TypeParam>({64, 16, 1, rels[i], rels[i], RepackMethod::none, QuantMode::per_channel}, 2,
+                                  seed++);
+    if (this->HasFatalFailure()) return;
+  }
+}
+
+// ---- the cache, CPU backend vs CUDA backend ----------------------------------------------------
+
+/// Feeds the same tokens to a CPU cache (host pointers) and a CUDA cache (device pointers).
+template <class T>
+struct CachePair {
+  explicit CachePair(CacheConfig config) : cpu(with_device(config, Device::cpu)), gpu(with_device(config, Device::cuda)) {}
+  static CacheConfig with_device(CacheConfig c, Device d) {
+    c.device = d;
+    return c;
+  }
+  void add(SeqId id) {
+    cpu.add_sequence(id);
+    gpu.add_sequence(id);
+  }
+  void append(SeqId id, int layer, int n, std::uint64_t seed) {
+    const CacheConfig& c = cpu.config();
+    const std::size_t count = static_cast<std::size_t>(n) * c.num_kv_heads * c.head_dim;
+    const auto k = convert<T>(random_values(count, seed, 2.0));
+    const auto v = convert<T>(random_values(count, seed ^ 0x5555, 0.7));
+    cpu.append(id, layer, k.data(), v.data(), n);
+    DeviceArray<T> dk(k), dv(v);
+    gpu.append(id, layer, dk.get(), dv.get(), n);
+  }
+  PackedKVCache<T> cpu, gpu;
+};
+
+template <class T>
+void compare_everything(CachePair<T>& pair, const std::vector<SeqId>& ids, int layer, std::uint64_t seed,
+                        const std::string& label) {
+  const CacheConfig& c = pair.cpu.config();
+  const std::size_t q_count = ids.size() * c.num_q_heads * c.head_dim;
+  const auto q = convert<T>(random_values(q_count, seed));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+
+  std::vector<T> cpu_out(q_count);
+  pair.cpu.attention(ids, layer, q.data(), cpu_out.data(), scale);
+  DeviceArray<T> dq(q), dout(q_count);
+  dout.poison();
+  pair.gpu.attention(ids, layer, dq.get(), dout.get(), scale);
+  expect_close(dout.download(), cpu_out, output_rtol<T>(), 2e-5, label + " attention");
+
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  for (SeqId id : ids) {
+    const std::int64_t len = pair.cpu.length(id, layer);
+    ASSERT_EQ(pair.gpu.length(id, layer), len) << label;
+    const std::string where = label + " sequence " + std::to_string(id);
+
+    const auto q1 = std::vector<T>(q.begin(), q.begin() + static_cast<std::ptrdiff_t>(c.num_q_heads) * c.head_dim);
+    std::vector<float> cpu_scores(static_cast<std::size_t>(c.num_q_heads) * len);
+    pair.cpu.scores(id, layer, q1.data(), cpu_scores.data());
+    DeviceArray<T> dq1(q1);
+    DeviceArray<float> dscores(cpu_scores.size());
+    dscores.poison();
+    pair.gpu.scores(id, layer, dq1.get(), dscores.get());
+    expect_close(dscores.download(), cpu_scores, 1e-4, 1e-5, where + " scores");
+
+    const auto weights = random_values(cpu_scores.size(), seed + id, 0.01);
+    std::vector<float> cpu_av(static_cast<std::size_t>(c.num_q_heads) * c.head_dim);
+    pair.cpu.attn_v(id, layer, weights.data(), cpu_av.data());
+    DeviceArray<float> dweights(weights), dav(cpu_av.size());
+    dav.poison();
+    pair.gpu.attn_v(id, layer, dweights.get(), dav.get());
+    expect_close(dav.download(), cpu_av, 1e-4, 1e-5, where + " attn_v");
+
+    std::vector<float> ck(len * row), cv(len * row);
+    pair.cpu.read_back(id, layer, ck.data(), cv.data());
+    DeviceArray<float> dk(ck.size()), dv(cv.size());
+    dk.poison();
+    dv.poison();
+    pair.gpu.read_back(id, layer, dk.get(), dv.get());
+    expect_close(dk.download(), ck, 1e-6, 1e-7, where + " read_back K");
+    expect_close(dv.download(), cv, 1e-6, 1e-7, where + " read_back V");
+  }
+
+  const MemoryStats cs = pair.cpu.memory_stats(), gs = pair.gpu.memory_stats();
+  EXPECT_EQ(gs.total.payload, cs.total.payload) << label;
+  EXPECT_EQ(gs.total.params, cs.total.params) << label;
+  EXPECT_EQ(gs.total.descriptors, cs.total.descriptors) << label;
+  EXPECT_EQ(gs.total.permutations, cs.total.permutations) << label;
+  EXPECT_EQ(gs.total.headers, cs.total.headers) << label;
+  EXPECT_EQ(gs.total.tail, cs.total.tail) << label;
+  EXPECT_EQ(gs.total.compressed_tokens, cs.total.compressed_tokens) << label;
+  EXPECT_EQ(gs.total.tail_tokens, cs.total.tail_tokens) << label;
+  EXPECT_EQ(gs.pool.live_blocks, cs.pool.live_blocks) << label;
+  EXPECT_EQ(gs.pool.live_bytes, cs.pool.live_bytes) << label;
+}
+
+CacheConfig base_config() {
+  CacheConfig c;
+  c.num_layers = 2;
+  c.num_kv_heads = 2;
+  c.num_q_heads = 8;
+  c.head_dim = 128;
+  c.block_tokens = 64;
+  c.k_rel = 0.1f;
+  c.v_rel = 0.2f;
+  return c;
+}
+
+TYPED_TEST(CudaTyped, BatchOfUnevenLengthsMatchesCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CachePair<TypeParam> pair(base_config());
+  const std::vector<SeqId> ids = {7, 3, 42, 9};
+  const int lengths[] = {1, 63, 64 * 5 + 17, 1000};
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    pair.add(ids[i]);
+    pair.append(ids[i], 1, lengths[i], 1000 + i);
+  }
+  compare_everything(pair, ids, 1, 5, "uneven batch");
+}
+
+TYPED_TEST(CudaTyped, TokenByTokenAndChunkedAppendsMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.residual_tokens = 40;
+  CachePair<TypeParam> pair(c);
+  pair.add(1);
+  std::uint64_t seed = 77;
+  for (int n : {5, 1, 1, 130, 1, 64, 3, 200}) pair.append(1, 0, n, seed++);
+  for (int step = 0; step < 70; ++step) pair.append(1, 0, 1, seed++);
+  compare_everything(pair, {1}, 0, 9, "residual 40, mixed appends");
+}
+
+TEST(Cuda, GqaRatiosHeadDimsAndBlockSizesMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  std::uint64_t seed = 300;
+  for (int dim : {64, 128, 256}) {
+    for (int block : {32, 64, 128}) {
+      for (int group : {1, 2, 4, 8, 12}) {
+        CacheConfig c = base_config();
+        c.num_layers = 1;
+        c.head_dim = dim;
+        c.block_tokens = block;
+        c.num_kv_heads = 2;
+        c.num_q_heads = 2 * group;
+        CachePair<fp16_t> pair(c);
+        pair.add(1);
+        pair.add(2);
+        pair.append(1, 0, 3 * block + 5, seed++);
+        pair.append(2, 0, block - 1, seed++);
+        compare_everything(pair, {1, 2}, 0, seed++,
+                           "dim " + std::to_string(dim) + " block " + std::to_string(block) + " group " +
+                               std::to_string(group));
+        if (::testing::Test::HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+TEST(Cuda, PerChannelKAndNoRepackMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  for (RepackMethod repack : {RepackMethod::none, RepackMethod::median}) {
+    CacheConfig c = base_config();
+    c.k_mode = QuantMode::per_channel;
+    c.repack = repack;
+    c.head_dim = 40;  // not a multiple of 32: partial warps everywhere
+    CachePair<bf16_t> pair(c);
+    pair.add(5);
+    pair.append(5, 0, 64 * 3 + 9, 5);
+    compare_everything(pair, {5}, 0, 6, std::string("per-channel K, repack ") + to_string(repack));
+  }
+}
+
+TEST(Cuda, LongSequenceUsesManySplits) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.num_layers = 1;
+  c.num_kv_heads = 8;
+  c.num_q_heads = 32;
+  CachePair<fp16_t> pair(c);
+  pair.add(1);
+  pair.append(1, 0, 32768 + 33, 4);
+  compare_everything(pair, {1}, 0, 8, "32K context");
+}
+
+TEST(Cuda, BatchesLargerThanOneLaunch) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.num_layers = 1;
+  CachePair<float> pair(c);
+  std::vector<SeqId> ids;
+  for (SeqId id = 0; id < 70; ++id) {
+    ids.push_back(id);
+    pair.add(id);
+    pair.append(id, 0, static_cast<int>(1 + 37 * id % 300), id);
+  }
+  compare_everything(pair, ids, 0, 3, "batch of 70");
+}
+
+TEST(Cuda, RemovedSequencesFreeSlotsForReuse) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.num_layers = 1;
+  CachePair<fp16_t> pair(c);
+  pair.add(1);
+  pair.append(1, 0, 64 * 40, 1);
+  const std::size_t reserved = pair.gpu.memory_stats().pool.reserved_bytes;
+  pair.cpu.remove_sequence(1);
+  pair.gpu.remove_sequence(1);
+  pair.add(2);
+  pair.append(2, 0, 64 * 40, 2);
+  EXPECT_EQ(pair.gpu.memory_stats().pool.reserved_bytes, reserved);
+  compare_everything(pair, {2}, 0, 3, "after reuse");
+}
+
+TEST(Cuda, InvalidValuesAreReportedByTheNextCall) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  PackedKVCache<float> cache(c);
+  cache.add_sequence(1);
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  std::vector<float> k(10 * row, 0.5f), v(10 * row, 0.25f);
+  v[3 * row + 5] = NAN;
+  DeviceArray<float> dk(k), dv(v);
+  cache.append(1, 0, dk.get(), dv.get(), 10);  // does not wait for the device
+  test::expect_error([&] { cache.memory_stats(); }, "V value nan at token 3");
+  EXPECT_NO_THROW(cache.memory_stats());  // reported once
+}
+
+TEST(Cuda, StrictModeRejectsBeforeChanging) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  setenv("PACKKV_CUDA_STRICT", "1", 1);
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  PackedKVCache<float> cache(c);
+  unsetenv("PACKKV_CUDA_STRICT");
+  cache.add_sequence(1);
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  std::vector<float> k(100 * row, 0.5f), v(100 * row, 0.25f);
+  k[70 * row + 130] = 1e6f;
+  DeviceArray<float> dk(k), dv(v);
+  test::expect_error([&] { cache.append(1, 0, dk.get(), dv.get(), 100); }, "K value 1e+06 at token 70, head 1");
+  EXPECT_EQ(cache.length(1, 0), 0);
+  EXPECT_EQ(cache.memory_stats().total.total(), 0u);
+}
+
+TEST(Cuda, GreedyRepackIsRefusedClearly) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  c.repack = RepackMethod::greedy;
+  test::expect_error([&] { PackedKVCache<float> cache(c); }, "greedy");
+}
+
+TEST(Cuda, SkipsCleanlyWithoutADevice) {
+  std::string why;
+  if (cuda::device_available(&why)) GTEST_SKIP() << "a device is present";
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  test::expect_error([&] { PackedKVCache<float> cache(c); }, "Device::cuda requested but");
+}
+
+}  // namespace
+}  // namespace packkv
