@@ -1,0 +1,66 @@
+// What the Llama example's attention talks to: one sequence's K/V for every layer.
+//
+// The model appends one token at a time and attends right after, exactly as in decoding, whatever
+// implementation sits behind this interface: an exact fp32 cache, packkv's PackedKVCache, or one of
+// the quantization baselines the accuracy harness compares against.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <packkv/packkv.hpp>
+
+namespace llama {
+
+struct KvShape {
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  int num_q_heads = 0;
+  int head_dim = 0;
+  int kv_dim() const { return num_kv_heads * head_dim; }
+};
+
+/// Bytes a cache holds for K and for V, every byte counted (codes, scales, zero points, descriptors,
+/// permutations, headers, block tables, uncompressed recent tokens).
+struct KvBytes {
+  double k_bytes = 0.0;
+  double v_bytes = 0.0;
+  double fp16_bytes_per_side = 0.0;  ///< K (or V) of every held token-layer at 2 bytes per element
+  double k_ratio() const { return k_bytes > 0 ? fp16_bytes_per_side / k_bytes : 0.0; }
+  double v_ratio() const { return v_bytes > 0 ? fp16_bytes_per_side / v_bytes : 0.0; }
+  double kv_ratio() const { return k_bytes + v_bytes > 0 ? 2.0 * fp16_bytes_per_side / (k_bytes + v_bytes) : 0.0; }
+};
+
+class KvCache {
+ public:
+  virtual ~KvCache() = default;
+  /// Appends one token of `layer`: k and v are [num_kv_heads][head_dim], K after RoPE.
+  virtual void append(int layer, const float* k, const float* v) = 0;
+  /// out[num_q_heads][head_dim] = softmax(scale * K q) V over every token appended to `layer`.
+  virtual void attend(int layer, const float* q, float* out, float softmax_scale) = 0;
+  virtual KvBytes bytes() const = 0;
+  virtual std::string describe() const = 0;
+};
+
+/// Attention over dense fp32 K and V ([n][kv_heads][head_dim]): the reference every cache matches.
+void dense_attention(const KvShape& shape, const float* k, const float* v, int n, const float* q, float* out,
+                     float softmax_scale, std::vector<float>& scratch);
+
+/// The exact cache: fp32, nothing lost. Its bytes are reported as stored (4 bytes per element).
+std::unique_ptr<KvCache> make_exact_cache(const KvShape& shape);
+
+/// packkv's PackedKVCache<float> on `config.device`. The model's shape overrides the config's.
+std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config);
+
+/// Quantize-dequantize baselines: attention sees exactly the values their stored codes decode to,
+/// and bytes() counts the codes plus their fp16 scales and zero points (and fp16 recent tokens).
+enum class Baseline { int8_per_token, int4_per_token, fp8_e4m3_per_token, kivi2, kivi4 };
+struct KiviOptions {
+  int group = 32;     ///< tokens per K group (per channel), channels per V group (per token)
+  int residual = 128; ///< recent tokens kept in fp16; K is quantized `residual` tokens at a time
+};
+std::unique_ptr<KvCache> make_baseline_cache(const KvShape& shape, Baseline kind, KiviOptions kivi = {});
+const char* to_string(Baseline kind);
+
+}  // namespace llama
