@@ -9,6 +9,10 @@
 
 #include <fmt/format.h>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "packkv/error.hpp"
 
 namespace packkv {
@@ -36,6 +40,9 @@ namespace {
 
 template <class T>
 float load(const T* p, std::size_t i) {
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<T, fp16_t>) return _cvtsh_ss(p[i].bits);  // one instruction, same value
+#endif
   return to_float(p[i]);
 }
 
