@@ -79,6 +79,19 @@ __host__ __device__ std::size_t encoder_shared_layout(const format::BlockGeometr
   return at;
 }
 
+// The CPU keeps the first of equal extremes (std::min / std::max), which matters only for the sign
+// of a zero: -0 and +0 give different fp16 bits for the stored min (and for the step of an
+// all-zero token). Returns the value, in channel order, that compares equal to `extreme` first.
+__device__ float first_equal_in_channel_order(const float (&values)[8], int dim, float extreme) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const unsigned hits = __ballot_sync(kFullMask, lane + 32 * k < dim && values[k] == extreme);
+    if (hits != 0) return __shfl_sync(kFullMask, values[k], __ffs(hits) - 1);
+  }
+  return extreme;
+}
+
 // One warp per token: the token's values stay in registers (head_dim <= 256 = 8 per lane).
 template <class T>
 __device__ void quantize_per_token(const EncodeParams<T>& p, bool is_v, std::int64_t first_token, int head,
@@ -101,8 +114,8 @@ __device__ void quantize_per_token(const EncodeParams<T>& p, bool is_v, std::int
         hi = fmaxf(hi, x);
       }
     }
-    lo = warp_min(lo);
-    hi = warp_max(hi);
+    lo = first_equal_in_channel_order(values, dim, warp_min(lo));
+    hi = first_equal_in_channel_order(values, dim, warp_max(hi));
     const format::Quantizer q = format::make_quantizer(lo, hi, max_code);
     if (!q.ok && lane == 0 && storable(lo) && storable(hi)) {
       record_error(p.errors, kRangeTooWide, is_v ? 1 : 0, first_token + t, head, -1, lo, hi);
@@ -122,12 +135,13 @@ __device__ void quantize_k_per_channel(const EncodeParams<T>& p, std::int64_t fi
                                        std::uint8_t* codes, Params* params) {
   const int dim = p.geometry.head_dim, tokens = p.geometry.block_tokens;
   for (int c = threadIdx.x; c < dim; c += kThreads) {
-    float lo = INFINITY, hi = -INFINITY;
+    // Compared as std::min / std::max do, so a zero extreme keeps the sign of its first occurrence.
+    float lo = load_as_float(p.source.row(false, first_token) + static_cast<std::size_t>(head) * dim + c), hi = lo;
     for (int t = 0; t < tokens; ++t) {
       const float x = load_as_float(p.source.row(false, first_token + t) + static_cast<std::size_t>(head) * dim + c);
       if (!storable(x)) record_error(p.errors, kBadValue, 0, first_token + t, head, c, x, 0.0f);
-      lo = fminf(lo, x);
-      hi = fmaxf(hi, x);
+      lo = x < lo ? x : lo;
+      hi = hi < x ? x : hi;
     }
     const format::Quantizer q = format::make_quantizer(lo, hi, p.k_max_code);
     if (!q.ok && storable(lo) && storable(hi)) {
