@@ -14,20 +14,24 @@ void dense_attention(const KvShape& shape, const float* k, const float* v, int n
   const int hd = shape.head_dim;
   const int kv_dim = shape.kv_dim();
   const int group = shape.num_q_heads / shape.num_kv_heads;
-  scratch.resize(static_cast<std::size_t>(n));
-  for (int h = 0; h < shape.num_q_heads; ++h) {
-    const int kvh = h / group;
-    const float* qh = q + static_cast<std::size_t>(h) * hd;
+  scratch.resize(static_cast<std::size_t>(n) * group);
+  // The query heads of one KV head go together, so each K and V row is read once per group.
+  for (int kvh = 0; kvh < shape.num_kv_heads; ++kvh) {
+    const float* q0 = q + static_cast<std::size_t>(kvh) * group * hd;
+    float* out0 = out + static_cast<std::size_t>(kvh) * group * hd;
     for (int t = 0; t < n; ++t) {
-      scratch[t] = dot(qh, k + static_cast<std::size_t>(t) * kv_dim + kvh * hd, hd) * softmax_scale;
+      const float* kt = k + static_cast<std::size_t>(t) * kv_dim + kvh * hd;
+      for (int g = 0; g < group; ++g) scratch[static_cast<std::size_t>(g) * n + t] = dot(q0 + g * hd, kt, hd) * softmax_scale;
     }
-    softmax(scratch.data(), n);
-    float* oh = out + static_cast<std::size_t>(h) * hd;
-    std::fill(oh, oh + hd, 0.0f);
+    for (int g = 0; g < group; ++g) softmax(scratch.data() + static_cast<std::size_t>(g) * n, n);
+    std::fill(out0, out0 + static_cast<std::size_t>(group) * hd, 0.0f);
     for (int t = 0; t < n; ++t) {
-      const float w = scratch[t];
       const float* vt = v + static_cast<std::size_t>(t) * kv_dim + kvh * hd;
-      for (int c = 0; c < hd; ++c) oh[c] += w * vt[c];
+      for (int g = 0; g < group; ++g) {
+        const float w = scratch[static_cast<std::size_t>(g) * n + t];
+        float* og = out0 + g * hd;
+        for (int c = 0; c < hd; ++c) og[c] += w * vt[c];
+      }
     }
   }
 }
