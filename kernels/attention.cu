@@ -264,7 +264,7 @@ __device__ void online_softmax_step(const HeadGroup& heads, int tokens, int coun
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttentionParams<T> p) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
   ReaderShared s;
   const format::BlockGeometry& g = p.shape.geometry;
   reader_shared_layout(g, shared_bytes, &s);
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const Attenti
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) scores_kernel(const ScoresParams<T> p) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
   ReaderShared s;
   const format::BlockGeometry& g = p.shape.geometry;
   reader_shared_layout(g, shared_bytes, &s);
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const ScoresParams<T> 
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) attn_v_kernel(const AttnVParams<T> p) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
   ReaderShared s;
   const format::BlockGeometry& g = p.shape.geometry;
   reader_shared_layout(g, shared_bytes, &s);
@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(kThreads) attn_v_sum_kernel(const AttnVParams<
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParams<T> p) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
   ReaderShared s;
   const format::BlockGeometry& g = p.geometry;
   reader_shared_layout(g, shared_bytes, &s);
@@ -509,10 +509,11 @@ cudaError_t launch_attention(const AttentionParams<T>& p, cudaStream_t stream) {
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(p.num_splits),
                   static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups), static_cast<unsigned>(p.batch));
-  attention_split_kernel<T><<<grid, kThreads, shared, stream>>>(p);
+  PACKKV_LAUNCH(attention_split_kernel<T>, grid, kThreads, shared, stream, p);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  attention_merge_kernel<T><<<static_cast<unsigned>(p.batch * p.shape.num_q_heads), kThreads, 0, stream>>>(p);
+  const unsigned heads = static_cast<unsigned>(p.batch * p.shape.num_q_heads);
+  PACKKV_LAUNCH(attention_merge_kernel<T>, heads, kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
@@ -524,7 +525,7 @@ cudaError_t launch_scores(const ScoresParams<T>& p, cudaStream_t stream) {
   cudaError_t status = allow_shared(scores_kernel<T>, shared);
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups));
-  scores_kernel<T><<<grid, kThreads, shared, stream>>>(p);
+  PACKKV_LAUNCH(scores_kernel<T>, grid, kThreads, shared, stream, p);
   return cudaGetLastError();
 }
 
@@ -535,10 +536,10 @@ cudaError_t launch_attn_v(const AttnVParams<T>& p, cudaStream_t stream) {
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(p.num_splits),
                   static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups));
-  attn_v_kernel<T><<<grid, kThreads, shared, stream>>>(p);
+  PACKKV_LAUNCH(attn_v_kernel<T>, grid, kThreads, shared, stream, p);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  attn_v_sum_kernel<T><<<static_cast<unsigned>(p.shape.num_q_heads), kThreads, 0, stream>>>(p);
+  PACKKV_LAUNCH(attn_v_sum_kernel<T>, static_cast<unsigned>(p.shape.num_q_heads), kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 
@@ -550,7 +551,7 @@ cudaError_t launch_read_back(const ReadBackParams<T>& p, cudaStream_t stream) {
   cudaError_t status = allow_shared(read_back_kernel<T>, shared);
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(p.geometry.num_heads));
-  read_back_kernel<T><<<grid, kThreads, shared, stream>>>(p);
+  PACKKV_LAUNCH(read_back_kernel<T>, grid, kThreads, shared, stream, p);
   return cudaGetLastError();
 }
 
@@ -558,7 +559,8 @@ cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_
                                const int* block_layers, int count, unsigned long long* counters,
                                cudaStream_t stream) {
   if (count <= 0) return cudaSuccess;
-  block_stats_kernel<<<static_cast<unsigned>(count), kThreads, 0, stream>>>(g, blocks, block_layers, counters);
+  PACKKV_LAUNCH(block_stats_kernel, static_cast<unsigned>(count), kThreads, 0, stream, g, blocks, block_layers,
+                counters);
   return cudaGetLastError();
 }
 

@@ -32,13 +32,15 @@ void check_cuda(cudaError_t status, const char* what) {
                                             cudaGetErrorName(status)));
 }
 
-void throw_device_error(const DeviceError& e, bool from_append) {
+void throw_device_error(const DeviceError& e, ErrorOrigin origin) {
   const char* tensor = e.tensor == 0 ? "K" : "V";
-  const std::string where = from_append ? fmt::format("append to sequence {} layer {}", e.sequence, e.layer)
-                                        : std::string("encode_blocks");
-  const char* consequence = from_append ? ". The CUDA backend found it on the device after append returned; that "
-                                          "sequence's contents at this layer are undefined: remove it"
-                                        : "";
+  const std::string where = origin == ErrorOrigin::encode_blocks
+                                ? std::string("encode_blocks")
+                                : fmt::format("append to sequence {} layer {}", e.sequence, e.layer);
+  const char* consequence = origin == ErrorOrigin::later_call
+                                ? ". The CUDA backend found it on the device after append returned; that sequence's "
+                                  "contents at this layer are undefined: remove it"
+                                : "";
   if (e.kind == kBadValue) {
     ::packkv::detail::throw_error(fmt::format(
         "{}: {} value {} at token {}, head {}, channel {} is NaN, Inf or beyond +-65504 (packkv stores per-token "
@@ -469,7 +471,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   }
 
   /// Raises the first value error a kernel reported (read from mapped memory: no synchronisation).
-  void raise_device_error() const {
+  void raise_device_error(ErrorOrigin origin = ErrorOrigin::later_call) const {
     volatile DeviceError* record = error_host_;
     if (record->ready == 0) return;
     std::atomic_thread_fence(std::memory_order_acquire);
@@ -477,16 +479,18 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     std::memcpy(&copy, const_cast<DeviceError*>(record), sizeof copy);
     record->ready = 0;
     record->claimed = 0;
-    throw_device_error(copy, true);
+    throw_device_error(copy, origin);
   }
 
   void validate_now(SeqId id, int layer_index, const Layer& layer, const T* k, const T* v, int n_tokens) {
+    check_cuda(cudaStreamSynchronize(stream_), "append (strict validation)");
+    raise_device_error();  // an earlier kernel's report is not this append's
     const ErrorContext errors{error_device_, id, layer_index, layer.length};
     check_cuda(launch_validate(k, v, n_tokens, cfg_.num_kv_heads, cfg_.head_dim, codec_.k_max_code,
                                codec_.v_max_code, cfg_.k_mode == QuantMode::per_token, errors, stream_),
                "validation kernel launch");
     check_cuda(cudaStreamSynchronize(stream_), "append (strict validation)");
-    raise_device_error();
+    raise_device_error(ErrorOrigin::strict_append);
   }
 
   void grow_table(Layer& layer, std::size_t capacity) {

@@ -12,10 +12,12 @@ namespace packkv::cuda::detail {
 /// Throws packkv::error naming the failed step and CUDA's message.
 void check_cuda(cudaError_t status, const char* what);
 
-/// Throws packkv::error describing a device-reported value error: found during an earlier append
-/// (after it returned) or, with `from_append` false, in the input of encode_blocks.
+/// Where a device-reported value error is raised: by a call after the append that queued the
+/// kernel (the append already returned), by a strict-mode append before it changes anything, or
+/// by encode_blocks.
+enum class ErrorOrigin { later_call, strict_append, encode_blocks };
 struct DeviceError;
-[[noreturn]] void throw_device_error(const DeviceError& error, bool from_append);
+[[noreturn]] void throw_device_error(const DeviceError& error, ErrorOrigin origin);
 
 /// Device memory allocated and freed in stream order (cudaMallocAsync / cudaFreeAsync), so that
 /// growing a buffer neither synchronises nor races with kernels still reading the old one.

@@ -60,7 +60,7 @@ void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_bl
   check_cuda(cudaMemcpyAsync(&error, error_buffer.data(), sizeof error, cudaMemcpyDeviceToHost, stream),
              "error record download");
   check_cuda(cudaStreamSynchronize(stream), "encode_blocks");
-  if (error.ready != 0) throw_device_error(error, false);
+  if (error.ready != 0) throw_device_error(error, ErrorOrigin::encode_blocks);
 }
 
 template void encode_blocks<float>(const CodecParams&, const float*, const float*, int, std::uint8_t*, std::size_t,

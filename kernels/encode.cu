@@ -246,7 +246,7 @@ __device__ std::uint32_t write_section(const SectionLayout& layout, const std::u
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeParams<T> p) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
   EncoderShared s;
   encoder_shared_layout(p.geometry, shared_bytes, &s);
 
@@ -375,15 +375,15 @@ cudaError_t launch_encode(const EncodeParams<T>& params, int num_blocks, cudaStr
   cudaError_t status = cudaFuncSetAttribute(encode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(shared));
   if (status != cudaSuccess) return status;
-  encode_kernel<T><<<num_blocks, kThreads, shared, stream>>>(params);
+  PACKKV_LAUNCH(encode_kernel<T>, num_blocks, kThreads, shared, stream, params);
   return cudaGetLastError();
 }
 
 template <class T>
 cudaError_t launch_tail_write(const TailWriteParams<T>& params, cudaStream_t stream) {
   if (params.end <= params.first) return cudaSuccess;
-  tail_write_kernel<T><<<grid_for((params.end - params.first) * params.source.row_elems), kThreads, 0, stream>>>(
-      params);
+  const int grid = grid_for((params.end - params.first) * params.source.row_elems);
+  PACKKV_LAUNCH(tail_write_kernel<T>, grid, kThreads, 0, stream, params);
   return cudaGetLastError();
 }
 
@@ -391,14 +391,14 @@ template <class T>
 cudaError_t launch_validate(const T* k, const T* v, int n_tokens, int num_heads, int head_dim, int k_max_code,
                             int v_max_code, bool k_per_token, ErrorContext errors, cudaStream_t stream) {
   const std::int64_t rows = static_cast<std::int64_t>(n_tokens) * num_heads * 2;
-  validate_kernel<T><<<grid_for(rows * 32), kThreads, 0, stream>>>(k, v, n_tokens, num_heads, head_dim, k_max_code,
-                                                                   v_max_code, k_per_token ? 1 : 0, errors);
+  PACKKV_LAUNCH(validate_kernel<T>, grid_for(rows * 32), kThreads, 0, stream, k, v, n_tokens, num_heads, head_dim,
+                k_max_code, v_max_code, k_per_token ? 1 : 0, errors);
   return cudaGetLastError();
 }
 
 cudaError_t launch_write_table(std::uint8_t** table, TableEntries entries, cudaStream_t stream) {
   if (entries.count <= 0) return cudaSuccess;
-  write_table_kernel<<<1, kInlineTableEntries, 0, stream>>>(table, entries);
+  PACKKV_LAUNCH(write_table_kernel, 1, kInlineTableEntries, 0, stream, table, entries);
   return cudaGetLastError();
 }
 

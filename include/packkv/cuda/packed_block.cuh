@@ -13,6 +13,19 @@
 #include "packkv/format.hpp"
 #include "packkv/types.hpp"
 
+// Kernel launches and dynamic shared memory go through these two macros so that the kernels can
+// also be compiled as plain C++ and run by the CPU emulator of tests/cuda/emulator, which checks
+// their logic against the CPU backend on machines without a GPU.
+#if defined(PACKKV_CUDA_EMULATION)
+#define PACKKV_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  ::packkv_emulator::launch(grid, block, shared_bytes, [=] { kernel(__VA_ARGS__); })
+#define PACKKV_DYNAMIC_SHARED(name) unsigned char* name = ::packkv_emulator::dynamic_shared()
+#else
+#define PACKKV_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
+#define PACKKV_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace packkv::cuda {
 
 inline constexpr int kThreads = 256;

@@ -1,0 +1,2 @@
+// The attention kernels compiled as C++ for the CPU emulator.
+#include "attention.cu"
