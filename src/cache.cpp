@@ -1,7 +1,15 @@
-// PackedKVCache<T>: argument validation shared by all backends, then forwarding.
+// PackedKVCache<T>: argument validation shared by all backends, locking, then forwarding.
+//
+// Thread safety: every method may be called from any thread. Reading methods (attention, the
+// primitives, read_back, length, statistics, export) share a reader lock and run concurrently;
+// methods that change the cache take the lock exclusively, and a waiting writer holds back new
+// readers (rw_lock.hpp). The lock is taken once per call: noise next to the work of any call.
 #include "packkv/cache.hpp"
 
 #include <cmath>
+#include <shared_mutex>
+
+#include "rw_lock.hpp"
 
 #include <fmt/format.h>
 
@@ -10,7 +18,8 @@
 namespace packkv {
 
 template <class T>
-PackedKVCache<T>::PackedKVCache(const CacheConfig& config) : config_(config) {
+PackedKVCache<T>::PackedKVCache(const CacheConfig& config)
+    : config_(config), mutex_(std::make_unique<detail::RwLock>()) {
   validate(config_);
   backend_ = config_.device == Device::cpu ? detail::make_cpu_backend<T>(config_)
                                            : detail::make_cuda_backend<T>(config_);
@@ -24,8 +33,19 @@ template <class T>
 PackedKVCache<T>& PackedKVCache<T>::operator=(PackedKVCache&&) noexcept = default;
 
 template <class T>
-void PackedKVCache<T>::check_sequence(SeqId id, const char* what) const {
+std::shared_lock<detail::RwLock> PackedKVCache<T>::read_lock(const char* what) const {
   PACKKV_REQUIRE(backend_, fmt::format("{}: the cache was moved from", what));
+  return std::shared_lock<detail::RwLock>(*mutex_);
+}
+
+template <class T>
+std::unique_lock<detail::RwLock> PackedKVCache<T>::write_lock(const char* what) {
+  PACKKV_REQUIRE(backend_, fmt::format("{}: the cache was moved from", what));
+  return std::unique_lock<detail::RwLock>(*mutex_);
+}
+
+template <class T>
+void PackedKVCache<T>::check_sequence(SeqId id, const char* what) const {
   PACKKV_REQUIRE(backend_->contains(id), fmt::format("{}: unknown sequence id {}", what, id));
 }
 
@@ -37,34 +57,40 @@ void PackedKVCache<T>::check_layer(int layer, const char* what) const {
 
 template <class T>
 void PackedKVCache<T>::add_sequence(SeqId id) {
-  PACKKV_REQUIRE(backend_, "add_sequence: the cache was moved from");
+  const auto lock = write_lock("add_sequence");
   PACKKV_REQUIRE(!backend_->contains(id), fmt::format("add_sequence: sequence id {} already exists", id));
   backend_->add_sequence(id);
 }
 
 template <class T>
 void PackedKVCache<T>::remove_sequence(SeqId id) {
+  const auto lock = write_lock("remove_sequence");
   check_sequence(id, "remove_sequence");
   backend_->remove_sequence(id);
 }
 
 template <class T>
 bool PackedKVCache<T>::contains(SeqId id) const {
-  return backend_ && backend_->contains(id);
+  if (!backend_) return false;
+  const auto lock = read_lock("contains");
+  return backend_->contains(id);
 }
 
 template <class T>
 std::size_t PackedKVCache<T>::num_sequences() const {
-  return backend_ ? backend_->sequence_ids().size() : 0;
+  return sequence_ids().size();
 }
 
 template <class T>
 std::vector<SeqId> PackedKVCache<T>::sequence_ids() const {
-  return backend_ ? backend_->sequence_ids() : std::vector<SeqId>{};
+  if (!backend_) return {};
+  const auto lock = read_lock("sequence_ids");
+  return backend_->sequence_ids();
 }
 
 template <class T>
 std::int64_t PackedKVCache<T>::length(SeqId id, int layer) const {
+  const auto lock = read_lock("length");
   check_sequence(id, "length");
   check_layer(layer, "length");
   return backend_->length(id, layer);
@@ -72,6 +98,7 @@ std::int64_t PackedKVCache<T>::length(SeqId id, int layer) const {
 
 template <class T>
 void PackedKVCache<T>::append(SeqId id, int layer, const T* k, const T* v, int n_tokens) {
+  const auto lock = write_lock("append");
   check_sequence(id, "append");
   check_layer(layer, "append");
   PACKKV_REQUIRE(n_tokens >= 1 && n_tokens <= (1 << 24),
@@ -85,6 +112,7 @@ void PackedKVCache<T>::append(SeqId id, int layer, const T* k, const T* v, int n
 template <class T>
 void PackedKVCache<T>::attention(std::span<const SeqId> ids, int layer, const T* q, T* out,
                                  float softmax_scale) const {
+  const auto lock = read_lock("attention");
   check_layer(layer, "attention");
   PACKKV_REQUIRE(!ids.empty(), "attention: the batch of sequence ids is empty");
   PACKKV_REQUIRE(q != nullptr && out != nullptr, "attention: q and out must not be null");
@@ -100,6 +128,7 @@ void PackedKVCache<T>::attention(std::span<const SeqId> ids, int layer, const T*
 
 template <class T>
 void PackedKVCache<T>::scores(SeqId id, int layer, const T* q, float* scores) const {
+  const auto lock = read_lock("scores");
   check_sequence(id, "scores");
   check_layer(layer, "scores");
   PACKKV_REQUIRE(q != nullptr && scores != nullptr, "scores: q and scores must not be null");
@@ -108,6 +137,7 @@ void PackedKVCache<T>::scores(SeqId id, int layer, const T* q, float* scores) co
 
 template <class T>
 void PackedKVCache<T>::attn_v(SeqId id, int layer, const float* weights, float* out) const {
+  const auto lock = read_lock("attn_v");
   check_sequence(id, "attn_v");
   check_layer(layer, "attn_v");
   PACKKV_REQUIRE(weights != nullptr && out != nullptr, "attn_v: weights and out must not be null");
@@ -116,6 +146,7 @@ void PackedKVCache<T>::attn_v(SeqId id, int layer, const float* weights, float* 
 
 template <class T>
 void PackedKVCache<T>::read_back(SeqId id, int layer, float* k, float* v) const {
+  const auto lock = read_lock("read_back");
   check_sequence(id, "read_back");
   check_layer(layer, "read_back");
   PACKKV_REQUIRE(k != nullptr && v != nullptr, "read_back: k and v must not be null");
@@ -124,13 +155,38 @@ void PackedKVCache<T>::read_back(SeqId id, int layer, float* k, float* v) const 
 
 template <class T>
 MemoryStats PackedKVCache<T>::memory_stats() const {
-  PACKKV_REQUIRE(backend_, "memory_stats: the cache was moved from");
+  const auto lock = read_lock("memory_stats");
   return backend_->memory_stats();
 }
 
 template <class T>
+std::vector<std::uint8_t> PackedKVCache<T>::export_sequence(SeqId id, std::span<const int> layers) const {
+  const auto lock = read_lock("export_sequence");
+  check_sequence(id, "export_sequence");
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    check_layer(layers[i], "export_sequence");
+    for (std::size_t j = 0; j < i; ++j) {
+      PACKKV_REQUIRE(layers[j] != layers[i], fmt::format("export_sequence: layer {} is listed twice", layers[i]));
+    }
+  }
+  return backend_->export_sequence(id, layers);
+}
+
+template <class T>
+void PackedKVCache<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image) {
+  const auto lock = write_lock("import_sequence");
+  backend_->import_sequence(id, image);
+}
+
+template <class T>
+void PackedKVCache<T>::release_unused_memory() {
+  const auto lock = write_lock("release_unused_memory");
+  backend_->release_unused_memory();
+}
+
+template <class T>
 void PackedKVCache<T>::set_stream(void* cuda_stream) {
-  PACKKV_REQUIRE(backend_, "set_stream: the cache was moved from");
+  const auto lock = write_lock("set_stream");
   backend_->set_stream(cuda_stream);
 }
 

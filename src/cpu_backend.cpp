@@ -12,20 +12,12 @@
 #include "packkv/backend.hpp"
 #include "packkv/codec.hpp"
 #include "page_pool.hpp"
+#include "sequence_image.hpp"
+#include "value_checks.hpp"
 
 namespace packkv::detail {
 
 namespace {
-
-template <class T>
-bool storable(T x) {
-  if constexpr (std::is_same_v<T, fp16_t>) {
-    return (x.bits & 0x7C00u) != 0x7C00u;  // every finite fp16 is within range
-  } else {
-    const float f = to_float(x);
-    return std::isfinite(f) && std::fabs(f) <= kFp16Max;
-  }
-}
 
 // Tokens per attention task: long sequences are split so that one sequence can use every core.
 constexpr int kMinChunkTokens = 1024;
@@ -45,15 +37,9 @@ class CpuBackend final : public CacheBackend<T> {
 
   void add_sequence(SeqId id) override {
     const std::size_t bytes = tail_bytes_per_sequence() + sequence_overhead();
+    if (!fits(bytes)) reclaim();
     check_budget(bytes, fmt::format("add_sequence {}", id));
-    Sequence seq;
-    seq.layers.resize(static_cast<std::size_t>(cfg_.num_layers));
-    for (auto& layer : seq.layers) {
-      layer.k_tail.resize(tail_capacity_ * row_);
-      layer.v_tail.resize(tail_capacity_ * row_);
-    }
-    sequences_.emplace(id, std::move(seq));
-    fixed_bytes_ += bytes;
+    create_sequence(id);
   }
 
   void remove_sequence(SeqId id) override {
@@ -131,8 +117,8 @@ class CpuBackend final : public CacheBackend<T> {
     }
 
     const std::size_t table_growth = static_cast<std::size_t>(new_blocks) * sizeof(SlotRef);
-    check_budget(pool_.extra_bytes_needed(sizes) + table_growth,
-                 fmt::format("append of {} tokens to sequence {} layer {}", n_tokens, id, layer_index));
+    reserve_for(sizes, table_growth, fmt::format("append of {} tokens to sequence {} layer {}", n_tokens, id,
+                                                 layer_index));
 
     // Commit. Reserve the table first so the only fallible step left is the pool's (all-or-nothing).
     layer.blocks.reserve(layer.blocks.size() + static_cast<std::size_t>(new_blocks));
@@ -360,6 +346,101 @@ class CpuBackend final : public CacheBackend<T> {
 
   void set_stream(void*) override {}
 
+  std::vector<std::uint8_t> export_sequence(SeqId id, std::span<const int> layers) const override {
+    std::vector<int> chosen(layers.begin(), layers.end());
+    if (chosen.empty()) {
+      for (int l = 0; l < cfg_.num_layers; ++l) chosen.push_back(l);
+    }
+    std::vector<std::uint8_t> image(sizeof(ImageHeader));
+    ImageHeader header = make_image_header(codec_, cfg_.k_mode, dtype_code<T>());
+    header.layer_count = static_cast<std::uint16_t>(chosen.size());
+    std::memcpy(image.data(), &header, sizeof header);
+    auto put = [&image](const void* data, std::size_t n) {
+      const auto* p = static_cast<const std::uint8_t*>(data);
+      image.insert(image.end(), p, p + n);
+    };
+    for (int l : chosen) {
+      const Layer& layer = layer_of(id, l);
+      LayerRecord record{};
+      record.layer = static_cast<std::uint32_t>(l);
+      record.block_count = static_cast<std::uint32_t>(layer.blocks.size());
+      record.tail_tokens = static_cast<std::uint32_t>(layer.tail_tokens);
+      record.length = static_cast<std::uint64_t>(layer.length);
+      put(&record, sizeof record);
+      for (const SlotRef& block : layer.blocks) put(&block.bytes, 4);
+      for (const SlotRef& block : layer.blocks) put(block.data, block.bytes);
+      put(layer.k_tail.data(), static_cast<std::size_t>(layer.tail_tokens) * row_ * sizeof(T));
+      put(layer.v_tail.data(), static_cast<std::size_t>(layer.tail_tokens) * row_ * sizeof(T));
+    }
+    seal_image(image);
+    return image;
+  }
+
+  void import_sequence(SeqId id, std::span<const std::uint8_t> image) override {
+    const int max_tail = static_cast<int>(std::min<std::size_t>(tail_capacity_ + (1u << 20), 1u << 21));
+    const std::vector<ParsedLayer> parsed =
+        parse_image(image, codec_, cfg_.k_mode, dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);
+
+    const bool creating = !contains(id);
+    std::vector<std::uint32_t> sizes;
+    std::size_t tail_blocks = 0;
+    std::vector<std::vector<T>> tails(parsed.size() * 2);
+    for (std::size_t i = 0; i < parsed.size(); ++i) {
+      const ParsedLayer& p = parsed[i];
+      PACKKV_REQUIRE(creating || layer_of(id, p.layer).length == 0,
+                     fmt::format("import: layer {} of sequence {} is not empty", p.layer, id));
+      for (const auto& block : p.blocks) sizes.push_back(static_cast<std::uint32_t>(block.size()));
+      // Tails are re-appended (a different residual_tokens may compress some of them): copy them
+      // out of the unaligned image and check their values now, so that cannot fail later.
+      const std::size_t n = static_cast<std::size_t>(p.tail_tokens) * row_;
+      for (int which = 0; which < 2; ++which) {
+        std::vector<T>& tail = tails[2 * i + which];
+        tail.resize(n);
+        std::memcpy(tail.data(), which == 0 ? p.tail_k : p.tail_v, n * sizeof(T));
+        PACKKV_REQUIRE(first_unstorable(tail.data(), n) == n,
+                       fmt::format("import: layer {} tail holds NaN, Inf or out-of-range values", p.layer));
+      }
+      tail_blocks += static_cast<std::size_t>(p.tail_tokens) / static_cast<std::size_t>(cfg_.block_tokens);
+    }
+    // Budget: the blocks, the worst case of the re-appended tails, the tables, a new sequence.
+    std::vector<std::uint32_t> worst = sizes;
+    worst.insert(worst.end(), tail_blocks, codec_.geometry.max_block_bytes());
+    reserve_for(worst,
+                (tail_blocks ? pool_.page_bytes() : 0) + (sizes.size() + tail_blocks) * sizeof(SlotRef) +
+                    (creating ? tail_bytes_per_sequence() + sequence_overhead() : 0),
+                fmt::format("import of sequence {}", id));
+
+    // Commit: allocation is all-or-nothing; after it nothing can fail but allocation of memory.
+    std::vector<SlotRef> slots = pool_.allocate(sizes);
+    if (creating) {
+      try {
+        create_sequence(id);
+      } catch (...) {
+        for (const SlotRef& slot : slots) pool_.release(slot);
+        throw;
+      }
+    }
+    std::size_t next = 0;
+    for (std::size_t i = 0; i < parsed.size(); ++i) {
+      const ParsedLayer& p = parsed[i];
+      Layer& layer = sequences_.at(id).layers[static_cast<std::size_t>(p.layer)];
+      layer.blocks.reserve(p.blocks.size());
+      for (const auto& block : p.blocks) {
+        SlotRef slot = slots[next++];
+        std::memcpy(slot.data, block.data(), block.size());
+        slot.payload = static_cast<std::uint32_t>(block_bytes_breakdown(codec_, slot.data).payload);
+        layer.blocks.push_back(slot);
+      }
+      table_bytes_ += p.blocks.size() * sizeof(SlotRef);
+      layer.length = static_cast<std::int64_t>(p.blocks.size()) * cfg_.block_tokens;
+      if (p.tail_tokens > 0) {
+        append(id, p.layer, tails[2 * i].data(), tails[2 * i + 1].data(), p.tail_tokens);
+      }
+    }
+  }
+
+  void release_unused_memory() override { pool_.trim(); }
+
  private:
   struct Layer {
     std::vector<SlotRef> blocks;  // the block table, oldest first
@@ -370,6 +451,17 @@ class CpuBackend final : public CacheBackend<T> {
   struct Sequence {
     std::vector<Layer> layers;
   };
+  void create_sequence(SeqId id) {
+    Sequence seq;
+    seq.layers.resize(static_cast<std::size_t>(cfg_.num_layers));
+    for (auto& layer : seq.layers) {
+      layer.k_tail.resize(tail_capacity_ * row_);
+      layer.v_tail.resize(tail_capacity_ * row_);
+    }
+    sequences_.emplace(id, std::move(seq));
+    fixed_bytes_ += tail_bytes_per_sequence() + sequence_overhead();
+  }
+
   const Layer& layer_of(SeqId id, int layer) const {
     return sequences_.at(id).layers[static_cast<std::size_t>(layer)];
   }
@@ -388,20 +480,59 @@ class CpuBackend final : public CacheBackend<T> {
                                what, cfg_.memory_budget_bytes, resident, extra));
   }
 
+  // Makes sure blocks of these sizes plus `other_bytes` fit the budget. Before the budget says no,
+  // stranded memory is reclaimed: the pool is compacted (blocks move, tables follow) and pages that
+  // empty are returned. Without budget pressure the pool is compacted when new pages would be
+  // reserved while at least an eighth of it (and four pages) is stranded in partly used pages.
+  void reserve_for(std::span<const std::uint32_t> sizes, std::size_t other_bytes, const std::string& what) {
+    const std::size_t extra = pool_.extra_bytes_needed(sizes);
+    if (!fits(extra + other_bytes)) {
+      reclaim();
+    } else if (extra > 0 && pool_.stranded_bytes() >= std::max(4 * pool_.page_bytes(), pool_.reserved_bytes() / 8)) {
+      compact_pool();
+    }
+    check_budget(pool_.extra_bytes_needed(sizes) + other_bytes, what);
+  }
+
+  bool fits(std::size_t extra) const {
+    return cfg_.memory_budget_bytes == 0 || resident_bytes() + extra <= cfg_.memory_budget_bytes;
+  }
+
+  // Under budget pressure: compact, then hand every empty page back (reserved memory shrinks).
+  void reclaim() {
+    if (pool_.stranded_bytes() >= pool_.page_bytes()) compact_pool();
+    pool_.trim();
+  }
+
+  void compact_pool() {
+    std::unordered_map<std::uint64_t, SlotRef*> owners;
+    auto key = [](std::uint32_t page, std::uint32_t slot) { return (std::uint64_t{page} << 32) | slot; };
+    for (auto& [id, seq] : sequences_) {
+      for (Layer& layer : seq.layers) {
+        for (SlotRef& ref : layer.blocks) owners.emplace(key(ref.page, ref.slot), &ref);
+      }
+    }
+    pool_.compact([&](std::uint32_t page, std::uint32_t slot, const SlotRef& to) {
+      const auto it = owners.find(key(page, slot));
+      SlotRef* ref = it->second;
+      owners.erase(it);
+      ref->data = to.data;
+      ref->page = to.page;
+      ref->slot = to.slot;
+      owners.emplace(key(to.page, to.slot), ref);
+    });
+  }
+
   void check_values(const T* k, const T* v, int n_tokens, SeqId id, int layer) const {
     const std::size_t count = static_cast<std::size_t>(n_tokens) * row_;
     for (int which = 0; which < 2; ++which) {
       const T* x = which == 0 ? k : v;
-      bool ok = true;
-      for (std::size_t i = 0; i < count; ++i) ok &= storable(x[i]);
-      if (ok) continue;
-      for (std::size_t i = 0; i < count; ++i) {
-        if (storable(x[i])) continue;
-        const std::size_t token = i / row_, head = i % row_ / cfg_.head_dim, channel = i % cfg_.head_dim;
-        throw_error(fmt::format("append to sequence {} layer {}: {} value {} at token {}, head {}, channel {} is "
-                                "NaN, Inf or beyond +-65504 (packkv stores per-token parameters in fp16)",
-                                id, layer, which == 0 ? "K" : "V", to_float(x[i]), token, head, channel));
-      }
+      const std::size_t i = first_unstorable(x, count);
+      if (i == count) continue;
+      const std::size_t token = i / row_, head = i % row_ / cfg_.head_dim, channel = i % cfg_.head_dim;
+      throw_error(fmt::format("append to sequence {} layer {}: {} value {} at token {}, head {}, channel {} is "
+                              "NaN, Inf or beyond +-65504 (packkv stores per-token parameters in fp16)",
+                              id, layer, which == 0 ? "K" : "V", to_float(x[i]), token, head, channel));
     }
   }
 

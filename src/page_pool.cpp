@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include <fmt/format.h>
@@ -11,7 +12,7 @@
 namespace packkv::detail {
 
 namespace {
-constexpr std::size_t kMinPageBytes = std::size_t{256} << 10;
+constexpr std::size_t kMinPageBytes = std::size_t{64} << 10;
 constexpr std::uint32_t kSlotAlign = 16;
 }  // namespace
 
@@ -43,21 +44,54 @@ std::uint32_t PagePool::slots_per_page(int size_class) const {
   return static_cast<std::uint32_t>(page_bytes_ / class_bytes_[static_cast<std::size_t>(size_class)]);
 }
 
-std::size_t PagePool::extra_bytes_needed(std::span<const std::uint32_t> sizes) const {
-  // Per class: slots still free in partial pages, then whole pages (cached empty ones first).
-  std::vector<std::size_t> wanted(class_bytes_.size(), 0);
-  for (std::uint32_t size : sizes) ++wanted[static_cast<std::size_t>(class_of(size))];
-  std::size_t pages_needed = 0;
-  for (std::size_t c = 0; c < wanted.size(); ++c) {
-    if (!wanted[c]) continue;
-    std::size_t free_slots = 0;
-    for (std::uint32_t p : partial_[c]) free_slots += pages_[p].free_slots.size();
-    if (wanted[c] > free_slots) {
-      const std::size_t per_page = slots_per_page(static_cast<int>(c));
-      pages_needed += (wanted[c] - free_slots + per_page - 1) / per_page;
-    }
+std::vector<PagePool::Source> PagePool::plan(std::span<const std::uint32_t> sizes, std::size_t* fresh_pages) const {
+  // Simulates the free lists with counts. Order of preference: a free slot of the block's own
+  // class; a cached empty page; a free slot of a larger class up to twice the size (so freed
+  // memory of one class serves blocks of another instead of growing the pool); a new page.
+  std::vector<std::size_t> free_slots(class_bytes_.size(), 0);
+  for (std::size_t c = 0; c < partial_.size(); ++c) {
+    for (std::uint32_t p : partial_[c]) free_slots[c] += pages_[p].free_slots.size();
   }
-  const std::size_t fresh = pages_needed > empty_pages_.size() ? pages_needed - empty_pages_.size() : 0;
+  std::size_t empty = empty_pages_.size(), fresh = 0;
+  std::vector<Source> sources;
+  sources.reserve(sizes.size());
+  for (std::uint32_t size : sizes) {
+    const int c = class_of(size);
+    const auto cu = static_cast<std::size_t>(c);
+    if (free_slots[cu] > 0) {
+      --free_slots[cu];
+      sources.push_back({Source::own_class, c});
+      continue;
+    }
+    if (empty > 0) {
+      --empty;
+      free_slots[cu] += slots_per_page(c) - 1;
+      sources.push_back({Source::empty_page, c});
+      continue;
+    }
+    int larger = -1;
+    for (std::size_t c2 = cu + 1; c2 < class_bytes_.size() && class_bytes_[c2] <= 2 * class_bytes_[cu]; ++c2) {
+      if (free_slots[c2] > 0) {
+        larger = static_cast<int>(c2);
+        break;
+      }
+    }
+    if (larger >= 0) {
+      --free_slots[static_cast<std::size_t>(larger)];
+      sources.push_back({Source::own_class, larger});
+      continue;
+    }
+    ++fresh;
+    free_slots[cu] += slots_per_page(c) - 1;
+    sources.push_back({Source::fresh_page, c});
+  }
+  if (fresh_pages) *fresh_pages = fresh;
+  return sources;
+}
+
+std::size_t PagePool::extra_bytes_needed(std::span<const std::uint32_t> sizes) const {
+  std::size_t fresh = 0;
+  plan(sizes, &fresh);
   return fresh * page_bytes_;
 }
 
@@ -73,11 +107,12 @@ void PagePool::assign(std::uint32_t page_index, int size_class) {
 }
 
 std::vector<SlotRef> PagePool::allocate(std::span<const std::uint32_t> sizes) {
+  std::size_t fresh_count = 0;
+  const std::vector<Source> sources = plan(sizes, &fresh_count);
   // Reserve every new page first, so a failure leaves nothing half-done.
-  const std::size_t extra_pages = extra_bytes_needed(sizes) / page_bytes_;
   std::vector<std::uint8_t*> fresh;
-  fresh.reserve(extra_pages);
-  for (std::size_t i = 0; i < extra_pages; ++i) {
+  fresh.reserve(fresh_count);
+  for (std::size_t i = 0; i < fresh_count; ++i) {
     void* p = std::aligned_alloc(64, page_bytes_);
     if (!p) {
       for (std::uint8_t* q : fresh) std::free(q);
@@ -86,7 +121,7 @@ std::vector<SlotRef> PagePool::allocate(std::span<const std::uint32_t> sizes) {
     fresh.push_back(static_cast<std::uint8_t*>(p));
   }
   pages_.reserve(pages_.size() + fresh.size());
-  empty_pages_.reserve(empty_pages_.size() + fresh.size());
+  std::vector<std::uint32_t> fresh_indices;
   for (std::uint8_t* data : fresh) {
     // Reuse the index of a page that trim() gave back, so page indices stay dense.
     std::uint32_t index;
@@ -98,18 +133,21 @@ std::vector<SlotRef> PagePool::allocate(std::span<const std::uint32_t> sizes) {
       pages_.emplace_back();
     }
     pages_[index].data = data;
-    empty_pages_.push_back(index);
+    fresh_indices.push_back(index);
   }
-  // From here on nothing can fail but vector growth of small bookkeeping arrays.
+  // From here on the plan is carried out exactly; only small bookkeeping vectors can grow.
   std::vector<SlotRef> refs;
   refs.reserve(sizes.size());
-  for (std::uint32_t size : sizes) {
-    const int c = class_of(size);
+  std::size_t next_fresh = 0;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    const int c = sources[i].size_class;
     auto& partial = partial_[static_cast<std::size_t>(c)];
-    if (partial.empty()) {
+    if (sources[i].kind == Source::empty_page) {
       const std::uint32_t page_index = empty_pages_.back();
       empty_pages_.pop_back();
       assign(page_index, c);
+    } else if (sources[i].kind == Source::fresh_page) {
+      assign(fresh_indices[next_fresh++], c);
     }
     const std::uint32_t page_index = partial.back();
     Page& page = pages_[page_index];
@@ -119,9 +157,9 @@ std::vector<SlotRef> PagePool::allocate(std::span<const std::uint32_t> sizes) {
     page.free_slots.pop_back();
     ++page.used;
     if (page.free_slots.empty()) partial.pop_back();
-    ref.bytes = size;
+    ref.bytes = sizes[i];
     ref.data = page.data + static_cast<std::size_t>(ref.slot) * class_bytes_[static_cast<std::size_t>(c)];
-    live_bytes_ += size;
+    live_bytes_ += sizes[i];
     slot_bytes_ += class_bytes_[static_cast<std::size_t>(c)];
     ++live_blocks_;
     refs.push_back(ref);
@@ -156,6 +194,67 @@ void PagePool::trim() {
     holes_.push_back(index);
   }
   empty_pages_.clear();
+}
+
+std::size_t PagePool::stranded_bytes() const {
+  std::size_t bytes = 0;
+  for (std::size_t c = 0; c < partial_.size(); ++c) {
+    for (std::uint32_t p : partial_[c]) bytes += pages_[p].free_slots.size() * class_bytes_[c];
+  }
+  return bytes;
+}
+
+void PagePool::compact(const RelocateFn& relocated) {
+  for (std::size_t c = 0; c < partial_.size(); ++c) {
+    if (partial_[c].size() < 2) continue;  // at most one partly used page: nothing to gain
+    const auto size_class = static_cast<int>(c);
+    const std::uint32_t per_page = slots_per_page(size_class);
+    // Fill the fullest partly used pages from the emptiest ones.
+    std::vector<std::uint32_t> order = partial_[c];
+    std::sort(order.begin(), order.end(),
+              [&](std::uint32_t a, std::uint32_t b) { return pages_[a].used > pages_[b].used; });
+    std::size_t dst = 0, src = order.size() - 1;
+    while (dst < src) {
+      Page& to = pages_[order[dst]];
+      Page& from = pages_[order[src]];
+      if (to.free_slots.empty()) {
+        ++dst;
+        continue;
+      }
+      if (from.used == 0) {
+        --src;
+        continue;
+      }
+      // Any live slot of `from` (free slots are listed; find one that is not).
+      std::vector<bool> is_free(per_page, false);
+      for (std::uint32_t f : from.free_slots) is_free[f] = true;
+      std::uint32_t live = 0;
+      while (is_free[live]) ++live;
+      SlotRef ref;
+      ref.page = order[dst];
+      ref.slot = to.free_slots.back();
+      ref.data = to.data + static_cast<std::size_t>(ref.slot) * class_bytes_[c];
+      std::memcpy(ref.data, from.data + static_cast<std::size_t>(live) * class_bytes_[c], class_bytes_[c]);
+      to.free_slots.pop_back();
+      ++to.used;
+      from.free_slots.push_back(live);
+      --from.used;
+      relocated(order[src], live, ref);
+    }
+    // Rebuild the class's lists: emptied pages become shared, the rest stay partial or full.
+    partial_[c].clear();
+    for (std::uint32_t p : order) {
+      Page& page = pages_[p];
+      if (page.used == 0) {
+        page.size_class = -1;
+        page.free_slots.clear();
+        page.free_slots.shrink_to_fit();
+        empty_pages_.push_back(p);
+      } else if (!page.free_slots.empty()) {
+        partial_[c].push_back(p);
+      }
+    }
+  }
 }
 
 PoolStats PagePool::stats() const {

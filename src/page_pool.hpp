@@ -5,11 +5,13 @@
 // slots are all free goes back to a shared list of empty pages, where any size class can take it:
 // removing sequences returns memory to every future block size, and the pool never holds more
 // pages than its peak of live data needed. Fragmentation (reserved bytes that hold no block data)
-// is reported, not hidden.
+// is reported, not hidden. When a block's class has no free slot and no empty page is cached, a
+// free slot of a larger class (up to twice the size) is used before a new page is reserved.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -47,6 +49,15 @@ class PagePool {
   /// Returns cached empty pages to the system; the reserved size drops to what live blocks need.
   void trim();
 
+  /// Bytes of free slots inside partly used pages: memory a block of another class cannot use.
+  std::size_t stranded_bytes() const;
+
+  /// Moves blocks so that every class occupies as few pages as possible; pages that empty join
+  /// the shared empty list. For each move the slot's bytes are copied, then
+  /// `relocated(old_page, old_slot, new_ref)` lets the owner update its table.
+  using RelocateFn = std::function<void(std::uint32_t, std::uint32_t, const SlotRef&)>;
+  void compact(const RelocateFn& relocated);
+
   PoolStats stats() const;
 
  private:
@@ -56,6 +67,11 @@ class PagePool {
     std::uint32_t used = 0;
     std::vector<std::uint32_t> free_slots;
   };
+  struct Source {
+    enum Kind { own_class, empty_page, fresh_page } kind;
+    int size_class;  ///< the class whose slot is used
+  };
+  std::vector<Source> plan(std::span<const std::uint32_t> sizes, std::size_t* fresh_pages) const;
   int class_of(std::uint32_t bytes) const;
   std::uint32_t slots_per_page(int size_class) const;
   void assign(std::uint32_t page, int size_class);

@@ -5,6 +5,7 @@
 // (NaN/Inf, range, memory budget) and must leave its state unchanged when it throws.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <vector>
@@ -31,7 +32,23 @@ class CacheBackend {
   virtual void read_back(SeqId id, int layer, float* k, float* v) const = 0;
   virtual MemoryStats memory_stats() const = 0;
   virtual void set_stream(void* stream) = 0;
+
+  /// Transfer images (docs/format.md, "Sequence images"). A backend that cannot do this yet
+  /// says so with a packkv::error.
+  virtual std::vector<std::uint8_t> export_sequence(SeqId id, std::span<const int> layers) const;
+  virtual void import_sequence(SeqId id, std::span<const std::uint8_t> image);
+  /// Returns cached empty pages to the system.
+  virtual void release_unused_memory() {}
 };
+
+template <class T>
+std::vector<std::uint8_t> CacheBackend<T>::export_sequence(SeqId, std::span<const int>) const {
+  throw_error("export_sequence is not supported by this backend yet");
+}
+template <class T>
+void CacheBackend<T>::import_sequence(SeqId, std::span<const std::uint8_t>) {
+  throw_error("import_sequence is not supported by this backend yet");
+}
 
 template <class T>
 std::unique_ptr<CacheBackend<T>> make_cpu_backend(const CacheConfig& config);

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <shared_mutex>  // std::shared_lock
 #include <span>
 #include <vector>
 
@@ -19,6 +21,7 @@ using SeqId = std::uint64_t;
 namespace detail {
 template <class T>
 class CacheBackend;
+class RwLock;
 }
 
 /// A compressed KV cache for one model.
@@ -31,7 +34,8 @@ class CacheBackend;
 /// On Device::cuda every pointer is a device pointer and work is queued on the cache's stream.
 ///
 /// Every method validates its arguments; on any error it throws packkv::error and leaves the cache
-/// exactly as it was. Query heads map to KV heads in groups: q head j reads KV head
+/// exactly as it was. Thread safety: every method may be called concurrently from any thread;
+/// reading methods (const) run in parallel, changing methods are serialised. Query heads map to KV heads in groups: q head j reads KV head
 /// j / (num_q_heads / num_kv_heads).
 template <class T>
 class PackedKVCache {
@@ -77,14 +81,32 @@ class PackedKVCache {
   void read_back(SeqId id, int layer, float* k, float* v) const;
   MemoryStats memory_stats() const;
 
+  // ---- moving sequences ----
+  /// Serialises a sequence's packed blocks and tails (the listed layers; all when empty) into a
+  /// self-describing, checksummed image (docs/format.md). Blocks are copied, not re-encoded.
+  std::vector<std::uint8_t> export_sequence(SeqId id, std::span<const int> layers = {}) const;
+  /// Loads an image made by export_sequence, into this or another cache whose config is
+  /// compatible (same storage type, KV heads, head_dim, block size, code ranges, K mode and
+  /// repacking on/off). Creates the sequence if it does not exist; otherwise every layer in the
+  /// image must be empty in it. The image is untrusted: it is validated completely, and a corrupt,
+  /// truncated or incompatible image throws packkv::error and changes nothing.
+  void import_sequence(SeqId id, std::span<const std::uint8_t> image);
+
+  // ---- memory ----
+  /// Hands cached empty pages back to the system (removed sequences leave such pages behind).
+  void release_unused_memory();
+
   /// CUDA stream (a cudaStream_t) that device work is queued on; ignored on the CPU.
   void set_stream(void* cuda_stream);
 
  private:
+  std::shared_lock<detail::RwLock> read_lock(const char* what) const;
+  std::unique_lock<detail::RwLock> write_lock(const char* what);
   void check_sequence(SeqId id, const char* what) const;
   void check_layer(int layer, const char* what) const;
 
   CacheConfig config_;
+  std::unique_ptr<detail::RwLock> mutex_;  // readers share, writers exclude (see cache.cpp)
   std::unique_ptr<detail::CacheBackend<T>> backend_;
 };
 

@@ -1,0 +1,201 @@
+#include "sequence_image.hpp"
+
+#include <array>
+#include <cstddef>
+#include <cstring>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "packkv/error.hpp"
+
+#if defined(__SSE4_2__)
+#include <nmmintrin.h>
+#endif
+
+namespace packkv::detail {
+
+namespace {
+
+constexpr std::array<std::uint32_t, 256> make_crc_table() {
+  std::array<std::uint32_t, 256> table{};
+  for (std::uint32_t i = 0; i < 256; ++i) {
+    std::uint32_t c = i;
+    for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;  // reflected Castagnoli
+    table[i] = c;
+  }
+  return table;
+}
+constexpr std::array<std::uint32_t, 256> kCrcTable = make_crc_table();
+
+const char* dtype_name(std::uint8_t code) {
+  switch (code) {
+    case 0: return "float";
+    case 1: return "fp16";
+    case 2: return "bf16";
+    default: return "unknown";
+  }
+}
+
+// Bounds-checked reader over hostile bytes.
+class Reader {
+ public:
+  Reader(std::span<const std::uint8_t> bytes, std::size_t at) : bytes_(bytes), at_(at) {}
+  std::size_t remaining() const { return bytes_.size() - at_; }
+  const std::uint8_t* take(std::size_t n, const char* what) {
+    PACKKV_REQUIRE(n <= remaining(), fmt::format("import: image is truncated: {} needs {} bytes, {} remain", what,
+                                                 n, remaining()));
+    const std::uint8_t* p = bytes_.data() + at_;
+    at_ += n;
+    return p;
+  }
+  template <class Pod>
+  Pod read(const char* what) {
+    Pod value;
+    std::memcpy(&value, take(sizeof value, what), sizeof value);
+    return value;
+  }
+
+ private:
+  std::span<const std::uint8_t> bytes_;
+  std::size_t at_;
+};
+
+}  // namespace
+
+std::uint32_t crc32c(const std::uint8_t* data, std::size_t n, std::uint32_t crc) {
+  crc = ~crc;
+  std::size_t i = 0;
+#if defined(__SSE4_2__)
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t word;
+    std::memcpy(&word, data + i, 8);
+    crc = static_cast<std::uint32_t>(_mm_crc32_u64(crc, word));
+  }
+#endif
+  for (; i < n; ++i) crc = kCrcTable[(crc ^ data[i]) & 0xFFu] ^ (crc >> 8);
+  return ~crc;
+}
+
+ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t dtype) {
+  ImageHeader h{};
+  std::memcpy(h.magic, kImageMagic, sizeof h.magic);
+  h.version = kImageVersion;
+  h.header_bytes = sizeof(ImageHeader);
+  h.dtype = dtype;
+  h.k_mode = static_cast<std::uint8_t>(k_mode);
+  h.permuted = codec.geometry.permuted ? 1 : 0;
+  h.k_bits = static_cast<std::uint8_t>(codec.geometry.k_bits);
+  h.v_bits = static_cast<std::uint8_t>(codec.geometry.v_bits);
+  h.k_max_code = static_cast<std::uint8_t>(codec.k_max_code);
+  h.v_max_code = static_cast<std::uint8_t>(codec.v_max_code);
+  h.num_kv_heads = static_cast<std::uint16_t>(codec.geometry.num_heads);
+  h.head_dim = static_cast<std::uint16_t>(codec.geometry.head_dim);
+  h.block_tokens = static_cast<std::uint16_t>(codec.geometry.block_tokens);
+  return h;
+}
+
+void seal_image(std::vector<std::uint8_t>& image) {
+  ImageHeader h;
+  std::memcpy(&h, image.data(), sizeof h);
+  h.body_bytes = image.size() - sizeof h;
+  h.body_crc = crc32c(image.data() + sizeof h, image.size() - sizeof h);
+  std::memcpy(image.data(), &h, sizeof h);
+  h.header_crc = crc32c(image.data(), offsetof(ImageHeader, header_crc));
+  std::memcpy(image.data(), &h, sizeof h);
+}
+
+std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec, QuantMode k_mode,
+                                     std::uint8_t dtype, std::size_t value_bytes, int num_layers,
+                                     int max_tail_tokens) {
+  PACKKV_REQUIRE(image.size() >= sizeof(ImageHeader),
+                 fmt::format("import: image of {} bytes is shorter than its 48-byte header", image.size()));
+  ImageHeader h;
+  std::memcpy(&h, image.data(), sizeof h);
+  PACKKV_REQUIRE(std::memcmp(h.magic, kImageMagic, sizeof h.magic) == 0,
+                 "import: not a packkv sequence image (bad magic)");
+  PACKKV_REQUIRE(crc32c(image.data(), offsetof(ImageHeader, header_crc)) == h.header_crc,
+                 "import: image header checksum mismatch (corrupt header)");
+  PACKKV_REQUIRE(h.version == kImageVersion,
+                 fmt::format("import: image version {} is not supported (this build reads {})", h.version,
+                             kImageVersion));
+  PACKKV_REQUIRE(h.header_bytes == sizeof(ImageHeader),
+                 fmt::format("import: header size {} should be {}", h.header_bytes, sizeof(ImageHeader)));
+  PACKKV_REQUIRE(h.body_bytes == image.size() - sizeof h,
+                 fmt::format("import: image body should be {} bytes, {} were given (truncated?)", h.body_bytes,
+                             image.size() - sizeof h));
+  PACKKV_REQUIRE(crc32c(image.data() + sizeof h, image.size() - sizeof h) == h.body_crc,
+                 "import: image body checksum mismatch (corrupt data)");
+
+  const ImageHeader want = make_image_header(codec, k_mode, dtype);
+  PACKKV_REQUIRE(h.dtype == want.dtype, fmt::format("import: image holds {} values, this cache holds {}",
+                                                    dtype_name(h.dtype), dtype_name(want.dtype)));
+  PACKKV_REQUIRE(h.num_kv_heads == want.num_kv_heads && h.head_dim == want.head_dim &&
+                     h.block_tokens == want.block_tokens,
+                 fmt::format("import: image shape (kv_heads {}, head_dim {}, block {}) does not match this cache "
+                             "({}, {}, {})",
+                             h.num_kv_heads, h.head_dim, h.block_tokens, want.num_kv_heads, want.head_dim,
+                             want.block_tokens));
+  PACKKV_REQUIRE(h.k_mode == want.k_mode && h.permuted == want.permuted,
+                 fmt::format("import: image k_mode {} / permuted {} do not match this cache ({} / {})", h.k_mode,
+                             h.permuted, want.k_mode, want.permuted));
+  PACKKV_REQUIRE(h.k_max_code == want.k_max_code && h.v_max_code == want.v_max_code && h.k_bits == want.k_bits &&
+                     h.v_bits == want.v_bits,
+                 fmt::format("import: image code ranges (K {} V {}) do not match this cache's rel (K {} V {})",
+                             h.k_max_code, h.v_max_code, want.k_max_code, want.v_max_code));
+  PACKKV_REQUIRE(h.layer_count >= 1 && h.layer_count <= num_layers,
+                 fmt::format("import: image has {} layers, this cache {}", h.layer_count, num_layers));
+
+  const std::uint32_t min_block = codec.geometry.min_block_bytes(), max_block = codec.geometry.max_block_bytes();
+  const std::size_t row_bytes = static_cast<std::size_t>(h.num_kv_heads) * h.head_dim * value_bytes;
+  std::vector<bool> seen(static_cast<std::size_t>(num_layers), false);
+  std::vector<ParsedLayer> layers;
+  Reader in(image, sizeof h);
+  for (int i = 0; i < h.layer_count; ++i) {
+    const auto record = in.read<LayerRecord>("a layer record");
+    PACKKV_REQUIRE(record.layer < static_cast<std::uint32_t>(num_layers) && !seen[record.layer],
+                   fmt::format("import: layer index {} is out of range or repeated", record.layer));
+    seen[record.layer] = true;
+    PACKKV_REQUIRE(record.reserved == 0, "import: a reserved layer field is not zero");
+    // Counts must be affordable by the bytes present before anything is allocated from them.
+    PACKKV_REQUIRE(record.block_count <= in.remaining() / (4 + static_cast<std::size_t>(min_block)),
+                   fmt::format("import: layer {} claims {} blocks, more than the image can hold", record.layer,
+                               record.block_count));
+    PACKKV_REQUIRE(record.tail_tokens <= static_cast<std::uint32_t>(max_tail_tokens),
+                   fmt::format("import: layer {} has {} tail tokens; at most {} are possible", record.layer,
+                               record.tail_tokens, max_tail_tokens));
+    PACKKV_REQUIRE(record.length == static_cast<std::uint64_t>(record.block_count) * h.block_tokens + record.tail_tokens,
+                   fmt::format("import: layer {} length {} does not equal {} blocks x {} + {} tail tokens",
+                               record.layer, record.length, record.block_count, h.block_tokens, record.tail_tokens));
+    ParsedLayer layer;
+    layer.layer = static_cast<int>(record.layer);
+    layer.length = static_cast<std::int64_t>(record.length);
+    layer.tail_tokens = static_cast<int>(record.tail_tokens);
+    const std::uint8_t* sizes = in.take(4ull * record.block_count, "the block size table");
+    layer.blocks.reserve(record.block_count);
+    for (std::uint32_t b = 0; b < record.block_count; ++b) {
+      std::uint32_t size;
+      std::memcpy(&size, sizes + 4ull * b, 4);
+      PACKKV_REQUIRE(size >= min_block && size <= max_block,
+                     fmt::format("import: layer {} block {} has impossible size {} (must be in [{}, {}])",
+                                 record.layer, b, size, min_block, max_block));
+      const std::span<const std::uint8_t> block(in.take(size, "a block"), size);
+      try {
+        validate_block(codec, block);
+      } catch (const error& e) {
+        std::string what = e.what();
+        if (what.rfind("packkv: ", 0) == 0) what.erase(0, 8);
+        throw error(fmt::format("import: layer {} block {}: {}", record.layer, b, what));
+      }
+      layer.blocks.push_back(block);
+    }
+    const std::size_t tail_bytes = record.tail_tokens * row_bytes;
+    layer.tail_k = in.take(tail_bytes, "tail K");
+    layer.tail_v = in.take(tail_bytes, "tail V");
+    layers.push_back(std::move(layer));
+  }
+  PACKKV_REQUIRE(in.remaining() == 0, fmt::format("import: {} unexpected bytes after the last layer", in.remaining()));
+  return layers;
+}
+
+}  // namespace packkv::detail
