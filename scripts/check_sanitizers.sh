@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs packkv's test suite under AddressSanitizer + UndefinedBehaviorSanitizer (g++), then builds
+# the libFuzzer targets (clang, ASan + UBSan) and runs each for FUZZ_SECONDS (default 60) from the
+# seed corpus in tests/fuzz/corpus. Any sanitizer report or fuzzer crash fails the script.
+# Usage: scripts/check_sanitizers.sh [work-dir]
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=${1:-$root/build-sanitize}
+fuzz_seconds=${FUZZ_SECONDS:-60}
+jobs=$(nproc)
+"$root/scripts/install_deps.sh" --sanitizers
+
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+
+echo "== test suite under ASan + UBSan (CPU backend)"
+cmake -S "$root" -B "$work/asan" -DPACKKV_CUDA=OFF -DPACKKV_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  "-DCMAKE_CXX_FLAGS=-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+cmake --build "$work/asan" -j"$jobs"
+# The consumer test builds its own uninstrumented project against the library: not meaningful here.
+(cd "$work/asan" && ctest --output-on-failure -j"$jobs" -E '^consumers$')
+
+echo "== fuzzers, ${fuzz_seconds}s each"
+CC=clang CXX=clang++ cmake -S "$root" -B "$work/fuzz" -DPACKKV_FUZZ=ON -DPACKKV_CUDA=OFF -DPACKKV_BUILD_TESTS=OFF \
+  -DPACKKV_BUILD_BENCH=OFF -DPACKKV_BUILD_EXAMPLES=OFF -DPACKKV_INSTALL=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  "-DCMAKE_CXX_FLAGS=-fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=undefined"
+cmake --build "$work/fuzz" -j"$jobs" --target fuzz_import fuzz_block
+for target in import block; do
+  corpus="$work/corpus-$target"
+  mkdir -p "$corpus"
+  "$work/fuzz/tests/fuzz/fuzz_$target" -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 -print_final_stats=1 \
+    "$corpus" "$root/tests/fuzz/corpus/$target" 2>&1 | tail -n 12
+done
+echo "sanitizers and fuzzers: clean"
