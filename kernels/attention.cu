@@ -465,7 +465,6 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
 // One CTA per block: payload = sum of 2 * width over every pack of every section.
 __global__ void __launch_bounds__(kThreads) block_stats_kernel(format::BlockGeometry g,
                                                                const std::uint8_t* const* blocks,
-                                                               const int* block_layers,
                                                                unsigned long long* counters) {
   __shared__ unsigned long long warp_sums[kWarps];
   const std::uint8_t* block = blocks[blockIdx.x];
@@ -486,9 +485,8 @@ __global__ void __launch_bounds__(kThreads) block_stats_kernel(format::BlockGeom
   if (threadIdx.x == 0) {
     unsigned long long total = 0;
     for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
-    const int layer = block_layers[blockIdx.x];
-    atomicAdd(counters + 2 * layer, total);
-    atomicAdd(counters + 2 * layer + 1,
+    atomicAdd(counters, total);
+    atomicAdd(counters + 1,
               static_cast<unsigned long long>(reinterpret_cast<const format::BlockHeader*>(block)->block_bytes));
   }
 }
@@ -555,12 +553,10 @@ cudaError_t launch_read_back(const ReadBackParams<T>& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_t* const* blocks,
-                               const int* block_layers, int count, unsigned long long* counters,
-                               cudaStream_t stream) {
+cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_t* const* blocks, int count,
+                               unsigned long long* counters, cudaStream_t stream) {
   if (count <= 0) return cudaSuccess;
-  PACKKV_LAUNCH(block_stats_kernel, static_cast<unsigned>(count), kThreads, 0, stream, g, blocks, block_layers,
-                counters);
+  PACKKV_LAUNCH(block_stats_kernel, static_cast<unsigned>(count), kThreads, 0, stream, g, blocks, counters);
   return cudaGetLastError();
 }
 

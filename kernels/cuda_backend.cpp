@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <string>
 #include <vector>
@@ -80,52 +81,94 @@ int device_count(std::string* why) {
   return count;
 }
 
-/// Fixed-size slots carved from device pages; the free list lives on the host.
-class SlotPool {
+/// Fixed-size device pages; the free list lives on the host. Each (sequence, layer) owns whole
+/// pages and packs its blocks into them tightly, so removing a sequence frees whole pages.
+class PagePool {
  public:
-  SlotPool(std::size_t slot_bytes, std::size_t page_bytes)
-      : slot_bytes_(slot_bytes),
-        slots_per_page_(std::max<std::size_t>(1, page_bytes / slot_bytes)),
-        page_bytes_(slots_per_page_ * slot_bytes) {}
+  explicit PagePool(std::size_t page_bytes) : page_bytes_(page_bytes) {}
 
-  std::size_t slot_bytes() const { return slot_bytes_; }
   std::size_t page_bytes() const { return page_bytes_; }
   std::size_t pages() const { return pages_.size(); }
   std::size_t reserved_bytes() const { return pages_.size() * page_bytes_; }
-  std::size_t live_slots() const { return pages_.size() * slots_per_page_ - free_.size(); }
-
-  std::size_t pages_needed(std::size_t slots) const {
-    if (slots <= free_.size()) return 0;
-    return (slots - free_.size() + slots_per_page_ - 1) / slots_per_page_;
+  std::size_t pages_in_use() const { return pages_.size() - free_.size(); }
+  std::size_t pages_to_allocate(std::size_t wanted) const {
+    return wanted > free_.size() ? wanted - free_.size() : 0;
   }
-  void reserve(std::size_t slots, cudaStream_t stream) {
-    for (std::size_t page = pages_needed(slots); page > 0; --page) {
-      DeviceBuffer buffer(page_bytes_, stream);
-      auto* base = buffer.as<std::uint8_t>();
-      pages_.push_back(std::move(buffer));
-      for (std::size_t i = slots_per_page_; i > 0; --i) free_.push_back(base + (i - 1) * slot_bytes_);
+  void reserve(std::size_t wanted, cudaStream_t stream) {
+    for (std::size_t n = pages_to_allocate(wanted); n > 0; --n) {
+      DeviceBuffer page(page_bytes_, stream);
+      free_.push_back(static_cast<std::uint8_t*>(page.data()));
+      pages_.push_back(std::move(page));
     }
   }
   std::uint8_t* take() {
-    std::uint8_t* slot = free_.back();
+    std::uint8_t* page = free_.back();
     free_.pop_back();
-    return slot;
+    return page;
   }
-  void give(std::uint8_t* slot) { free_.push_back(slot); }
+  void give(std::uint8_t* page) { free_.push_back(page); }
   void set_stream(cudaStream_t stream) {
     for (auto& page : pages_) page.set_stream(stream);
   }
 
  private:
-  std::size_t slot_bytes_;
-  std::size_t slots_per_page_;
   std::size_t page_bytes_;
   std::vector<DeviceBuffer> pages_;
   std::vector<std::uint8_t*> free_;
 };
 
-constexpr std::size_t kPageBytes = std::size_t{2} << 20;
+/// 64-bit words of mapped, pinned host memory that kernels write and the host reads without a
+/// synchronisation; allocated in chunks, handed out and taken back by index.
+class MappedWords {
+ public:
+  MappedWords() = default;
+  MappedWords(const MappedWords&) = delete;
+  MappedWords& operator=(const MappedWords&) = delete;
+  ~MappedWords() {
+    for (auto& chunk : chunks_) cudaFreeHost(chunk.host);
+  }
+  std::size_t take() {
+    if (free_.empty()) {
+      Chunk chunk{};
+      check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&chunk.host), kChunkWords * sizeof(unsigned long long),
+                               cudaHostAllocMapped),
+                 "cudaHostAlloc (placement progress)");
+      std::memset(chunk.host, 0, kChunkWords * sizeof(unsigned long long));
+      check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&chunk.device), chunk.host, 0),
+                 "cudaHostGetDevicePointer");
+      for (std::size_t i = kChunkWords; i > 0; --i) free_.push_back(chunks_.size() * kChunkWords + i - 1);
+      chunks_.push_back(chunk);
+    }
+    const std::size_t index = free_.back();
+    free_.pop_back();
+    return index;
+  }
+  void give(std::size_t index) { free_.push_back(index); }
+  unsigned long long read(std::size_t index) const {
+    return *static_cast<volatile unsigned long long*>(chunks_[index / kChunkWords].host + index % kChunkWords);
+  }
+  unsigned long long* device(std::size_t index) const {
+    return chunks_[index / kChunkWords].device + index % kChunkWords;
+  }
+
+ private:
+  static constexpr std::size_t kChunkWords = 1024;
+  struct Chunk {
+    unsigned long long* host;
+    unsigned long long* device;
+  };
+  std::vector<Chunk> chunks_;
+  std::vector<std::size_t> free_;
+};
+
 constexpr std::size_t kSlotAlign = 256;
+/// Blocks of one append encoded per round (staging is a worst-case slot per block). The CPU
+/// emulator uses a small value so that the tests exercise appends of several rounds.
+#if defined(PACKKV_CUDA_EMULATION)
+constexpr std::size_t kMaxStagingBytes = std::size_t{1} << 20;
+#else
+constexpr std::size_t kMaxStagingBytes = std::size_t{256} << 20;
+#endif
 
 bool strict_mode_requested() {
   const char* value = std::getenv("PACKKV_CUDA_STRICT");
@@ -146,7 +189,11 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
         group_(config.num_q_heads / config.num_kv_heads),
         heads_per_cta_(std::min(group_, kMaxHeadsPerCta)),
         subgroups_((group_ + heads_per_cta_ - 1) / heads_per_cta_),
-        pool_((geometry_.max_block_bytes() + kSlotAlign - 1) / kSlotAlign * kSlotAlign, kPageBytes),
+        slot_bytes_((geometry_.max_block_bytes() + kSlotAlign - 1) / kSlotAlign * kSlotAlign),
+        // Eight worst-case blocks per page: the block that does not fit at a page's end wastes
+        // about half a block per page (~6%), and a layer's last page is on average half empty.
+        pool_((8 * slot_bytes_ + 65535) / 65536 * 65536),
+        blocks_per_page_worst_(pool_.page_bytes() / slot_bytes_),
         strict_(strict_mode_requested()) {
     std::string why;
     if (device_count(&why) == 0) ::packkv::detail::throw_error("Device::cuda requested but " + why);
@@ -172,9 +219,11 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   }
 
   ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);  // kernels may still write the mapped words freed below
     sequences_.clear();
     workspace_ = DeviceBuffer();
-    pool_ = SlotPool(pool_.slot_bytes(), kPageBytes);
+    staging_ = DeviceBuffer();
+    pool_ = PagePool(pool_.page_bytes());
     cudaStreamSynchronize(stream_);
     if (error_host_ != nullptr) cudaFreeHost(error_host_);
   }
@@ -182,10 +231,14 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   void add_sequence(SeqId id) override {
     raise_device_error();
     const std::size_t bytes = ring_bytes_per_sequence();
-    check_budget(bytes, fmt::format("add_sequence {}", id));
+    const std::size_t cursor_bytes = static_cast<std::size_t>(cfg_.num_layers) * sizeof(PlacementCursor);
+    check_budget(bytes + cursor_bytes, fmt::format("add_sequence {}", id));
     Sequence seq;
     seq.rings = DeviceBuffer(bytes, stream_);
+    seq.cursors = DeviceBuffer(cursor_bytes, stream_);
+    check_cuda(cudaMemsetAsync(seq.cursors.data(), 0, cursor_bytes, stream_), "cursor initialisation");
     seq.layers.resize(static_cast<std::size_t>(cfg_.num_layers));
+    for (Layer& layer : seq.layers) layer.progress_word = progress_.take();
     sequences_.emplace(id, std::move(seq));
   }
 
@@ -193,7 +246,9 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     raise_device_error();
     auto it = sequences_.find(id);
     for (Layer& layer : it->second.layers) {
-      for (std::uint8_t* block : layer.blocks) pool_.give(block);
+      for (std::uint8_t* page : layer.pages) pool_.give(page);
+      // A kernel still queued may write the word; the next owner ignores launches it did not issue.
+      progress_.give(layer.progress_word);
     }
     sequences_.erase(it);  // buffers are freed in stream order, after the kernels that used them
   }
@@ -219,34 +274,72 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     const std::int64_t pending = static_cast<std::int64_t>(layer.tail_len) + n_tokens;
     const std::int64_t keep_min = cfg_.residual_tokens;
     const std::int64_t new_blocks = pending >= keep_min + block ? (pending - keep_min) / block : 0;
-    const std::size_t old_blocks = layer.blocks.size();
-    const std::size_t needed_table = old_blocks + static_cast<std::size_t>(new_blocks);
+    const std::int64_t per_round =
+        std::max<std::int64_t>(1, static_cast<std::int64_t>(kMaxStagingBytes / (slot_bytes_ + 4)));
+    const std::int64_t round_blocks = std::min(new_blocks, per_round);
 
-    // Everything that can fail for lack of memory is settled before the first change.
-    std::size_t new_table_capacity = layer.table_capacity;
-    while (new_table_capacity < needed_table) new_table_capacity = std::max<std::size_t>(64, 2 * new_table_capacity);
-    const std::size_t extra = pool_.pages_needed(static_cast<std::size_t>(new_blocks)) * pool_.page_bytes() +
-                              (new_table_capacity - layer.table_capacity) * sizeof(std::uint8_t*);
+    // Everything that can fail for lack of memory is settled before the first change. Pages are
+    // reserved for the worst case of every placement the host has not yet seen complete.
+    settle_pages(layer);
+    std::size_t table_capacity = layer.table_capacity;
+    while (table_capacity < static_cast<std::size_t>(layer.num_blocks + new_blocks)) {
+      table_capacity = std::max<std::size_t>(64, 2 * table_capacity);
+    }
+    const std::size_t pages_wanted = pages_bound(layer, new_blocks);
+    const std::size_t new_pages = pages_wanted > layer.pages.size() ? pages_wanted - layer.pages.size() : 0;
+    std::size_t page_list_capacity = layer.page_list_capacity;
+    while (page_list_capacity < pages_wanted) page_list_capacity = std::max<std::size_t>(16, 2 * page_list_capacity);
+    const std::size_t staging_bytes = static_cast<std::size_t>(round_blocks) * (slot_bytes_ + 4);
+    const std::size_t extra = pool_.pages_to_allocate(new_pages) * pool_.page_bytes() +
+                              (table_capacity - layer.table_capacity + page_list_capacity -
+                               layer.page_list_capacity) * sizeof(void*) +
+                              (staging_bytes > staging_.bytes() ? staging_bytes - staging_.bytes() : 0);
     check_budget(extra, fmt::format("append to sequence {} layer {}", id, layer_index));
-    pool_.reserve(static_cast<std::size_t>(new_blocks), stream_);
-    if (new_table_capacity != layer.table_capacity) grow_table(layer, new_table_capacity);
+    pool_.reserve(new_pages, stream_);
+    if (table_capacity != layer.table_capacity) grow(layer.table, layer.table_capacity, table_capacity,
+                                                     static_cast<std::size_t>(layer.num_blocks));
+    if (page_list_capacity != layer.page_list_capacity) grow(layer.page_list, layer.page_list_capacity,
+                                                             page_list_capacity, layer.pages.size());
+    if (staging_.bytes() < staging_bytes) staging_ = DeviceBuffer(staging_bytes, stream_);
+    add_pages(layer, new_pages);
 
     const TokenSource<T> source = token_source(seq, layer_index, layer, k, v);
     const ErrorContext errors{error_device_, id, layer_index, layer.length - layer.tail_len};
-    if (new_blocks > 0) {
-      for (std::int64_t b = 0; b < new_blocks; ++b) layer.blocks.push_back(pool_.take());
-      std::uint8_t** table_tail = static_cast<std::uint8_t**>(layer.table.data()) + old_blocks;
-      publish_table_entries(layer, old_blocks, table_tail);
+    for (std::int64_t done = 0; done < new_blocks; done += round_blocks) {
+      const int count = static_cast<int>(std::min(round_blocks, new_blocks - done));
+      auto* sizes = reinterpret_cast<std::uint32_t*>(static_cast<std::uint8_t*>(staging_.data()) +
+                                                     static_cast<std::size_t>(round_blocks) * slot_bytes_);
       EncodeParams<T> params{};
       params.geometry = geometry_;
       params.k_max_code = codec_.k_max_code;
       params.v_max_code = codec_.v_max_code;
       params.median_repack = cfg_.repack == RepackMethod::median ? 1 : 0;
       params.source = source;
-      params.out_table = table_tail;
+      params.source.tail_len = source.tail_len - static_cast<int>(done * block);  // may go negative: input only
+      params.source.tail_start = static_cast<int>((source.tail_start + done * block) % tail_cap_);
+      params.out_base = static_cast<std::uint8_t*>(staging_.data());
+      params.out_stride = slot_bytes_;
+      params.block_sizes = sizes;
       params.errors = errors;
-      check_cuda(launch_encode(params, static_cast<int>(new_blocks), stream_), "encode kernel launch");
+      params.errors.first_token = errors.first_token + done * block;
+      check_cuda(launch_encode(params, count, stream_), "encode kernel launch");
+
+      PlaceParams place{};
+      place.staging = static_cast<const std::uint8_t*>(staging_.data());
+      place.staging_stride = slot_bytes_;
+      place.sizes = sizes;
+      place.num_blocks = count;
+      place.pages = static_cast<std::uint8_t* const*>(layer.page_list.data());
+      place.page_bytes = static_cast<std::uint32_t>(pool_.page_bytes());
+      place.cursor = static_cast<PlacementCursor*>(seq.cursors.data()) + layer_index;
+      place.table = static_cast<std::uint8_t**>(layer.table.data()) + layer.num_blocks;
+      place.progress = progress_.device(layer.progress_word);
+      place.launch = next_launch_++ & 0xFFFFFFu;
+      check_cuda(launch_place_blocks(place, stream_), "block placement kernel launch");
+      layer.unseen.push_back(UnseenPlacement{place.launch, count});
+      layer.num_blocks += count;
     }
+
     const std::int64_t consumed = new_blocks * block;
     TailWriteParams<T> tail{};
     tail.source = source;
@@ -331,43 +424,33 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   MemoryStats memory_stats() const override {
     check_cuda(cudaStreamSynchronize(stream_), "memory_stats");
     raise_device_error();
+    // Every placement is complete now: pages reserved for worst cases that did not happen go back
+    // to the pool. That changes no content, only which free pages the pool holds.
+    auto* self = const_cast<CudaBackend*>(this);
+    for (auto& [id, seq] : self->sequences_) {
+      for (Layer& layer : seq.layers) self->settle_pages(layer);
+    }
     MemoryStats stats;
     stats.layers.resize(static_cast<std::size_t>(cfg_.num_layers));
-    std::vector<const std::uint8_t*> blocks;
-    std::vector<int> block_layers;
+    // One statistics kernel per (sequence, layer) over its device block table, one download.
+    const std::size_t counter_count = 2 * static_cast<std::size_t>(cfg_.num_layers);
+    std::vector<unsigned long long> counters(counter_count, 0);
+    DeviceBuffer device_counters(counter_count * sizeof(unsigned long long), stream_);
+    check_cuda(cudaMemsetAsync(device_counters.data(), 0, device_counters.bytes(), stream_), "memory_stats memset");
     for (const auto& [id, seq] : sequences_) {
       for (std::size_t li = 0; li < seq.layers.size(); ++li) {
-        for (const std::uint8_t* block : seq.layers[li].blocks) {
-          blocks.push_back(block);
-          block_layers.push_back(static_cast<int>(li));
-        }
+        const Layer& layer = seq.layers[li];
+        check_cuda(launch_block_stats(geometry_, static_cast<const std::uint8_t* const*>(layer.table.data()),
+                                      layer.num_blocks, static_cast<unsigned long long*>(device_counters.data()) + 2 * li,
+                                      stream_),
+                   "block statistics kernel launch");
       }
     }
-    std::vector<unsigned long long> counters(2 * static_cast<std::size_t>(cfg_.num_layers), 0);
-    if (!blocks.empty()) {
-      // One upload, one kernel and one download: memory_stats is an inspection call and waits.
-      const std::size_t list_bytes = blocks.size() * (sizeof(void*) + sizeof(int));
-      DeviceBuffer scratch(list_bytes + counters.size() * sizeof(unsigned long long), stream_);
-      auto* device_blocks = scratch.as<const std::uint8_t*>();
-      auto* device_counters =
-          reinterpret_cast<unsigned long long*>(scratch.as<std::uint8_t>() + blocks.size() * sizeof(void*));
-      auto* device_layers = reinterpret_cast<int*>(device_counters + counters.size());
-      check_cuda(cudaMemcpyAsync(device_blocks, blocks.data(), blocks.size() * sizeof(void*), cudaMemcpyHostToDevice,
-                                 stream_),
-                 "memory_stats upload");
-      check_cuda(cudaMemcpyAsync(device_layers, block_layers.data(), block_layers.size() * sizeof(int),
-                                 cudaMemcpyHostToDevice, stream_),
-                 "memory_stats upload");
-      check_cuda(cudaMemsetAsync(device_counters, 0, counters.size() * sizeof(unsigned long long), stream_),
-                 "memory_stats memset");
-      check_cuda(launch_block_stats(geometry_, device_blocks, device_layers, static_cast<int>(blocks.size()),
-                                    device_counters, stream_),
-                 "block statistics kernel launch");
-      check_cuda(cudaMemcpyAsync(counters.data(), device_counters, counters.size() * sizeof(unsigned long long),
-                                 cudaMemcpyDeviceToHost, stream_),
-                 "memory_stats download");
-      check_cuda(cudaStreamSynchronize(stream_), "memory_stats");
-    }
+    check_cuda(cudaMemcpyAsync(counters.data(), device_counters.data(), device_counters.bytes(),
+                               cudaMemcpyDeviceToHost, stream_),
+               "memory_stats download");
+    check_cuda(cudaStreamSynchronize(stream_), "memory_stats");
+
     const format::SectionLayout kl = geometry_.k_layout(), vl = geometry_.v_layout();
     const std::size_t params = static_cast<std::size_t>(geometry_.num_heads) * (kl.param_count + vl.param_count) *
                                sizeof(format::Params);
@@ -379,7 +462,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
       for (std::size_t li = 0; li < seq.layers.size(); ++li) {
         const Layer& layer = seq.layers[li];
         MemoryBreakdown& m = stats.layers[li];
-        const std::size_t n = layer.blocks.size();
+        const std::size_t n = static_cast<std::size_t>(layer.num_blocks);
         m.params += n * params;
         m.descriptors += n * descs;
         m.permutations += n * geometry_.permutation_bytes();
@@ -403,7 +486,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     stats.pool.page_bytes = pool_.page_bytes();
     stats.pool.pages_reserved = pool_.pages();
     stats.pool.reserved_bytes = pool_.reserved_bytes();
-    stats.pool.slot_bytes = pool_.live_slots() * pool_.slot_bytes();
+    stats.pool.slot_bytes = pool_.pages_in_use() * pool_.page_bytes();  // pages handed to sequences
     stats.pool.live_bytes = live_bytes;
     stats.pool.live_blocks = live_blocks;
     stats.resident_bytes = resident_bytes();
@@ -411,28 +494,45 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   }
 
   void set_stream(void* stream) override {
-    // Stream-ordered frees and slot reuse assume one stream: finish the old one's work first.
+    // Stream-ordered frees and page reuse assume one stream: finish the old one's work first.
     check_cuda(cudaStreamSynchronize(stream_), "set_stream (draining the previous stream)");
     stream_ = static_cast<cudaStream_t>(stream);
     for (auto& [id, seq] : sequences_) {
       seq.rings.set_stream(stream_);
-      for (Layer& layer : seq.layers) layer.table.set_stream(stream_);
+      seq.cursors.set_stream(stream_);
+      for (Layer& layer : seq.layers) {
+        layer.table.set_stream(stream_);
+        layer.page_list.set_stream(stream_);
+      }
     }
     workspace_.set_stream(stream_);
+    staging_.set_stream(stream_);
     pool_.set_stream(stream_);
   }
 
  private:
+  struct UnseenPlacement {
+    std::uint32_t launch;
+    int blocks;
+  };
   struct Layer {
-    std::vector<std::uint8_t*> blocks;  // host mirror of the device block table
-    DeviceBuffer table;                 // device: std::uint8_t*[table_capacity]
+    int num_blocks = 0;
+    DeviceBuffer table;                   // device: std::uint8_t*[table_capacity]
     std::size_t table_capacity = 0;
+    std::vector<std::uint8_t*> pages;     // pages owned, in placement order
+    DeviceBuffer page_list;               // device copy of `pages`
+    std::size_t page_list_capacity = 0;
+    std::size_t progress_word = 0;        // index into progress_
+    std::uint32_t seen_page = 0;          // cursor after the last placement seen complete
+    std::uint32_t seen_offset = 0;
+    std::deque<UnseenPlacement> unseen;   // placements queued but not yet seen complete
     int tail_start = 0;
     int tail_len = 0;
     std::int64_t length = 0;
   };
   struct Sequence {
-    DeviceBuffer rings;  // per layer: K ring then V ring, [tail_cap][num_kv_heads][head_dim] each
+    DeviceBuffer rings;    // per layer: K ring then V ring, [tail_cap][num_kv_heads][head_dim] each
+    DeviceBuffer cursors;  // PlacementCursor per layer
     std::vector<Layer> layers;
   };
   struct Split {
@@ -453,10 +553,10 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   T* ring_v(const Sequence& seq, int layer) const { return ring_k(seq, layer) + ring_elems(); }
 
   std::size_t resident_bytes() const {
-    std::size_t bytes = pool_.reserved_bytes() + workspace_.bytes();
+    std::size_t bytes = pool_.reserved_bytes() + workspace_.bytes() + staging_.bytes();
     for (const auto& [id, seq] : sequences_) {
-      bytes += seq.rings.bytes();
-      for (const Layer& layer : seq.layers) bytes += layer.table.bytes();
+      bytes += seq.rings.bytes() + seq.cursors.bytes();
+      for (const Layer& layer : seq.layers) bytes += layer.table.bytes() + layer.page_list.bytes();
     }
     return bytes;
   }
@@ -470,7 +570,50 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
                                what, cfg_.memory_budget_bytes, resident, extra));
   }
 
-  /// Raises the first value error a kernel reported (read from mapped memory: no synchronisation).
+  // The device reports each placement's resulting cursor in a mapped word; placements the host has
+  // seen complete no longer count at their worst case. No synchronisation: a stale word only
+  // keeps the bound conservative.
+  void refresh_placement(Layer& layer) const {
+    const unsigned long long word = progress_.read(layer.progress_word);
+    const std::uint32_t launch = progress_launch(word);
+    for (std::size_t i = 0; i < layer.unseen.size(); ++i) {
+      if (layer.unseen[i].launch != launch) continue;
+      layer.unseen.erase(layer.unseen.begin(), layer.unseen.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+      layer.seen_page = progress_page(word);
+      layer.seen_offset = progress_offset(word);
+      return;
+    }
+  }
+
+  // Learns what completed, then returns the pages no queued placement can reach any more.
+  void settle_pages(Layer& layer) {
+    refresh_placement(layer);
+    const std::size_t needed = pages_bound(layer, 0);
+    while (layer.pages.size() > needed) {
+      pool_.give(layer.pages.back());
+      layer.pages.pop_back();
+    }
+  }
+
+  // Pages the layer may need once `new_blocks` more blocks are placed: from the last cursor seen,
+  // what still fits in its page at worst-case size, then whole pages for the rest.
+  std::size_t pages_bound(const Layer& layer, std::int64_t new_blocks) const {
+    std::int64_t blocks = new_blocks;
+    for (const UnseenPlacement& u : layer.unseen) blocks += u.blocks;
+    if (layer.num_blocks + new_blocks == 0) return 0;
+    const std::int64_t per_page = static_cast<std::int64_t>(blocks_per_page_worst_);
+    const std::size_t left = layer.seen_offset < pool_.page_bytes() ? pool_.page_bytes() - layer.seen_offset : 0;
+    const std::int64_t rest = std::max<std::int64_t>(0, blocks - static_cast<std::int64_t>(left / slot_bytes_));
+    return static_cast<std::size_t>(layer.seen_page) + 1 + static_cast<std::size_t>((rest + per_page - 1) / per_page);
+  }
+
+  void add_pages(Layer& layer, std::size_t count) {
+    if (count == 0) return;
+    const std::size_t first = layer.pages.size();
+    for (std::size_t i = 0; i < count; ++i) layer.pages.push_back(pool_.take());
+    publish_pointers(layer.pages, first, static_cast<std::uint8_t**>(layer.page_list.data()) + first);
+  }
+
   void raise_device_error(ErrorOrigin origin = ErrorOrigin::later_call) const {
     volatile DeviceError* record = error_host_;
     if (record->ready == 0) return;
@@ -493,30 +636,31 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     raise_device_error(ErrorOrigin::strict_append);
   }
 
-  void grow_table(Layer& layer, std::size_t capacity) {
-    DeviceBuffer table(capacity * sizeof(std::uint8_t*), stream_);
-    if (!layer.blocks.empty()) {
-      check_cuda(cudaMemcpyAsync(table.data(), layer.table.data(), layer.blocks.size() * sizeof(std::uint8_t*),
-                                 cudaMemcpyDeviceToDevice, stream_),
-                 "block table growth");
+  /// Replaces a device pointer array by a larger one, keeping its first `used` entries.
+  void grow(DeviceBuffer& array, std::size_t& capacity, std::size_t new_capacity, std::size_t used) {
+    DeviceBuffer bigger(new_capacity * sizeof(void*), stream_);
+    if (used != 0) {
+      check_cuda(cudaMemcpyAsync(bigger.data(), array.data(), used * sizeof(void*), cudaMemcpyDeviceToDevice,
+                                 stream_),
+                 "device table growth");
     }
-    layer.table = std::move(table);
-    layer.table_capacity = capacity;
+    array = std::move(bigger);
+    capacity = new_capacity;
   }
 
-  // A decode step fills at most one block: its entry travels as a kernel parameter, which keeps
-  // the step free of host memory and capturable in a CUDA graph. Large prefills copy the entries.
-  void publish_table_entries(const Layer& layer, std::size_t first, std::uint8_t** device_entries) {
-    const std::size_t count = layer.blocks.size() - first;
+  // A few pointers travel as kernel parameters, which keeps a decode step free of host memory and
+  // capturable in a CUDA graph; long lists (large prefills) are copied.
+  void publish_pointers(const std::vector<std::uint8_t*>& host, std::size_t first, std::uint8_t** device) {
+    const std::size_t count = host.size() - first;
     if (count <= static_cast<std::size_t>(kInlineTableEntries)) {
       TableEntries entries{};
       entries.count = static_cast<int>(count);
-      for (std::size_t i = 0; i < count; ++i) entries.blocks[i] = layer.blocks[first + i];
-      check_cuda(launch_write_table(device_entries, entries, stream_), "block table kernel launch");
+      for (std::size_t i = 0; i < count; ++i) entries.blocks[i] = host[first + i];
+      check_cuda(launch_write_table(device, entries, stream_), "pointer table kernel launch");
     } else {
-      check_cuda(cudaMemcpyAsync(device_entries, layer.blocks.data() + first, count * sizeof(std::uint8_t*),
-                                 cudaMemcpyHostToDevice, stream_),
-                 "block table upload");
+      check_cuda(cudaMemcpyAsync(device, host.data() + first, count * sizeof(std::uint8_t*), cudaMemcpyHostToDevice,
+                                 stream_),
+                 "pointer table upload");
     }
   }
 
@@ -541,7 +685,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     v.blocks = static_cast<const std::uint8_t* const*>(layer.table.data());
     v.tail_k = ring_k(seq, layer_index);
     v.tail_v = ring_v(seq, layer_index);
-    v.num_blocks = static_cast<int>(layer.blocks.size());
+    v.num_blocks = layer.num_blocks;
     v.tail_start = layer.tail_start;
     v.tail_len = layer.tail_len;
     v.tail_cap = tail_cap_;
@@ -573,7 +717,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     if (workspace_.bytes() < floats * sizeof(float)) {
       workspace_ = DeviceBuffer(std::max(floats * sizeof(float), 2 * workspace_.bytes()), stream_);
     }
-    return workspace_.as<float>();
+    return static_cast<float*>(workspace_.data());
   }
 
   CacheConfig cfg_;
@@ -584,13 +728,18 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   int group_;
   int heads_per_cta_;
   int subgroups_;
-  SlotPool pool_;
+  std::size_t slot_bytes_;
+  PagePool pool_;
+  std::size_t blocks_per_page_worst_;
   bool strict_;
   int sm_count_ = 1;
   cudaStream_t stream_ = nullptr;
   DeviceError* error_host_ = nullptr;
   DeviceError* error_device_ = nullptr;
+  MappedWords progress_;
+  std::uint32_t next_launch_ = 1;
   std::map<SeqId, Sequence> sequences_;
+  DeviceBuffer staging_;  // worst-case slots of the blocks being encoded, then their sizes
   mutable DeviceBuffer workspace_;
 };
 

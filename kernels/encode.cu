@@ -355,6 +355,33 @@ __global__ void __launch_bounds__(kThreads) validate_kernel(const T* k, const T*
   }
 }
 
+// One thread: placement is a sequential walk (a block that does not fit starts the next page).
+__global__ void place_kernel(const PlaceParams p) {
+  if (threadIdx.x != 0) return;
+  PlacementCursor cursor = *p.cursor;
+  for (int b = 0; b < p.num_blocks; ++b) {
+    const std::uint32_t size = p.sizes[b];
+    if (cursor.offset + size > p.page_bytes) {
+      ++cursor.page;
+      cursor.offset = 0;
+    }
+    p.table[b] = p.pages[cursor.page] + cursor.offset;
+    cursor.offset += size;
+  }
+  *p.cursor = cursor;
+  *reinterpret_cast<volatile unsigned long long*>(p.progress) = pack_progress(p.launch, cursor.page, cursor.offset);
+  __threadfence_system();
+}
+
+// Sizes and offsets are multiples of 16 and staging slots and pages 256-byte aligned: 16-byte copies.
+__global__ void __launch_bounds__(kThreads) copy_placed_kernel(const PlaceParams p) {
+  const int block = blockIdx.x;
+  const auto* from = reinterpret_cast<const uint4*>(p.staging + block * p.staging_stride);
+  auto* to = reinterpret_cast<uint4*>(p.table[block]);
+  const std::uint32_t words = p.sizes[block] / 16u;
+  for (std::uint32_t i = threadIdx.x; i < words; i += kThreads) to[i] = from[i];
+}
+
 __global__ void write_table_kernel(std::uint8_t** table, TableEntries entries) {
   if (static_cast<int>(threadIdx.x) < entries.count) table[threadIdx.x] = entries.blocks[threadIdx.x];
 }
@@ -393,6 +420,15 @@ cudaError_t launch_validate(const T* k, const T* v, int n_tokens, int num_heads,
   const std::int64_t rows = static_cast<std::int64_t>(n_tokens) * num_heads * 2;
   PACKKV_LAUNCH(validate_kernel<T>, grid_for(rows * 32), kThreads, 0, stream, k, v, n_tokens, num_heads, head_dim,
                 k_max_code, v_max_code, k_per_token ? 1 : 0, errors);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_place_blocks(const PlaceParams& params, cudaStream_t stream) {
+  if (params.num_blocks <= 0) return cudaSuccess;
+  PACKKV_LAUNCH(place_kernel, 1, 32, 0, stream, params);
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  PACKKV_LAUNCH(copy_placed_kernel, params.num_blocks, kThreads, 0, stream, params);
   return cudaGetLastError();
 }
 

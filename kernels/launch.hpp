@@ -105,6 +105,49 @@ template <class T>
 cudaError_t launch_validate(const T* k, const T* v, int n_tokens, int num_heads, int head_dim, int k_max_code,
                             int v_max_code, bool k_per_token, ErrorContext errors, cudaStream_t stream);
 
+/// Where the next encoded block of a (sequence, layer) goes: page index and byte offset in it.
+struct PlacementCursor {
+  std::uint32_t page;
+  std::uint32_t offset;
+};
+
+/// Packs what the host learns about a placement into one 64-bit word, written by the device into
+/// mapped host memory (a single aligned store, so the host never sees it torn).
+PACKKV_HOST_DEVICE constexpr unsigned long long pack_progress(std::uint32_t launch, std::uint32_t page,
+                                                              std::uint32_t offset) {
+  // An offset too large for 20 bits saturates: the host then treats the page as full.
+  const std::uint32_t offset_units = offset / 16u < 0xFFFFFu ? offset / 16u : 0xFFFFFu;
+  return (static_cast<unsigned long long>(launch & 0xFFFFFFu) << 40) |
+         (static_cast<unsigned long long>(page & 0xFFFFFu) << 20) | offset_units;
+}
+PACKKV_HOST_DEVICE constexpr std::uint32_t progress_launch(unsigned long long w) {
+  return static_cast<std::uint32_t>(w >> 40);
+}
+PACKKV_HOST_DEVICE constexpr std::uint32_t progress_page(unsigned long long w) {
+  return static_cast<std::uint32_t>((w >> 20) & 0xFFFFFu);
+}
+/// The cursor's offset, or 0xFFFFF * 16 when it did not fit.
+PACKKV_HOST_DEVICE constexpr std::uint32_t progress_offset(unsigned long long w) {
+  return static_cast<std::uint32_t>(w & 0xFFFFFu) * 16u;
+}
+
+/// Moves encoded blocks from worst-case staging slots to their tight place in the layer's pages:
+/// one thread walks the blocks in order (a block that does not fit the current page starts the
+/// next one) and writes the block table; then one CTA per block copies it.
+struct PlaceParams {
+  const std::uint8_t* staging;        ///< block b at staging + b * staging_stride
+  std::size_t staging_stride;
+  const std::uint32_t* sizes;         ///< encoded sizes, from the encoder
+  int num_blocks;
+  std::uint8_t* const* pages;         ///< the layer's page list
+  std::uint32_t page_bytes;
+  PlacementCursor* cursor;            ///< device memory, updated
+  std::uint8_t** table;               ///< entries [0, num_blocks) are written
+  unsigned long long* progress;       ///< mapped host memory: pack_progress(launch, cursor)
+  std::uint32_t launch;
+};
+cudaError_t launch_place_blocks(const PlaceParams& params, cudaStream_t stream);
+
 /// Up to kInlineTableEntries new block-table entries, written by one tiny kernel.
 inline constexpr int kInlineTableEntries = 32;
 struct TableEntries {
@@ -195,11 +238,10 @@ struct ReadBackParams {
 template <class T>
 cudaError_t launch_read_back(const ReadBackParams<T>& params, cudaStream_t stream);
 
-/// Sums, per layer, the payload bytes and block bytes of the listed blocks into
-/// counters[2 * layer] and counters[2 * layer + 1].
-cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_t* const* blocks,
-                               const int* block_layers, int count, unsigned long long* counters,
-                               cudaStream_t stream);
+/// Adds the payload bytes and block bytes of `count` blocks (a block table) to counters[0] and
+/// counters[1].
+cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_t* const* blocks, int count,
+                               unsigned long long* counters, cudaStream_t stream);
 
 /// Shared memory of the reading kernels, and whether the device can give it.
 std::size_t read_shared_bytes(const format::BlockGeometry& g);

@@ -378,6 +378,25 @@ TEST(Cuda, RemovedSequencesFreeSlotsForReuse) {
   compare_everything(pair, {2}, 0, 3, "after reuse");
 }
 
+TEST(Cuda, BlocksAreStoredTightlyInPages) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.num_layers = 1;
+  CachePair<fp16_t> pair(c);
+  pair.add(1);
+  pair.append(1, 0, 64 * 100 + 3, 1);  // a prefill of many blocks
+  for (int step = 0; step < 130; ++step) pair.append(1, 0, 1, 100 + step);  // then decode steps
+  const MemoryStats gs = pair.gpu.memory_stats(), cs = pair.cpu.memory_stats();
+  EXPECT_EQ(gs.pool.live_bytes, cs.pool.live_bytes);
+  // Pages in use hold the encoded bytes, at most one worst-case block of slack per page, and one
+  // page reserved ahead.
+  const format::BlockGeometry g = make_codec_params(c).geometry;
+  const std::size_t pages = gs.pool.slot_bytes / gs.pool.page_bytes;
+  EXPECT_LE(gs.pool.slot_bytes, gs.pool.live_bytes + pages * g.max_block_bytes() + gs.pool.page_bytes)
+      << "pages " << pages << " of " << gs.pool.page_bytes;
+  compare_everything(pair, {1}, 0, 7, "tight pages");
+}
+
 TEST(Cuda, InvalidValuesAreReportedByTheNextCall) {
   PACKKV_SKIP_WITHOUT_GPU();
   CacheConfig c = base_config();
