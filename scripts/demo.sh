@@ -8,13 +8,15 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-build="${PACKKV_BUILD_DIR:-$repo/build}"
+build="${PACKKV_BUILD_DIR:-$repo/build-demo}"
 model_dir="${PACKKV_MODEL_DIR:-$repo/.cache/smollm2}"
 
 if [[ " $* " != *" --synthetic "* && ! -f "$model_dir/smollm2-135m.pkvllama" ]]; then
   "$repo/scripts/get_smollm2.sh"
 fi
 echo "== building packkv_demo in $build"
-cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release > /dev/null
+# The demo runs on the CPU backend: a build without CUDA, tests or benchmarks configures and builds fastest.
+cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPACKKV_CUDA=OFF -DPACKKV_BUILD_TESTS=OFF \
+  -DPACKKV_BUILD_BENCH=OFF -DPACKKV_INSTALL=OFF > /dev/null
 cmake --build "$build" --target packkv_demo -j "${PACKKV_JOBS:-2}" > /dev/null
 exec "$build/examples/packkv_demo" --model-dir "$model_dir" "$@"

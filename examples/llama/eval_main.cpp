@@ -28,13 +28,14 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum class Family { exact, packkv_control, packkv_k, packkv_v, packkv_pair, baseline };
+enum class Family { exact, packkv_control, packkv_k, packkv_k_channel, packkv_v, packkv_pair, baseline };
 
 const char* family_name(Family f) {
   switch (f) {
     case Family::exact: return "exact";
     case Family::packkv_control: return "packkv-control";
     case Family::packkv_k: return "packkv-K";
+    case Family::packkv_k_channel: return "packkv-K-channel";
     case Family::packkv_v: return "packkv-V";
     case Family::packkv_pair: return "packkv-KV";
     case Family::baseline: return "baseline";
@@ -47,6 +48,7 @@ struct Setting {
   Family family;
   float k_rel = 0.0f;  // PackKV settings only
   float v_rel = 0.0f;
+  packkv::QuantMode k_mode = packkv::QuantMode::per_token;
   int code_bits = 0;  // baselines: bits per code (the issue compares against the best 4-bit one)
   std::function<std::unique_ptr<llama::KvCache>()> make_cache;
 };
@@ -179,7 +181,7 @@ struct TurningPoint {
   std::optional<Outcome> at;  // the largest rel within the bound, if any
 };
 
-/// The largest swept rel such that it and every smaller rel of the sweep stay within `bound_pct`
+/// The largest swept rel such that it and every smaller rel of the sweep stay within +-`bound_pct`
 /// of the exact perplexity (requiring the smaller ones too keeps a lucky outlier from counting).
 TurningPoint turning_point(const std::vector<Outcome>& sweep, bool for_k, double bound_pct) {
   std::vector<const Outcome*> sorted;
@@ -189,7 +191,7 @@ TurningPoint turning_point(const std::vector<Outcome>& sweep, bool for_k, double
   });
   TurningPoint tp;
   for (const Outcome* o : sorted) {
-    if (o->delta_pct > bound_pct) break;
+    if (std::fabs(o->delta_pct) > bound_pct) break;  // a drop as large as the bound counts as a change too
     tp.at = *o;
   }
   return tp;
@@ -258,34 +260,45 @@ int main(int argc, char** argv) {
     base.residual_tokens = opt.residual;
     base.repack = opt.repack;
     base.num_threads = 1;  // settings run in parallel, one core each
-    auto packkv_setting = [&](Family family, float k_rel, float v_rel) {
+    auto packkv_setting = [&](Family family, float k_rel, float v_rel,
+                              packkv::QuantMode k_mode = packkv::QuantMode::per_token) {
       Setting s;
       s.family = family;
       s.k_rel = k_rel;
       s.v_rel = v_rel;
-      s.name = "PackKV K " + rel_label(k_rel) + " / V " + rel_label(v_rel);
-      s.make_cache = [shape, base, k_rel, v_rel] {
+      s.k_mode = k_mode;
+      s.name = std::string("PackKV K ") + (k_mode == packkv::QuantMode::per_channel ? "per-channel " : "") +
+               rel_label(k_rel) + " / V " + rel_label(v_rel);
+      s.make_cache = [shape, base, k_rel, v_rel, k_mode] {
         packkv::CacheConfig c = base;
         c.k_rel = k_rel;
         c.v_rel = v_rel;
+        c.k_mode = k_mode;
         return llama::make_packkv_cache(shape, c);
       };
       return s;
     };
     const float exact_rel = packkv::kMinRel;  // 8-bit codes: the "exact" side of a one-sided sweep
-    std::vector<float> k_sweep, v_sweep;
+    // K per token is sensitive (its few outlier channels set every token's range), so its sweep is
+    // dense at the fine end; K per channel (PackKV's KIVI-style mode) and V tolerate far more.
+    std::vector<float> k_sweep, k_channel_sweep, v_sweep;
     if (opt.preset == "quick") {
-      k_sweep = {0.02f, 0.1f, 0.25f};
-      v_sweep = {0.05f, 0.2f, 0.5f};
+      k_sweep = {0.02f, 0.1f};
+      k_channel_sweep = {0.1f};
+      v_sweep = {0.05f, 0.2f};
     } else {
-      k_sweep = {0.02f, 0.04f, 0.06f, 0.08f, 0.1f, 0.125f, 0.15f, 0.2f, 0.25f};
-      v_sweep = {0.05f, 0.1f, 0.15f, 0.2f, 0.25f, 0.33f, 0.5f, 1.0f};
+      k_sweep = {0.01f, 0.02f, 0.03f, 0.04f, 0.05f, 0.06f, 0.08f, 0.1f, 0.15f};
+      k_channel_sweep = {0.05f, 0.08f, 0.1f, 0.125f, 0.15f, 0.2f};
+      v_sweep = {0.05f, 0.1f, 0.15f, 0.2f, 0.25f, 0.34f, 0.5f, 1.0f};  // 0.34: 3 steps (1/0.33 rounds up to 4)
     }
 
     std::vector<Setting> settings;
-    settings.push_back({"exact fp32 cache", Family::exact, 0, 0, 0, [shape] { return llama::make_exact_cache(shape); }});
+    settings.push_back({"exact fp32 cache", Family::exact, 0, 0, packkv::QuantMode::per_token, 0, [shape] { return llama::make_exact_cache(shape); }});
     settings.push_back(packkv_setting(Family::packkv_control, exact_rel, exact_rel));
     for (float r : k_sweep) settings.push_back(packkv_setting(Family::packkv_k, r, exact_rel));
+    for (float r : k_channel_sweep) {
+      settings.push_back(packkv_setting(Family::packkv_k_channel, r, exact_rel, packkv::QuantMode::per_channel));
+    }
     for (float r : v_sweep) settings.push_back(packkv_setting(Family::packkv_v, exact_rel, r));
     const llama::Baseline baselines[] = {llama::Baseline::int8_per_token, llama::Baseline::fp8_e4m3_per_token,
                                          llama::Baseline::int4_per_token, llama::Baseline::kivi4, llama::Baseline::kivi2};
@@ -295,7 +308,7 @@ int main(int argc, char** argv) {
                                    ? std::string(llama::to_string(b)) + " (group 32, window 128)"
                                    : std::string(llama::to_string(b));
       const int bits = b == llama::Baseline::kivi2 ? 2 : (b == llama::Baseline::kivi4 || b == llama::Baseline::int4_per_token) ? 4 : 8;
-      settings.push_back({name, Family::baseline, 0, 0, bits, [shape, b, kivi] { return llama::make_baseline_cache(shape, b, kivi); }});
+      settings.push_back({name, Family::baseline, 0, 0, packkv::QuantMode::per_token, bits, [shape, b, kivi] { return llama::make_baseline_cache(shape, b, kivi); }});
     }
 
     std::vector<Outcome> outcomes = run_settings(model, tokens, settings, threads, "sweeps and baselines");
@@ -306,35 +319,37 @@ int main(int argc, char** argv) {
     };
     for (Outcome& o : outcomes) score(o);
 
-    std::vector<Outcome> k_outcomes, v_outcomes;
+    std::vector<Outcome> k_outcomes, kc_outcomes, v_outcomes;
     for (const Outcome& o : outcomes) {
       if (o.setting.family == Family::packkv_k) k_outcomes.push_back(o);
+      if (o.setting.family == Family::packkv_k_channel) kc_outcomes.push_back(o);
       if (o.setting.family == Family::packkv_v) v_outcomes.push_back(o);
     }
     const double bounds[2] = {1.0, 5.0};
-    TurningPoint k_tp[2], v_tp[2];
+    TurningPoint k_tp[2], kc_tp[2], v_tp[2];
     std::vector<Setting> pairs;
+    auto k_ratio_at = [](const TurningPoint& tp) { return tp.at ? tp.at->result.bytes.k_ratio() : 0.0; };
     for (int b = 0; b < 2; ++b) {
       k_tp[b] = turning_point(k_outcomes, true, bounds[b]);
+      kc_tp[b] = turning_point(kc_outcomes, true, bounds[b]);
       v_tp[b] = turning_point(v_outcomes, false, bounds[b]);
-      if (k_tp[b].at && v_tp[b].at) {
-        Setting s = packkv_setting(Family::packkv_pair, k_tp[b].at->setting.k_rel, v_tp[b].at->setting.v_rel);
+      // Each K mode that reaches the bound is paired with V's turning point.
+      for (const TurningPoint* k : {&k_tp[b], &kc_tp[b]}) {
+        if (!k->at || !v_tp[b].at) continue;
+        Setting s = packkv_setting(Family::packkv_pair, k->at->setting.k_rel, v_tp[b].at->setting.v_rel, k->at->setting.k_mode);
         s.name += " (both at the " + fmt("%g", bounds[b]) + "% turning points)";
-        const bool duplicate = b == 1 && !pairs.empty() && pairs.front().k_rel == s.k_rel && pairs.front().v_rel == s.v_rel;
-        if (!duplicate) pairs.push_back(s);
+        pairs.push_back(s);
       }
     }
-    // The one-sided turning points do not add up: check one notch below as well, for 1%.
-    if (k_tp[0].at && v_tp[0].at) {
-      auto below = [](const std::vector<Outcome>& sweep, float rel, bool for_k) {
-        float best = packkv::kMinRel;
-        for (const Outcome& o : sweep) {
-          const float r = for_k ? o.setting.k_rel : o.setting.v_rel;
-          if (r < rel) best = std::max(best, r);
-        }
-        return best;
-      };
-      Setting s = packkv_setting(Family::packkv_pair, k_tp[0].at->setting.k_rel, below(v_outcomes, v_tp[0].at->setting.v_rel, false));
+    // One-sided turning points do not simply add up: also try the better K mode at 1% with V one
+    // step finer than its own 1% point.
+    const TurningPoint& best_k1 = k_ratio_at(kc_tp[0]) > k_ratio_at(k_tp[0]) ? kc_tp[0] : k_tp[0];
+    if (best_k1.at && v_tp[0].at) {
+      float finer = packkv::kMinRel;
+      for (const Outcome& o : v_outcomes) {
+        if (o.setting.v_rel < v_tp[0].at->setting.v_rel) finer = std::max(finer, o.setting.v_rel);
+      }
+      Setting s = packkv_setting(Family::packkv_pair, best_k1.at->setting.k_rel, finer, best_k1.at->setting.k_mode);
       s.name += " (K at its 1% turning point, V one step finer)";
       pairs.push_back(s);
     }
@@ -357,7 +372,8 @@ int main(int argc, char** argv) {
        << ", teacher-forced; the cache is filled one token at a time and every position attends through it, as in decoding\n";
     md << "- PackKV: block " << opt.block << " tokens, residual " << opt.residual << ", repack "
        << packkv::to_string(opt.repack) << ", per-token K; \"1/255\" is the smallest rel (8-bit codes), used as the "
-       << "exact side of the one-sided sweeps\n";
+       << "exact side of the one-sided sweeps; K is swept per token (PackKV) and per channel (packkv's KIVI-style "
+          "mode, one (step, min) per channel per block)\n";
     md << "- Ratios are against an fp16 cache of the same tokens, with every byte counted: codes, fp16 scales and "
           "minimums, pack descriptors, permutations, block headers and tables, uncompressed recent tokens. "
           "PackKV's K/V split comes from each block's head directory (shared bytes split evenly); the total is "
@@ -368,17 +384,21 @@ int main(int argc, char** argv) {
        << " at a time\n\n";
 
     md << "## Turning points\n\n";
-    md << "The largest swept rel whose perplexity (and that of every smaller swept rel) stays within the bound of "
+    md << "The largest swept rel whose perplexity (and that of every smaller swept rel) stays within +-bound of "
           "the exact cache's.\n\n";
     md << "| side | bound | rel | perplexity change | ratio (all bytes) |\n|---|---|---|---|---|\n";
     for (int b = 0; b < 2; ++b) {
-      for (int side = 0; side < 2; ++side) {
-        const TurningPoint& tp = side == 0 ? k_tp[b] : v_tp[b];
-        md << "| " << (side == 0 ? "K" : "V") << " | " << fmt("%g", bounds[b]) << "% | ";
-        if (tp.at) {
-          const Outcome& o = *tp.at;
-          md << rel_label(side == 0 ? o.setting.k_rel : o.setting.v_rel) << " | " << fmt("%+.2f%%", o.delta_pct) << " | "
-             << fmt("%.2fx", side == 0 ? o.result.bytes.k_ratio() : o.result.bytes.v_ratio()) << " |\n";
+      const struct {
+        const char* label;
+        const TurningPoint* tp;
+        bool k;
+      } sides[3] = {{"K per token", &k_tp[b], true}, {"K per channel", &kc_tp[b], true}, {"V", &v_tp[b], false}};
+      for (const auto& side : sides) {
+        md << "| " << side.label << " | " << fmt("%g", bounds[b]) << "% | ";
+        if (side.tp->at) {
+          const Outcome& o = *side.tp->at;
+          md << rel_label(side.k ? o.setting.k_rel : o.setting.v_rel) << " | " << fmt("%+.2f%%", o.delta_pct) << " | "
+             << fmt("%.2fx", side.k ? o.result.bytes.k_ratio() : o.result.bytes.v_ratio()) << " |\n";
         } else {
           md << "none in the sweep | | |\n";
         }
@@ -395,15 +415,16 @@ int main(int argc, char** argv) {
     double best4_k = 0, best4_v = 0;
     std::string best4_k_name, best4_v_name;
     for (const Outcome& o : outcomes) {
-      if (o.setting.family != Family::baseline || o.delta_pct > 1.0) continue;
+      if (o.setting.family != Family::baseline || std::fabs(o.delta_pct) > 1.0) continue;
       if (o.setting.code_bits != 4) continue;
       if (o.result.bytes.k_ratio() > best4_k) { best4_k = o.result.bytes.k_ratio(); best4_k_name = o.setting.name; }
       if (o.result.bytes.v_ratio() > best4_v) { best4_v = o.result.bytes.v_ratio(); best4_v_name = o.setting.name; }
     }
     md << "\nAt <= 1% perplexity change: ";
-    if (k_tp[0].at && best4_k > 0) {
-      md << "PackKV K " << fmt("%.2fx", k_tp[0].at->result.bytes.k_ratio()) << " vs " << best4_k_name << " K "
-         << fmt("%.2fx", best4_k) << " (" << fmt("%.2f", k_tp[0].at->result.bytes.k_ratio() / best4_k) << " times); ";
+    if (best_k1.at && best4_k > 0) {
+      md << "PackKV K (" << (best_k1.at->setting.k_mode == packkv::QuantMode::per_channel ? "per channel" : "per token")
+         << ") " << fmt("%.2fx", best_k1.at->result.bytes.k_ratio()) << " vs " << best4_k_name << " K "
+         << fmt("%.2fx", best4_k) << " (" << fmt("%.2f", best_k1.at->result.bytes.k_ratio() / best4_k) << " times); ";
     } else {
       md << "K: no comparison (no PackKV or 4-bit baseline setting within 1%); ";
     }
@@ -432,9 +453,10 @@ int main(int argc, char** argv) {
     }
     if (!opt.csv.empty()) {
       std::ofstream csv(opt.csv);
-      csv << "family,name,k_rel,v_rel,perplexity,delta_pct,top1,k_ratio,v_ratio,kv_ratio,seconds\n";
+      csv << "family,name,k_mode,k_rel,v_rel,perplexity,delta_pct,top1,k_ratio,v_ratio,kv_ratio,seconds\n";
       for (const Outcome& o : outcomes) {
-        csv << family_name(o.setting.family) << ",\"" << o.setting.name << "\"," << o.setting.k_rel << ',' << o.setting.v_rel
+        csv << family_name(o.setting.family) << ",\"" << o.setting.name << "\"," << packkv::to_string(o.setting.k_mode)
+            << ',' << o.setting.k_rel << ',' << o.setting.v_rel
             << ',' << fmt("%.6f", o.result.perplexity) << ',' << fmt("%.4f", o.delta_pct) << ',' << fmt("%.4f", o.top1)
             << ',' << fmt("%.4f", o.result.bytes.k_ratio()) << ',' << fmt("%.4f", o.result.bytes.v_ratio()) << ','
             << fmt("%.4f", o.result.bytes.kv_ratio()) << ',' << fmt("%.1f", o.seconds) << '\n';
