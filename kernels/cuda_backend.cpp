@@ -216,6 +216,8 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     std::memset(host, 0, sizeof(DeviceError));
     check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), host, 0),
                "cudaHostGetDevicePointer");
+    error_claim_ = DeviceBuffer(sizeof(int), stream_);
+    check_cuda(cudaMemsetAsync(error_claim_.data(), 0, sizeof(int), stream_), "error claim initialisation");
   }
 
   ~CudaBackend() override {
@@ -223,6 +225,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     sequences_.clear();
     workspace_ = DeviceBuffer();
     staging_ = DeviceBuffer();
+    error_claim_ = DeviceBuffer();
     pool_ = PagePool(pool_.page_bytes());
     cudaStreamSynchronize(stream_);
     if (error_host_ != nullptr) cudaFreeHost(error_host_);
@@ -304,7 +307,8 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     add_pages(layer, new_pages);
 
     const TokenSource<T> source = token_source(seq, layer_index, layer, k, v);
-    const ErrorContext errors{error_device_, id, layer_index, layer.length - layer.tail_len};
+    const ErrorContext errors{error_device_, static_cast<int*>(error_claim_.data()), id, layer_index,
+                              layer.length - layer.tail_len};
     for (std::int64_t done = 0; done < new_blocks; done += round_blocks) {
       const int count = static_cast<int>(std::min(round_blocks, new_blocks - done));
       auto* sizes = reinterpret_cast<std::uint32_t*>(static_cast<std::uint8_t*>(staging_.data()) +
@@ -507,6 +511,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     }
     workspace_.set_stream(stream_);
     staging_.set_stream(stream_);
+    error_claim_.set_stream(stream_);
     pool_.set_stream(stream_);
   }
 
@@ -621,14 +626,16 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     DeviceError copy;
     std::memcpy(&copy, const_cast<DeviceError*>(record), sizeof copy);
     record->ready = 0;
-    record->claimed = 0;
+    // Re-arms reporting in stream order: kernels queued before this point may not report again.
+    check_cuda(cudaMemsetAsync(error_claim_.data(), 0, sizeof(int), stream_), "error claim reset");
     throw_device_error(copy, origin);
   }
 
   void validate_now(SeqId id, int layer_index, const Layer& layer, const T* k, const T* v, int n_tokens) {
     check_cuda(cudaStreamSynchronize(stream_), "append (strict validation)");
     raise_device_error();  // an earlier kernel's report is not this append's
-    const ErrorContext errors{error_device_, id, layer_index, layer.length};
+    const ErrorContext errors{error_device_, static_cast<int*>(error_claim_.data()), id, layer_index,
+                              layer.length};
     check_cuda(launch_validate(k, v, n_tokens, cfg_.num_kv_heads, cfg_.head_dim, codec_.k_max_code,
                                codec_.v_max_code, cfg_.k_mode == QuantMode::per_token, errors, stream_),
                "validation kernel launch");
@@ -736,6 +743,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   cudaStream_t stream_ = nullptr;
   DeviceError* error_host_ = nullptr;
   DeviceError* error_device_ = nullptr;
+  DeviceBuffer error_claim_;  // device memory: the claim word of the error record
   MappedWords progress_;
   std::uint32_t next_launch_ = 1;
   std::map<SeqId, Sequence> sequences_;

@@ -38,8 +38,9 @@ void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_bl
                              params.geometry.max_block_bytes()));
   if (num_blocks == 0) return;
   auto stream = static_cast<cudaStream_t>(cuda_stream);
-  DeviceBuffer error_buffer(sizeof(DeviceError), stream);
-  check_cuda(cudaMemsetAsync(error_buffer.data(), 0, sizeof(DeviceError), stream), "cudaMemsetAsync");
+  DeviceBuffer error_buffer(sizeof(DeviceError) + sizeof(int), stream);
+  check_cuda(cudaMemsetAsync(error_buffer.data(), 0, error_buffer.bytes(), stream), "cudaMemsetAsync");
+  auto* claim = reinterpret_cast<int*>(static_cast<std::uint8_t*>(error_buffer.data()) + sizeof(DeviceError));
 
   EncodeParams<T> p{};
   p.geometry = params.geometry;
@@ -53,7 +54,7 @@ void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_bl
   p.out_base = out;
   p.out_stride = out_stride;
   p.block_sizes = block_sizes;
-  p.errors = ErrorContext{error_buffer.as<DeviceError>(), 0, 0, 0};
+  p.errors = ErrorContext{error_buffer.as<DeviceError>(), claim, 0, 0, 0};
   check_cuda(launch_encode(p, num_blocks, stream), "encode kernel launch");
 
   DeviceError error{};

@@ -18,7 +18,7 @@ __device__ void record_error(const ErrorContext& ctx, int kind, int tensor, std:
                              int channel, float value, float value2) {
   DeviceError* e = ctx.error;
   if (e == nullptr) return;
-  if (atomicCAS(&e->claimed, 0, 1) != 0) return;
+  if (atomicCAS(ctx.claim, 0, 1) != 0) return;
   e->kind = kind;
   e->tensor = tensor;
   e->layer = ctx.layer;
@@ -29,7 +29,8 @@ __device__ void record_error(const ErrorContext& ctx, int kind, int tensor, std:
   e->value = value;
   e->value2 = value2;
   __threadfence_system();  // the fields must be visible to the host before the flag
-  atomicExch(&e->ready, 1);
+  *static_cast<volatile int*>(&e->ready) = 1;
+  __threadfence_system();
 }
 
 __device__ __forceinline__ bool storable(float x) { return isfinite(x) && fabsf(x) <= kFp16Max; }

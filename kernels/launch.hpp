@@ -15,10 +15,12 @@
 namespace packkv::cuda::detail {
 
 /// The first invalid value an encode or append kernel met. It lives in mapped, pinned host memory:
-/// the host reads it without a synchronisation and raises packkv::error on its next call.
+/// the host reads it without a synchronisation and raises packkv::error on its next call. Only
+/// plain stores reach it (atomics on host memory are not portable over PCIe): which thread
+/// reports is decided by an atomic on a claim word in device memory.
 struct DeviceError {
-  int claimed;   ///< set by the first kernel thread that reports
   int ready;     ///< set once the fields below are written
+  int reserved0;
   int kind;      ///< ErrorKind
   int tensor;    ///< 0: K, 1: V
   int layer;
@@ -57,6 +59,7 @@ struct TokenSource {
 
 struct ErrorContext {
   DeviceError* error;          ///< may be null (then invalid values are not reported)
+  int* claim;                  ///< device memory, 0 until a thread reports
   std::uint64_t sequence;
   int layer;
   std::int64_t first_token;    ///< sequence position of source token 0

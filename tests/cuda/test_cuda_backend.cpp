@@ -255,6 +255,8 @@ void compare_everything(CachePair<T>& pair, const std::vector<SeqId>& ids, int l
   EXPECT_EQ(gs.pool.live_bytes, cs.pool.live_bytes) << label;
 }
 
+std::size_t out_size(const CodecParams& params) { return params.geometry.max_block_bytes(); }
+
 CacheConfig base_config() {
   CacheConfig c;
   c.num_layers = 2;
@@ -410,6 +412,27 @@ TEST(Cuda, InvalidValuesAreReportedByTheNextCall) {
   cache.append(1, 0, dk.get(), dv.get(), 10);  // does not wait for the device
   test::expect_error([&] { cache.memory_stats(); }, "V value nan at token 3");
   EXPECT_NO_THROW(cache.memory_stats());  // reported once
+  // Reporting is re-armed: a later bad value is reported too, with its own position.
+  cache.add_sequence(2);
+  v[3 * row + 5] = 0.25f;
+  k[7 * row] = INFINITY;
+  dk.upload(k);
+  dv.upload(v);
+  cache.append(2, 1, dk.get(), dv.get(), 10);
+  test::expect_error([&] { cache.memory_stats(); }, "sequence 2 layer 1: K value inf at token 7, head 0, channel 0");
+}
+
+TEST(Cuda, EncodeBlocksRejectsInvalidValues) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  const CodecParams params = make_codec_params(c);
+  const std::size_t n = static_cast<std::size_t>(c.block_tokens) * c.num_kv_heads * c.head_dim;
+  std::vector<float> k(n, 1.0f), v(n, 2.0f);
+  v[n - 1] = -1e5f;
+  DeviceArray<float> dk(k), dv(v);
+  DeviceArray<std::uint8_t> out(params.geometry.max_block_bytes());
+  test::expect_error([&] { cuda::encode_blocks(params, dk.get(), dv.get(), 1, out.get(), out_size(params), nullptr); },
+                     "encode_blocks: V value -100000 at token 63, head 1, channel 127");
 }
 
 TEST(Cuda, StrictModeRejectsBeforeChanging) {
