@@ -154,8 +154,19 @@ int main(int argc, char** argv) {
       else if (arg == "--k-rel") config.k_rel = std::stof(value());
       else if (arg == "--v-rel") config.v_rel = std::stof(value());
       else if (arg == "--block") config.block_tokens = std::stoi(value());
+      else if (arg == "--residual") config.residual_tokens = std::stoi(value());
+      else if (arg == "--k-per-channel") config.k_mode = packkv::QuantMode::per_channel;
+      else if (arg == "--repack") {
+        const std::string r = value();
+        if (r == "none") config.repack = packkv::RepackMethod::none;
+        else if (r == "median") config.repack = packkv::RepackMethod::median;
+        else if (r == "greedy") config.repack = packkv::RepackMethod::greedy;
+        else throw std::invalid_argument("unknown --repack " + r);
+      }
       else if (arg == "--help" || arg == "-h") {
-        std::printf("usage: packkv_demo [--synthetic] [--model-dir DIR] [--tokens N] [--k-rel R] [--v-rel R] [--block N]\n");
+        std::printf(
+            "usage: packkv_demo [--synthetic] [--model-dir DIR] [--tokens N] [--k-rel R] [--v-rel R] [--block N]\n"
+            "                   [--residual N] [--k-per-channel] [--repack none|median|greedy]\n");
         return 0;
       } else throw std::invalid_argument("unknown argument " + arg);
     }
