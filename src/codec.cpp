@@ -275,8 +275,7 @@ void unpack_section_codes(const SectionLayout& layout, const std::uint8_t* secti
   const std::uint32_t dim = layout.head_dim;
   std::uint8_t values[format::kPackTokens];
   for (std::uint32_t r = 0; r < layout.rounds; ++r) {
-    const std::uint32_t start = section[layout.round_start_offset + 2 * r] |
-                                (static_cast<std::uint32_t>(section[layout.round_start_offset + 2 * r + 1]) << 8);
+    const std::uint32_t start = format::round_start(section, layout, r);
     std::uint32_t offset = start;
     for (std::uint32_t c = 0; c < dim; ++c) {
       const std::uint32_t d = format::load_descriptor(descs, r * dim + c, layout.desc_bytes);
@@ -403,8 +402,7 @@ void validate_block(const CodecParams& p, std::span<const std::uint8_t> bytes) {
       }
       std::uint32_t payload = 0;
       for (std::uint32_t r = 0; r < layout.rounds; ++r) {
-        const std::uint32_t start = section[layout.round_start_offset + 2 * r] |
-                                    (static_cast<std::uint32_t>(section[layout.round_start_offset + 2 * r + 1]) << 8);
+        const std::uint32_t start = format::round_start(section, layout, r);
         PACKKV_REQUIRE(start == payload, fmt::format("head {} {} round {} starts at {} instead of {}", head, name, r,
                                                      start, payload));
         for (std::uint32_t c = 0; c < layout.head_dim; ++c) {

@@ -82,8 +82,7 @@ void scores_avx2(const SectionLayout& L, const std::uint8_t* section, const floa
                  std::uint32_t round) {
   const std::uint32_t dim = L.head_dim;
   const std::uint8_t* p = section + L.payload_offset +
-                          (section[L.round_start_offset + 2 * round] |
-                           (static_cast<std::uint32_t>(section[L.round_start_offset + 2 * round + 1]) << 8));
+                          format::round_start(section, L, round);
   __m256 acc[G][2];
   for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
   for (std::uint32_t c = 0; c < dim; ++c) {
@@ -155,8 +154,7 @@ void round_raw_scores(const SectionLayout& L, const std::uint8_t* section, const
 #else
   const std::uint32_t dim = L.head_dim;
   const std::uint8_t* p = section + L.payload_offset +
-                          (section[L.round_start_offset + 2 * round] |
-                           (static_cast<std::uint32_t>(section[L.round_start_offset + 2 * round + 1]) << 8));
+                          format::round_start(section, L, round);
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < 16; ++i) raw[g][i] = 0.0f;
   std::uint8_t values[16];

@@ -148,6 +148,13 @@ struct BlockGeometry {
   }
 };
 
+/// Payload offset of round r of a section (its stored u16 round_start).
+PACKKV_HOST_DEVICE std::uint32_t round_start(const std::uint8_t* section, const SectionLayout& layout,
+                                             std::uint32_t r) {
+  const std::uint8_t* p = section + layout.round_start_offset + 2 * r;
+  return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8);
+}
+
 // ---- Pack descriptors --------------------------------------------------------------------------
 
 PACKKV_HOST_DEVICE constexpr std::uint32_t make_descriptor(std::uint32_t pack_min, std::uint32_t width) {
