@@ -69,6 +69,7 @@ struct Options {
   int block = 64;
   int residual = 0;
   packkv::RepackMethod repack = packkv::RepackMethod::median;
+  packkv::Device device = packkv::Device::cpu;
   std::string preset = "full";
 };
 
@@ -76,7 +77,7 @@ void usage() {
   std::fprintf(stderr,
                "usage: packkv_eval --model FILE (--tokens FILE | --text FILE --tokenizer FILE)\n"
                "                   [--context N] [--offset N] [--threads N] [--preset full|quick]\n"
-               "                   [--block N] [--residual N] [--repack none|median|greedy]\n"
+               "                   [--block N] [--residual N] [--repack none|median|greedy] [--device cpu|cuda]\n"
                "                   [--markdown FILE] [--csv FILE]\n"
                "  --tokens     int32 token ids (scripts/prepare_smollm2.py writes them)\n"
                "  --text       a text file, tokenized with --tokenizer (llama2.c models)\n"
@@ -227,7 +228,8 @@ int main(int argc, char** argv) {
       else if (arg == "--repack") {
         const std::string r = value();
         opt.repack = r == "none" ? packkv::RepackMethod::none : r == "greedy" ? packkv::RepackMethod::greedy : packkv::RepackMethod::median;
-      } else if (arg == "--markdown") opt.markdown = value();
+      } else if (arg == "--device") opt.device = value() == "cuda" ? packkv::Device::cuda : packkv::Device::cpu;
+      else if (arg == "--markdown") opt.markdown = value();
       else if (arg == "--csv") opt.csv = value();
       else if (arg == "--help" || arg == "-h") { usage(); return 0; }
       else throw std::invalid_argument("unknown argument " + arg);
@@ -259,6 +261,7 @@ int main(int argc, char** argv) {
     base.block_tokens = opt.block;
     base.residual_tokens = opt.residual;
     base.repack = opt.repack;
+    base.device = opt.device;  // PackKV settings only; the model and the baselines run on the CPU
     base.num_threads = 1;  // settings run in parallel, one core each
     auto packkv_setting = [&](Family family, float k_rel, float v_rel,
                               packkv::QuantMode k_mode = packkv::QuantMode::per_token) {

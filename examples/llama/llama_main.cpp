@@ -21,7 +21,7 @@ void usage() {
                "usage: packkv_llama --model FILE (--tokenizer FILE [--prompt TEXT] | --vocab FILE --prompt-tokens FILE)\n"
                "                    [--steps N] [--stop-token ID]\n"
                "                    [--cache packkv|exact] [--k-rel R] [--v-rel R] [--block N]\n"
-               "                    [--residual N] [--repack none|median|greedy]\n"
+               "                    [--residual N] [--repack none|median|greedy] [--device cpu|cuda]\n"
                "  --model      a llama2.c checkpoint (stories260K.bin) or a PKVLLAMA file\n"
                "  --tokenizer  llama2.c tokenizer (tok512.bin)\n"
                "  --vocab, --prompt-tokens  vocab.bin and int32 prompt ids from scripts/prepare_smollm2.py\n"
@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
       else if (arg == "--block") config.block_tokens = std::stoi(value());
       else if (arg == "--residual") config.residual_tokens = std::stoi(value());
       else if (arg == "--repack") config.repack = parse_repack(value());
+      else if (arg == "--device") config.device = value() == "cuda" ? packkv::Device::cuda : packkv::Device::cpu;
       else if (arg == "--help" || arg == "-h") { usage(); return 0; }
       else throw std::invalid_argument("unknown argument " + arg);
     }

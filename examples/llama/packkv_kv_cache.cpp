@@ -1,12 +1,56 @@
 // The KvCache that runs attention through packkv's PackedKVCache.
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
+#include <string>
 
 #include "kv_cache.hpp"
 
+#if defined(PACKKV_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
 namespace llama {
 namespace {
+
+#if defined(PACKKV_WITH_CUDA)
+void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+/// On Device::cuda PackedKVCache takes device pointers: one token's k and v, one query and its
+/// output are staged through these buffers on the cache's own stream, so each copy is ordered
+/// before the work that reads it and after the work that read the previous contents.
+class DeviceStaging {
+ public:
+  DeviceStaging(std::size_t kv_floats, std::size_t q_floats) {
+    check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    for (float** p : {&k_, &v_}) check_cuda(cudaMalloc(reinterpret_cast<void**>(p), kv_floats * sizeof(float)), "cudaMalloc");
+    for (float** p : {&q_, &out_}) check_cuda(cudaMalloc(reinterpret_cast<void**>(p), q_floats * sizeof(float)), "cudaMalloc");
+  }
+  ~DeviceStaging() {
+    for (float* p : {k_, v_, q_, out_}) cudaFree(p);
+    cudaStreamDestroy(stream_);
+  }
+  DeviceStaging(const DeviceStaging&) = delete;
+  DeviceStaging& operator=(const DeviceStaging&) = delete;
+
+  cudaStream_t stream() const { return stream_; }
+  float* put(float* device, const float* host, std::size_t n) {
+    check_cuda(cudaMemcpyAsync(device, host, n * sizeof(float), cudaMemcpyHostToDevice, stream_), "copy to device");
+    return device;
+  }
+  void get(float* host, const float* device, std::size_t n) {
+    check_cuda(cudaMemcpyAsync(host, device, n * sizeof(float), cudaMemcpyDeviceToHost, stream_), "copy to host");
+    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  }
+  float *k_ = nullptr, *v_ = nullptr, *q_ = nullptr, *out_ = nullptr;
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+#endif
 
 /// PackedKVCache<float> holding one sequence. It also keeps the appended K/V so that bytes() can
 /// split the packed blocks into their K and V sections (memory_stats counts both together): it
@@ -20,23 +64,40 @@ class PackkvCache final : public KvCache {
         codec_(packkv::make_codec_params(config)),
         k_history_(static_cast<std::size_t>(shape.num_layers)),
         v_history_(k_history_.size()) {
-    if (config.device != packkv::Device::cpu) {
-      // Hook for Device::cuda: PackedKVCache then takes device pointers, so append() and attend()
-      // would stage k, v, q and out through device buffers (cudaMemcpyAsync on cache_'s stream).
-      // The example builds without the CUDA toolkit, so it leaves that to an engine.
-      throw std::invalid_argument("the Llama example drives PackedKVCache on the CPU backend only");
+    if (config.device == packkv::Device::cuda) {
+#if defined(PACKKV_WITH_CUDA)
+      staging_ = std::make_unique<DeviceStaging>(static_cast<std::size_t>(shape.kv_dim()), q_floats());
+      cache_.set_stream(staging_->stream());
+#else
+      throw std::invalid_argument("Device::cuda: this packkv was built without the CUDA backend");
+#endif
     }
     cache_.add_sequence(kSeq);
   }
 
   void append(int layer, const float* k, const float* v) override {
-    cache_.append(kSeq, layer, k, v, 1);
     const auto kv_dim = static_cast<std::size_t>(shape_.kv_dim());
+#if defined(PACKKV_WITH_CUDA)
+    if (staging_) {
+      cache_.append(kSeq, layer, staging_->put(staging_->k_, k, kv_dim), staging_->put(staging_->v_, v, kv_dim), 1);
+    } else {
+      cache_.append(kSeq, layer, k, v, 1);
+    }
+#else
+    cache_.append(kSeq, layer, k, v, 1);
+#endif
     k_history_[layer].insert(k_history_[layer].end(), k, k + kv_dim);
     v_history_[layer].insert(v_history_[layer].end(), v, v + kv_dim);
   }
   void attend(int layer, const float* q, float* out, float scale) override {
     const packkv::SeqId ids[1] = {kSeq};
+#if defined(PACKKV_WITH_CUDA)
+    if (staging_) {
+      cache_.attention(ids, layer, staging_->put(staging_->q_, q, q_floats()), staging_->out_, scale);
+      staging_->get(out, staging_->out_, q_floats());
+      return;
+    }
+#endif
     cache_.attention(ids, layer, q, out, scale);
   }
   KvBytes bytes() const override;
@@ -46,9 +107,13 @@ class PackkvCache final : public KvCache {
  private:
   static constexpr packkv::SeqId kSeq = 0;
   KvShape shape_;
+#if defined(PACKKV_WITH_CUDA)
+  std::unique_ptr<DeviceStaging> staging_;  // before cache_: outlives it, as the cache works on its stream
+#endif
   packkv::PackedKVCache<float> cache_;
   packkv::CodecParams codec_;
   std::vector<std::vector<float>> k_history_, v_history_;
+  std::size_t q_floats() const { return static_cast<std::size_t>(shape_.num_q_heads) * shape_.head_dim; }
 };
 
 KvBytes PackkvCache::bytes() const {
