@@ -250,6 +250,31 @@ int main(int argc, char** argv) {
     std::printf("attention error       : relative L2 %.2e mean, %.2e worst, over %d queries (vs exact attention)\n",
                 checks ? sum_rel_err / checks : 0.0, worst_rel_err, checks);
 
+    // The same K/V and queries through quantization baselines, for scale.
+    std::printf("\nfor comparison, the same stream through quantize-dequantize baselines (bytes counted alike):\n");
+    for (const llama::Baseline kind : {llama::Baseline::int8_per_token, llama::Baseline::kivi4, llama::Baseline::int4_per_token}) {
+      std::unique_ptr<llama::KvCache> baseline = llama::make_baseline_cache(shape, kind);
+      double worst = 0.0, sum = 0.0;
+      for (int l = 0; l < shape.num_layers; ++l) {
+        for (int t = 0; t < stream.tokens; ++t) {
+          baseline->append(l, &stream.k[l][static_cast<std::size_t>(t) * kv_dim], &stream.v[l][static_cast<std::size_t>(t) * kv_dim]);
+        }
+        const float* q = &stream.q[l][stream.q[l].size() - static_cast<std::size_t>(q_width)];
+        llama::dense_attention(shape, stream.k[l].data(), stream.v[l].data(), stream.tokens, q, ref.data(), scale, scratch);
+        baseline->attend(l, q, out.data(), scale);
+        double num = 0, den = 0;
+        for (int i = 0; i < q_width; ++i) {
+          num += (out[i] - ref[i]) * static_cast<double>(out[i] - ref[i]);
+          den += static_cast<double>(ref[i]) * ref[i];
+        }
+        const double rel = std::sqrt(num / std::max(den, 1e-30));
+        worst = std::max(worst, rel);
+        sum += rel;
+      }
+      std::printf("  %-36s %5.2fx, attention error %.2e mean, %.2e worst\n", baseline->describe().c_str(),
+                  baseline->bytes().kv_ratio(), sum / shape.num_layers, worst);
+    }
+
     if (have_model) {
       // What it does to the model: perplexity with the model attending through packkv.
       const int ppl_tokens = std::min<int>(512, static_cast<int>(tokens.size()));
