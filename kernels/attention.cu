@@ -20,21 +20,21 @@ namespace {
 using format::SectionLayout;
 
 struct ReaderShared {
-  std::uint8_t* codes;     // [head_dim][code_row_stride(block_tokens)]
-  float* step;             // [max(block_tokens, head_dim)]
+  std::uint8_t* codes;  // [head_dim][code_row_stride(block_tokens)]
+  float* step;          // [max(block_tokens, head_dim)]
   float* min;
-  float* q;                // [kMaxHeadsPerCta][head_dim]
-  float* q_folded;         // q * per-channel K step
-  float* probs;            // [kMaxHeadsPerCta][block_tokens]
-  float* acc;              // [kMaxHeadsPerCta][head_dim]
-  float* running_max;      // [kMaxHeadsPerCta] each
+  float* q;            // [kMaxHeadsPerCta][head_dim]
+  float* q_folded;     // q * per-channel K step
+  float* probs;        // [kMaxHeadsPerCta][block_tokens]
+  float* acc;          // [kMaxHeadsPerCta][head_dim]
+  float* running_max;  // [kMaxHeadsPerCta] each
   float* running_sum;
   float* rescale;
   float* q_sum;
-  float* k_offset;         // per-channel K: sum_c q_c min_c of the current block
-  float* weighted_min;     // sum_t w_t min_t of the current block
+  float* k_offset;      // per-channel K: sum_c q_c min_c of the current block
+  float* weighted_min;  // sum_t w_t min_t of the current block
   std::uint32_t* scan;
-  std::uint8_t* order;     // [block_tokens]
+  std::uint8_t* order;  // [block_tokens]
 };
 
 __host__ __device__ constexpr std::size_t align16(std::size_t n) { return (n + 15) / 16 * 16; }
@@ -44,14 +44,21 @@ __host__ __device__ std::size_t reader_shared_layout(const format::BlockGeometry
   const std::size_t tokens = static_cast<std::size_t>(g.block_tokens), dim = static_cast<std::size_t>(g.head_dim);
   const std::size_t params = tokens > dim ? tokens : dim;
   std::size_t offsets[15];
-  const std::size_t sizes[15] = {
-      align16(dim * static_cast<std::size_t>(code_row_stride(g.block_tokens))),
-      align16(4 * params), align16(4 * params),
-      align16(4 * kMaxHeadsPerCta * dim), align16(4 * kMaxHeadsPerCta * dim),
-      align16(4 * kMaxHeadsPerCta * tokens), align16(4 * kMaxHeadsPerCta * dim),
-      align16(4 * kMaxHeadsPerCta), align16(4 * kMaxHeadsPerCta), align16(4 * kMaxHeadsPerCta),
-      align16(4 * kMaxHeadsPerCta), align16(4 * kMaxHeadsPerCta), align16(4 * kMaxHeadsPerCta),
-      align16(4 * kWarps), align16(tokens)};
+  const std::size_t sizes[15] = {align16(dim * static_cast<std::size_t>(code_row_stride(g.block_tokens))),
+                                 align16(4 * params),
+                                 align16(4 * params),
+                                 align16(4 * kMaxHeadsPerCta * dim),
+                                 align16(4 * kMaxHeadsPerCta * dim),
+                                 align16(4 * kMaxHeadsPerCta * tokens),
+                                 align16(4 * kMaxHeadsPerCta * dim),
+                                 align16(4 * kMaxHeadsPerCta),
+                                 align16(4 * kMaxHeadsPerCta),
+                                 align16(4 * kMaxHeadsPerCta),
+                                 align16(4 * kMaxHeadsPerCta),
+                                 align16(4 * kMaxHeadsPerCta),
+                                 align16(4 * kMaxHeadsPerCta),
+                                 align16(4 * kWarps),
+                                 align16(tokens)};
   std::size_t at = 0;
   for (int i = 0; i < 15; ++i) {
     offsets[i] = at;
@@ -112,8 +119,8 @@ __device__ void load_queries(const T* q, const HeadGroup& heads, int dim, Reader
 }
 
 /// Scores of a packed block's tokens, in packed order, into s.probs[g][i] (times `scale`).
-__device__ void packed_block_scores(const std::uint8_t* block, const format::BlockGeometry& g,
-                                    const HeadGroup& heads, float scale, ReaderShared& s) {
+__device__ void packed_block_scores(const std::uint8_t* block, const format::BlockGeometry& g, const HeadGroup& heads,
+                                    float scale, ReaderShared& s) {
   const int dim = g.head_dim, tokens = g.block_tokens, stride = code_row_stride(tokens);
   const SectionLayout layout = g.k_layout();
   const std::uint8_t* section = block + head_entry(block, g, heads.kv_head).k_offset;
@@ -146,8 +153,8 @@ __device__ void packed_block_scores(const std::uint8_t* block, const format::Blo
 
 /// Scores of tail tokens [first, first + count): one warp per token, reading the row once.
 template <class T>
-__device__ void tail_scores(const SeqView<T>& seq, const format::BlockGeometry& g, const HeadGroup& heads,
-                            int first, int count, float scale, ReaderShared& s) {
+__device__ void tail_scores(const SeqView<T>& seq, const format::BlockGeometry& g, const HeadGroup& heads, int first,
+                            int count, float scale, ReaderShared& s) {
   const int dim = g.head_dim, tokens = g.block_tokens;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
@@ -175,8 +182,8 @@ __device__ void tail_scores(const SeqView<T>& seq, const format::BlockGeometry& 
 
 /// Unpacks a block's V section and turns s.probs (weights in packed order) into w_t * step_t,
 /// with sum_t w_t min_t in s.weighted_min.
-__device__ void prepare_packed_values(const std::uint8_t* block, const format::BlockGeometry& g,
-                                      const HeadGroup& heads, ReaderShared& s) {
+__device__ void prepare_packed_values(const std::uint8_t* block, const format::BlockGeometry& g, const HeadGroup& heads,
+                                      ReaderShared& s) {
   const int tokens = g.block_tokens;
   const SectionLayout layout = g.v_layout();
   const std::uint8_t* section = block + head_entry(block, g, heads.kv_head).v_offset;
@@ -379,7 +386,8 @@ __global__ void __launch_bounds__(kThreads) attn_v_kernel(const AttnVParams<T> p
     const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
     const bool packed = unit < p.seq.num_blocks;
     const std::uint8_t* block = packed ? p.seq.blocks[unit] : nullptr;
-    const std::uint8_t* order = packed && g.permuted ? block + g.permutation_offset() + heads.kv_head * tokens : nullptr;
+    const std::uint8_t* order =
+        packed && g.permuted ? block + g.permutation_offset() + heads.kv_head * tokens : nullptr;
     const int first = packed ? 0 : (unit - p.seq.num_blocks) * tokens;
     const int count = packed ? tokens : min(tokens, p.seq.tail_len - first);
     for (int pair = threadIdx.x; pair < heads.count * tokens; pair += kThreads) {
@@ -463,9 +471,8 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
 }
 
 // One CTA per block: payload = sum of 2 * width over every pack of every section.
-__global__ void __launch_bounds__(kThreads) block_stats_kernel(format::BlockGeometry g,
-                                                               const std::uint8_t* const* blocks,
-                                                               unsigned long long* counters) {
+__global__ void __launch_bounds__(kThreads)
+    block_stats_kernel(format::BlockGeometry g, const std::uint8_t* const* blocks, unsigned long long* counters) {
   __shared__ unsigned long long warp_sums[kWarps];
   const std::uint8_t* block = blocks[blockIdx.x];
   const SectionLayout layouts[2] = {g.k_layout(), g.v_layout()};
@@ -476,8 +483,8 @@ __global__ void __launch_bounds__(kThreads) block_stats_kernel(format::BlockGeom
     const format::HeadEntry entry = head_entry(block, g, head);
     const std::uint8_t* section = block + (which == 0 ? entry.k_offset : entry.v_offset);
     const SectionLayout& layout = layouts[which];
-    payload += 2 * format::descriptor_width(format::load_descriptor(section + layout.desc_offset, pack,
-                                                                    layout.desc_bytes));
+    payload +=
+        2 * format::descriptor_width(format::load_descriptor(section + layout.desc_offset, pack, layout.desc_bytes));
   }
   for (int offset = 16; offset > 0; offset >>= 1) payload += __shfl_xor_sync(kFullMask, payload, offset);
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = payload;
@@ -506,7 +513,8 @@ cudaError_t launch_attention(const AttentionParams<T>& p, cudaStream_t stream) {
   cudaError_t status = allow_shared(attention_split_kernel<T>, shared);
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(p.num_splits),
-                  static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups), static_cast<unsigned>(p.batch));
+                  static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups),
+                  static_cast<unsigned>(p.batch));
   PACKKV_LAUNCH(attention_split_kernel<T>, grid, kThreads, shared, stream, p);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
@@ -560,10 +568,10 @@ cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_
   return cudaGetLastError();
 }
 
-#define PACKKV_INSTANTIATE_READERS(T)                                                        \
-  template cudaError_t launch_attention<T>(const AttentionParams<T>&, cudaStream_t);         \
-  template cudaError_t launch_scores<T>(const ScoresParams<T>&, cudaStream_t);               \
-  template cudaError_t launch_attn_v<T>(const AttnVParams<T>&, cudaStream_t);                \
+#define PACKKV_INSTANTIATE_READERS(T)                                                \
+  template cudaError_t launch_attention<T>(const AttentionParams<T>&, cudaStream_t); \
+  template cudaError_t launch_scores<T>(const ScoresParams<T>&, cudaStream_t);       \
+  template cudaError_t launch_attn_v<T>(const AttnVParams<T>&, cudaStream_t);        \
   template cudaError_t launch_read_back<T>(const ReadBackParams<T>&, cudaStream_t);
 PACKKV_INSTANTIATE_READERS(float)
 PACKKV_INSTANTIATE_READERS(fp16_t)

@@ -6,6 +6,7 @@
 // it never depends on its encoded size. That is what lets append and attention run without a
 // device-to-host synchronisation.
 #include <cuda_runtime.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <atomic>
@@ -15,8 +16,6 @@
 #include <map>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "cuda_support.hpp"
 #include "launch.hpp"
@@ -29,8 +28,8 @@ namespace cuda::detail {
 
 void check_cuda(cudaError_t status, const char* what) {
   if (status == cudaSuccess) return;
-  ::packkv::detail::throw_error(fmt::format("CUDA backend: {} failed: {} ({})", what, cudaGetErrorString(status),
-                                            cudaGetErrorName(status)));
+  ::packkv::detail::throw_error(
+      fmt::format("CUDA backend: {} failed: {} ({})", what, cudaGetErrorString(status), cudaGetErrorName(status)));
 }
 
 void throw_device_error(const DeviceError& e, ErrorOrigin origin) {
@@ -48,10 +47,10 @@ void throw_device_error(const DeviceError& e, ErrorOrigin origin) {
         "parameters in fp16){}",
         where, tensor, e.value, e.token, e.head, e.channel, consequence));
   }
-  ::packkv::detail::throw_error(fmt::format(
-      "{}: {} {} {} of head {} spans [{}, {}], too wide for an fp16 step at this rel (use a smaller rel){}", where,
-      tensor, e.channel < 0 ? "token" : "channel", e.channel < 0 ? e.token : e.channel, e.head, e.value, e.value2,
-      consequence));
+  ::packkv::detail::throw_error(
+      fmt::format("{}: {} {} {} of head {} spans [{}, {}], too wide for an fp16 step at this rel (use a smaller rel){}",
+                  where, tensor, e.channel < 0 ? "token" : "channel", e.channel < 0 ? e.token : e.channel, e.head,
+                  e.value, e.value2, consequence));
 }
 
 DeviceBuffer::DeviceBuffer(std::size_t bytes, cudaStream_t stream) : bytes_(bytes), stream_(stream) {
@@ -91,9 +90,7 @@ class PagePool {
   std::size_t pages() const { return pages_.size(); }
   std::size_t reserved_bytes() const { return pages_.size() * page_bytes_; }
   std::size_t pages_in_use() const { return pages_.size() - free_.size(); }
-  std::size_t pages_to_allocate(std::size_t wanted) const {
-    return wanted > free_.size() ? wanted - free_.size() : 0;
-  }
+  std::size_t pages_to_allocate(std::size_t wanted) const { return wanted > free_.size() ? wanted - free_.size() : 0; }
   void reserve(std::size_t wanted, cudaStream_t stream) {
     for (std::size_t n = pages_to_allocate(wanted); n > 0; --n) {
       DeviceBuffer page(page_bytes_, stream);
@@ -214,8 +211,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     check_cuda(cudaHostAlloc(&host, sizeof(DeviceError), cudaHostAllocMapped), "cudaHostAlloc (error record)");
     error_host_ = static_cast<DeviceError*>(host);
     std::memset(host, 0, sizeof(DeviceError));
-    check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), host, 0),
-               "cudaHostGetDevicePointer");
+    check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), host, 0), "cudaHostGetDevicePointer");
     error_claim_ = DeviceBuffer(sizeof(int), stream_);
     check_cuda(cudaMemsetAsync(error_claim_.data(), 0, sizeof(int), stream_), "error claim initialisation");
   }
@@ -293,16 +289,16 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     std::size_t page_list_capacity = layer.page_list_capacity;
     while (page_list_capacity < pages_wanted) page_list_capacity = std::max<std::size_t>(16, 2 * page_list_capacity);
     const std::size_t staging_bytes = static_cast<std::size_t>(round_blocks) * (slot_bytes_ + 4);
-    const std::size_t extra = pool_.pages_to_allocate(new_pages) * pool_.page_bytes() +
-                              (table_capacity - layer.table_capacity + page_list_capacity -
-                               layer.page_list_capacity) * sizeof(void*) +
-                              (staging_bytes > staging_.bytes() ? staging_bytes - staging_.bytes() : 0);
+    const std::size_t extra =
+        pool_.pages_to_allocate(new_pages) * pool_.page_bytes() +
+        (table_capacity - layer.table_capacity + page_list_capacity - layer.page_list_capacity) * sizeof(void*) +
+        (staging_bytes > staging_.bytes() ? staging_bytes - staging_.bytes() : 0);
     check_budget(extra, fmt::format("append to sequence {} layer {}", id, layer_index));
     pool_.reserve(new_pages, stream_);
-    if (table_capacity != layer.table_capacity) grow(layer.table, layer.table_capacity, table_capacity,
-                                                     static_cast<std::size_t>(layer.num_blocks));
-    if (page_list_capacity != layer.page_list_capacity) grow(layer.page_list, layer.page_list_capacity,
-                                                             page_list_capacity, layer.pages.size());
+    if (table_capacity != layer.table_capacity)
+      grow(layer.table, layer.table_capacity, table_capacity, static_cast<std::size_t>(layer.num_blocks));
+    if (page_list_capacity != layer.page_list_capacity)
+      grow(layer.page_list, layer.page_list_capacity, page_list_capacity, layer.pages.size());
     if (staging_.bytes() < staging_bytes) staging_ = DeviceBuffer(staging_bytes, stream_);
     add_pages(layer, new_pages);
 
@@ -380,8 +376,8 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
       params.q = q + first * q_stride;
       params.out = out + first * q_stride;
       params.softmax_scale = scale;
-      params.partials = workspace(static_cast<std::size_t>(count) * cfg_.num_q_heads * split.splits *
-                                  (cfg_.head_dim + 2));
+      params.partials =
+          workspace(static_cast<std::size_t>(count) * cfg_.num_q_heads * split.splits * (cfg_.head_dim + 2));
       check_cuda(launch_attention(params, stream_), "attention kernel launch");
     }
   }
@@ -444,20 +440,20 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     for (const auto& [id, seq] : sequences_) {
       for (std::size_t li = 0; li < seq.layers.size(); ++li) {
         const Layer& layer = seq.layers[li];
-        check_cuda(launch_block_stats(geometry_, static_cast<const std::uint8_t* const*>(layer.table.data()),
-                                      layer.num_blocks, static_cast<unsigned long long*>(device_counters.data()) + 2 * li,
-                                      stream_),
-                   "block statistics kernel launch");
+        check_cuda(
+            launch_block_stats(geometry_, static_cast<const std::uint8_t* const*>(layer.table.data()), layer.num_blocks,
+                               static_cast<unsigned long long*>(device_counters.data()) + 2 * li, stream_),
+            "block statistics kernel launch");
       }
     }
-    check_cuda(cudaMemcpyAsync(counters.data(), device_counters.data(), device_counters.bytes(),
-                               cudaMemcpyDeviceToHost, stream_),
+    check_cuda(cudaMemcpyAsync(counters.data(), device_counters.data(), device_counters.bytes(), cudaMemcpyDeviceToHost,
+                               stream_),
                "memory_stats download");
     check_cuda(cudaStreamSynchronize(stream_), "memory_stats");
 
     const format::SectionLayout kl = geometry_.k_layout(), vl = geometry_.v_layout();
-    const std::size_t params = static_cast<std::size_t>(geometry_.num_heads) * (kl.param_count + vl.param_count) *
-                               sizeof(format::Params);
+    const std::size_t params =
+        static_cast<std::size_t>(geometry_.num_heads) * (kl.param_count + vl.param_count) * sizeof(format::Params);
     const std::size_t descs =
         static_cast<std::size_t>(geometry_.num_heads) * kl.rounds * kl.head_dim * (kl.desc_bytes + vl.desc_bytes);
     const std::size_t token_bytes = row_ * 2 * sizeof(T);
@@ -522,15 +518,15 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   };
   struct Layer {
     int num_blocks = 0;
-    DeviceBuffer table;                   // device: std::uint8_t*[table_capacity]
+    DeviceBuffer table;  // device: std::uint8_t*[table_capacity]
     std::size_t table_capacity = 0;
-    std::vector<std::uint8_t*> pages;     // pages owned, in placement order
-    DeviceBuffer page_list;               // device copy of `pages`
+    std::vector<std::uint8_t*> pages;  // pages owned, in placement order
+    DeviceBuffer page_list;            // device copy of `pages`
     std::size_t page_list_capacity = 0;
-    std::size_t progress_word = 0;        // index into progress_
-    std::uint32_t seen_page = 0;          // cursor after the last placement seen complete
+    std::size_t progress_word = 0;  // index into progress_
+    std::uint32_t seen_page = 0;    // cursor after the last placement seen complete
     std::uint32_t seen_offset = 0;
-    std::deque<UnseenPlacement> unseen;   // placements queued but not yet seen complete
+    std::deque<UnseenPlacement> unseen;  // placements queued but not yet seen complete
     int tail_start = 0;
     int tail_len = 0;
     std::int64_t length = 0;
@@ -545,9 +541,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     int units_per_split;
   };
 
-  const Layer& layer_of(SeqId id, int layer) const {
-    return sequences_.at(id).layers[static_cast<std::size_t>(layer)];
-  }
+  const Layer& layer_of(SeqId id, int layer) const { return sequences_.at(id).layers[static_cast<std::size_t>(layer)]; }
   std::size_t ring_elems() const { return static_cast<std::size_t>(tail_cap_) * row_; }
   std::size_t ring_bytes_per_sequence() const {
     return static_cast<std::size_t>(cfg_.num_layers) * 2 * ring_elems() * sizeof(T);
@@ -634,10 +628,9 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   void validate_now(SeqId id, int layer_index, const Layer& layer, const T* k, const T* v, int n_tokens) {
     check_cuda(cudaStreamSynchronize(stream_), "append (strict validation)");
     raise_device_error();  // an earlier kernel's report is not this append's
-    const ErrorContext errors{error_device_, static_cast<int*>(error_claim_.data()), id, layer_index,
-                              layer.length};
-    check_cuda(launch_validate(k, v, n_tokens, cfg_.num_kv_heads, cfg_.head_dim, codec_.k_max_code,
-                               codec_.v_max_code, cfg_.k_mode == QuantMode::per_token, errors, stream_),
+    const ErrorContext errors{error_device_, static_cast<int*>(error_claim_.data()), id, layer_index, layer.length};
+    check_cuda(launch_validate(k, v, n_tokens, cfg_.num_kv_heads, cfg_.head_dim, codec_.k_max_code, codec_.v_max_code,
+                               cfg_.k_mode == QuantMode::per_token, errors, stream_),
                "validation kernel launch");
     check_cuda(cudaStreamSynchronize(stream_), "append (strict validation)");
     raise_device_error(ErrorOrigin::strict_append);
@@ -647,8 +640,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   void grow(DeviceBuffer& array, std::size_t& capacity, std::size_t new_capacity, std::size_t used) {
     DeviceBuffer bigger(new_capacity * sizeof(void*), stream_);
     if (used != 0) {
-      check_cuda(cudaMemcpyAsync(bigger.data(), array.data(), used * sizeof(void*), cudaMemcpyDeviceToDevice,
-                                 stream_),
+      check_cuda(cudaMemcpyAsync(bigger.data(), array.data(), used * sizeof(void*), cudaMemcpyDeviceToDevice, stream_),
                  "device table growth");
     }
     array = std::move(bigger);
@@ -665,14 +657,13 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
       for (std::size_t i = 0; i < count; ++i) entries.blocks[i] = host[first + i];
       check_cuda(launch_write_table(device, entries, stream_), "pointer table kernel launch");
     } else {
-      check_cuda(cudaMemcpyAsync(device, host.data() + first, count * sizeof(std::uint8_t*), cudaMemcpyHostToDevice,
-                                 stream_),
-                 "pointer table upload");
+      check_cuda(
+          cudaMemcpyAsync(device, host.data() + first, count * sizeof(std::uint8_t*), cudaMemcpyHostToDevice, stream_),
+          "pointer table upload");
     }
   }
 
-  TokenSource<T> token_source(const Sequence& seq, int layer_index, const Layer& layer, const T* k,
-                              const T* v) const {
+  TokenSource<T> token_source(const Sequence& seq, int layer_index, const Layer& layer, const T* k, const T* v) const {
     TokenSource<T> s{};
     s.tail_k = ring_k(seq, layer_index);
     s.tail_v = ring_v(seq, layer_index);

@@ -1,13 +1,13 @@
 // packkv::cuda::encode_blocks: the append path's encoder kernel, callable on its own.
+#include "packkv/cuda/device_codec.hpp"
+
 #include <cuda_runtime.h>
+#include <fmt/format.h>
 
 #include <cstring>
 
-#include <fmt/format.h>
-
 #include "cuda_support.hpp"
 #include "launch.hpp"
-#include "packkv/cuda/device_codec.hpp"
 #include "packkv/error.hpp"
 
 namespace packkv::cuda {
@@ -66,9 +66,9 @@ void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_bl
 
 template void encode_blocks<float>(const CodecParams&, const float*, const float*, int, std::uint8_t*, std::size_t,
                                    std::uint32_t*, void*);
-template void encode_blocks<fp16_t>(const CodecParams&, const fp16_t*, const fp16_t*, int, std::uint8_t*,
-                                    std::size_t, std::uint32_t*, void*);
-template void encode_blocks<bf16_t>(const CodecParams&, const bf16_t*, const bf16_t*, int, std::uint8_t*,
-                                    std::size_t, std::uint32_t*, void*);
+template void encode_blocks<fp16_t>(const CodecParams&, const fp16_t*, const fp16_t*, int, std::uint8_t*, std::size_t,
+                                    std::uint32_t*, void*);
+template void encode_blocks<bf16_t>(const CodecParams&, const bf16_t*, const bf16_t*, int, std::uint8_t*, std::size_t,
+                                    std::uint32_t*, void*);
 
 }  // namespace packkv::cuda

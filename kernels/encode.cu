@@ -36,14 +36,14 @@ __device__ void record_error(const ErrorContext& ctx, int kind, int tensor, std:
 __device__ __forceinline__ bool storable(float x) { return isfinite(x) && fabsf(x) <= kFp16Max; }
 
 struct EncoderShared {
-  std::uint8_t* k_codes;   // [block_tokens][head_dim], arrival order
+  std::uint8_t* k_codes;  // [block_tokens][head_dim], arrival order
   std::uint8_t* v_codes;
-  Params* k_params;        // per token, or per channel
+  Params* k_params;  // per token, or per channel
   Params* v_params;
   std::uint8_t* keys;
-  std::uint8_t* order;     // packed position -> arrival position
+  std::uint8_t* order;  // packed position -> arrival position
   std::uint32_t* scan;
-  std::uint32_t* scalar;   // one broadcast word
+  std::uint32_t* scalar;  // one broadcast word
 };
 
 __host__ __device__ constexpr std::size_t align16(std::size_t n) { return (n + 15) / 16 * 16; }
@@ -329,9 +329,9 @@ __global__ void __launch_bounds__(kThreads) tail_write_kernel(const TailWritePar
 
 // Strict mode: one warp per (token, head, tensor) row, the same checks the encoder makes.
 template <class T>
-__global__ void __launch_bounds__(kThreads) validate_kernel(const T* k, const T* v, int n_tokens, int num_heads,
-                                                            int head_dim, int k_max_code, int v_max_code,
-                                                            int k_per_token, ErrorContext errors) {
+__global__ void __launch_bounds__(kThreads)
+    validate_kernel(const T* k, const T* v, int n_tokens, int num_heads, int head_dim, int k_max_code, int v_max_code,
+                    int k_per_token, ErrorContext errors) {
   const int lane = threadIdx.x & 31;
   const std::int64_t rows = static_cast<std::int64_t>(n_tokens) * num_heads * 2;
   const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * kWarps;
@@ -356,22 +356,39 @@ __global__ void __launch_bounds__(kThreads) validate_kernel(const T* k, const T*
   }
 }
 
-// One thread: placement is a sequential walk (a block that does not fit starts the next page).
+// Placement is a sequential walk (a block that does not fit starts the next page), but its inputs
+// and outputs need not be: one warp loads 32 sizes at once, lane 0 walks them in shared memory,
+// and every lane writes its block's table entry. A prefill of thousands of blocks then costs a
+// few global round trips per 32 blocks instead of per block.
 __global__ void place_kernel(const PlaceParams p) {
-  if (threadIdx.x != 0) return;
-  PlacementCursor cursor = *p.cursor;
-  for (int b = 0; b < p.num_blocks; ++b) {
-    const std::uint32_t size = p.sizes[b];
-    if (cursor.offset + size > p.page_bytes) {
-      ++cursor.page;
-      cursor.offset = 0;
+  __shared__ std::uint32_t sizes[32], pages[32], offsets[32];
+  __shared__ PlacementCursor cursor;
+  const int lane = threadIdx.x;
+  if (lane == 0) cursor = *p.cursor;
+  for (int first = 0; first < p.num_blocks; first += 32) {
+    const int count = p.num_blocks - first < 32 ? p.num_blocks - first : 32;
+    if (lane < count) sizes[lane] = p.sizes[first + lane];
+    __syncwarp();
+    if (lane == 0) {
+      for (int i = 0; i < count; ++i) {
+        if (cursor.offset + sizes[i] > p.page_bytes) {
+          ++cursor.page;
+          cursor.offset = 0;
+        }
+        pages[i] = cursor.page;
+        offsets[i] = cursor.offset;
+        cursor.offset += sizes[i];
+      }
     }
-    p.table[b] = p.pages[cursor.page] + cursor.offset;
-    cursor.offset += size;
+    __syncwarp();
+    if (lane < count) p.table[first + lane] = p.pages[pages[lane]] + offsets[lane];
+    __syncwarp();
   }
-  *p.cursor = cursor;
-  *reinterpret_cast<volatile unsigned long long*>(p.progress) = pack_progress(p.launch, cursor.page, cursor.offset);
-  __threadfence_system();
+  if (lane == 0) {
+    *p.cursor = cursor;
+    *reinterpret_cast<volatile unsigned long long*>(p.progress) = pack_progress(p.launch, cursor.page, cursor.offset);
+    __threadfence_system();
+  }
 }
 
 // Sizes and offsets are multiples of 16 and staging slots and pages 256-byte aligned: 16-byte copies.
@@ -400,8 +417,8 @@ template <class T>
 cudaError_t launch_encode(const EncodeParams<T>& params, int num_blocks, cudaStream_t stream) {
   if (num_blocks <= 0) return cudaSuccess;
   const std::size_t shared = encode_shared_bytes(params.geometry);
-  cudaError_t status = cudaFuncSetAttribute(encode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(shared));
+  cudaError_t status =
+      cudaFuncSetAttribute(encode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
   if (status != cudaSuccess) return status;
   PACKKV_LAUNCH(encode_kernel<T>, num_blocks, kThreads, shared, stream, params);
   return cudaGetLastError();
@@ -439,10 +456,10 @@ cudaError_t launch_write_table(std::uint8_t** table, TableEntries entries, cudaS
   return cudaGetLastError();
 }
 
-#define PACKKV_INSTANTIATE_ENCODE(T)                                                                          \
-  template cudaError_t launch_encode<T>(const EncodeParams<T>&, int, cudaStream_t);                            \
-  template cudaError_t launch_tail_write<T>(const TailWriteParams<T>&, cudaStream_t);                          \
-  template cudaError_t launch_validate<T>(const T*, const T*, int, int, int, int, int, bool, ErrorContext,    \
+#define PACKKV_INSTANTIATE_ENCODE(T)                                                                       \
+  template cudaError_t launch_encode<T>(const EncodeParams<T>&, int, cudaStream_t);                        \
+  template cudaError_t launch_tail_write<T>(const TailWriteParams<T>&, cudaStream_t);                      \
+  template cudaError_t launch_validate<T>(const T*, const T*, int, int, int, int, int, bool, ErrorContext, \
                                           cudaStream_t);
 PACKKV_INSTANTIATE_ENCODE(float)
 PACKKV_INSTANTIATE_ENCODE(fp16_t)

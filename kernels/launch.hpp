@@ -19,13 +19,13 @@ namespace packkv::cuda::detail {
 /// plain stores reach it (atomics on host memory are not portable over PCIe): which thread
 /// reports is decided by an atomic on a claim word in device memory.
 struct DeviceError {
-  int ready;     ///< set once the fields below are written
+  int ready;  ///< set once the fields below are written
   int reserved0;
-  int kind;      ///< ErrorKind
-  int tensor;    ///< 0: K, 1: V
+  int kind;    ///< ErrorKind
+  int tensor;  ///< 0: K, 1: V
   int layer;
   int head;
-  int channel;   ///< -1 when the error concerns a whole token or channel range
+  int channel;  ///< -1 when the error concerns a whole token or channel range
   int reserved;
   std::uint64_t sequence;
   std::int64_t token;  ///< position in the sequence
@@ -58,11 +58,11 @@ struct TokenSource {
 };
 
 struct ErrorContext {
-  DeviceError* error;          ///< may be null (then invalid values are not reported)
-  int* claim;                  ///< device memory, 0 until a thread reports
+  DeviceError* error;  ///< may be null (then invalid values are not reported)
+  int* claim;          ///< device memory, 0 until a thread reports
   std::uint64_t sequence;
   int layer;
-  std::int64_t first_token;    ///< sequence position of source token 0
+  std::int64_t first_token;  ///< sequence position of source token 0
 };
 
 template <class T>
@@ -75,7 +75,7 @@ struct EncodeParams {
   std::uint8_t* const* out_table;  ///< block b goes to out_table[b] when not null ...
   std::uint8_t* out_base;          ///< ... else to out_base + b * out_stride
   std::size_t out_stride;
-  std::uint32_t* block_sizes;      ///< optional: receives each block's size
+  std::uint32_t* block_sizes;  ///< optional: receives each block's size
   ErrorContext errors;
 };
 
@@ -135,18 +135,18 @@ PACKKV_HOST_DEVICE constexpr std::uint32_t progress_offset(unsigned long long w)
 }
 
 /// Moves encoded blocks from worst-case staging slots to their tight place in the layer's pages:
-/// one thread walks the blocks in order (a block that does not fit the current page starts the
+/// one warp walks the blocks in order (a block that does not fit the current page starts the
 /// next one) and writes the block table; then one CTA per block copies it.
 struct PlaceParams {
-  const std::uint8_t* staging;        ///< block b at staging + b * staging_stride
+  const std::uint8_t* staging;  ///< block b at staging + b * staging_stride
   std::size_t staging_stride;
-  const std::uint32_t* sizes;         ///< encoded sizes, from the encoder
+  const std::uint32_t* sizes;  ///< encoded sizes, from the encoder
   int num_blocks;
-  std::uint8_t* const* pages;         ///< the layer's page list
+  std::uint8_t* const* pages;  ///< the layer's page list
   std::uint32_t page_bytes;
-  PlacementCursor* cursor;            ///< device memory, updated
-  std::uint8_t** table;               ///< entries [0, num_blocks) are written
-  unsigned long long* progress;       ///< mapped host memory: pack_progress(launch, cursor)
+  PlacementCursor* cursor;       ///< device memory, updated
+  std::uint8_t** table;          ///< entries [0, num_blocks) are written
+  unsigned long long* progress;  ///< mapped host memory: pack_progress(launch, cursor)
   std::uint32_t launch;
 };
 cudaError_t launch_place_blocks(const PlaceParams& params, cudaStream_t stream);
@@ -185,9 +185,9 @@ inline constexpr int kMaxBatchPerLaunch = 32;
 struct ReadShape {
   format::BlockGeometry geometry;
   int num_q_heads;
-  int group;           ///< query heads per KV head
-  int heads_per_cta;   ///< min(group, kMaxHeadsPerCta)
-  int subgroups;       ///< ceil(group / heads_per_cta)
+  int group;          ///< query heads per KV head
+  int heads_per_cta;  ///< min(group, kMaxHeadsPerCta)
+  int subgroups;      ///< ceil(group / heads_per_cta)
 };
 
 template <class T>
@@ -195,12 +195,12 @@ struct AttentionParams {
   ReadShape shape;
   SeqView<T> seqs[kMaxBatchPerLaunch];
   int batch;
-  const T* q;            ///< [batch][num_q_heads][head_dim]
+  const T* q;  ///< [batch][num_q_heads][head_dim]
   T* out;
   float softmax_scale;
   int units_per_split;
   int num_splits;
-  float* partials;       ///< [batch][num_q_heads][num_splits][head_dim + 2]: acc, max, sum
+  float* partials;  ///< [batch][num_q_heads][num_splits][head_dim + 2]: acc, max, sum
 };
 
 template <class T>
@@ -210,8 +210,8 @@ template <class T>
 struct ScoresParams {
   ReadShape shape;
   SeqView<T> seq;
-  const T* q;          ///< [num_q_heads][head_dim]
-  float* scores;       ///< [num_q_heads][length]
+  const T* q;     ///< [num_q_heads][head_dim]
+  float* scores;  ///< [num_q_heads][length]
   std::int64_t length;
 };
 template <class T>
@@ -226,7 +226,7 @@ struct AttnVParams {
   std::int64_t length;
   int units_per_split;
   int num_splits;
-  float* partials;       ///< [num_q_heads][num_splits][head_dim]
+  float* partials;  ///< [num_q_heads][num_splits][head_dim]
 };
 template <class T>
 cudaError_t launch_attn_v(const AttnVParams<T>& params, cudaStream_t stream);

@@ -6,10 +6,9 @@
 // Counters: fp16_GBps (bytes a dense fp16 cache would read / time), packed_GBps (compressed bytes
 // read / time), pct_copy (packed_GBps against the measured copy bandwidth), speedup (dense time /
 // this time). A summary table is printed after the Google Benchmark output.
+#include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
-
-#include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <cmath>
@@ -44,8 +43,8 @@ void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 void check(cublasStatus_t status, const char* what) {
-  if (status != CUBLAS_STATUS_SUCCESS) throw std::runtime_error(std::string(what) + ": cuBLAS status " +
-                                                                std::to_string(static_cast<int>(status)));
+  if (status != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error(std::string(what) + ": cuBLAS status " + std::to_string(static_cast<int>(status)));
 }
 
 /// cudaMalloc'd memory, freed on destruction.
@@ -53,7 +52,9 @@ template <class T>
 class Device {
  public:
   Device() = default;
-  explicit Device(std::size_t n) : n_(n) { check(cudaMalloc(&p_, std::max<std::size_t>(n, 1) * sizeof(T)), "cudaMalloc"); }
+  explicit Device(std::size_t n) : n_(n) {
+    check(cudaMalloc(&p_, std::max<std::size_t>(n, 1) * sizeof(T)), "cudaMalloc");
+  }
   ~Device() { cudaFree(p_); }
   Device(Device&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(o.n_) {}
   Device& operator=(Device&& o) noexcept {
@@ -95,7 +96,7 @@ struct Fixture {
   Device<fp16_t> weights16;                     // [batch * kv_heads][group][len]
   Device<float> av_out;                         // [batch][q_heads][dim]
   Device<float> partials;
-  Device<float> unpacked_k, unpacked_v;         // one sequence, [len][kv_heads][dim]
+  Device<float> unpacked_k, unpacked_v;  // one sequence, [len][kv_heads][dim]
   std::size_t packed_bytes_per_replica = 0;
   int dense_splits = 1;
 
@@ -178,8 +179,8 @@ Fixture& fixture_for(const Shape& shape) {
   check(packkv::bench::fill_random(f->weights16.get(), f->weights16.size(), 96, 1.0f / len, g_stream),
         "fill weights16");
   const int base_ctas = shape.batch * m.kv_heads;
-  f->dense_splits = static_cast<int>(std::clamp<std::int64_t>((2 * g_sm_count + base_ctas - 1) / base_ctas, 1,
-                                                              std::max<std::int64_t>(1, len / 256)));
+  f->dense_splits = static_cast<int>(
+      std::clamp<std::int64_t>((2 * g_sm_count + base_ctas - 1) / base_ctas, 1, std::max<std::int64_t>(1, len / 256)));
   f->partials = Device<float>(static_cast<std::size_t>(shape.batch) * m.q_heads * f->dense_splits * (m.dim + 2));
   check(cudaStreamSynchronize(g_stream), "fixture setup");
   g_fixture = std::move(f);
@@ -234,9 +235,8 @@ void bench_copy(benchmark::State& state) {
   const std::size_t bytes = std::size_t{1} << 30;
   Device<std::uint8_t> a(bytes), b(bytes);
   check(cudaMemsetAsync(a.get(), 1, bytes, g_stream), "memset");
-  run_timed(state, "copy", "copy", 1, 2.0 * bytes, 0, [&](int) {
-    check(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, g_stream), "copy");
-  });
+  run_timed(state, "copy", "copy", 1, 2.0 * bytes, 0,
+            [&](int) { check(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, g_stream), "copy"); });
   g_copy_gbps = g_results[{"copy", "copy"}].fp16_gbps;
   state.counters["copy_GBps"] = g_copy_gbps;
 }
@@ -267,13 +267,20 @@ void bench_encode(benchmark::State& state, Model m, std::int64_t len) {
 enum class Op { kq_cublas, kq_packed, kq_unfused, av_cublas, av_packed, attention_dense, attention_packed };
 const char* op_name(Op op) {
   switch (op) {
-    case Op::kq_cublas: return "kq_cublas";
-    case Op::kq_packed: return "kq_packed";
-    case Op::kq_unfused: return "kq_unfused";
-    case Op::av_cublas: return "av_cublas";
-    case Op::av_packed: return "av_packed";
-    case Op::attention_dense: return "attention_dense";
-    case Op::attention_packed: return "attention_packed";
+    case Op::kq_cublas:
+      return "kq_cublas";
+    case Op::kq_packed:
+      return "kq_packed";
+    case Op::kq_unfused:
+      return "kq_unfused";
+    case Op::av_cublas:
+      return "av_cublas";
+    case Op::av_packed:
+      return "av_packed";
+    case Op::attention_dense:
+      return "attention_dense";
+    case Op::attention_packed:
+      return "attention_packed";
   }
   return "?";
 }
@@ -292,8 +299,8 @@ void bench_op(benchmark::State& state, Shape shape, Op op) {
       case Op::kq_cublas:
         run_timed(state, label, op_name(op), f.replicas, half_dense, 0, [&](int r) {
           check(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(len), group, m.dim,
-                                           &one, f.dense_k.get() + r * f.dense_elems_per_replica(), CUDA_R_16F,
-                                           m.dim, len * m.dim, f.q.get(), CUDA_R_16F, m.dim,
+                                           &one, f.dense_k.get() + r * f.dense_elems_per_replica(), CUDA_R_16F, m.dim,
+                                           len * m.dim, f.q.get(), CUDA_R_16F, m.dim,
                                            static_cast<long long>(group) * m.dim, &zero, f.scores.get(), CUDA_R_32F,
                                            static_cast<int>(len), static_cast<long long>(group) * len,
                                            shape.batch * m.kv_heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
@@ -331,8 +338,8 @@ void bench_op(benchmark::State& state, Shape shape, Op op) {
       case Op::av_cublas:
         run_timed(state, label, op_name(op), f.replicas, half_dense, 0, [&](int r) {
           check(cublasGemmStridedBatchedEx(g_cublas, CUBLAS_OP_N, CUBLAS_OP_N, m.dim, group, static_cast<int>(len),
-                                           &one, f.dense_v.get() + r * f.dense_elems_per_replica(), CUDA_R_16F,
-                                           m.dim, len * m.dim, f.weights16.get(), CUDA_R_16F, static_cast<int>(len),
+                                           &one, f.dense_v.get() + r * f.dense_elems_per_replica(), CUDA_R_16F, m.dim,
+                                           len * m.dim, f.weights16.get(), CUDA_R_16F, static_cast<int>(len),
                                            static_cast<long long>(group) * len, &zero, f.av_out.get(), CUDA_R_32F,
                                            m.dim, static_cast<long long>(group) * m.dim, shape.batch * m.kv_heads,
                                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
@@ -394,8 +401,8 @@ void print_summary() {
         auto ratio = [](const Result& dense, const Result& packed) {
           return packed.microseconds > 0 ? dense.microseconds / packed.microseconds : 0.0;
         };
-        std::printf("%-24s %9.1f %9.2f %9.1f %9.2f %9.1f %9.2f %8.0f\n", label.c_str(), kq.microseconds,
-                    ratio(kqd, kq), av.microseconds, ratio(avd, av), at.microseconds, ratio(atd, at),
+        std::printf("%-24s %9.1f %9.2f %9.1f %9.2f %9.1f %9.2f %8.0f\n", label.c_str(), kq.microseconds, ratio(kqd, kq),
+                    av.microseconds, ratio(avd, av), at.microseconds, ratio(atd, at),
                     g_copy_gbps > 0 ? 100.0 * at.packed_gbps / g_copy_gbps : 0.0);
       }
     }
@@ -403,8 +410,9 @@ void print_summary() {
   for (const Model& m : kModels) {
     const std::string label = Shape{m, 32768, 1}.label();
     auto it = g_results.find({label, "encode"});
-    if (it != g_results.end()) std::printf("encode %-17s %9.1f us  %7.1f GB/s of fp16 input\n", label.c_str(),
-                                           it->second.microseconds, it->second.fp16_gbps);
+    if (it != g_results.end())
+      std::printf("encode %-17s %9.1f us  %7.1f GB/s of fp16 input\n", label.c_str(), it->second.microseconds,
+                  it->second.fp16_gbps);
   }
   std::printf("(x: dense time / packed time; Kq and AV vs cuBLAS fp16, attn vs dense fp16 flash-decoding)\n");
 }
@@ -433,7 +441,7 @@ int main(int argc, char** argv) {
                                            [m](benchmark::State& s) { bench_encode(s, m, 32768); }));
   }
   // Dense ops first within a shape, so the packed ops can report their speed-up.
-  const Op order[] = {Op::kq_cublas, Op::av_cublas, Op::attention_dense, Op::kq_packed,
+  const Op order[] = {Op::kq_cublas,  Op::av_cublas, Op::attention_dense, Op::kq_packed,
                       Op::kq_unfused, Op::av_packed, Op::attention_packed};
   for (const Model& m : kModels) {
     for (std::int64_t ctx : kContexts) {

@@ -82,7 +82,8 @@ __global__ void __launch_bounds__(kThreads) dense_split_kernel(const DenseAttent
   const std::size_t head_offset = (static_cast<std::size_t>(b) * a.kv_heads + kv_head) * a.len * dim;
   const __half* k = reinterpret_cast<const __half*>(a.k) + head_offset;
   const __half* v = reinterpret_cast<const __half*>(a.v) + head_offset;
-  const __half* q = reinterpret_cast<const __half*>(a.q) + (static_cast<std::size_t>(b) * a.q_heads + kv_head * group) * dim;
+  const __half* q =
+      reinterpret_cast<const __half*>(a.q) + (static_cast<std::size_t>(b) * a.q_heads + kv_head * group) * dim;
   for (int i = threadIdx.x; i < group * dim; i += kThreads) q_s[i / dim][i % dim] = __half2float(q[i]);
   if (threadIdx.x < kMaxGroup) {
     running_max[threadIdx.x] = -INFINITY;
@@ -201,8 +202,8 @@ cudaError_t fill_random(float* out, std::size_t n, std::uint64_t seed, float sca
 
 cudaError_t token_major_to_head_major(const fp16_t* in, fp16_t* out, std::int64_t len, int heads, int dim,
                                       cudaStream_t stream) {
-  head_major_kernel<<<grid_for(static_cast<std::size_t>(len) * heads * dim), kThreads, 0, stream>>>(in, out, len,
-                                                                                                    heads, dim);
+  head_major_kernel<<<grid_for(static_cast<std::size_t>(len) * heads * dim), kThreads, 0, stream>>>(in, out, len, heads,
+                                                                                                    dim);
   return cudaGetLastError();
 }
 

@@ -17,9 +17,9 @@ namespace {
 using test::convert;
 using test::random_values;
 
-#define PACKKV_SKIP_WITHOUT_GPU()                                                   \
-  do {                                                                               \
-    std::string why;                                                                 \
+#define PACKKV_SKIP_WITHOUT_GPU()                                                     \
+  do {                                                                                \
+    std::string why;                                                                  \
     if (!cuda::device_available(&why)) GTEST_SKIP() << "CUDA tests skipped: " << why; \
   } while (0)
 
@@ -162,8 +162,7 @@ TYPED_TEST(CudaTyped, EncoderBytesEqualCpuForEveryCodeWidth) {
   for (int i = 0; i < 8; ++i) {
     check_encoder_case<TypeParam>({128, 64, 2, rels[i], rels[7 - i], RepackMethod::median, QuantMode::per_token}, 2,
                                   seed++);
-    check_encoder_case<TypeParam>({64, 16, 1, rels[i], rels[i], RepackMethod::none, QuantMode::per_channel}, 2,
-                                  seed++);
+    check_encoder_case<TypeParam>({64, 16, 1, rels[i], rels[i], RepackMethod::none, QuantMode::per_channel}, 2, seed++);
     if (this->HasFatalFailure()) return;
   }
 }
@@ -173,7 +172,8 @@ TYPED_TEST(CudaTyped, EncoderBytesEqualCpuForEveryCodeWidth) {
 /// Feeds the same tokens to a CPU cache (host pointers) and a CUDA cache (device pointers).
 template <class T>
 struct CachePair {
-  explicit CachePair(CacheConfig config) : cpu(with_device(config, Device::cpu)), gpu(with_device(config, Device::cuda)) {}
+  explicit CachePair(CacheConfig config)
+      : cpu(with_device(config, Device::cpu)), gpu(with_device(config, Device::cuda)) {}
   static CacheConfig with_device(CacheConfig c, Device d) {
     c.device = d;
     return c;
@@ -310,9 +310,9 @@ TEST(Cuda, GqaRatiosHeadDimsAndBlockSizesMatchCpu) {
         pair.add(2);
         pair.append(1, 0, 3 * block + 5, seed++);
         pair.append(2, 0, block - 1, seed++);
-        compare_everything(pair, {1, 2}, 0, seed++,
-                           "dim " + std::to_string(dim) + " block " + std::to_string(block) + " group " +
-                               std::to_string(group));
+        compare_everything(
+            pair, {1, 2}, 0, seed++,
+            "dim " + std::to_string(dim) + " block " + std::to_string(block) + " group " + std::to_string(group));
         if (::testing::Test::HasFatalFailure()) return;
       }
     }
@@ -386,7 +386,7 @@ TEST(Cuda, BlocksAreStoredTightlyInPages) {
   c.num_layers = 1;
   CachePair<fp16_t> pair(c);
   pair.add(1);
-  pair.append(1, 0, 64 * 100 + 3, 1);  // a prefill of many blocks
+  pair.append(1, 0, 64 * 100 + 3, 1);                                       // a prefill of many blocks
   for (int step = 0; step < 130; ++step) pair.append(1, 0, 1, 100 + step);  // then decode steps
   const MemoryStats gs = pair.gpu.memory_stats(), cs = pair.cpu.memory_stats();
   EXPECT_EQ(gs.pool.live_bytes, cs.pool.live_bytes);
@@ -447,7 +447,8 @@ TEST(Cuda, StrictModeRejectsBeforeChanging) {
   std::vector<float> k(100 * row, 0.5f), v(100 * row, 0.25f);
   k[70 * row + 130] = 1e6f;
   DeviceArray<float> dk(k), dv(v);
-  test::expect_error([&] { cache.append(1, 0, dk.get(), dv.get(), 100); }, "K value 1000000 at token 70, head 1, channel 2 is NaN");
+  test::expect_error([&] { cache.append(1, 0, dk.get(), dv.get(), 100); },
+                     "K value 1000000 at token 70, head 1, channel 2 is NaN");
   EXPECT_EQ(cache.length(1, 0), 0);
   EXPECT_EQ(cache.memory_stats().total.total(), 0u);
 }

@@ -124,8 +124,7 @@ __device__ inline void unpack_section_to_shared(const std::uint8_t* section, con
 }
 
 /// Loads a section's (step, min) pairs as floats.
-__device__ inline void load_section_params(const std::uint8_t* section, std::uint32_t count, float* step,
-                                           float* min) {
+__device__ inline void load_section_params(const std::uint8_t* section, std::uint32_t count, float* step, float* min) {
   const auto* params = reinterpret_cast<const format::Params*>(section);
   for (std::uint32_t i = threadIdx.x; i < count; i += kThreads) {
     step[i] = fp16_bits_to_float(params[i].step.bits);
@@ -134,7 +133,7 @@ __device__ inline void load_section_params(const std::uint8_t* section, std::uin
 }
 
 __device__ __forceinline__ format::HeadEntry head_entry(const std::uint8_t* block, const format::BlockGeometry& g,
-                                                         int head) {
+                                                        int head) {
   return reinterpret_cast<const format::HeadEntry*>(block + g.directory_offset())[head];
 }
 

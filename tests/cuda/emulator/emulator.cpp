@@ -11,6 +11,10 @@
 
 #include "include/cuda_runtime_api.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 #if defined(__x86_64__)
 extern "C" void packkv_emulator_switch(void** save_stack, void* load_stack);
 asm(R"(
@@ -109,6 +113,10 @@ void fiber_main() {
 }
 
 void start_fiber(Fiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+  // A finished fiber's frames are abandoned, not unwound: clear their redzones before reuse.
+  ASAN_UNPOISON_MEMORY_REGION(f.stack.get(), kStackBytes);
+#endif
 #if defined(__x86_64__)
   // An initial frame that packkv_emulator_switch "returns" into: six zeroed callee-saved
   // registers, then fiber_main's address; the stack is 16-byte aligned at fiber_main's entry.

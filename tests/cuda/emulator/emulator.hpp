@@ -92,6 +92,7 @@ T exchange(T value, int source) {
 #define __align__(n) alignas(n)
 
 inline void __syncthreads() { packkv_emulator::block_barrier(); }
+inline void __syncwarp(unsigned = 0xFFFFFFFFu) { packkv_emulator::warp_barrier(); }
 inline void __threadfence_system() {}
 
 template <class T>
@@ -110,7 +111,8 @@ T __shfl_sync(unsigned, T value, int source) {
 inline unsigned __ballot_sync(unsigned, int predicate) {
   unsigned result = 0;
   // Thirty-two exchanges keep the collective uniform; speed does not matter here.
-  for (int lane = 0; lane < 32; ++lane) result |= (packkv_emulator::exchange(predicate ? 1 : 0, lane) ? 1u : 0u) << lane;
+  for (int lane = 0; lane < 32; ++lane)
+    result |= (packkv_emulator::exchange(predicate ? 1 : 0, lane) ? 1u : 0u) << lane;
   return result;
 }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
