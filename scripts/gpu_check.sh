@@ -63,7 +63,11 @@ fi
 
 gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1 || true)
 [ -n "$gpu" ] || gpu="(nvidia-smi unavailable)"
-commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || cat "$dir/COMMIT" 2>/dev/null || echo unknown)
+if [ "$mode" = prebuilt ] && [ -f "$dir/COMMIT" ]; then
+  commit=$(cut -c1-12 "$dir/COMMIT")
+else
+  commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+fi
 
 if [ "$mode" = prebuilt ]; then
   bin_test=$dir/test_cuda_backend
@@ -102,6 +106,11 @@ if [ -x "$bin_test" ]; then
   timeout 240 "$bin_test" --gtest_brief=1 > "$log_dir/tests.log" 2>&1 || test_status=$?
   cat "$log_dir/tests.log"
   tests_line=$(grep -E '^\[ +(PASSED|FAILED|SKIPPED) +\]' "$log_dir/tests.log" | tr '\n' ' ' || true)
+  # On a GPU machine a skipped CUDA test means the device was not usable: that is a failure here.
+  if [ "$gpu" != "(nvidia-smi unavailable)" ] && grep -q 'CUDA tests skipped' "$log_dir/tests.log"; then
+    test_status=4
+    tests_line="$tests_line -- tests SKIPPED although a GPU is listed"
+  fi
 fi
 
 bench_status=0
