@@ -319,6 +319,29 @@ TEST(Cuda, GqaRatiosHeadDimsAndBlockSizesMatchCpu) {
   }
 }
 
+TEST(Cuda, ExtremeHeadDimsAndBlockSizesMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  std::uint64_t seed = 900;
+  for (int dim : {8, 24, 256}) {
+    for (int block : {16, 256}) {
+      CacheConfig c = base_config();
+      c.num_layers = 1;
+      c.head_dim = dim;
+      c.block_tokens = block;
+      c.num_kv_heads = 3;
+      c.num_q_heads = 9;
+      c.residual_tokens = 5;
+      CachePair<bf16_t> pair(c);
+      pair.add(1);
+      pair.add(2);
+      pair.append(1, 0, 2 * block + 7, seed++);
+      pair.append(2, 0, 3, seed++);
+      compare_everything(pair, {2, 1}, 0, seed++, "dim " + std::to_string(dim) + " block " + std::to_string(block));
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+}
+
 TEST(Cuda, PerChannelKAndNoRepackMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
   for (RepackMethod repack : {RepackMethod::none, RepackMethod::median}) {
