@@ -140,13 +140,40 @@ __device__ void packed_block_scores(const std::uint8_t* block, const format::Blo
     __syncthreads();
     q_rows = s.q_folded;
   }
-  for (int pair = threadIdx.x; pair < heads.count * tokens; pair += kThreads) {
-    const int h = pair / tokens, i = pair % tokens;
-    const float* q = q_rows + h * dim;
-    float dot = 0.0f;
-    for (int c = 0; c < dim; ++c) dot += q[c] * static_cast<float>(s.codes[c * stride + i]);
-    const float score = g.k_per_channel ? dot + s.k_offset[h] : s.step[i] * dot + s.min[i] * s.q_sum[h];
-    s.probs[h * tokens + i] = score * scale;
+  // Four neighbouring threads share four tokens (one 32-bit word of codes per channel) and split
+  // the channels between them: a quarter of the shared-memory loads of one thread per token, and
+  // every thread busy. The loop bound is uniform so that all lanes reach the shuffles.
+  const int words = tokens / 4, items = heads.count * words * 4;
+  for (int base = 0; base < items; base += kThreads) {
+    const int item = base + static_cast<int>(threadIdx.x);
+    const bool active = item < items;
+    const int quarter = item & 3, h = active ? (item >> 2) / words : 0, word = (item >> 2) % words;
+    float dots[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (active) {
+      const float* q = q_rows + h * dim;
+      for (int c = quarter; c < dim; c += 4) {
+        const std::uint32_t packed = *reinterpret_cast<const std::uint32_t*>(s.codes + c * stride + 4 * word);
+        const float qc = q[c];
+        dots[0] += qc * static_cast<float>(packed & 0xFFu);
+        dots[1] += qc * static_cast<float>((packed >> 8) & 0xFFu);
+        dots[2] += qc * static_cast<float>((packed >> 16) & 0xFFu);
+        dots[3] += qc * static_cast<float>(packed >> 24);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      dots[k] += __shfl_xor_sync(kFullMask, dots[k], 1);
+      dots[k] += __shfl_xor_sync(kFullMask, dots[k], 2);
+    }
+    if (active && quarter == 0) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int i = 4 * word + k;
+        const float score =
+            g.k_per_channel ? dots[k] + s.k_offset[h] : s.step[i] * dots[k] + s.min[i] * s.q_sum[h];
+        s.probs[h * tokens + i] = score * scale;
+      }
+    }
   }
   __syncthreads();
 }
