@@ -1,10 +1,11 @@
-// The CUDA backend: packed blocks in worst-case-sized slots of device pages, per-(sequence, layer)
-// device block tables and tail rings, kernels from launch.hpp. docs/cuda.md explains the design.
+// The CUDA backend: packed blocks stored tightly in per-(sequence, layer) device pages, device
+// block tables and tail rings, kernels from launch.hpp. docs/cuda.md explains the design.
 //
 // Host code only (compiled by the host compiler, so fmt is fine here). The host knows every length
-// and block count without asking the device: a block's slot is max_block_bytes() large, so placing
-// it never depends on its encoded size. That is what lets append and attention run without a
-// device-to-host synchronisation.
+// and block count without asking the device; only block sizes are the device's to know. It
+// therefore reserves pages for the worst case, lets the device place blocks with their real sizes,
+// and learns where placement got to from a word in mapped memory. That is what lets append and
+// attention run without a device-to-host synchronisation.
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
