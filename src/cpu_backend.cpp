@@ -396,7 +396,7 @@ class CpuBackend final : public CacheBackend<T> {
       for (int which = 0; which < 2; ++which) {
         std::vector<T>& tail = tails[2 * i + which];
         tail.resize(n);
-        std::memcpy(tail.data(), which == 0 ? p.tail_k : p.tail_v, n * sizeof(T));
+        if (n) std::memcpy(tail.data(), which == 0 ? p.tail_k : p.tail_v, n * sizeof(T));
         PACKKV_REQUIRE(first_unstorable(tail.data(), n) == n,
                        fmt::format("import: layer {} tail holds NaN, Inf or out-of-range values", p.layer));
       }
