@@ -9,12 +9,16 @@ work=${1:-$root/build-sanitize}
 fuzz_seconds=${FUZZ_SECONDS:-60}
 jobs=$(nproc)
 "$root/scripts/install_deps.sh" --sanitizers
+if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH=/usr/local/cuda/bin:$PATH
+fi
 
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 
-echo "== test suite under ASan + UBSan (CPU backend)"
-cmake -S "$root" -B "$work/asan" -DPACKKV_CUDA=OFF -DPACKKV_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+# With nvcc present the CUDA kernels also run here, under the CPU emulator of CUDA (tests/cuda).
+echo "== test suite under ASan + UBSan"
+cmake -S "$root" -B "$work/asan" -DPACKKV_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   "-DCMAKE_CXX_FLAGS=-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 cmake --build "$work/asan" -j"$jobs"
 # The consumer test builds its own uninstrumented project against the library: not meaningful here.
