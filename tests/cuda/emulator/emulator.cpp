@@ -79,8 +79,10 @@ struct Scheduler {
   const std::function<void()>* body = nullptr;
 };
 
+// One scheduler per host thread: a kernel runs to completion on the thread that launches it, so
+// host threads (each with its own stream) launch concurrently as they do on a GPU.
 Scheduler& scheduler() {
-  static Scheduler s;
+  static thread_local Scheduler s;
   return s;
 }
 
@@ -290,4 +292,13 @@ cudaError_t cudaMemsetAsync(void* dst, int value, std::size_t bytes, cudaStream_
   return cudaMemset(dst, value, bytes);
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+// Kernels complete at launch, so a stream is only a distinct handle.
+cudaError_t cudaStreamCreate(cudaStream_t* stream) {
+  *stream = reinterpret_cast<cudaStream_t>(new char);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  delete reinterpret_cast<char*>(stream);
+  return cudaSuccess;
+}
 cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }

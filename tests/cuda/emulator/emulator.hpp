@@ -87,7 +87,7 @@ T exchange(T value, int source) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+#define __shared__ static thread_local  // per host thread, like the scheduler
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 
