@@ -15,6 +15,7 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,8 @@
 #include "packkv/backend.hpp"
 #include "packkv/codec.hpp"
 #include "packkv/cuda/device_codec.hpp"
+#include "sequence_image.hpp"
+#include "value_checks.hpp"
 
 namespace packkv {
 namespace cuda::detail {
@@ -244,13 +247,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
 
   void remove_sequence(SeqId id) override {
     raise_device_error();
-    auto it = sequences_.find(id);
-    for (Layer& layer : it->second.layers) {
-      for (std::uint8_t* page : layer.pages) pool_.give(page);
-      // A kernel still queued may write the word; the next owner ignores launches it did not issue.
-      progress_.give(layer.progress_word);
-    }
-    sequences_.erase(it);  // buffers are freed in stream order, after the kernels that used them
+    erase_sequence(id);
   }
 
   bool contains(SeqId id) const override { return sequences_.count(id) != 0; }
@@ -274,8 +271,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     const std::int64_t pending = static_cast<std::int64_t>(layer.tail_len) + n_tokens;
     const std::int64_t keep_min = cfg_.residual_tokens;
     const std::int64_t new_blocks = pending >= keep_min + block ? (pending - keep_min) / block : 0;
-    const std::int64_t per_round =
-        std::max<std::int64_t>(1, static_cast<std::int64_t>(kMaxStagingBytes / (slot_bytes_ + 4)));
+    const std::int64_t per_round = blocks_per_round();
     const std::int64_t round_blocks = std::min(new_blocks, per_round);
 
     // Everything that can fail for lack of memory is settled before the first change. Pages are
@@ -360,6 +356,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
 
   void attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float scale) const override {
     raise_device_error();
+    const std::lock_guard<std::mutex> lock(reader_mutex_);
     const std::size_t q_stride = static_cast<std::size_t>(cfg_.num_q_heads) * cfg_.head_dim;
     for (std::size_t first = 0; first < ids.size(); first += kMaxBatchPerLaunch) {
       const int count = static_cast<int>(std::min<std::size_t>(kMaxBatchPerLaunch, ids.size() - first));
@@ -396,6 +393,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
 
   void attn_v(SeqId id, int layer, const float* weights, float* out) const override {
     raise_device_error();
+    const std::lock_guard<std::mutex> lock(reader_mutex_);
     AttnVParams<T> params{};
     params.shape = read_shape();
     params.seq = view(id, layer);
@@ -425,6 +423,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   MemoryStats memory_stats() const override {
     check_cuda(cudaStreamSynchronize(stream_), "memory_stats");
     raise_device_error();
+    const std::lock_guard<std::mutex> lock(reader_mutex_);
     // Every placement is complete now: pages reserved for worst cases that did not happen go back
     // to the pool. That changes no content, only which free pages the pool holds.
     auto* self = const_cast<CudaBackend*>(this);
@@ -494,6 +493,273 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     return stats;
   }
 
+  // Same image as the CPU backend (docs/format.md): the blocks' bytes as stored, tails in T. The
+  // device holds the block table and the blocks' sizes, so export downloads them: a transfer call
+  // that waits for the stream (queued appends must be complete) and surfaces device errors.
+  std::vector<std::uint8_t> export_sequence(SeqId id, std::span<const int> layers) const override {
+    check_cuda(cudaStreamSynchronize(stream_), "export_sequence");
+    raise_device_error();
+    const std::lock_guard<std::mutex> lock(reader_mutex_);  // memory_stats may return pages meanwhile
+    std::vector<int> chosen(layers.begin(), layers.end());
+    if (chosen.empty()) {
+      for (int l = 0; l < cfg_.num_layers; ++l) chosen.push_back(l);
+    }
+    std::vector<std::uint8_t> image(sizeof(::packkv::detail::ImageHeader));
+    ::packkv::detail::ImageHeader header =
+        ::packkv::detail::make_image_header(codec_, cfg_.k_mode, ::packkv::detail::dtype_code<T>());
+    header.layer_count = static_cast<std::uint16_t>(chosen.size());
+    std::memcpy(image.data(), &header, sizeof header);
+    auto put = [&image](const void* data, std::size_t n) {
+      const auto* p = static_cast<const std::uint8_t*>(data);
+      image.insert(image.end(), p, p + n);
+    };
+    const Sequence& seq = sequences_.at(id);
+    const std::size_t page_bytes = pool_.page_bytes();
+    for (int l : chosen) {
+      const Layer& layer = seq.layers[static_cast<std::size_t>(l)];
+      const auto n = static_cast<std::size_t>(layer.num_blocks);
+      // Where each block is: its table entry, then the page (owned by this layer) that holds it.
+      std::vector<std::uint8_t*> table(n);
+      if (n != 0) {
+        check_cuda(cudaMemcpyAsync(table.data(), layer.table.data(), n * sizeof(std::uint8_t*), cudaMemcpyDeviceToHost,
+                                   stream_),
+                   "export_sequence (block table download)");
+      }
+      std::vector<std::pair<std::uint8_t*, std::size_t>> by_address;
+      for (std::size_t i = 0; i < layer.pages.size(); ++i) by_address.emplace_back(layer.pages[i], i);
+      std::sort(by_address.begin(), by_address.end());
+      check_cuda(cudaStreamSynchronize(stream_), "export_sequence");
+      std::vector<std::size_t> page_of(n);
+      std::vector<std::vector<std::uint8_t>> copies(layer.pages.size());
+      for (std::size_t b = 0; b < n; ++b) {
+        auto it = std::upper_bound(by_address.begin(), by_address.end(),
+                                   std::pair<std::uint8_t*, std::size_t>(table[b], SIZE_MAX));
+        PACKKV_REQUIRE(it != by_address.begin() &&
+                           static_cast<std::size_t>(table[b] - std::prev(it)->first) + sizeof(format::BlockHeader) <=
+                               page_bytes,
+                       fmt::format("export_sequence: block {} of sequence {} layer {} is not in the layer's pages "
+                                   "(device state corrupt)",
+                                   b, id, l));
+        page_of[b] = std::prev(it)->second;
+        std::vector<std::uint8_t>& copy = copies[page_of[b]];
+        if (copy.empty()) {  // one download per page: blocks are packed back to back in it
+          copy.resize(page_bytes);
+          check_cuda(cudaMemcpyAsync(copy.data(), layer.pages[page_of[b]], page_bytes, cudaMemcpyDeviceToHost, stream_),
+                     "export_sequence (page download)");
+        }
+      }
+      // The tail rings of this layer: K ring then V ring, contiguous.
+      std::vector<T> rings(2 * ring_elems());
+      check_cuda(cudaMemcpyAsync(rings.data(), ring_k(seq, l), rings.size() * sizeof(T), cudaMemcpyDeviceToHost, stream_),
+                 "export_sequence (tail download)");
+      check_cuda(cudaStreamSynchronize(stream_), "export_sequence");
+
+      ::packkv::detail::LayerRecord record{};
+      record.layer = static_cast<std::uint32_t>(l);
+      record.block_count = static_cast<std::uint32_t>(n);
+      record.tail_tokens = static_cast<std::uint32_t>(layer.tail_len);
+      record.length = static_cast<std::uint64_t>(layer.length);
+      put(&record, sizeof record);
+      std::vector<std::pair<const std::uint8_t*, std::uint32_t>> blocks(n);
+      for (std::size_t b = 0; b < n; ++b) {
+        const std::size_t offset = static_cast<std::size_t>(table[b] - layer.pages[page_of[b]]);
+        const std::uint8_t* bytes = copies[page_of[b]].data() + offset;
+        std::uint32_t size;
+        std::memcpy(&size, bytes, sizeof size);  // BlockHeader::block_bytes
+        // Checked so that a corrupt device state cannot make export read past its copy.
+        PACKKV_REQUIRE(size >= geometry_.min_block_bytes() && size <= geometry_.max_block_bytes() &&
+                           offset + size <= page_bytes,
+                       fmt::format("export_sequence: block {} of sequence {} layer {} has impossible size {} "
+                                   "(device state corrupt)",
+                                   b, id, l, size));
+        blocks[b] = {bytes, size};
+        put(&size, 4);
+      }
+      for (const auto& [bytes, size] : blocks) put(bytes, size);
+      // The ring in token order: source token j sits at slot (tail_start + j) mod capacity.
+      for (int which = 0; which < 2; ++which) {
+        const T* ring = rings.data() + static_cast<std::size_t>(which) * ring_elems();
+        for (int j = 0; j < layer.tail_len; ++j) {
+          put(ring + static_cast<std::size_t>((layer.tail_start + j) % tail_cap_) * row_, row_ * sizeof(T));
+        }
+      }
+    }
+    ::packkv::detail::seal_image(image);
+    return image;
+  }
+
+  // Parses and validates on the host (the shared parser), checks every value and the budget for
+  // everything the import and its re-appended tails can need, then places the blocks on the host
+  // with the device's rule and uploads them. Nothing after the budget check can fail except a CUDA
+  // call; then the sequence (or its layers) is put back as it was.
+  void import_sequence(SeqId id, std::span<const std::uint8_t> image) override {
+    using ::packkv::detail::ParsedLayer;
+    // A kernel queued earlier must not report its error in the middle of this import.
+    check_cuda(cudaStreamSynchronize(stream_), "import_sequence");
+    raise_device_error();
+    const int max_tail = static_cast<int>(std::min<std::size_t>(tail_cap_ + (std::size_t{1} << 20), 1u << 21));
+    const std::vector<ParsedLayer> parsed =
+        ::packkv::detail::parse_image(image, codec_, cfg_.k_mode, ::packkv::detail::dtype_code<T>(), sizeof(T),
+                                      cfg_.num_layers, max_tail);
+
+    struct Plan {
+      std::vector<std::uint32_t> page, offset;  // each block's place, as place_kernel would choose
+      PlacementCursor cursor{};                 // after the last block
+      std::size_t pages = 0;                    // pages holding the blocks
+      std::size_t pages_after = 0;              // and at worst once the tail is re-appended
+      std::size_t table_capacity = 0, page_list_capacity = 0;
+      std::vector<T> tail_k, tail_v;  // aligned copies of the image's tail rows
+    };
+    const bool creating = !contains(id);
+    const int block = cfg_.block_tokens;
+    const std::uint32_t page_bytes = static_cast<std::uint32_t>(pool_.page_bytes());
+    std::vector<Plan> plans(parsed.size());
+    std::size_t pages_total = 0, table_growth = 0, staging_bytes = 0, upload_bytes = 0;
+    ::packkv::EncodeScratch scratch;
+    std::vector<std::uint8_t> trial(geometry_.max_block_bytes());
+    for (std::size_t i = 0; i < parsed.size(); ++i) {
+      const ParsedLayer& p = parsed[i];
+      Plan& plan = plans[i];
+      const Layer* existing = creating ? nullptr : &layer_of(id, p.layer);
+      PACKKV_REQUIRE(existing == nullptr || existing->length == 0,
+                     fmt::format("import: layer {} of sequence {} is not empty", p.layer, id));
+
+      for (const auto& b : p.blocks) {
+        const auto size = static_cast<std::uint32_t>(b.size());
+        if (plan.cursor.offset + size > page_bytes) {
+          ++plan.cursor.page;
+          plan.cursor.offset = 0;
+        }
+        plan.page.push_back(plan.cursor.page);
+        plan.offset.push_back(plan.cursor.offset);
+        plan.cursor.offset += size;
+      }
+      plan.pages = p.blocks.empty() ? 0 : plan.cursor.page + 1;
+
+      // Tails are re-appended, and a smaller residual_tokens here compresses part of them. Their
+      // values are checked, and the blocks they will form encoded once on the host, so that the
+      // device cannot find a problem after this import has returned.
+      const std::size_t n = static_cast<std::size_t>(p.tail_tokens) * row_;
+      plan.tail_k.resize(n);
+      plan.tail_v.resize(n);
+      if (n != 0) {
+        std::memcpy(plan.tail_k.data(), p.tail_k, n * sizeof(T));
+        std::memcpy(plan.tail_v.data(), p.tail_v, n * sizeof(T));
+      }
+      PACKKV_REQUIRE(::packkv::detail::first_unstorable(plan.tail_k.data(), n) == n &&
+                         ::packkv::detail::first_unstorable(plan.tail_v.data(), n) == n,
+                     fmt::format("import: layer {} tail holds NaN, Inf or out-of-range values", p.layer));
+      const std::int64_t tail_blocks = p.tail_tokens >= cfg_.residual_tokens + block
+                                           ? (p.tail_tokens - cfg_.residual_tokens) / block
+                                           : 0;
+      for (std::int64_t b = 0; b < tail_blocks; ++b) {
+        const std::size_t first = static_cast<std::size_t>(b * block) * row_;
+        try {
+          ::packkv::encode_block(codec_, plan.tail_k.data() + first, plan.tail_v.data() + first, row_, trial.data(),
+                                 scratch);
+        } catch (const ::packkv::error& e) {
+          std::string what = e.what();
+          if (what.rfind("packkv: ", 0) == 0) what.erase(0, 8);  // the prefix is added again below
+          throw ::packkv::error(fmt::format("import: layer {} tail: {}", p.layer, what));
+        }
+      }
+
+      // What append will want for those blocks, computed as append computes it, so that it finds
+      // everything already reserved.
+      Layer probe;
+      probe.num_blocks = static_cast<int>(p.blocks.size());
+      probe.seen_page = plan.cursor.page;
+      probe.seen_offset = plan.cursor.offset;
+      plan.pages_after = std::max(plan.pages, pages_bound(probe, tail_blocks));
+      const std::size_t table_now = existing ? existing->table_capacity : 0;
+      const std::size_t list_now = existing ? existing->page_list_capacity : 0;
+      plan.table_capacity = table_now;
+      while (plan.table_capacity < p.blocks.size() + static_cast<std::size_t>(tail_blocks)) {
+        plan.table_capacity = std::max<std::size_t>(64, 2 * plan.table_capacity);
+      }
+      plan.page_list_capacity = list_now;
+      while (plan.page_list_capacity < plan.pages_after) {
+        plan.page_list_capacity = std::max<std::size_t>(16, 2 * plan.page_list_capacity);
+      }
+      table_growth += (plan.table_capacity - table_now + plan.page_list_capacity - list_now) * sizeof(void*);
+      staging_bytes = std::max(staging_bytes, static_cast<std::size_t>(std::min(tail_blocks, blocks_per_round())) *
+                                                  (slot_bytes_ + 4));
+      upload_bytes = std::max(upload_bytes, 2 * n * sizeof(T));
+      pages_total += plan.pages_after;
+    }
+    const std::size_t sequence_bytes =
+        creating ? ring_bytes_per_sequence() + static_cast<std::size_t>(cfg_.num_layers) * sizeof(PlacementCursor) : 0;
+    const std::size_t staging_growth = staging_bytes > staging_.bytes() ? staging_bytes - staging_.bytes() : 0;
+    // The tails' upload buffer is short-lived but real device memory: it is counted too.
+    check_budget(sequence_bytes + pool_.pages_to_allocate(pages_total) * pool_.page_bytes() + table_growth +
+                     staging_growth + upload_bytes,
+                 fmt::format("import of sequence {}", id));
+
+    // Commit.
+    std::vector<std::vector<std::uint8_t*>> tables(parsed.size());
+    try {
+      if (creating) add_sequence(id);
+      pool_.reserve(pages_total, stream_);
+      if (staging_.bytes() < staging_bytes) staging_ = DeviceBuffer(staging_bytes, stream_);
+      Sequence& seq = sequences_.at(id);
+      for (std::size_t i = 0; i < parsed.size(); ++i) {
+        const ParsedLayer& p = parsed[i];
+        Plan& plan = plans[i];
+        Layer& layer = seq.layers[static_cast<std::size_t>(p.layer)];
+        settle_pages(layer);  // an empty layer: gives back any page it might still hold
+        if (plan.table_capacity != layer.table_capacity) grow(layer.table, layer.table_capacity, plan.table_capacity, 0);
+        if (plan.page_list_capacity != layer.page_list_capacity) {
+          grow(layer.page_list, layer.page_list_capacity, plan.page_list_capacity, 0);
+        }
+        add_pages(layer, plan.pages);
+        // Blocks are back to back both in the image and in a page: one copy per page.
+        for (std::size_t b = 0; b < p.blocks.size();) {
+          std::size_t end = b + 1;
+          while (end < p.blocks.size() && plan.page[end] == plan.page[b]) ++end;
+          const std::size_t bytes = static_cast<std::size_t>(p.blocks[end - 1].data() + p.blocks[end - 1].size() -
+                                                             p.blocks[b].data());
+          check_cuda(cudaMemcpyAsync(layer.pages[plan.page[b]] + plan.offset[b], p.blocks[b].data(), bytes,
+                                     cudaMemcpyHostToDevice, stream_),
+                     "import_sequence (block upload)");
+          b = end;
+        }
+        std::vector<std::uint8_t*>& table = tables[i];
+        for (std::size_t b = 0; b < p.blocks.size(); ++b) table.push_back(layer.pages[plan.page[b]] + plan.offset[b]);
+        publish_pointers(table, 0, static_cast<std::uint8_t**>(layer.table.data()));
+        // The device cursor continues where the host placement ended (plan outlives the copy).
+        check_cuda(cudaMemcpyAsync(static_cast<PlacementCursor*>(seq.cursors.data()) + p.layer, &plan.cursor,
+                                   sizeof(PlacementCursor), cudaMemcpyHostToDevice, stream_),
+                   "import_sequence (cursor upload)");
+        layer.num_blocks = static_cast<int>(p.blocks.size());
+        layer.seen_page = plan.cursor.page;
+        layer.seen_offset = plan.cursor.offset;
+        layer.unseen.clear();
+        layer.tail_start = 0;
+        layer.tail_len = 0;
+        layer.length = static_cast<std::int64_t>(p.blocks.size()) * block;
+      }
+      // Tails through the normal append path, from one device buffer reused layer by layer.
+      DeviceBuffer upload(upload_bytes, stream_);
+      for (std::size_t i = 0; i < parsed.size(); ++i) {
+        const int tokens = parsed[i].tail_tokens;
+        if (tokens == 0) continue;
+        const std::size_t n = static_cast<std::size_t>(tokens) * row_;
+        T* dk = upload.as<T>();
+        T* dv = dk + n;
+        check_cuda(cudaMemcpyAsync(dk, plans[i].tail_k.data(), n * sizeof(T), cudaMemcpyHostToDevice, stream_),
+                   "import_sequence (tail upload)");
+        check_cuda(cudaMemcpyAsync(dv, plans[i].tail_v.data(), n * sizeof(T), cudaMemcpyHostToDevice, stream_),
+                   "import_sequence (tail upload)");
+        append(id, parsed[i].layer, dk, dv, tokens);
+      }
+      // The host buffers the copies read from (plans, tables, the image) are released on return.
+      check_cuda(cudaStreamSynchronize(stream_), "import_sequence");
+    } catch (...) {
+      undo_import(id, creating, parsed);
+      throw;
+    }
+  }
+
   void set_stream(void* stream) override {
     // Stream-ordered frees and page reuse assume one stream: finish the old one's work first.
     check_cuda(cudaStreamSynchronize(stream_), "set_stream (draining the previous stream)");
@@ -543,6 +809,45 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   };
 
   const Layer& layer_of(SeqId id, int layer) const { return sequences_.at(id).layers[static_cast<std::size_t>(layer)]; }
+
+  std::int64_t blocks_per_round() const {
+    return std::max<std::int64_t>(1, static_cast<std::int64_t>(kMaxStagingBytes / (slot_bytes_ + 4)));
+  }
+
+  // Best effort after a CUDA failure inside import: the sequence it created goes, layers it filled
+  // are emptied again (their grown tables stay: capacity only).
+  void undo_import(SeqId id, bool created, const std::vector<::packkv::detail::ParsedLayer>& parsed) noexcept {
+    cudaStreamSynchronize(stream_);  // nothing queued by the import may still write what is undone
+    auto it = sequences_.find(id);
+    if (it == sequences_.end()) return;
+    if (created) {
+      erase_sequence(id);
+      return;
+    }
+    for (const auto& p : parsed) {
+      Layer& layer = it->second.layers[static_cast<std::size_t>(p.layer)];
+      for (std::uint8_t* page : layer.pages) pool_.give(page);
+      layer.pages.clear();
+      layer.num_blocks = 0;
+      layer.seen_page = layer.seen_offset = 0;
+      layer.unseen.clear();
+      layer.tail_start = layer.tail_len = 0;
+      layer.length = 0;
+      cudaMemsetAsync(static_cast<PlacementCursor*>(it->second.cursors.data()) + p.layer, 0, sizeof(PlacementCursor),
+                      stream_);
+    }
+  }
+
+  // No device-error check: import also uses it to undo a sequence it created.
+  void erase_sequence(SeqId id) {
+    auto it = sequences_.find(id);
+    for (Layer& layer : it->second.layers) {
+      for (std::uint8_t* page : layer.pages) pool_.give(page);
+      // A kernel still queued may write the word; the next owner ignores launches it did not issue.
+      progress_.give(layer.progress_word);
+    }
+    sequences_.erase(it);  // buffers are freed in stream order, after the kernels that used them
+  }
   std::size_t ring_elems() const { return static_cast<std::size_t>(tail_cap_) * row_; }
   std::size_t ring_bytes_per_sequence() const {
     return static_cast<std::size_t>(cfg_.num_layers) * 2 * ring_elems() * sizeof(T);
@@ -741,6 +1046,11 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
   std::map<SeqId, Sequence> sequences_;
   DeviceBuffer staging_;  // worst-case slots of the blocks being encoded, then their sizes
   mutable DeviceBuffer workspace_;
+  // PackedKVCache lets reading calls run concurrently. Those that share state serialise on this:
+  // attention and attn_v launch a split pass and a merge through one workspace, which another
+  // reader's launches between the two would overwrite; memory_stats hands pages back to the pool
+  // and export reads the page lists.
+  mutable std::mutex reader_mutex_;
 };
 
 }  // namespace cuda::detail
