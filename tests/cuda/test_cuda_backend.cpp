@@ -3,9 +3,11 @@
 // Without a usable GPU every test skips and says why.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "packkv/cuda/device_codec.hpp"
@@ -482,6 +484,276 @@ TEST(Cuda, GreedyRepackIsRefusedClearly) {
   c.device = Device::cuda;
   c.repack = RepackMethod::greedy;
   test::expect_error([&] { PackedKVCache<float> cache(c); }, "greedy");
+}
+
+// ---- sequence images ----------------------------------------------------------------------------
+
+/// Adds a sequence to a CPU cache and fills its layers in turn with blocks + tail, a tail only,
+/// blocks only.
+template <class T>
+void fill_on_cpu(PackedKVCache<T>& cache, SeqId id, std::uint64_t seed) {
+  const CacheConfig& c = cache.config();
+  cache.add_sequence(id);
+  const int lengths[] = {64 * 5 + 17, 30, 64 * 3};
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    const int n = lengths[layer % 3];
+    const std::size_t count = static_cast<std::size_t>(n) * c.num_kv_heads * c.head_dim;
+    const auto k = convert<T>(random_values(count, seed + layer, 2.0));
+    const auto v = convert<T>(random_values(count, (seed + layer) ^ 0x5555, 0.7));
+    cache.append(id, layer, k.data(), v.data(), n);
+  }
+}
+
+CacheConfig image_config() {
+  CacheConfig c = base_config();
+  c.num_layers = 3;
+  return c;
+}
+
+TYPED_TEST(CudaTyped, ImagesTravelBetweenCpuAndCudaBothWays) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  const CacheConfig c = image_config();
+  // Source: the same tokens in both backends, so both export the same image, byte for byte.
+  CachePair<TypeParam> source(c);
+  source.add(1);
+  for (int layer = 0; layer < c.num_layers; ++layer) source.append(1, layer, 64 * (layer + 2) + 9 * layer, 40 + layer);
+  const std::vector<std::uint8_t> from_cpu = source.cpu.export_sequence(1), from_gpu = source.gpu.export_sequence(1);
+  EXPECT_EQ(from_gpu, from_cpu) << "a CUDA cache exports the CPU cache's bytes";
+
+  // Destination: each backend imports the other's image; they must agree with each other.
+  CachePair<TypeParam> dest(c);
+  dest.cpu.import_sequence(5, from_gpu);
+  dest.gpu.import_sequence(5, from_cpu);
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    compare_everything(dest, {5}, layer, 60 + layer, "imported, layer " + std::to_string(layer));
+    if (this->HasFatalFailure()) return;
+  }
+  EXPECT_EQ(dest.gpu.export_sequence(5), from_cpu) << "export after import gives the image back";
+  // And the imported sequence grows like any other.
+  dest.append(5, 0, 100, 70);
+  compare_everything(dest, {5}, 0, 71, "imported then appended");
+}
+
+TYPED_TEST(CudaTyped, CpuImageImportsIntoCudaCacheAndAttentionMatches) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  const CacheConfig c = image_config();
+  CachePair<TypeParam> pair(c);
+  fill_on_cpu(pair.cpu, 3, 90);
+  pair.gpu.import_sequence(3, pair.cpu.export_sequence(3));
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    compare_everything(pair, {3}, layer, 91 + layer, "CPU -> CUDA, layer " + std::to_string(layer));
+    if (this->HasFatalFailure()) return;
+  }
+}
+
+TEST(Cuda, ImportRecompressesTailsForASmallerResidualWindow) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig wide = image_config();
+  wide.residual_tokens = 200;  // a long uncompressed tail in the image
+  PackedKVCache<float> source(CachePair<float>::with_device(wide, Device::cpu));
+  fill_on_cpu(source, 1, 5);
+  const auto image = source.export_sequence(1);
+  CacheConfig narrow = image_config();
+  narrow.residual_tokens = 8;  // importing compresses most of that tail
+  CachePair<float> pair(narrow);
+  pair.cpu.import_sequence(1, image);
+  pair.gpu.import_sequence(1, image);
+  for (int layer = 0; layer < narrow.num_layers; ++layer) {
+    compare_everything(pair, {1}, layer, 6 + layer, "residual 200 -> 8, layer " + std::to_string(layer));
+    if (HasFatalFailure()) return;
+  }
+}
+
+/// What a refused import must leave exactly as it was.
+struct Snapshot {
+  std::vector<SeqId> ids;
+  std::vector<std::int64_t> lengths;
+  std::size_t resident = 0, reserved = 0, live = 0;
+  bool operator==(const Snapshot&) const = default;
+};
+template <class T>
+Snapshot snapshot(const PackedKVCache<T>& cache) {
+  Snapshot s;
+  s.ids = cache.sequence_ids();
+  for (SeqId id : s.ids) {
+    for (int layer = 0; layer < cache.config().num_layers; ++layer) s.lengths.push_back(cache.length(id, layer));
+  }
+  const MemoryStats m = cache.memory_stats();
+  s.resident = m.resident_bytes;
+  s.reserved = m.pool.reserved_bytes;
+  s.live = m.pool.live_bytes;
+  return s;
+}
+
+TEST(Cuda, ImportReservesExactlyWhatItsBudgetCheckCounted) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig wide = image_config();
+  wide.residual_tokens = 200;
+  PackedKVCache<float> source(CachePair<float>::with_device(wide, Device::cpu));
+  fill_on_cpu(source, 1, 31);
+  const auto image = source.export_sequence(1);
+  CacheConfig c = image_config();
+  c.residual_tokens = 8;  // the re-appended tails are compressed: their pages, table and staging count
+  c.device = Device::cuda;
+  std::size_t resident = 0;
+  {
+    PackedKVCache<float> unlimited(c);
+    unlimited.import_sequence(1, image);
+    resident = unlimited.memory_stats().resident_bytes;
+  }
+  // The tails travel through a short-lived device buffer that the check counts as well.
+  std::size_t longest_tail = 0;
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    longest_tail = std::max<std::size_t>(longest_tail, source.memory_stats().layers[layer].tail_tokens);
+  }
+  const std::size_t upload = 2 * longest_tail * c.num_kv_heads * c.head_dim * sizeof(float);
+
+  c.memory_budget_bytes = resident + upload - 1;
+  PackedKVCache<float> short_by_one(c);
+  test::expect_error([&] { short_by_one.import_sequence(1, image); }, "import of sequence 1: memory budget");
+  EXPECT_TRUE(snapshot(short_by_one) == Snapshot{});
+  c.memory_budget_bytes = resident + upload;
+  PackedKVCache<float> exact(c);
+  EXPECT_NO_THROW(exact.import_sequence(1, image));  // the re-appends inside find it all reserved
+  EXPECT_EQ(exact.memory_stats().resident_bytes, resident);
+}
+
+TEST(Cuda, ImportIntoEmptyLayersOfAnExistingSequence) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  const CacheConfig c = image_config();
+  PackedKVCache<fp16_t> source(CachePair<fp16_t>::with_device(c, Device::cpu));
+  fill_on_cpu(source, 1, 11);
+  const int only[] = {0, 2};
+  const auto image = source.export_sequence(1, only);
+  CachePair<fp16_t> pair(c);
+  pair.add(2);
+  pair.append(2, 1, 77, 12);  // layer 1 is not in the image and keeps its tokens
+  pair.cpu.import_sequence(2, image);
+  pair.gpu.import_sequence(2, image);
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    compare_everything(pair, {2}, layer, 13 + layer, "partial image, layer " + std::to_string(layer));
+    if (HasFatalFailure()) return;
+  }
+  test::expect_error([&] { pair.gpu.import_sequence(2, image); }, "layer 0 of sequence 2 is not empty");
+}
+
+TEST(Cuda, CorruptOrUnaffordableImagesAreRefusedAndChangeNothing) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = image_config();
+  PackedKVCache<float> source(CachePair<float>::with_device(c, Device::cpu));
+  fill_on_cpu(source, 1, 21);
+  const auto image = source.export_sequence(1);
+
+  CachePair<float> pair(c);
+  pair.add(4);
+  pair.append(4, 0, 150, 22);
+  const Snapshot before = snapshot(pair.gpu);
+
+  auto corrupt = image;
+  corrupt[corrupt.size() / 2] ^= 0x10;
+  test::expect_error([&] { pair.gpu.import_sequence(9, corrupt); }, "checksum mismatch");
+  auto truncated = image;
+  truncated.resize(image.size() - 100);
+  test::expect_error([&] { pair.gpu.import_sequence(9, truncated); }, "truncated");
+  test::expect_error([&] { pair.gpu.import_sequence(4, image); }, "layer 0 of sequence 4 is not empty");
+  EXPECT_TRUE(snapshot(pair.gpu) == before);
+  EXPECT_FALSE(pair.gpu.contains(9));
+  compare_everything(pair, {4}, 0, 23, "after refused imports");
+
+  // A budget too small for the image: refused before anything is allocated.
+  c.device = Device::cuda;
+  c.memory_budget_bytes = pair.gpu.memory_stats().resident_bytes + 1024;
+  PackedKVCache<float> tight(c);
+  tight.add_sequence(4);
+  const Snapshot tight_before = snapshot(tight);
+  test::expect_error([&] { tight.import_sequence(9, image); }, "import of sequence 9: memory budget");
+  EXPECT_TRUE(snapshot(tight) == tight_before);
+}
+
+// ---- threads and streams ------------------------------------------------------------------------
+
+// Under the CPU emulator kernels run to completion on the launching host thread, so these tests
+// exercise the backend's host-side thread safety and per-stream state, not device concurrency.
+
+TEST(Cuda, ThreadsWithTheirOwnStreamAndCacheMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  constexpr int kThreads = 4;
+  CacheConfig c = base_config();
+  c.residual_tokens = 16;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([c, t] {
+      cudaStream_t stream = nullptr;
+      cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
+      {
+        CachePair<fp16_t> pair(c);
+        pair.gpu.set_stream(stream);
+        const std::string who = "thread " + std::to_string(t);
+        std::uint64_t seed = 1000 * (t + 1);
+        pair.add(1);
+        pair.add(2);
+        for (int layer = 0; layer < c.num_layers; ++layer) {
+          pair.append(1, layer, 64 * 3 + 11 * t, seed++);
+          pair.append(2, layer, 5 + t, seed++);
+        }
+        for (int step = 0; step < 24; ++step) {  // decode steps: one token per sequence and layer
+          for (SeqId id : {1, 2}) {
+            for (int layer = 0; layer < c.num_layers; ++layer) pair.append(id, layer, 1, seed++);
+          }
+          if (step % 8 == 7) compare_everything(pair, {1, 2}, step % 2, seed++, who + " step " + std::to_string(step));
+        }
+        // A sequence moved through an image while the other threads keep working.
+        pair.gpu.import_sequence(3, pair.gpu.export_sequence(1));
+        pair.cpu.import_sequence(3, pair.cpu.export_sequence(1));
+        compare_everything(pair, {3, 2}, 1, seed++, who + " after export/import");
+      }
+      cuda_ok(cudaStreamDestroy(stream), "cudaStreamDestroy");
+    });
+  }
+  for (auto& thread : threads) thread.join();
+}
+
+TEST(Cuda, OneCacheServesConcurrentReadersWhileAWriterAppends) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  const CacheConfig c = base_config();
+  CachePair<float> pair(c);
+  pair.add(1);
+  pair.add(2);
+  pair.append(1, 0, 64 * 4 + 5, 1);
+  pair.append(2, 0, 64 * 2 + 40, 2);
+  // Readers attend to sequence 1, which does not change, and know the CPU's answer.
+  const std::size_t q_count = static_cast<std::size_t>(c.num_q_heads) * c.head_dim;
+  const auto q = random_values(q_count, 3);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  std::vector<float> expected(q_count);
+  const SeqId one[] = {1};
+  pair.cpu.attention(one, 0, q.data(), expected.data(), scale);
+  const auto image = pair.cpu.export_sequence(1);
+
+  std::atomic<bool> writing{true};
+  std::thread writer([&] {
+    for (int step = 0; step < 40; ++step) pair.append(2, step % 2, 1 + step % 3, 100 + step);
+    writing = false;
+  });
+  std::vector<std::thread> readers;
+  for (int r = 0; r < 3; ++r) {
+    readers.emplace_back([&, r] {
+      DeviceArray<float> dq(q), dout(q_count);
+      int rounds = 0;
+      while (writing || rounds < 5) {
+        dout.poison();
+        pair.gpu.attention(one, 0, dq.get(), dout.get(), scale);
+        expect_close(dout.download(), expected, output_rtol<float>(), 2e-5,
+                     "reader " + std::to_string(r) + " round " + std::to_string(rounds));
+        if (r == 0) EXPECT_EQ(pair.gpu.export_sequence(1), image);
+        ++rounds;
+      }
+    });
+  }
+  writer.join();
+  for (auto& reader : readers) reader.join();
+  compare_everything(pair, {1, 2}, 0, 4, "after the writer");
+  compare_everything(pair, {2}, 1, 5, "after the writer, layer 1");
 }
 
 TEST(Cuda, SkipsCleanlyWithoutADevice) {
