@@ -11,6 +11,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${PACKKV_BUILD_DIR:-$repo/build-demo}"
 model_dir="${PACKKV_MODEL_DIR:-$repo/.cache/smollm2}"
 
+# Build tools and libraries from Debian's packages (a no-op when they are already there).
+"$repo/scripts/install_deps.sh"
 if [[ " $* " != *" --synthetic "* && ! -f "$model_dir/smollm2-135m.pkvllama" ]]; then
   "$repo/scripts/get_smollm2.sh"
 fi
