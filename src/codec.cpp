@@ -166,41 +166,61 @@ void order_greedy(const std::uint8_t* k_codes, const std::uint8_t* v_codes, int 
   }
 }
 
-// Writes one section (params, round starts, descriptors, payload); returns its size.
+// Writes one section (params, round ends, rounds); returns its size.
 std::uint32_t write_section(const SectionLayout& layout, const std::uint8_t* codes, const Params* params,
                             bool per_token_params, const std::uint8_t* order, int dim, std::uint8_t* out) {
   auto* out_params = reinterpret_cast<Params*>(out);
   for (std::uint32_t i = 0; i < layout.param_count; ++i) {
     out_params[i] = per_token_params ? params[order[i]] : params[i];
   }
-  std::uint8_t* round_start = out + layout.round_start_offset;
-  std::uint8_t* descs = out + layout.desc_offset;
-  std::uint8_t* payload = out + layout.payload_offset;
-  std::memset(round_start, 0, layout.desc_offset - layout.round_start_offset);
+  std::uint8_t* rounds = out + layout.rounds_offset;
   std::uint32_t offset = 0;
+  std::array<std::uint8_t, 256> lo, width;
   std::uint8_t values[format::kPackTokens];
   for (std::uint32_t r = 0; r < layout.rounds; ++r) {
-    round_start[2 * r] = static_cast<std::uint8_t>(offset & 0xFF);
-    round_start[2 * r + 1] = static_cast<std::uint8_t>(offset >> 8);
     const std::uint8_t* tokens = order + r * format::kPackTokens;
+    std::uint32_t width_sum = 0;
     for (int c = 0; c < dim; ++c) {
-      std::uint8_t lo = 255, hi = 0;
+      std::uint8_t mn = 255, mx = 0;
       for (int i = 0; i < format::kPackTokens; ++i) {
         const std::uint8_t code = codes[static_cast<std::size_t>(tokens[i]) * dim + c];
-        values[i] = code;
-        lo = std::min(lo, code);
-        hi = std::max(hi, code);
+        mn = std::min(mn, code);
+        mx = std::max(mx, code);
       }
-      const std::uint32_t width = format::width_for_range(static_cast<std::uint32_t>(hi - lo));
-      format::store_descriptor(descs, r * static_cast<std::uint32_t>(dim) + static_cast<std::uint32_t>(c),
-                               layout.desc_bytes, format::make_descriptor(lo, width));
-      for (auto& value : values) value = static_cast<std::uint8_t>(value - lo);
-      format::pack16(values, width, payload + offset);
-      offset += 2 * width;
+      lo[c] = mn;
+      width[c] = static_cast<std::uint8_t>(format::width_for_range(static_cast<std::uint32_t>(mx - mn)));
+      width_sum += width[c];
     }
+    std::uint8_t* round = rounds + offset;
+    std::uint8_t* pack = round;
+    const bool plain = format::use_plain_round(layout, width_sum);
+    if (!plain) {
+      // Widths as nibbles, then the minimums as one bit stream of `bits`-bit values (groups of 8
+      // channels fill exactly `bits` bytes, the same layout as one half of a pack).
+      for (int c = 0; c < dim; c += 2) round[c / 2] = static_cast<std::uint8_t>(width[c] | (width[c + 1] << 4));
+      for (int c = 0; c < dim; c += 8) {
+        std::uint64_t stream = 0;
+        for (int i = 0; i < 8; ++i) stream |= static_cast<std::uint64_t>(lo[c + i]) << (i * layout.bits);
+        for (std::uint32_t b = 0; b < layout.bits; ++b) {
+          round[layout.widths_bytes + c / 8 * layout.bits + b] = static_cast<std::uint8_t>(stream >> (8 * b));
+        }
+      }
+      pack = round + layout.descriptor_bytes;
+    }
+    for (int c = 0; c < dim; ++c) {
+      const std::uint32_t w = plain ? layout.bits : width[c];
+      const std::uint8_t base = plain ? 0 : lo[c];
+      for (int i = 0; i < format::kPackTokens; ++i) {
+        values[i] = static_cast<std::uint8_t>(codes[static_cast<std::size_t>(tokens[i]) * dim + c] - base);
+      }
+      format::pack16(values, w, pack);
+      pack += 2 * w;
+    }
+    offset = static_cast<std::uint32_t>(pack - rounds);
+    format::store_u32(out + layout.round_end_offset + 4 * r, offset);
   }
   const std::uint32_t size = layout.section_bytes(offset);
-  std::memset(payload + offset, 0, size - layout.payload_offset - offset);
+  std::memset(rounds + offset, 0, size - layout.rounds_offset - offset);
   return size;
 }
 
@@ -270,18 +290,15 @@ template std::uint32_t encode_block<bf16_t>(const CodecParams&, const bf16_t*, c
                                             std::uint8_t*, EncodeScratch&);
 
 void unpack_section_codes(const SectionLayout& layout, const std::uint8_t* section, std::uint8_t* codes) {
-  const std::uint8_t* descs = section + layout.desc_offset;
-  const std::uint8_t* payload = section + layout.payload_offset;
   const std::uint32_t dim = layout.head_dim;
   std::uint8_t values[format::kPackTokens];
   for (std::uint32_t r = 0; r < layout.rounds; ++r) {
-    const std::uint32_t start = format::round_start(section, layout, r);
-    std::uint32_t offset = start;
+    const format::RoundView round = format::round_view(section, layout, r);
+    const std::uint8_t* pack = round.packs;
     for (std::uint32_t c = 0; c < dim; ++c) {
-      const std::uint32_t d = format::load_descriptor(descs, r * dim + c, layout.desc_bytes);
-      const std::uint32_t width = format::descriptor_width(d), lo = format::descriptor_min(d);
-      format::unpack16(payload + offset, width, values);
-      offset += 2 * width;
+      const auto [width, lo] = format::pack_descriptor(round, c, layout.bits);
+      format::unpack16(pack, width, values);
+      pack += 2 * width;
       for (int i = 0; i < format::kPackTokens; ++i) {
         codes[(r * format::kPackTokens + i) * dim + c] = static_cast<std::uint8_t>(values[i] + lo);
       }
@@ -331,18 +348,64 @@ BlockBytes block_bytes_breakdown(const CodecParams& p, const std::uint8_t* block
     for (int which = 0; which < 2; ++which) {
       const SectionLayout& layout = layouts[which];
       const std::uint8_t* section = block + (which == 0 ? entry.k_offset : entry.v_offset);
-      std::uint32_t payload = 0;
-      for (std::uint32_t i = 0; i < layout.rounds * layout.head_dim; ++i) {
-        payload += 2 * format::descriptor_width(format::load_descriptor(section + layout.desc_offset, i, layout.desc_bytes));
+      std::size_t descriptors = 0;
+      for (std::uint32_t r = 0; r < layout.rounds; ++r) {
+        if (!format::round_view(section, layout, r).plain) descriptors += layout.descriptor_bytes;
       }
-      b.payload += payload;
+      b.payload += format::round_end(section, layout, layout.rounds - 1) - descriptors;
+      b.descriptors += descriptors;
       b.params += layout.param_count * sizeof(Params);
-      b.descriptors += layout.rounds * layout.head_dim * layout.desc_bytes;
     }
   }
   b.headers = header.block_bytes - b.payload - b.params - b.descriptors - b.permutations;
   return b;
 }
+
+namespace {
+
+// Checks one section's rounds (sizes, widths, minimums, codes) and returns the bytes they take.
+std::uint32_t validate_rounds(const SectionLayout& layout, const std::uint8_t* section, std::uint32_t available,
+                              int max_code, int head, const char* name) {
+  std::uint32_t offset = 0;
+  std::uint8_t values[format::kPackTokens];
+  for (std::uint32_t r = 0; r < layout.rounds; ++r) {
+    const std::uint32_t end = format::round_end(section, layout, r);
+    PACKKV_REQUIRE(end > offset && end - offset <= layout.plain_round_bytes && end - offset >= layout.descriptor_bytes,
+                   fmt::format("head {} {} round {} ends at {}: a round after {} takes between {} and {} bytes", head,
+                               name, r, end, offset, layout.descriptor_bytes, layout.plain_round_bytes));
+    PACKKV_REQUIRE(end <= available, fmt::format("head {} {} round {} ends at {}, past the block end ({} bytes left)",
+                                                 head, name, r, end, available));
+    const format::RoundView round = format::round_view(section, layout, r);
+    const std::uint8_t* pack = round.packs;
+    std::uint32_t bytes = round.plain ? 0 : layout.descriptor_bytes;  // of the round, so far
+    for (std::uint32_t c = 0; c < layout.head_dim; ++c) {
+      const auto [width, lo] = format::pack_descriptor(round, c, layout.bits);
+      PACKKV_REQUIRE(width <= layout.bits,
+                     fmt::format("head {} {} pack (round {}, channel {}) has width {} above the {} code bits", head,
+                                 name, r, c, width, layout.bits));
+      PACKKV_REQUIRE(lo <= static_cast<std::uint32_t>(max_code),
+                     fmt::format("head {} {} pack (round {}, channel {}) min {} exceeds the largest code {}", head,
+                                 name, r, c, lo, max_code));
+      PACKKV_REQUIRE(offset + bytes + 2 * width <= end,
+                     fmt::format("head {} {} pack (round {}, channel {}) runs past its round's end {}", head, name, r,
+                                 c, end));
+      format::unpack16(pack, width, values);
+      for (std::uint8_t value : values) {
+        PACKKV_REQUIRE(lo + value <= static_cast<std::uint32_t>(max_code),
+                       fmt::format("head {} {} pack (round {}, channel {}) holds code {} above the largest code {}",
+                                   head, name, r, c, lo + value, max_code));
+      }
+      pack += 2 * width;
+      bytes += 2 * width;
+    }
+    PACKKV_REQUIRE(offset + bytes == end, fmt::format("head {} {} round {} holds {} bytes of packs but ends at {}",
+                                                      head, name, r, bytes, end));
+    offset = end;
+  }
+  return offset;
+}
+
+}  // namespace
 
 void validate_block(const CodecParams& p, std::span<const std::uint8_t> bytes) {
   const format::BlockGeometry& g = p.geometry;
@@ -383,14 +446,13 @@ void validate_block(const CodecParams& p, std::span<const std::uint8_t> bytes) {
     std::memcpy(&entry, bytes.data() + g.directory_offset() + head * sizeof entry, sizeof entry);
     for (int which = 0; which < 2; ++which) {
       const SectionLayout layout = which == 0 ? g.k_layout() : g.v_layout();
-      const int bits = which == 0 ? g.k_bits : g.v_bits;
       const int max_code = which == 0 ? p.k_max_code : p.v_max_code;
       const std::uint32_t section_offset = which == 0 ? entry.k_offset : entry.v_offset;
       const char* name = which == 0 ? "K" : "V";
       PACKKV_REQUIRE(section_offset == expected_offset,
                      fmt::format("head {} {} section offset {} should be {}", head, name, section_offset,
                                  expected_offset));
-      PACKKV_REQUIRE(section_offset + layout.section_bytes(0) <= h.block_bytes - format::kTrailingSlack,
+      PACKKV_REQUIRE(section_offset + layout.rounds_offset <= h.block_bytes - format::kTrailingSlack,
                      fmt::format("head {} {} section at {} runs past the block end", head, name, section_offset));
       const std::uint8_t* section = bytes.data() + section_offset;
       const auto* params = reinterpret_cast<const Params*>(section);
@@ -400,36 +462,10 @@ void validate_block(const CodecParams& p, std::span<const std::uint8_t> bytes) {
                        fmt::format("head {} {} parameter {}: step {} / min {} are not valid", head, name, i, step,
                                    min));
       }
-      std::uint32_t payload = 0;
-      for (std::uint32_t r = 0; r < layout.rounds; ++r) {
-        const std::uint32_t start = format::round_start(section, layout, r);
-        PACKKV_REQUIRE(start == payload, fmt::format("head {} {} round {} starts at {} instead of {}", head, name, r,
-                                                     start, payload));
-        for (std::uint32_t c = 0; c < layout.head_dim; ++c) {
-          const std::uint32_t d = format::load_descriptor(section + layout.desc_offset, r * layout.head_dim + c,
-                                                          layout.desc_bytes);
-          const std::uint32_t width = format::descriptor_width(d), lo = format::descriptor_min(d);
-          PACKKV_REQUIRE(width <= static_cast<std::uint32_t>(bits),
-                         fmt::format("head {} {} pack (round {}, channel {}) has width {} above the {} code bits",
-                                     head, name, r, c, width, bits));
-          PACKKV_REQUIRE(lo <= static_cast<std::uint32_t>(max_code),
-                         fmt::format("head {} {} pack (round {}, channel {}) min {} exceeds the largest code {}",
-                                     head, name, r, c, lo, max_code));
-          PACKKV_REQUIRE(layout.payload_offset + payload + 2 * width <= h.block_bytes - section_offset,
-                         fmt::format("head {} {} pack (round {}, channel {}) runs past the block end", head, name,
-                                     r, c));
-          std::uint8_t values[format::kPackTokens];
-          format::unpack16(section + layout.payload_offset + payload, width, values);
-          for (std::uint8_t value : values) {
-            PACKKV_REQUIRE(lo + value <= static_cast<std::uint32_t>(max_code),
-                           fmt::format("head {} {} pack (round {}, channel {}) holds code {} above the largest "
-                                       "code {}",
-                                       head, name, r, c, lo + value, max_code));
-          }
-          payload += 2 * width;
-        }
-      }
-      const std::uint32_t size = layout.section_bytes(payload);
+      const std::uint32_t rounds_bytes =
+          validate_rounds(layout, section, h.block_bytes - format::kTrailingSlack - section_offset - layout.rounds_offset,
+                          max_code, head, name);
+      const std::uint32_t size = layout.section_bytes(rounds_bytes);
       PACKKV_REQUIRE(section_offset + size <= h.block_bytes - format::kTrailingSlack,
                      fmt::format("head {} {} section ({} bytes at {}) runs past the block end {}", head, name, size,
                                  section_offset, h.block_bytes));

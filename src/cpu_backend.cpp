@@ -126,7 +126,6 @@ class CpuBackend final : public CacheBackend<T> {
     for (std::int64_t b = 0; b < new_blocks; ++b) {
       SlotRef& slot = slots[static_cast<std::size_t>(b)];
       std::memcpy(slot.data, staging.data() + b * max_bytes, slot.bytes);
-      slot.payload = static_cast<std::uint32_t>(block_bytes_breakdown(codec_, slot.data).payload);
       layer.blocks.push_back(slot);
     }
     table_bytes_ += table_growth;
@@ -313,22 +312,18 @@ class CpuBackend final : public CacheBackend<T> {
   MemoryStats memory_stats() const override {
     MemoryStats stats;
     stats.layers.resize(static_cast<std::size_t>(cfg_.num_layers));
-    const format::BlockGeometry& g = codec_.geometry;
-    const format::SectionLayout kl = g.k_layout(), vl = g.v_layout();
-    const std::size_t params = static_cast<std::size_t>(g.num_heads) * (kl.param_count + vl.param_count) * 4;
-    const std::size_t descs = static_cast<std::size_t>(g.num_heads) * kl.rounds * kl.head_dim *
-                              (kl.desc_bytes + vl.desc_bytes);
     const std::size_t token_bytes = row_ * 2 * sizeof(T);
     for (const auto& [id, seq] : sequences_) {
       for (std::size_t li = 0; li < seq.layers.size(); ++li) {
         const Layer& layer = seq.layers[li];
         MemoryBreakdown& m = stats.layers[li];
         for (const SlotRef& block : layer.blocks) {
-          m.payload += block.payload;
-          m.params += params;
-          m.descriptors += descs;
-          m.permutations += g.permutation_bytes();
-          m.headers += block.bytes - block.payload - params - descs - g.permutation_bytes();
+          const BlockBytes b = block_bytes_breakdown(codec_, block.data);  // reads the round tables
+          m.payload += b.payload;
+          m.params += b.params;
+          m.descriptors += b.descriptors;
+          m.permutations += b.permutations;
+          m.headers += b.headers;
         }
         m.block_tables += layer.blocks.size() * sizeof(SlotRef);
         m.tail += static_cast<std::size_t>(layer.tail_tokens) * token_bytes;
@@ -428,8 +423,7 @@ class CpuBackend final : public CacheBackend<T> {
       for (const auto& block : p.blocks) {
         SlotRef slot = slots[next++];
         std::memcpy(slot.data, block.data(), block.size());
-        slot.payload = static_cast<std::uint32_t>(block_bytes_breakdown(codec_, slot.data).payload);
-        layer.blocks.push_back(slot);
+          layer.blocks.push_back(slot);
       }
       table_bytes_ += p.blocks.size() * sizeof(SlotRef);
       layer.length = static_cast<std::int64_t>(p.blocks.size()) * cfg_.block_tokens;

@@ -77,18 +77,17 @@ inline __m256 unpack8(const std::uint8_t* p, std::uint32_t width, __m256i pack_m
   return _mm256_cvtepi32_ps(_mm256_add_epi32(x, pack_min));
 }
 
-template <int G, class Desc>
-void scores_avx2(const SectionLayout& L, const std::uint8_t* section, const float* q, float raw[][16], Desc desc,
+template <int G>
+void scores_avx2(const SectionLayout& L, const std::uint8_t* section, const float* q, float raw[][16],
                  std::uint32_t round) {
   const std::uint32_t dim = L.head_dim;
-  const std::uint8_t* p = section + L.payload_offset +
-                          format::round_start(section, L, round);
+  const format::RoundView view = format::round_view(section, L, round);
+  const std::uint8_t* p = view.packs;
   __m256 acc[G][2];
   for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
   for (std::uint32_t c = 0; c < dim; ++c) {
-    const std::uint32_t d = desc(round * dim + c);
-    const std::uint32_t width = format::descriptor_width(d);
-    const __m256i mn = _mm256_set1_epi32(static_cast<int>(format::descriptor_min(d)));
+    const auto [width, pack_min] = format::pack_descriptor(view, c, L.bits);
+    const __m256i mn = _mm256_set1_epi32(static_cast<int>(pack_min));
     const __m256 lo = unpack8(p, width, mn);
     const __m256 hi = unpack8(p + width, width, mn);
     p += 2 * width;
@@ -104,21 +103,21 @@ void scores_avx2(const SectionLayout& L, const std::uint8_t* section, const floa
   }
 }
 
-template <int G, class Desc>
+template <int G>
 void accumulate_v_avx2(const SectionLayout& L, const std::uint8_t* section, const float* wstep, std::size_t ws,
-                       float* acc, Desc desc) {
+                       float* acc) {
   const std::uint32_t dim = L.head_dim;
-  const std::uint8_t* p = section + L.payload_offset;
   for (std::uint32_t r = 0; r < L.rounds; ++r) {
+    const format::RoundView view = format::round_view(section, L, r);
+    const std::uint8_t* p = view.packs;
     __m256 wlo[G], whi[G];
     for (int g = 0; g < G; ++g) {
       wlo[g] = _mm256_loadu_ps(wstep + g * ws + r * 16);
       whi[g] = _mm256_loadu_ps(wstep + g * ws + r * 16 + 8);
     }
     for (std::uint32_t c = 0; c < dim; ++c) {
-      const std::uint32_t d = desc(r * dim + c);
-      const std::uint32_t width = format::descriptor_width(d);
-      const __m256i mn = _mm256_set1_epi32(static_cast<int>(format::descriptor_min(d)));
+      const auto [width, pack_min] = format::pack_descriptor(view, c, L.bits);
+      const __m256i mn = _mm256_set1_epi32(static_cast<int>(pack_min));
       const __m256 lo = unpack8(p, width, mn);
       const __m256 hi = unpack8(p + width, width, mn);
       p += 2 * width;
@@ -134,33 +133,21 @@ void accumulate_v_avx2(const SectionLayout& L, const std::uint8_t* section, cons
 }
 #endif  // PACKKV_CPU_AVX2
 
-struct Desc1 {
-  const std::uint8_t* d;
-  std::uint32_t operator()(std::uint32_t i) const { return d[i]; }
-};
-struct Desc2 {
-  const std::uint8_t* d;
-  std::uint32_t operator()(std::uint32_t i) const {
-    return static_cast<std::uint32_t>(d[2 * i]) | (static_cast<std::uint32_t>(d[2 * i + 1]) << 8);
-  }
-};
-
 // raw[g][i] = sum_c q[g][c] * code_ic for the 16 tokens of one round.
-template <int G, class Desc>
+template <int G>
 void round_raw_scores(const SectionLayout& L, const std::uint8_t* section, const float* q, float raw[][16],
-                      Desc desc, std::uint32_t round) {
+                      std::uint32_t round) {
 #if PACKKV_CPU_AVX2
-  scores_avx2<G>(L, section, q, raw, desc, round);
+  scores_avx2<G>(L, section, q, raw, round);
 #else
   const std::uint32_t dim = L.head_dim;
-  const std::uint8_t* p = section + L.payload_offset +
-                          format::round_start(section, L, round);
+  const format::RoundView view = format::round_view(section, L, round);
+  const std::uint8_t* p = view.packs;
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < 16; ++i) raw[g][i] = 0.0f;
   std::uint8_t values[16];
   for (std::uint32_t c = 0; c < dim; ++c) {
-    const std::uint32_t d = desc(round * dim + c);
-    const std::uint32_t width = format::descriptor_width(d), mn = format::descriptor_min(d);
+    const auto [width, mn] = format::pack_descriptor(view, c, L.bits);
     format::unpack16(p, width, values);
     p += 2 * width;
     for (int g = 0; g < G; ++g) {
@@ -171,9 +158,9 @@ void round_raw_scores(const SectionLayout& L, const std::uint8_t* section, const
 #endif
 }
 
-template <int G, class Desc>
+template <int G>
 void scores_impl(const SectionLayout& L, bool per_channel, const std::uint8_t* section, const float* q, float* out,
-                 std::size_t out_stride, Desc desc) {
+                 std::size_t out_stride) {
   const std::uint32_t dim = L.head_dim;
   alignas(32) float step[256], min[256];
   load_params(section, L.param_count, step, min);
@@ -200,7 +187,7 @@ void scores_impl(const SectionLayout& L, bool per_channel, const std::uint8_t* s
   }
   float raw[G][16];
   for (std::uint32_t r = 0; r < L.rounds; ++r) {
-    round_raw_scores<G>(L, section, qk, raw, desc, r);
+    round_raw_scores<G>(L, section, qk, raw, r);
     for (int g = 0; g < G; ++g) {
       float* o = out + g * out_stride + r * 16;
       if (per_channel) {
@@ -212,9 +199,9 @@ void scores_impl(const SectionLayout& L, bool per_channel, const std::uint8_t* s
   }
 }
 
-template <int G, class Desc>
+template <int G>
 void accumulate_v_impl(const SectionLayout& L, const std::uint8_t* section, const float* w, std::size_t w_stride,
-                       float* acc, float* min_term, Desc desc) {
+                       float* acc, float* min_term) {
   const std::uint32_t tokens = L.rounds * 16;
   alignas(32) float step[256], min[256];
   load_params(section, L.param_count, step, min);
@@ -229,15 +216,15 @@ void accumulate_v_impl(const SectionLayout& L, const std::uint8_t* section, cons
     min_term[g] += m;
   }
 #if PACKKV_CPU_AVX2
-  accumulate_v_avx2<G>(L, section, wstep, 256, acc, desc);
+  accumulate_v_avx2<G>(L, section, wstep, 256, acc);
 #else
   const std::uint32_t dim = L.head_dim;
-  const std::uint8_t* p = section + L.payload_offset;
   std::uint8_t values[16];
   for (std::uint32_t r = 0; r < L.rounds; ++r) {
+    const format::RoundView view = format::round_view(section, L, r);
+    const std::uint8_t* p = view.packs;
     for (std::uint32_t c = 0; c < dim; ++c) {
-      const std::uint32_t d = desc(r * dim + c);
-      const std::uint32_t width = format::descriptor_width(d), mn = format::descriptor_min(d);
+      const auto [width, mn] = format::pack_descriptor(view, c, L.bits);
       format::unpack16(p, width, values);
       p += 2 * width;
       for (int g = 0; g < G; ++g) {
@@ -267,25 +254,15 @@ void dispatch_group(int groups, Fn&& fn) {
 
 void section_scores(const SectionLayout& layout, bool per_channel, const std::uint8_t* section, const float* q,
                     int groups, float* out, std::size_t out_stride) {
-  const std::uint8_t* descs = section + layout.desc_offset;
   dispatch_group(groups, [&](auto g) {
-    if (layout.desc_bytes == 1) {
-      scores_impl<decltype(g)::value>(layout, per_channel, section, q, out, out_stride, Desc1{descs});
-    } else {
-      scores_impl<decltype(g)::value>(layout, per_channel, section, q, out, out_stride, Desc2{descs});
-    }
+    scores_impl<decltype(g)::value>(layout, per_channel, section, q, out, out_stride);
   });
 }
 
 void section_accumulate_v(const SectionLayout& layout, const std::uint8_t* section, const float* w,
                           std::size_t w_stride, int groups, float* acc, float* min_term) {
-  const std::uint8_t* descs = section + layout.desc_offset;
   dispatch_group(groups, [&](auto g) {
-    if (layout.desc_bytes == 1) {
-      accumulate_v_impl<decltype(g)::value>(layout, section, w, w_stride, acc, min_term, Desc1{descs});
-    } else {
-      accumulate_v_impl<decltype(g)::value>(layout, section, w, w_stride, acc, min_term, Desc2{descs});
-    }
+    accumulate_v_impl<decltype(g)::value>(layout, section, w, w_stride, acc, min_term);
   });
 }
 

@@ -46,8 +46,10 @@ std::uint32_t PagePool::slots_per_page(int size_class) const {
 
 std::vector<PagePool::Source> PagePool::plan(std::span<const std::uint32_t> sizes, std::size_t* fresh_pages) const {
   // Simulates the free lists with counts. Order of preference: a free slot of the block's own
-  // class; a cached empty page; a free slot of a larger class up to twice the size (so freed
-  // memory of one class serves blocks of another instead of growing the pool); a new page.
+  // class; a free slot of a larger class up to twice the size (so freed memory of one class serves
+  // blocks of another instead of opening a page); a cached empty page; a new page. Empty pages come
+  // after larger slots so that a pool refilled after removals opens pages exactly where a new pool
+  // would, and never holds more.
   std::vector<std::size_t> free_slots(class_bytes_.size(), 0);
   for (std::size_t c = 0; c < partial_.size(); ++c) {
     for (std::uint32_t p : partial_[c]) free_slots[c] += pages_[p].free_slots.size();
@@ -63,12 +65,6 @@ std::vector<PagePool::Source> PagePool::plan(std::span<const std::uint32_t> size
       sources.push_back({Source::own_class, c});
       continue;
     }
-    if (empty > 0) {
-      --empty;
-      free_slots[cu] += slots_per_page(c) - 1;
-      sources.push_back({Source::empty_page, c});
-      continue;
-    }
     int larger = -1;
     for (std::size_t c2 = cu + 1; c2 < class_bytes_.size() && class_bytes_[c2] <= 2 * class_bytes_[cu]; ++c2) {
       if (free_slots[c2] > 0) {
@@ -79,6 +75,12 @@ std::vector<PagePool::Source> PagePool::plan(std::span<const std::uint32_t> size
     if (larger >= 0) {
       --free_slots[static_cast<std::size_t>(larger)];
       sources.push_back({Source::own_class, larger});
+      continue;
+    }
+    if (empty > 0) {
+      --empty;
+      free_slots[cu] += slots_per_page(c) - 1;
+      sources.push_back({Source::empty_page, c});
       continue;
     }
     ++fresh;

@@ -24,7 +24,6 @@ struct SlotRef {
   std::uint32_t page = 0;
   std::uint32_t slot = 0;
   std::uint32_t bytes = 0;  ///< the block's size (<= the slot size)
-  std::uint32_t payload = 0;  ///< bit-packed bytes inside the block (kept by the owner for statistics)
 };
 
 class PagePool {

@@ -117,7 +117,9 @@ void check_error_bound(const CodecCase& c, std::uint64_t seed) {
   const CodecParams params = make_codec_params(cfg);
   const std::size_t row = static_cast<std::size_t>(heads) * c.head_dim;
   const std::size_t n = static_cast<std::size_t>(c.block) * row;
-  const std::vector<float> k = random_values(n, seed, 3.0), v = random_values(n, seed + 1, 1.0);
+  // Odd seeds: rounds alternate between plain and frame of reference.
+  const std::vector<float> k = seed % 2 ? test::mixed_rounds_values(c.block, row, seed, 3.0) : random_values(n, seed, 3.0);
+  const std::vector<float> v = seed % 2 ? test::mixed_rounds_values(c.block, row, seed + 1) : random_values(n, seed + 1);
   std::vector<std::uint8_t> block(params.geometry.max_block_bytes());
   EncodeScratch scratch;
   const std::uint32_t size = encode_block(params, k.data(), v.data(), row, block.data(), scratch);
@@ -165,7 +167,7 @@ TEST(Codec, ErrorBoundHoldsForEveryElement) {
     for (int dim : dims) {
       for (int block : blocks) {
         for (QuantMode mode : {QuantMode::per_token, QuantMode::per_channel}) {
-          const RepackMethod repack = (seed % 2) ? RepackMethod::median : RepackMethod::none;
+          const RepackMethod repack = (seed / 2 % 2) ? RepackMethod::median : RepackMethod::none;
           check_error_bound({rel, dim, block, mode, repack}, seed++);
         }
       }
@@ -258,17 +260,59 @@ TEST(Codec, RejectsNonFiniteAndOutOfRangeValues) {
   }
 }
 
+TEST(Codec, RoundKindFollowsTheData) {
+  // Per-token V, rel 0.1 (4-bit codes), no repacking: noisy rounds are stored plain, rounds of a
+  // repeated channel profile as frame of reference; the section size is what the rounds need.
+  CodecCase c{0.05f, 64, 64, QuantMode::per_token, RepackMethod::none};
+  const CacheConfig cfg = config_for(c, 1);
+  const CodecParams params = make_codec_params(cfg);
+  const std::vector<float> k = test::mixed_rounds_values(64, 64, 21), v = test::mixed_rounds_values(64, 64, 22);
+  std::vector<std::uint8_t> block(params.geometry.max_block_bytes());
+  EncodeScratch scratch;
+  encode_block(params, k.data(), v.data(), 64, block.data(), scratch);
+  format::HeadEntry entry;
+  std::memcpy(&entry, block.data() + params.geometry.directory_offset(), sizeof entry);
+  const format::SectionLayout layout = params.geometry.v_layout();
+  const std::uint8_t* section = block.data() + entry.v_offset;
+  std::vector<std::uint8_t> codes(64 * 64);
+  unpack_section_codes(layout, section, codes.data());
+  for (std::uint32_t r = 0; r < layout.rounds; ++r) {
+    // Expected size from the codes alone: plain, or descriptors plus 2 * width bytes per pack.
+    std::uint32_t for_bytes = layout.head_dim / 2 + layout.head_dim * layout.bits / 8;
+    for (int ch = 0; ch < 64; ++ch) {
+      int lo = 255, hi = 0;
+      for (int i = 0; i < 16; ++i) {
+        lo = std::min<int>(lo, codes[(r * 16 + i) * 64 + ch]);
+        hi = std::max<int>(hi, codes[(r * 16 + i) * 64 + ch]);
+      }
+      int width = 0;
+      while ((hi - lo) >> width) ++width;
+      for_bytes += 2 * width;
+    }
+    const std::uint32_t plain_bytes = 64 * 2 * layout.bits;
+    const std::uint32_t size = format::round_end(section, layout, r) - format::round_begin(section, layout, r);
+    EXPECT_EQ(size, std::min(for_bytes, plain_bytes)) << "round " << r;
+    EXPECT_EQ(format::round_view(section, layout, r).plain, r % 2 == 0) << "round " << r;
+  }
+}
+
 TEST(Codec, ValidateRejectsCorruptBlocks) {
-  CodecCase c{0.1f, 32, 32, QuantMode::per_token, RepackMethod::median};
+  CodecCase c{0.1f, 32, 32, QuantMode::per_token, RepackMethod::none};
   const CacheConfig cfg = config_for(c, 2);
   const CodecParams params = make_codec_params(cfg);
-  const std::size_t n = 32 * 64;
-  const std::vector<float> k = random_values(n, 11), v = random_values(n, 12);
+  const std::vector<float> k = test::mixed_rounds_values(32, 64, 11), v = test::mixed_rounds_values(32, 64, 12);
   std::vector<std::uint8_t> good(params.geometry.max_block_bytes());
   EncodeScratch scratch;
   const std::uint32_t size = encode_block(params, k.data(), v.data(), 64, good.data(), scratch);
   good.resize(size);
   ASSERT_NO_THROW(validate_block(params, good));
+  format::HeadEntry e;
+  std::memcpy(&e, good.data() + params.geometry.directory_offset(), sizeof e);
+  const format::SectionLayout kl = params.geometry.k_layout();
+  // Head 0's K: round 0 plain, round 1 frame of reference (4-bit codes, largest code 10).
+  ASSERT_TRUE(format::round_view(good.data() + e.k_offset, kl, 0).plain);
+  ASSERT_FALSE(format::round_view(good.data() + e.k_offset, kl, 1).plain);
+  const std::size_t round1 = e.k_offset + kl.rounds_offset + format::round_end(good.data() + e.k_offset, kl, 0);
 
   auto corrupt = [&](auto&& mutate, const std::string& needle) {
     std::vector<std::uint8_t> bad = good;
@@ -278,26 +322,32 @@ TEST(Codec, ValidateRejectsCorruptBlocks) {
   corrupt([](auto& b) { b[10] = 9; }, "version");                        // header version byte
   corrupt([](auto& b) { b[8] = 9; }, "heads");                           // header num_heads
   corrupt([](auto& b) { b.resize(b.size() - 16); }, "bytes");            // truncated
-  corrupt([&](auto& b) { b[params.geometry.permutation_offset()] = 200; }, "permutation");
-  corrupt([&](auto& b) { b[params.geometry.permutation_offset() + 1] = b[params.geometry.permutation_offset()]; },
-          "permutation");
   corrupt([&](auto& b) { b[params.geometry.directory_offset()] += 16; }, "offset");
-  // A descriptor whose width exceeds the code bits (K has 4-bit codes: 1-byte descriptors).
+  corrupt([&](auto& b) { b[e.k_offset + kl.round_end_offset] += 1; }, "round 0");    // round table
+  corrupt([&](auto& b) { b[round1] = 0x0F; }, "width");                 // channel 0: width 15
+  corrupt([&](auto& b) { b[round1 + kl.widths_bytes] = 0xFF; }, "min");  // channel 0: min 15 > 10
+  corrupt([&](auto& b) { b[e.k_offset + kl.rounds_offset] = 0xFF; }, "holds code");  // plain code 15
   corrupt([&](auto& b) {
-    format::HeadEntry e;
-    std::memcpy(&e, b.data() + params.geometry.directory_offset(), sizeof e);
-    b[e.k_offset + params.geometry.k_layout().desc_offset] = 0x0F;
-  }, "width");
-  corrupt([&](auto& b) {
-    format::HeadEntry e;
-    std::memcpy(&e, b.data() + params.geometry.directory_offset(), sizeof e);
-    b[e.k_offset + params.geometry.k_layout().desc_offset] = 0xF0;  // min 15 > max code 10
-  }, "min");
-  corrupt([&](auto& b) {
-    format::HeadEntry e;
-    std::memcpy(&e, b.data() + params.geometry.directory_offset(), sizeof e);
     b[e.k_offset + 1] = 0x7C;  // step of token 0 becomes inf (fp16 0x7Cxx)
   }, "parameter");
+}
+
+TEST(Codec, ValidateRejectsBadPermutations) {
+  CodecCase c{0.1f, 32, 32, QuantMode::per_token, RepackMethod::median};
+  const CacheConfig cfg = config_for(c, 2);
+  const CodecParams params = make_codec_params(cfg);
+  const std::vector<float> k = random_values(32 * 64, 11), v = random_values(32 * 64, 12);
+  std::vector<std::uint8_t> good(params.geometry.max_block_bytes());
+  EncodeScratch scratch;
+  good.resize(encode_block(params, k.data(), v.data(), 64, good.data(), scratch));
+  ASSERT_NO_THROW(validate_block(params, good));
+  for (int entry : {0, 1}) {
+    std::vector<std::uint8_t> bad = good;
+    const std::size_t at = params.geometry.permutation_offset();
+    if (entry == 0) bad[at] = 200;
+    else bad[at + 1] = bad[at];
+    test::expect_error([&] { validate_block(params, bad); }, "permutation");
+  }
 }
 
 // Fixed input for the golden file: a formula, so the input never depends on a generator.
@@ -328,7 +378,7 @@ TEST(Codec, GoldenBlockIsByteIdentical) {
   EncodeScratch scratch;
   block.resize(encode_block(params, k.data(), v.data(), row, block.data(), scratch));
 
-  const std::string path = std::string(PACKKV_TEST_DATA_DIR) + "/golden_block_v1.bin";
+  const std::string path = std::string(PACKKV_TEST_DATA_DIR) + "/golden_block_v2.bin";
   if (std::getenv("PACKKV_WRITE_GOLDEN")) {
     std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(block.data()),
                                                 static_cast<std::streamsize>(block.size()));
@@ -355,13 +405,25 @@ TEST(Codec, GoldenBlockIsByteIdentical) {
   }
   format::BlockHeader h;
   std::memcpy(&h, golden.data(), sizeof h);
-  EXPECT_EQ(h.version, 1);
+  EXPECT_EQ(h.version, 2);
   EXPECT_EQ(h.block_tokens, 32);
   EXPECT_EQ(h.head_dim, 16);
   EXPECT_EQ(h.num_heads, 2);
   EXPECT_EQ(h.k_bits, 4);
   EXPECT_EQ(h.v_bits, 3);
   EXPECT_EQ(h.flags, format::kFlagPermuted);
+  // The golden bytes pin both kinds of round.
+  int plain = 0, frame_of_reference = 0;
+  for (int head = 0; head < 2; ++head) {
+    format::HeadEntry e;
+    std::memcpy(&e, golden.data() + params.geometry.directory_offset() + head * sizeof e, sizeof e);
+    for (std::uint32_t r = 0; r < 2; ++r) {
+      (format::round_view(golden.data() + e.k_offset, params.geometry.k_layout(), r).plain ? plain : frame_of_reference)++;
+      (format::round_view(golden.data() + e.v_offset, params.geometry.v_layout(), r).plain ? plain : frame_of_reference)++;
+    }
+  }
+  EXPECT_GT(plain, 0);
+  EXPECT_GT(frame_of_reference, 0);
 }
 
 // The SIMD section kernels must agree with arithmetic on the reference-unpacked codes.

@@ -40,6 +40,25 @@ inline std::vector<float> random_values(std::size_t n, std::uint64_t seed, doubl
   return x;
 }
 
+/// Rows of `row` values whose 16-token rounds alternate between uniform noise (which the
+/// encoder stores as plain rounds) and a fixed channel profile plus small noise (which it stores
+/// as frame-of-reference rounds), so both kinds of round occur in every section.
+inline std::vector<float> mixed_rounds_values(std::size_t tokens, std::size_t row, std::uint64_t seed,
+                                              double scale = 1.0) {
+  synthetic::Rng rng(seed);
+  std::vector<double> profile(row);
+  for (auto& p : profile) p = rng.normal() * scale;
+  std::vector<float> x(tokens * row);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    const bool smooth = (t / 16) % 2 == 1;
+    for (std::size_t c = 0; c < row; ++c) {
+      const double r = smooth ? profile[c] + 0.02 * scale * rng.normal() : (4.0 * rng.uniform() - 2.0) * scale;
+      x[t * row + c] = static_cast<float>(r);
+    }
+  }
+  return x;
+}
+
 /// float64 decode attention of one query head over float K/V rows [len][kv_heads][dim].
 inline std::vector<double> reference_attention(const float* k, const float* v, std::int64_t len, int kv_heads,
                                                int dim, int head, const float* q, double scale) {

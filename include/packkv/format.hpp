@@ -1,4 +1,4 @@
-// The packed block format, version 1: the one normative definition (docs/format.md explains it).
+// The packed block format, version 2: the one normative definition (docs/format.md explains it).
 //
 // A block holds `block_tokens` consecutive tokens of one (sequence, layer) for every KV head:
 //
@@ -7,16 +7,20 @@
 //   per head: [K section][V section]          (each section 16-B aligned)
 //   [16 B trailing slack, zero]               (lets decoders read 8 B past any pack)
 //
-// A section holds the codes of one head's K or V (block_tokens x head_dim, in packed token order):
+// A section holds the codes of one head's K or V (block_tokens x head_dim, in packed token order),
+// in rounds of 16 tokens; a pack is the 16 codes of one channel in one round:
 //
-//   params       {fp16 step, fp16 min} per token (per channel for per-channel K)     4 B each
-//   round_start  u16 per 16-token round: payload offset of the round, padded to 4 B
-//   descriptors  per (round, channel), round-major: (pack_min << 4) | width
-//                1 byte when the codes have <= 4 bits, else u16 little-endian
-//   payload      per round, per channel: 16 values (code - pack_min) of `width` bits,
-//                a little-endian bit stream of 2*width bytes (value i at bits [i*w, i*w + w))
-//   padding      to a multiple of 16 B
+//   params      {fp16 step, fp16 min} per token (per channel for per-channel K)      4 B each
+//   round_end   u32 per round: end of the round, counted from the first round's start
+//   rounds      per round, either
+//                 plain: per channel, 16 codes of `bits` bits                  (2 * bits B per pack)
+//               or, only when it is strictly smaller than plain,
+//                 frame of reference: pack widths (4 bits per channel), pack minimums (`bits` bits
+//                 per channel), then per channel 16 values (code - pack_min) of `width` bits
+//               a pack is a little-endian bit stream of 2*width bytes (value i at bits [i*w, i*w+w))
+//   padding     to a multiple of 16 B
 //
+// A round's kind follows from its size: plain rounds are exactly head_dim * 2 * bits bytes.
 // Reconstruction: x = min + code * step (fp32), with per-token or per-channel (step, min).
 // All multi-byte fields are little-endian. Everything here compiles for host and device.
 #pragma once
@@ -29,7 +33,7 @@
 
 namespace packkv::format {
 
-inline constexpr std::uint8_t kVersion = 1;
+inline constexpr std::uint8_t kVersion = 2;
 inline constexpr int kPackTokens = 16;          ///< tokens per frame-of-reference pack
 inline constexpr std::uint32_t kAlign = 16;     ///< alignment of sections and blocks
 inline constexpr std::uint32_t kTrailingSlack = 16;
@@ -70,24 +74,29 @@ PACKKV_HOST_DEVICE constexpr std::uint32_t align_up(std::uint32_t n, std::uint32
   return (n + a - 1) / a * a;
 }
 
-/// Bytes per pack descriptor for codes of `bits` bits.
-PACKKV_HOST_DEVICE constexpr std::uint32_t descriptor_bytes(int bits) { return bits <= 4 ? 1u : 2u; }
-
-/// Layout of a section, fixed by the geometry except for the payload size.
+/// Layout of a section, fixed by the geometry except for the size of its rounds.
 struct SectionLayout {
-  std::uint32_t param_count;     ///< tokens (per-token) or channels (per-channel)
-  std::uint32_t rounds;          ///< block_tokens / 16
+  std::uint32_t param_count;        ///< tokens (per-token) or channels (per-channel)
+  std::uint32_t rounds;             ///< block_tokens / 16
   std::uint32_t head_dim;
-  std::uint32_t desc_bytes;      ///< 1 or 2
-  std::uint32_t round_start_offset;
-  std::uint32_t desc_offset;
-  std::uint32_t payload_offset;  ///< bytes before the payload
-  std::uint32_t max_payload;     ///< payload size if every pack used `bits` bits
+  std::uint32_t bits;               ///< code bits, 1..8
+  std::uint32_t round_end_offset;   ///< the u32 round_end table
+  std::uint32_t rounds_offset;      ///< start of the first round
+  std::uint32_t plain_round_bytes;  ///< a plain round: head_dim packs of 2 * bits bytes
+  std::uint32_t widths_bytes;       ///< frame-of-reference round: 4-bit widths, head_dim / 2 bytes
+  std::uint32_t descriptor_bytes;   ///< frame-of-reference round: widths and `bits`-bit minimums
 
-  PACKKV_HOST_DEVICE constexpr std::uint32_t section_bytes(std::uint32_t payload) const {
-    return align_up(payload_offset + payload, kAlign);
+  PACKKV_HOST_DEVICE constexpr std::uint32_t section_bytes(std::uint32_t rounds_bytes) const {
+    return align_up(rounds_offset + rounds_bytes, kAlign);
   }
-  PACKKV_HOST_DEVICE constexpr std::uint32_t max_section_bytes() const { return section_bytes(max_payload); }
+  /// Every round plain: the largest a section can be.
+  PACKKV_HOST_DEVICE constexpr std::uint32_t max_section_bytes() const {
+    return section_bytes(rounds * plain_round_bytes);
+  }
+  /// Every round frame-of-reference with constant packs: the smallest a section can be.
+  PACKKV_HOST_DEVICE constexpr std::uint32_t min_section_bytes() const {
+    return section_bytes(rounds * descriptor_bytes);
+  }
 };
 
 PACKKV_HOST_DEVICE constexpr SectionLayout make_section_layout(int block_tokens, int head_dim, int bits,
@@ -96,11 +105,12 @@ PACKKV_HOST_DEVICE constexpr SectionLayout make_section_layout(int block_tokens,
   s.param_count = per_channel ? static_cast<std::uint32_t>(head_dim) : static_cast<std::uint32_t>(block_tokens);
   s.rounds = static_cast<std::uint32_t>(block_tokens / kPackTokens);
   s.head_dim = static_cast<std::uint32_t>(head_dim);
-  s.desc_bytes = descriptor_bytes(bits);
-  s.round_start_offset = s.param_count * sizeof(Params);
-  s.desc_offset = s.round_start_offset + align_up(2u * s.rounds, 4u);
-  s.payload_offset = s.desc_offset + s.rounds * s.head_dim * s.desc_bytes;
-  s.max_payload = s.rounds * s.head_dim * 2u * static_cast<std::uint32_t>(bits);
+  s.bits = static_cast<std::uint32_t>(bits);
+  s.round_end_offset = s.param_count * sizeof(Params);
+  s.rounds_offset = s.round_end_offset + 4u * s.rounds;
+  s.plain_round_bytes = s.head_dim * 2u * s.bits;
+  s.widths_bytes = s.head_dim / 2u;  // head_dim is a multiple of 8: whole bytes below too
+  s.descriptor_bytes = s.widths_bytes + s.head_dim * s.bits / 8u;
   return s;
 }
 
@@ -134,49 +144,88 @@ struct BlockGeometry {
   PACKKV_HOST_DEVICE constexpr SectionLayout v_layout() const {
     return make_section_layout(block_tokens, head_dim, v_bits, false);
   }
-  /// Upper bound on a block's size (every pack at full width); the encoder's scratch size.
+  /// Upper bound on a block's size (every round plain); the encoder's scratch size.
   PACKKV_HOST_DEVICE constexpr std::uint32_t max_block_bytes() const {
     return sections_offset() +
            static_cast<std::uint32_t>(num_heads) * (k_layout().max_section_bytes() + v_layout().max_section_bytes()) +
            kTrailingSlack;
   }
-  /// Lower bound on a block's size (every pack of width 0).
+  /// Lower bound on a block's size (every round frame-of-reference, every pack of width 0).
   PACKKV_HOST_DEVICE constexpr std::uint32_t min_block_bytes() const {
     return sections_offset() +
-           static_cast<std::uint32_t>(num_heads) * (k_layout().section_bytes(0) + v_layout().section_bytes(0)) +
+           static_cast<std::uint32_t>(num_heads) * (k_layout().min_section_bytes() + v_layout().min_section_bytes()) +
            kTrailingSlack;
   }
 };
 
-/// Payload offset of round r of a section (its stored u16 round_start).
-PACKKV_HOST_DEVICE std::uint32_t round_start(const std::uint8_t* section, const SectionLayout& layout,
-                                             std::uint32_t r) {
-  const std::uint8_t* p = section + layout.round_start_offset + 2 * r;
-  return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8);
+// ---- Rounds ------------------------------------------------------------------------------------
+
+PACKKV_HOST_DEVICE std::uint32_t load_u32(const std::uint8_t* p) {
+  return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
+         (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
+}
+PACKKV_HOST_DEVICE void store_u32(std::uint8_t* p, std::uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<std::uint8_t>(v >> (8 * i));
 }
 
-// ---- Pack descriptors --------------------------------------------------------------------------
-
-PACKKV_HOST_DEVICE constexpr std::uint32_t make_descriptor(std::uint32_t pack_min, std::uint32_t width) {
-  return (pack_min << 4) | width;
+/// End of round r, counted from the start of round 0 (the stored round_end).
+PACKKV_HOST_DEVICE std::uint32_t round_end(const std::uint8_t* section, const SectionLayout& layout,
+                                                  std::uint32_t r) {
+  return load_u32(section + layout.round_end_offset + 4 * r);
 }
-PACKKV_HOST_DEVICE constexpr std::uint32_t descriptor_width(std::uint32_t d) { return d & 0xFu; }
-PACKKV_HOST_DEVICE constexpr std::uint32_t descriptor_min(std::uint32_t d) { return d >> 4; }
-
-PACKKV_HOST_DEVICE std::uint32_t load_descriptor(const std::uint8_t* descs, std::uint32_t index,
-                                                 std::uint32_t desc_bytes) {
-  if (desc_bytes == 1) return descs[index];
-  return static_cast<std::uint32_t>(descs[2 * index]) | (static_cast<std::uint32_t>(descs[2 * index + 1]) << 8);
+PACKKV_HOST_DEVICE std::uint32_t round_begin(const std::uint8_t* section, const SectionLayout& layout,
+                                                    std::uint32_t r) {
+  return r == 0 ? 0u : round_end(section, layout, r - 1);
 }
 
-PACKKV_HOST_DEVICE void store_descriptor(std::uint8_t* descs, std::uint32_t index, std::uint32_t desc_bytes,
-                                         std::uint32_t d) {
-  if (desc_bytes == 1) {
-    descs[index] = static_cast<std::uint8_t>(d);
-  } else {
-    descs[2 * index] = static_cast<std::uint8_t>(d & 0xFFu);
-    descs[2 * index + 1] = static_cast<std::uint8_t>(d >> 8);
-  }
+/// Where one round's descriptors and packs are. In a plain round every pack has width `bits` and
+/// minimum 0, and `widths` / `mins` are not used.
+struct RoundView {
+  const std::uint8_t* widths;  ///< 4 bits per channel; even channels in the low nibble
+  const std::uint8_t* mins;    ///< `bits` bits per channel, a little-endian bit stream
+  const std::uint8_t* packs;   ///< the first channel's pack
+  bool plain;
+};
+
+PACKKV_HOST_DEVICE RoundView round_view(const std::uint8_t* section, const SectionLayout& layout,
+                                               std::uint32_t r) {
+  const std::uint32_t begin = round_begin(section, layout, r);
+  const std::uint8_t* start = section + layout.rounds_offset + begin;
+  if (round_end(section, layout, r) - begin == layout.plain_round_bytes) return RoundView{start, start, start, true};
+  return RoundView{start, start + layout.widths_bytes, start + layout.descriptor_bytes, false};
+}
+
+/// Width of channel c's pack in a frame-of-reference round.
+PACKKV_HOST_DEVICE std::uint32_t pack_width(const std::uint8_t* widths, std::uint32_t c) {
+  return (widths[c >> 1] >> ((c & 1u) * 4u)) & 0xFu;
+}
+/// Minimum of channel c's pack in a frame-of-reference round. Reads 2 bytes: the packs (or the
+/// block's trailing slack) always follow the minimums.
+PACKKV_HOST_DEVICE std::uint32_t pack_min(const std::uint8_t* mins, std::uint32_t c, std::uint32_t bits) {
+  const std::uint32_t bit = c * bits;
+  const std::uint32_t two =
+      static_cast<std::uint32_t>(mins[bit >> 3]) | (static_cast<std::uint32_t>(mins[(bit >> 3) + 1]) << 8);
+  return (two >> (bit & 7u)) & ((1u << bits) - 1u);
+}
+
+/// Width and minimum of channel c's pack in a round, plain or not.
+struct PackDescriptor {
+  std::uint32_t width;
+  std::uint32_t min;
+};
+PACKKV_HOST_DEVICE PackDescriptor pack_descriptor(const RoundView& round, std::uint32_t c, std::uint32_t bits) {
+  if (round.plain) return PackDescriptor{bits, 0u};
+  return PackDescriptor{pack_width(round.widths, c), pack_min(round.mins, c, bits)};
+}
+
+/// Bytes of a frame-of-reference round whose pack widths sum to `width_sum`.
+PACKKV_HOST_DEVICE constexpr std::uint32_t for_round_bytes(const SectionLayout& layout, std::uint32_t width_sum) {
+  return layout.descriptor_bytes + 2u * width_sum;
+}
+/// The encoder's choice: frame of reference only when it is strictly smaller than plain, so a
+/// round's size tells its kind.
+PACKKV_HOST_DEVICE constexpr bool use_plain_round(const SectionLayout& layout, std::uint32_t width_sum) {
+  return for_round_bytes(layout, width_sum) >= layout.plain_round_bytes;
 }
 
 /// Bits needed for values in [0, range]: 0 for a constant pack.
