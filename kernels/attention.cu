@@ -57,7 +57,7 @@ __host__ __device__ std::size_t reader_shared_layout(const format::BlockGeometry
                                  align16(4 * kMaxHeadsPerCta),
                                  align16(4 * kMaxHeadsPerCta),
                                  align16(4 * kMaxHeadsPerCta),
-                                 align16(4 * kWarps),
+                                 align16(4 * kScanScratchWords),
                                  align16(tokens)};
   std::size_t at = 0;
   for (int i = 0; i < 15; ++i) {
@@ -497,30 +497,44 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
   }
 }
 
-// One CTA per block: payload = sum of 2 * width over every pack of every section.
+// One CTA per block: counters[0] += payload bytes, counters[1] += descriptor bytes, counters[2] +=
+// block bytes. Each round's size is in its section's round table; its kind follows from the size.
 __global__ void __launch_bounds__(kThreads)
     block_stats_kernel(format::BlockGeometry g, const std::uint8_t* const* blocks, unsigned long long* counters) {
-  __shared__ unsigned long long warp_sums[kWarps];
+  __shared__ unsigned long long warp_sums[2][kWarps];
   const std::uint8_t* block = blocks[blockIdx.x];
   const SectionLayout layouts[2] = {g.k_layout(), g.v_layout()};
-  unsigned long long payload = 0;
-  const int packs = static_cast<int>(layouts[0].rounds * layouts[0].head_dim);
-  for (int i = threadIdx.x; i < g.num_heads * 2 * packs; i += kThreads) {
-    const int head = i / (2 * packs), which = i / packs % 2, pack = i % packs;
+  unsigned long long payload = 0, descriptors = 0;
+  const int rounds = static_cast<int>(layouts[0].rounds);
+  for (int i = threadIdx.x; i < g.num_heads * 2 * rounds; i += kThreads) {
+    const int head = i / (2 * rounds), which = i / rounds % 2, round = i % rounds;
     const format::HeadEntry entry = head_entry(block, g, head);
     const std::uint8_t* section = block + (which == 0 ? entry.k_offset : entry.v_offset);
     const SectionLayout& layout = layouts[which];
-    payload +=
-        2 * format::descriptor_width(format::load_descriptor(section + layout.desc_offset, pack, layout.desc_bytes));
+    const std::uint32_t bytes =
+        format::round_end(section, layout, round) - format::round_begin(section, layout, round);
+    const std::uint32_t descriptor = bytes == layout.plain_round_bytes ? 0u : layout.descriptor_bytes;
+    payload += bytes - descriptor;
+    descriptors += descriptor;
   }
-  for (int offset = 16; offset > 0; offset >>= 1) payload += __shfl_xor_sync(kFullMask, payload, offset);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = payload;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    payload += __shfl_xor_sync(kFullMask, payload, offset);
+    descriptors += __shfl_xor_sync(kFullMask, descriptors, offset);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    warp_sums[0][threadIdx.x >> 5] = payload;
+    warp_sums[1][threadIdx.x >> 5] = descriptors;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
-    unsigned long long total = 0;
-    for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
-    atomicAdd(counters, total);
-    atomicAdd(counters + 1,
+    unsigned long long totals[2] = {0, 0};
+    for (int w = 0; w < kWarps; ++w) {
+      totals[0] += warp_sums[0][w];
+      totals[1] += warp_sums[1][w];
+    }
+    atomicAdd(counters, totals[0]);
+    atomicAdd(counters + 1, totals[1]);
+    atomicAdd(counters + 2,
               static_cast<unsigned long long>(reinterpret_cast<const format::BlockHeader*>(block)->block_bytes));
   }
 }

@@ -433,7 +433,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     MemoryStats stats;
     stats.layers.resize(static_cast<std::size_t>(cfg_.num_layers));
     // One statistics kernel per (sequence, layer) over its device block table, one download.
-    const std::size_t counter_count = 2 * static_cast<std::size_t>(cfg_.num_layers);
+    const std::size_t counter_count = 3 * static_cast<std::size_t>(cfg_.num_layers);
     std::vector<unsigned long long> counters(counter_count, 0);
     DeviceBuffer device_counters(counter_count * sizeof(unsigned long long), stream_);
     check_cuda(cudaMemsetAsync(device_counters.data(), 0, device_counters.bytes(), stream_), "memory_stats memset");
@@ -442,7 +442,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
         const Layer& layer = seq.layers[li];
         check_cuda(
             launch_block_stats(geometry_, static_cast<const std::uint8_t* const*>(layer.table.data()), layer.num_blocks,
-                               static_cast<unsigned long long*>(device_counters.data()) + 2 * li, stream_),
+                               static_cast<unsigned long long*>(device_counters.data()) + 3 * li, stream_),
             "block statistics kernel launch");
       }
     }
@@ -454,8 +454,6 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     const format::SectionLayout kl = geometry_.k_layout(), vl = geometry_.v_layout();
     const std::size_t params =
         static_cast<std::size_t>(geometry_.num_heads) * (kl.param_count + vl.param_count) * sizeof(format::Params);
-    const std::size_t descs =
-        static_cast<std::size_t>(geometry_.num_heads) * kl.rounds * kl.head_dim * (kl.desc_bytes + vl.desc_bytes);
     const std::size_t token_bytes = row_ * 2 * sizeof(T);
     std::size_t live_bytes = 0, live_blocks = 0;
     for (const auto& [id, seq] : sequences_) {
@@ -464,7 +462,6 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
         MemoryBreakdown& m = stats.layers[li];
         const std::size_t n = static_cast<std::size_t>(layer.num_blocks);
         m.params += n * params;
-        m.descriptors += n * descs;
         m.permutations += n * geometry_.permutation_bytes();
         m.block_tables += n * sizeof(std::uint8_t*);
         m.tail += static_cast<std::size_t>(layer.tail_len) * token_bytes;
@@ -477,8 +474,9 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     }
     for (std::size_t li = 0; li < stats.layers.size(); ++li) {
       MemoryBreakdown& m = stats.layers[li];
-      const std::size_t payload = counters[2 * li], bytes = counters[2 * li + 1];
+      const std::size_t payload = counters[3 * li], bytes = counters[3 * li + 2];
       m.payload = payload;
+      m.descriptors = counters[3 * li + 1];
       m.headers = bytes - payload - m.params - m.descriptors - m.permutations;
       live_bytes += bytes;
       stats.total += m;

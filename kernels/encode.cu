@@ -44,6 +44,8 @@ struct EncoderShared {
   std::uint8_t* order;  // packed position -> arrival position
   std::uint32_t* scan;
   std::uint32_t* scalar;  // one broadcast word
+  std::uint8_t* pack_min;    // [head_dim] of the round being written
+  std::uint8_t* pack_width;  // [head_dim]
 };
 
 __host__ __device__ constexpr std::size_t align16(std::size_t n) { return (n + 15) / 16 * 16; }
@@ -66,7 +68,9 @@ __host__ __device__ std::size_t encoder_shared_layout(const format::BlockGeometr
   unsigned char* v_params = take(params);
   unsigned char* keys = take(tokens);
   unsigned char* order = take(tokens);
-  unsigned char* scan = take(align16(sizeof(std::uint32_t) * (kWarps + 1)));
+  unsigned char* scan = take(align16(sizeof(std::uint32_t) * (kScanScratchWords + 1)));
+  unsigned char* pack_min = take(align16(static_cast<std::size_t>(g.head_dim)));
+  unsigned char* pack_width = take(align16(static_cast<std::size_t>(g.head_dim)));
   if (out != nullptr) {
     out->k_codes = k_codes;
     out->v_codes = v_codes;
@@ -75,7 +79,9 @@ __host__ __device__ std::size_t encoder_shared_layout(const format::BlockGeometr
     out->keys = keys;
     out->order = order;
     out->scan = reinterpret_cast<std::uint32_t*>(scan);
-    out->scalar = reinterpret_cast<std::uint32_t*>(scan) + kWarps;
+    out->scalar = reinterpret_cast<std::uint32_t*>(scan) + kScanScratchWords;
+    out->pack_min = pack_min;
+    out->pack_width = pack_width;
   }
   return at;
 }
@@ -194,28 +200,25 @@ __device__ void zero_bytes(std::uint8_t* out, std::uint32_t begin, std::uint32_t
   for (std::uint32_t i = begin + threadIdx.x; i < end; i += kThreads) out[i] = 0;
 }
 
-// Writes one section at `out`; every thread returns its size.
+// Writes one section at `out`, round by round (one thread per channel); every thread returns its
+// size. A round is stored plain unless frame of reference is strictly smaller, as codec.cpp does.
 __device__ std::uint32_t write_section(const SectionLayout& layout, const std::uint8_t* codes, const Params* params,
-                                       bool per_token_params, const std::uint8_t* order, std::uint32_t* scan,
+                                       bool per_token_params, const std::uint8_t* order, const EncoderShared& s,
                                        std::uint8_t* out) {
-  const std::uint32_t dim = layout.head_dim;
+  const std::uint32_t dim = layout.head_dim, bits = layout.bits;
   auto* out_params = reinterpret_cast<Params*>(out);
   for (std::uint32_t i = threadIdx.x; i < layout.param_count; i += kThreads) {
     out_params[i] = per_token_params ? params[order[i]] : params[i];
   }
-  zero_bytes(out, layout.round_start_offset + 2 * layout.rounds, layout.desc_offset);
-  std::uint8_t* round_start = out + layout.round_start_offset;
-  std::uint8_t* descs = out + layout.desc_offset;
-  std::uint8_t* payload = out + layout.payload_offset;
-  const std::uint32_t packs = layout.rounds * dim;
-  std::uint32_t carry = 0;
-  for (std::uint32_t base = 0; base < packs; base += kThreads) {
-    const std::uint32_t pack = base + threadIdx.x;
+  std::uint8_t* rounds = out + layout.rounds_offset;
+  const std::uint32_t channel = threadIdx.x;
+  const bool active = channel < dim;
+  std::uint32_t offset = 0;  // the same in every thread
+  for (std::uint32_t r = 0; r < layout.rounds; ++r) {
     std::uint8_t values[format::kPackTokens];
     std::uint32_t lo = 255, hi = 0, width = 0;
-    if (pack < packs) {
-      const std::uint32_t round = pack / dim, channel = pack % dim;
-      const std::uint8_t* tokens = order + round * format::kPackTokens;
+    if (active) {
+      const std::uint8_t* tokens = order + r * format::kPackTokens;
 #pragma unroll
       for (int i = 0; i < format::kPackTokens; ++i) {
         const std::uint32_t code = codes[tokens[i] * dim + channel];
@@ -225,23 +228,41 @@ __device__ std::uint32_t write_section(const SectionLayout& layout, const std::u
       }
       width = format::width_for_range(hi - lo);
     }
-    std::uint32_t chunk_bytes = 0;
-    const std::uint32_t offset = carry + block_exclusive_scan(2 * width, scan, chunk_bytes);
-    if (pack < packs) {
-      const std::uint32_t round = pack / dim, channel = pack % dim;
-      format::store_descriptor(descs, pack, layout.desc_bytes, format::make_descriptor(lo, width));
+    std::uint32_t width_sum = 0;
+    const std::uint32_t before = block_exclusive_scan(width, s.scan, width_sum);
+    const bool plain = format::use_plain_round(layout, width_sum);
+    std::uint8_t* round = rounds + offset;
+    if (active) {
+      if (plain) {
+        format::pack16(values, bits, round + 2 * bits * channel);
+      } else {
 #pragma unroll
-      for (int i = 0; i < format::kPackTokens; ++i) values[i] = static_cast<std::uint8_t>(values[i] - lo);
-      format::pack16(values, width, payload + offset);
-      if (channel == 0) {
-        round_start[2 * round] = static_cast<std::uint8_t>(offset & 0xFFu);
-        round_start[2 * round + 1] = static_cast<std::uint8_t>(offset >> 8);
+        for (int i = 0; i < format::kPackTokens; ++i) values[i] = static_cast<std::uint8_t>(values[i] - lo);
+        format::pack16(values, width, round + layout.descriptor_bytes + 2 * before);
+        s.pack_min[channel] = static_cast<std::uint8_t>(lo);
+        s.pack_width[channel] = static_cast<std::uint8_t>(width);
       }
     }
-    carry += chunk_bytes;
+    __syncthreads();
+    if (!plain) {
+      // Widths as nibbles; minimums as one bit stream, 8 channels filling exactly `bits` bytes.
+      if (channel < dim / 2) {
+        round[channel] = static_cast<std::uint8_t>(s.pack_width[2 * channel] | (s.pack_width[2 * channel + 1] << 4));
+      }
+      if (channel < dim / 8) {
+        std::uint64_t stream = 0;
+        for (int i = 0; i < 8; ++i) stream |= static_cast<std::uint64_t>(s.pack_min[8 * channel + i]) << (i * bits);
+        for (std::uint32_t b = 0; b < bits; ++b) {
+          round[layout.widths_bytes + channel * bits + b] = static_cast<std::uint8_t>(stream >> (8 * b));
+        }
+      }
+    }
+    offset += plain ? layout.plain_round_bytes : format::for_round_bytes(layout, width_sum);
+    if (threadIdx.x == 0) format::store_u32(out + layout.round_end_offset + 4 * r, offset);
+    __syncthreads();  // the staging arrays are rewritten by the next round
   }
-  const std::uint32_t size = layout.section_bytes(carry);
-  zero_bytes(out, layout.payload_offset + carry, size);
+  const std::uint32_t size = layout.section_bytes(offset);
+  zero_bytes(out, layout.rounds_offset + offset, size);
   return size;
 }
 
@@ -282,9 +303,9 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeParams<T> 
     }
     format::HeadEntry entry{};
     entry.k_offset = offset;
-    offset += write_section(k_layout, s.k_codes, s.k_params, !g.k_per_channel, s.order, s.scan, out + offset);
+    offset += write_section(k_layout, s.k_codes, s.k_params, !g.k_per_channel, s.order, s, out + offset);
     entry.v_offset = offset;
-    offset += write_section(v_layout, s.v_codes, s.v_params, true, s.order, s.scan, out + offset);
+    offset += write_section(v_layout, s.v_codes, s.v_params, true, s.order, s, out + offset);
     if (threadIdx.x == 0) reinterpret_cast<format::HeadEntry*>(out + g.directory_offset())[head] = entry;
     __syncthreads();  // the code tiles are rewritten by the next head
   }

@@ -439,7 +439,9 @@ TEST(CpuKernels, SectionScoresAndValuesMatchScalarReference) {
     cfg.k_mode = per_channel ? QuantMode::per_channel : QuantMode::per_token;
     const CodecParams params = make_codec_params(cfg);
     const std::size_t n = static_cast<std::size_t>(block) * dim;
-    const std::vector<float> k = random_values(n, dim + block), v = random_values(n, dim * block);
+    // Both kinds of round in K and V.
+    const std::vector<float> k = test::mixed_rounds_values(block, dim, dim + block);
+    const std::vector<float> v = test::mixed_rounds_values(block, dim, dim * block);
     std::vector<std::uint8_t> buf(params.geometry.max_block_bytes());
     EncodeScratch scratch;
     encode_block(params, k.data(), v.data(), dim, buf.data(), scratch);

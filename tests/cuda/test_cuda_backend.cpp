@@ -111,8 +111,10 @@ void check_encoder_case(const EncoderCase& e, int num_blocks, std::uint64_t seed
   const CodecParams params = make_codec_params(c);
   const std::size_t row = static_cast<std::size_t>(e.num_heads) * e.head_dim;
   const std::size_t n = static_cast<std::size_t>(num_blocks) * e.block_tokens * row;
-  const auto k = convert<T>(random_values(n, seed, 3.0));
-  const auto v = convert<T>(random_values(n, seed + 1, 0.5));
+  // Rounds alternate between plain and frame of reference.
+  const std::size_t tokens = static_cast<std::size_t>(num_blocks) * e.block_tokens;
+  const auto k = convert<T>(test::mixed_rounds_values(tokens, row, seed, 3.0));
+  const auto v = convert<T>(test::mixed_rounds_values(tokens, row, seed + 1, 0.5));
   const std::size_t stride = params.geometry.max_block_bytes();
 
   DeviceArray<T> dk(k), dv(v);
@@ -187,7 +189,9 @@ struct CachePair {
   void append(SeqId id, int layer, int n, std::uint64_t seed) {
     const CacheConfig& c = cpu.config();
     const std::size_t count = static_cast<std::size_t>(n) * c.num_kv_heads * c.head_dim;
-    const auto k = convert<T>(random_values(count, seed, 2.0));
+    // K: rounds alternate between plain and frame of reference; V: noise (mostly plain rounds).
+    const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+    const auto k = convert<T>(test::mixed_rounds_values(static_cast<std::size_t>(n), row, seed, 2.0));
     const auto v = convert<T>(random_values(count, seed ^ 0x5555, 0.7));
     cpu.append(id, layer, k.data(), v.data(), n);
     DeviceArray<T> dk(k), dv(v);

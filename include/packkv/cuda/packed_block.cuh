@@ -31,6 +31,10 @@ namespace packkv::cuda {
 inline constexpr int kThreads = 256;
 inline constexpr int kWarps = kThreads / 32;
 inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
+/// Rounds one pass of the section unpacker covers at most (one thread per pack, head_dim >= 8).
+inline constexpr int kMaxRoundsPerPass = kThreads / 8;
+/// Shared words the scan helpers below need: the warp totals, then one word per round of a pass.
+inline constexpr int kScanScratchWords = kWarps + kMaxRoundsPerPass;
 
 // The intrinsics give the same exact widening as types.hpp's integer code, in one instruction.
 __device__ __forceinline__ float load_as_float(const float* p) { return *p; }
@@ -89,37 +93,41 @@ __device__ __forceinline__ std::uint32_t block_exclusive_scan(std::uint32_t valu
 __host__ __device__ constexpr int code_row_stride(int block_tokens) { return block_tokens + 4; }
 
 /// Unpacks every code of one section into `codes[c * row_stride + i]` (channel c, packed position
-/// i), pack minimum included. Pack offsets come from a block-wide scan of the widths, so no pack
-/// is read twice and the round_start array is not needed.
+/// i), pack minimum included. One thread per pack, as many whole rounds per pass as the CTA holds;
+/// a pack's offset in its round is a block-wide scan of the widths minus the scan at the round's
+/// first channel. `scan_scratch` holds kScanScratchWords words.
 __device__ inline void unpack_section_to_shared(const std::uint8_t* section, const format::SectionLayout& layout,
                                                 std::uint8_t* codes, int row_stride, std::uint32_t* scan_scratch) {
-  const std::uint8_t* descs = section + layout.desc_offset;
-  const std::uint8_t* payload = section + layout.payload_offset;
   const std::uint32_t dim = layout.head_dim;
-  const std::uint32_t packs = layout.rounds * dim;
-  std::uint32_t carry = 0;
-  for (std::uint32_t base = 0; base < packs; base += kThreads) {
-    const std::uint32_t pack = base + threadIdx.x;
-    std::uint32_t descriptor = 0;
-    if (pack < packs) descriptor = format::load_descriptor(descs, pack, layout.desc_bytes);
-    const std::uint32_t width = format::descriptor_width(descriptor);
-    std::uint32_t chunk_bytes = 0;
-    const std::uint32_t offset = block_exclusive_scan(2 * width, scan_scratch, chunk_bytes);
-    if (pack < packs) {
+  const std::uint32_t rounds_per_pass = kThreads / dim;  // head_dim <= kThreads
+  std::uint32_t* round_first = scan_scratch + kWarps;
+  const std::uint32_t local = threadIdx.x / dim, channel = threadIdx.x % dim;
+  for (std::uint32_t first_round = 0; first_round < layout.rounds; first_round += rounds_per_pass) {
+    const std::uint32_t round = first_round + local;
+    const bool active = local < rounds_per_pass && round < layout.rounds;
+    format::RoundView view{};
+    format::PackDescriptor pack{0u, 0u};
+    if (active) {
+      view = format::round_view(section, layout, round);
+      pack = format::pack_descriptor(view, channel, layout.bits);
+    }
+    std::uint32_t total = 0;
+    const std::uint32_t before = block_exclusive_scan(pack.width, scan_scratch, total);
+    if (active && channel == 0) round_first[local] = before;
+    __syncthreads();
+    if (active) {
       std::uint8_t values[format::kPackTokens];
-      format::unpack16(payload + carry + offset, width, values);
-      const std::uint32_t pack_min = format::descriptor_min(descriptor);
-      const std::uint32_t round = pack / dim, channel = pack % dim;
+      format::unpack16(view.packs + 2 * (before - round_first[local]), pack.width, values);
       auto* row = reinterpret_cast<std::uint32_t*>(codes + channel * row_stride + round * format::kPackTokens);
 #pragma unroll
       for (int word = 0; word < 4; ++word) {
         std::uint32_t packed = 0;
 #pragma unroll
-        for (int b = 0; b < 4; ++b) packed |= ((values[4 * word + b] + pack_min) & 0xFFu) << (8 * b);
+        for (int b = 0; b < 4; ++b) packed |= ((values[4 * word + b] + pack.min) & 0xFFu) << (8 * b);
         row[word] = packed;
       }
     }
-    carry += chunk_bytes;
+    __syncthreads();  // round_first is rewritten by the next pass
   }
 }
 
