@@ -497,45 +497,45 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
   }
 }
 
-// One CTA per block: counters[0] += payload bytes, counters[1] += descriptor bytes, counters[2] +=
-// block bytes. Each round's size is in its section's round table; its kind follows from the size.
+// One CTA per block. Adds to counters[0..4]: payload, descriptor, block, K section and V section
+// bytes. Each round's size is in its section's round table; its kind follows from the size.
 __global__ void __launch_bounds__(kThreads)
     block_stats_kernel(format::BlockGeometry g, const std::uint8_t* const* blocks, unsigned long long* counters) {
-  __shared__ unsigned long long warp_sums[2][kWarps];
+  __shared__ unsigned long long warp_sums[4][kWarps];
   const std::uint8_t* block = blocks[blockIdx.x];
   const SectionLayout layouts[2] = {g.k_layout(), g.v_layout()};
-  unsigned long long payload = 0, descriptors = 0;
+  // 0: payload, 1: descriptors, 2: K sections, 3: V sections.
+  unsigned long long sums[4] = {0, 0, 0, 0};
   const int rounds = static_cast<int>(layouts[0].rounds);
   for (int i = threadIdx.x; i < g.num_heads * 2 * rounds; i += kThreads) {
     const int head = i / (2 * rounds), which = i / rounds % 2, round = i % rounds;
     const format::HeadEntry entry = head_entry(block, g, head);
     const std::uint8_t* section = block + (which == 0 ? entry.k_offset : entry.v_offset);
     const SectionLayout& layout = layouts[which];
-    const std::uint32_t bytes =
-        format::round_end(section, layout, round) - format::round_begin(section, layout, round);
+    const std::uint32_t end = format::round_end(section, layout, round);
+    const std::uint32_t bytes = end - format::round_begin(section, layout, round);
     const std::uint32_t descriptor = bytes == layout.plain_round_bytes ? 0u : layout.descriptor_bytes;
-    payload += bytes - descriptor;
-    descriptors += descriptor;
+    sums[0] += bytes - descriptor;
+    sums[1] += descriptor;
+    if (round == rounds - 1) sums[2 + which] += layout.section_bytes(end);
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    payload += __shfl_xor_sync(kFullMask, payload, offset);
-    descriptors += __shfl_xor_sync(kFullMask, descriptors, offset);
-  }
-  if ((threadIdx.x & 31) == 0) {
-    warp_sums[0][threadIdx.x >> 5] = payload;
-    warp_sums[1][threadIdx.x >> 5] = descriptors;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    for (int offset = 16; offset > 0; offset >>= 1) sums[k] += __shfl_xor_sync(kFullMask, sums[k], offset);
+    if ((threadIdx.x & 31) == 0) warp_sums[k][threadIdx.x >> 5] = sums[k];
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    unsigned long long totals[2] = {0, 0};
+    unsigned long long totals[4] = {0, 0, 0, 0};
     for (int w = 0; w < kWarps; ++w) {
-      totals[0] += warp_sums[0][w];
-      totals[1] += warp_sums[1][w];
+      for (int k = 0; k < 4; ++k) totals[k] += warp_sums[k][w];
     }
     atomicAdd(counters, totals[0]);
     atomicAdd(counters + 1, totals[1]);
     atomicAdd(counters + 2,
               static_cast<unsigned long long>(reinterpret_cast<const format::BlockHeader*>(block)->block_bytes));
+    atomicAdd(counters + 3, totals[2]);
+    atomicAdd(counters + 4, totals[3]);
   }
 }
 

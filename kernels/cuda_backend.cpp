@@ -433,7 +433,8 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     MemoryStats stats;
     stats.layers.resize(static_cast<std::size_t>(cfg_.num_layers));
     // One statistics kernel per (sequence, layer) over its device block table, one download.
-    const std::size_t counter_count = 3 * static_cast<std::size_t>(cfg_.num_layers);
+    constexpr std::size_t kStatsCounters = 5;  // see launch_block_stats
+    const std::size_t counter_count = kStatsCounters * static_cast<std::size_t>(cfg_.num_layers);
     std::vector<unsigned long long> counters(counter_count, 0);
     DeviceBuffer device_counters(counter_count * sizeof(unsigned long long), stream_);
     check_cuda(cudaMemsetAsync(device_counters.data(), 0, device_counters.bytes(), stream_), "memory_stats memset");
@@ -442,7 +443,7 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
         const Layer& layer = seq.layers[li];
         check_cuda(
             launch_block_stats(geometry_, static_cast<const std::uint8_t* const*>(layer.table.data()), layer.num_blocks,
-                               static_cast<unsigned long long*>(device_counters.data()) + 3 * li, stream_),
+                               static_cast<unsigned long long*>(device_counters.data()) + kStatsCounters * li, stream_),
             "block statistics kernel launch");
       }
     }
@@ -474,9 +475,12 @@ class CudaBackend final : public ::packkv::detail::CacheBackend<T> {
     }
     for (std::size_t li = 0; li < stats.layers.size(); ++li) {
       MemoryBreakdown& m = stats.layers[li];
-      const std::size_t payload = counters[3 * li], bytes = counters[3 * li + 2];
+      const unsigned long long* c = counters.data() + kStatsCounters * li;
+      const std::size_t payload = c[0], bytes = c[2];
       m.payload = payload;
-      m.descriptors = counters[3 * li + 1];
+      m.descriptors = c[1];
+      m.k_section_bytes = c[3];
+      m.v_section_bytes = c[4];
       m.headers = bytes - payload - m.params - m.descriptors - m.permutations;
       live_bytes += bytes;
       stats.total += m;

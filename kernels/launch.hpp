@@ -241,8 +241,8 @@ struct ReadBackParams {
 template <class T>
 cudaError_t launch_read_back(const ReadBackParams<T>& params, cudaStream_t stream);
 
-/// Adds the payload, descriptor and block bytes of `count` blocks (a block table) to counters[0],
-/// counters[1] and counters[2].
+/// Adds the payload, descriptor, block, K section and V section bytes of `count` blocks (a block
+/// table) to counters[0..4].
 cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_t* const* blocks, int count,
                                unsigned long long* counters, cudaStream_t stream);
 

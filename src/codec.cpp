@@ -352,9 +352,11 @@ BlockBytes block_bytes_breakdown(const CodecParams& p, const std::uint8_t* block
       for (std::uint32_t r = 0; r < layout.rounds; ++r) {
         if (!format::round_view(section, layout, r).plain) descriptors += layout.descriptor_bytes;
       }
-      b.payload += format::round_end(section, layout, layout.rounds - 1) - descriptors;
+      const std::uint32_t rounds_bytes = format::round_end(section, layout, layout.rounds - 1);
+      b.payload += rounds_bytes - descriptors;
       b.descriptors += descriptors;
       b.params += layout.param_count * sizeof(Params);
+      (which == 0 ? b.k_sections : b.v_sections) += layout.section_bytes(rounds_bytes);
     }
   }
   b.headers = header.block_bytes - b.payload - b.params - b.descriptors - b.permutations;

@@ -324,6 +324,8 @@ class CpuBackend final : public CacheBackend<T> {
           m.descriptors += b.descriptors;
           m.permutations += b.permutations;
           m.headers += b.headers;
+          m.k_section_bytes += b.k_sections;
+          m.v_section_bytes += b.v_sections;
         }
         m.block_tables += layer.blocks.size() * sizeof(SlotRef);
         m.tail += static_cast<std::size_t>(layer.tail_tokens) * token_bytes;

@@ -229,6 +229,34 @@ TEST(Cache, StatisticsCountEveryByte) {
   EXPECT_GE(m.resident_bytes, m.pool.reserved_bytes + t.tail);
   EXPECT_GT(m.pool.fragmentation(), 0.0);
   EXPECT_LT(m.pool.fragmentation(), 1.0);
+  // The K/V split: outside the two sides' sections a block holds only its fixed prefix (header,
+  // directory, permutations) and the trailing slack.
+  const format::BlockGeometry g = make_codec_params(c).geometry;
+  EXPECT_EQ(t.k_section_bytes + t.v_section_bytes + m.pool.live_blocks * (g.sections_offset() + format::kTrailingSlack),
+            m.pool.live_bytes);
+  EXPECT_DOUBLE_EQ(t.k_bytes() + t.v_bytes(), static_cast<double>(t.total()));
+}
+
+TEST(Cache, StatisticsSplitKAndV) {
+  // Finer K than V: K's sections are larger; making V finer too moves only V's share (no
+  // repacking, so V's codes cannot change K's token order).
+  CacheConfig c = small_config();
+  c.repack = RepackMethod::none;
+  c.k_rel = 0.02f;
+  c.v_rel = 0.3f;
+  PackedKVCache<float> coarse_v(c);
+  c.v_rel = 0.02f;
+  PackedKVCache<float> fine_v(c);
+  for (auto* cache : {&coarse_v, &fine_v}) {
+    cache->add_sequence(1);
+    append_stream(*cache, 1, 0, 256, 5);
+  }
+  const MemoryBreakdown a = coarse_v.memory_stats().total, b = fine_v.memory_stats().total;
+  EXPECT_GT(a.k_section_bytes, a.v_section_bytes);
+  EXPECT_EQ(a.k_section_bytes, b.k_section_bytes);
+  EXPECT_GT(b.v_section_bytes, a.v_section_bytes);
+  // Shared bytes are split evenly.
+  EXPECT_DOUBLE_EQ(a.k_bytes() - a.v_bytes(), static_cast<double>(a.k_section_bytes) - a.v_section_bytes);
 }
 
 TEST(Cache, PoolMemoryIsReusedAfterRemoval) {

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -130,6 +131,64 @@ std::vector<int> read_tokens(const fs::path& path) {
 }
 
 double mib(double bytes) { return bytes / (1024.0 * 1024.0); }
+
+/// Bits per element of K and of V: codes (packs), metadata, and the empirical entropy of the
+/// codes per (layer, head, channel), which no lossless coding of those codes, metadata aside,
+/// can beat. Computed on the blocks the codec makes of the stream's full blocks.
+struct SideBits {
+  double codes = 0, metadata = 0, entropy = 0;
+};
+void code_bits(const KvStream& stream, const packkv::CacheConfig& config, SideBits out[2]) {
+  const packkv::CodecParams codec = packkv::make_codec_params(config);
+  const packkv::format::BlockGeometry& g = codec.geometry;
+  const int kv_dim = stream.shape.kv_dim(), tokens_per_block = g.block_tokens, dim = g.head_dim;
+  const int blocks = stream.tokens / tokens_per_block;
+  if (blocks == 0) return;
+  std::vector<std::uint8_t> block(g.max_block_bytes()), codes(static_cast<std::size_t>(tokens_per_block) * dim);
+  packkv::EncodeScratch scratch;
+  double section_bytes[2] = {0, 0}, pack_bytes[2] = {0, 0}, entropy_bits[2] = {0, 0};
+  for (int l = 0; l < stream.shape.num_layers; ++l) {
+    // histogram[side][head][channel][code]
+    std::vector<std::vector<double>> histogram(2 * g.num_heads * dim, std::vector<double>(256, 0.0));
+    for (int b = 0; b < blocks; ++b) {
+      const std::size_t at = static_cast<std::size_t>(b) * tokens_per_block * kv_dim;
+      packkv::encode_block<float>(codec, stream.k[l].data() + at, stream.v[l].data() + at, kv_dim, block.data(), scratch);
+      for (int h = 0; h < g.num_heads; ++h) {
+        packkv::format::HeadEntry e;
+        std::memcpy(&e, block.data() + g.directory_offset() + h * sizeof e, sizeof e);
+        for (int side = 0; side < 2; ++side) {
+          const packkv::format::SectionLayout layout = side == 0 ? g.k_layout() : g.v_layout();
+          const std::uint8_t* section = block.data() + (side == 0 ? e.k_offset : e.v_offset);
+          const std::uint32_t rounds_bytes = packkv::format::round_end(section, layout, layout.rounds - 1);
+          section_bytes[side] += layout.section_bytes(rounds_bytes);
+          for (std::uint32_t r = 0; r < layout.rounds; ++r) {
+            const bool plain = packkv::format::round_view(section, layout, r).plain;
+            pack_bytes[side] += packkv::format::round_end(section, layout, r) -
+                                packkv::format::round_begin(section, layout, r) - (plain ? 0 : layout.descriptor_bytes);
+          }
+          packkv::unpack_section_codes(layout, section, codes.data());
+          for (int t = 0; t < tokens_per_block; ++t) {
+            for (int c = 0; c < dim; ++c) histogram[(side * g.num_heads + h) * dim + c][codes[t * dim + c]] += 1.0;
+          }
+        }
+      }
+    }
+    for (std::size_t i = 0; i < histogram.size(); ++i) {
+      for (double count : histogram[i]) {
+        if (count > 0) entropy_bits[i / (histogram.size() / 2)] -= count * std::log2(count / blocks / tokens_per_block);
+      }
+    }
+  }
+  const double elements = static_cast<double>(blocks) * tokens_per_block * kv_dim * stream.shape.num_layers;
+  // Per block, the shared prefix (header, directory, permutations) and slack go half to each side.
+  const double shared = static_cast<double>(blocks) * stream.shape.num_layers *
+                        (g.sections_offset() + packkv::format::kTrailingSlack) / 2.0;
+  for (int side = 0; side < 2; ++side) {
+    out[side].codes = 8.0 * pack_bytes[side] / elements;
+    out[side].metadata = 8.0 * (section_bytes[side] - pack_bytes[side] + shared) / elements;
+    out[side].entropy = entropy_bits[side] / elements;
+  }
+}
 
 }  // namespace
 
@@ -249,6 +308,14 @@ int main(int argc, char** argv) {
                 100.0 * (1.0 - static_cast<double>(m.total()) / fp16));
     std::printf("attention error       : relative L2 %.2e mean, %.2e worst, over %d queries (vs exact attention)\n",
                 checks ? sum_rel_err / checks : 0.0, worst_rel_err, checks);
+    SideBits bits[2];
+    code_bits(stream, config, bits);
+    for (int side = 0; side < 2; ++side) {
+      std::printf("%s bits per element    : %5.2f = codes %.2f + metadata %.2f (blocks only; entropy of the codes "
+                  "per channel %.2f)\n",
+                  side == 0 ? "K" : "V", bits[side].codes + bits[side].metadata, bits[side].codes, bits[side].metadata,
+                  bits[side].entropy);
+    }
 
     // The same K/V and queries through quantization baselines, for scale.
     std::printf("\nfor comparison, the same stream through quantize-dequantize baselines (bytes counted alike):\n");

@@ -379,8 +379,8 @@ int main(int argc, char** argv) {
           "mode, one (step, min) per channel per block)\n";
     md << "- Ratios are against an fp16 cache of the same tokens, with every byte counted: codes, fp16 scales and "
           "minimums, pack descriptors, permutations, block headers and tables, uncompressed recent tokens. "
-          "PackKV's K/V split comes from each block's head directory (shared bytes split evenly); the total is "
-          "checked against `memory_stats()`. Baselines are quantize-dequantize caches whose bytes are counted "
+          "PackKV's K/V split is `memory_stats()`'s: each side's block sections, plus half of the bytes both "
+          "share (block headers, permutations, block tables). Baselines are quantize-dequantize caches whose bytes are counted "
           "the same way (codes plus fp16 scale and zero point per group, fp16 window).\n";
     md << "- Top-1: share of positions whose argmax token equals the exact cache's.\n";
     md << "- Wall time: " << fmt("%.0f", wall) << " s for " << outcomes.size() << " settings, " << threads

@@ -52,18 +52,12 @@ class DeviceStaging {
 };
 #endif
 
-/// PackedKVCache<float> holding one sequence. It also keeps the appended K/V so that bytes() can
-/// split the packed blocks into their K and V sections (memory_stats counts both together): it
-/// re-encodes each compressed block with the same codec, which is deterministic, reads the block's
-/// head directory, and checks that the block sizes add up to what memory_stats reports.
+/// PackedKVCache<float> holding one sequence; bytes() is its memory_stats(), split into K and V.
 class PackkvCache final : public KvCache {
  public:
   PackkvCache(const KvShape& shape, const packkv::CacheConfig& config)
       : shape_(shape),
-        cache_(config),
-        codec_(packkv::make_codec_params(config)),
-        k_history_(static_cast<std::size_t>(shape.num_layers)),
-        v_history_(k_history_.size()) {
+        cache_(config) {
     if (config.device == packkv::Device::cuda) {
 #if defined(PACKKV_WITH_CUDA)
       staging_ = std::make_unique<DeviceStaging>(static_cast<std::size_t>(shape.kv_dim()), q_floats());
@@ -76,18 +70,14 @@ class PackkvCache final : public KvCache {
   }
 
   void append(int layer, const float* k, const float* v) override {
-    const auto kv_dim = static_cast<std::size_t>(shape_.kv_dim());
 #if defined(PACKKV_WITH_CUDA)
     if (staging_) {
+      const auto kv_dim = static_cast<std::size_t>(shape_.kv_dim());
       cache_.append(kSeq, layer, staging_->put(staging_->k_, k, kv_dim), staging_->put(staging_->v_, v, kv_dim), 1);
-    } else {
-      cache_.append(kSeq, layer, k, v, 1);
+      return;
     }
-#else
-    cache_.append(kSeq, layer, k, v, 1);
 #endif
-    k_history_[layer].insert(k_history_[layer].end(), k, k + kv_dim);
-    v_history_[layer].insert(v_history_[layer].end(), v, v + kv_dim);
+    cache_.append(kSeq, layer, k, v, 1);
   }
   void attend(int layer, const float* q, float* out, float scale) override {
     const packkv::SeqId ids[1] = {kSeq};
@@ -111,55 +101,17 @@ class PackkvCache final : public KvCache {
   std::unique_ptr<DeviceStaging> staging_;  // before cache_: outlives it, as the cache works on its stream
 #endif
   packkv::PackedKVCache<float> cache_;
-  packkv::CodecParams codec_;
-  std::vector<std::vector<float>> k_history_, v_history_;
   std::size_t q_floats() const { return static_cast<std::size_t>(shape_.num_q_heads) * shape_.head_dim; }
 };
 
 KvBytes PackkvCache::bytes() const {
-  const packkv::MemoryStats stats = cache_.memory_stats();
-  const auto kv_dim = static_cast<std::size_t>(shape_.kv_dim());
-  const int block_tokens = codec_.geometry.block_tokens;
-  std::vector<std::uint8_t> block(codec_.geometry.max_block_bytes());
-  packkv::EncodeScratch scratch;
-  double k_sections = 0, v_sections = 0, shared = 0, blocks_total = 0;
-  for (int l = 0; l < shape_.num_layers; ++l) {
-    const auto blocks = static_cast<int>(stats.layers[l].compressed_tokens / block_tokens);
-    for (int b = 0; b < blocks; ++b) {
-      const std::size_t offset = static_cast<std::size_t>(b) * block_tokens * kv_dim;
-      const std::uint32_t size = packkv::encode_block<float>(codec_, k_history_[l].data() + offset,
-                                                             v_history_[l].data() + offset, kv_dim, block.data(), scratch);
-      packkv::format::BlockHeader header;
-      std::memcpy(&header, block.data(), sizeof header);
-      double sections = 0;
-      for (int h = 0; h < shape_.num_kv_heads; ++h) {
-        packkv::format::HeadEntry entry, next{};
-        std::memcpy(&entry, block.data() + codec_.geometry.directory_offset() + h * sizeof entry, sizeof entry);
-        const bool last = h + 1 == shape_.num_kv_heads;
-        if (!last) std::memcpy(&next, block.data() + codec_.geometry.directory_offset() + (h + 1) * sizeof next, sizeof next);
-        const std::uint32_t v_end = last ? size - packkv::format::kTrailingSlack : next.k_offset;
-        k_sections += entry.v_offset - entry.k_offset;
-        v_sections += v_end - entry.v_offset;
-        sections += v_end - entry.k_offset;
-      }
-      shared += size - sections;  // header, directory, permutation, trailing slack
-      blocks_total += size;
-    }
-  }
-  const packkv::MemoryBreakdown& t = stats.total;
-  const double reported_blocks = static_cast<double>(t.payload + t.params + t.descriptors + t.permutations + t.headers);
-  if (std::fabs(reported_blocks - blocks_total) > 0.5) {
-    // The split is only trustworthy if it accounts for exactly the bytes the cache holds.
-    throw std::runtime_error("K/V byte split: re-encoded blocks hold " + std::to_string(blocks_total) +
-                             " bytes but memory_stats reports " + std::to_string(reported_blocks));
-  }
+  const packkv::MemoryBreakdown t = cache_.memory_stats().total;
   KvBytes bytes;
   bytes.fp16_bytes_per_side = static_cast<double>(t.original_fp16_bytes) / 2.0;
-  // What belongs to both (block headers, permutations, block tables, the uncompressed tail, which
-  // holds K and V alike) is split evenly.
-  const double common = shared + static_cast<double>(t.block_tables) + static_cast<double>(t.tail);
-  bytes.k_bytes = k_sections + common / 2.0;
-  bytes.v_bytes = v_sections + common / 2.0;
+  // Each side's sections, plus half of what serves both (block headers, directories,
+  // permutations, block tables, and the uncompressed tail, which holds K and V alike).
+  bytes.k_bytes = t.k_bytes();
+  bytes.v_bytes = t.v_bytes();
   return bytes;
 }
 

@@ -45,11 +45,12 @@ void decode_block(const CodecParams& params, const std::uint8_t* block, float* k
 /// Sizes of a block's parts, for memory statistics.
 struct BlockBytes {
   std::size_t payload = 0, params = 0, descriptors = 0, permutations = 0, headers = 0;
+  std::size_t k_sections = 0, v_sections = 0;  ///< the same bytes by side (see MemoryBreakdown)
 };
 BlockBytes block_bytes_breakdown(const CodecParams& params, const std::uint8_t* block);
 
 /// Checks that `bytes` is a well-formed block for `params` (header fields, offsets, widths,
-/// descriptor mins, permutation, sizes). Throws packkv::error describing the first problem.
+/// pack mins, permutation, sizes). Throws packkv::error describing the first problem.
 void validate_block(const CodecParams& params, std::span<const std::uint8_t> bytes);
 
 /// The codes of one section in packed order ([block_tokens][head_dim]), for tests and tools.

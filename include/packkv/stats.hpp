@@ -19,6 +19,16 @@ struct MemoryBreakdown {
   std::size_t metadata() const { return params + descriptors + permutations + headers + block_tables; }
   std::size_t total() const { return payload + metadata() + tail; }
 
+  /// The same block bytes split by side: the K sections and the V sections of every block (their
+  /// params, round tables, descriptors, packs and padding). The rest of total() (block headers,
+  /// directories, permutations, trailing slack, block tables, the tail) serves K and V alike.
+  std::size_t k_section_bytes = 0;
+  std::size_t v_section_bytes = 0;
+  /// Bytes attributable to K (or V): its sections plus half of what both share.
+  double k_bytes() const { return static_cast<double>(k_section_bytes) + shared_bytes() / 2.0; }
+  double v_bytes() const { return static_cast<double>(v_section_bytes) + shared_bytes() / 2.0; }
+  double shared_bytes() const { return static_cast<double>(total() - k_section_bytes - v_section_bytes); }
+
   std::size_t compressed_tokens = 0;  ///< token-layers held in packed blocks
   std::size_t tail_tokens = 0;        ///< token-layers held uncompressed
   std::size_t original_bytes = 0;     ///< K and V of all held tokens in the storage type

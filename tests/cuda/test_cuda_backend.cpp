@@ -254,6 +254,8 @@ void compare_everything(CachePair<T>& pair, const std::vector<SeqId>& ids, int l
   EXPECT_EQ(gs.total.descriptors, cs.total.descriptors) << label;
   EXPECT_EQ(gs.total.permutations, cs.total.permutations) << label;
   EXPECT_EQ(gs.total.headers, cs.total.headers) << label;
+  EXPECT_EQ(gs.total.k_section_bytes, cs.total.k_section_bytes) << label;
+  EXPECT_EQ(gs.total.v_section_bytes, cs.total.v_section_bytes) << label;
   EXPECT_EQ(gs.total.tail, cs.total.tail) << label;
   EXPECT_EQ(gs.total.compressed_tokens, cs.total.compressed_tokens) << label;
   EXPECT_EQ(gs.total.tail_tokens, cs.total.tail_tokens) << label;
