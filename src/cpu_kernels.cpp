@@ -68,26 +68,55 @@ inline std::uint64_t load_u64(const std::uint8_t* p) {
   return v;
 }
 
-// 8 codes of `width` bits at p (reads 8 bytes; the format guarantees the slack), plus pack_min.
-inline __m256 unpack8(const std::uint8_t* p, std::uint32_t width, __m256i pack_min) {
+// 8 values of `width` bits at p as integers (reads 8 bytes; the format guarantees the slack).
+inline __m256i unpack8_epi32(const std::uint8_t* p, std::uint32_t width) {
   const __m256i bytes = _mm256_set1_epi64x(static_cast<long long>(load_u64(p)));
   __m256i x = _mm256_shuffle_epi8(bytes, _mm256_load_si256(reinterpret_cast<const __m256i*>(kUnpack.shuffle[width])));
   x = _mm256_srlv_epi32(x, _mm256_load_si256(reinterpret_cast<const __m256i*>(kUnpack.shift[width])));
-  x = _mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>((1u << width) - 1u)));
-  return _mm256_cvtepi32_ps(_mm256_add_epi32(x, pack_min));
+  return _mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>((1u << width) - 1u)));
+}
+
+// 8 codes of `width` bits at p, plus pack_min, as floats.
+inline __m256 unpack8(const std::uint8_t* p, std::uint32_t width, __m256i pack_min) {
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(unpack8_epi32(p, width), pack_min));
+}
+
+// Widths and minimums of one round's packs. Both are bit streams whose groups of 8 channels
+// take exactly 4 (widths) and `bits` (minimums) bytes, the layout unpack8 reads, so a round's
+// descriptors decode 8 channels per step before the pack loop. Returns the first pack.
+struct RoundDescriptors {
+  alignas(32) std::int32_t width[256];
+  alignas(32) std::int32_t min[256];
+};
+inline const std::uint8_t* load_round_descriptors(const SectionLayout& L, const std::uint8_t* section,
+                                                  std::uint32_t round, RoundDescriptors& d) {
+  const format::RoundView view = format::round_view(section, L, round);
+  if (view.plain) {
+    const __m256i width = _mm256_set1_epi32(static_cast<int>(L.bits)), zero = _mm256_setzero_si256();
+    for (std::uint32_t c = 0; c < L.head_dim; c += 8) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d.width + c), width);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d.min + c), zero);
+    }
+  } else {
+    for (std::uint32_t c = 0; c < L.head_dim; c += 8) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d.width + c), unpack8_epi32(view.widths + c / 2, 4));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d.min + c), unpack8_epi32(view.mins + c / 8 * L.bits, L.bits));
+    }
+  }
+  return view.packs;
 }
 
 template <int G>
 void scores_avx2(const SectionLayout& L, const std::uint8_t* section, const float* q, float raw[][16],
                  std::uint32_t round) {
   const std::uint32_t dim = L.head_dim;
-  const format::RoundView view = format::round_view(section, L, round);
-  const std::uint8_t* p = view.packs;
+  RoundDescriptors d;
+  const std::uint8_t* p = load_round_descriptors(L, section, round, d);
   __m256 acc[G][2];
   for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
   for (std::uint32_t c = 0; c < dim; ++c) {
-    const auto [width, pack_min] = format::pack_descriptor(view, c, L.bits);
-    const __m256i mn = _mm256_set1_epi32(static_cast<int>(pack_min));
+    const auto width = static_cast<std::uint32_t>(d.width[c]);
+    const __m256i mn = _mm256_set1_epi32(d.min[c]);
     const __m256 lo = unpack8(p, width, mn);
     const __m256 hi = unpack8(p + width, width, mn);
     p += 2 * width;
@@ -107,17 +136,17 @@ template <int G>
 void accumulate_v_avx2(const SectionLayout& L, const std::uint8_t* section, const float* wstep, std::size_t ws,
                        float* acc) {
   const std::uint32_t dim = L.head_dim;
+  RoundDescriptors d;
   for (std::uint32_t r = 0; r < L.rounds; ++r) {
-    const format::RoundView view = format::round_view(section, L, r);
-    const std::uint8_t* p = view.packs;
+    const std::uint8_t* p = load_round_descriptors(L, section, r, d);
     __m256 wlo[G], whi[G];
     for (int g = 0; g < G; ++g) {
       wlo[g] = _mm256_loadu_ps(wstep + g * ws + r * 16);
       whi[g] = _mm256_loadu_ps(wstep + g * ws + r * 16 + 8);
     }
     for (std::uint32_t c = 0; c < dim; ++c) {
-      const auto [width, pack_min] = format::pack_descriptor(view, c, L.bits);
-      const __m256i mn = _mm256_set1_epi32(static_cast<int>(pack_min));
+      const auto width = static_cast<std::uint32_t>(d.width[c]);
+      const __m256i mn = _mm256_set1_epi32(d.min[c]);
       const __m256 lo = unpack8(p, width, mn);
       const __m256 hi = unpack8(p + width, width, mn);
       p += 2 * width;
