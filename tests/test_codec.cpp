@@ -325,6 +325,11 @@ TEST(Codec, ValidateRejectsCorruptBlocks) {
   corrupt([&](auto& b) { b[params.geometry.directory_offset()] += 16; }, "offset");
   corrupt([&](auto& b) { b[e.k_offset + kl.round_end_offset] += 1; }, "round 0");    // round table
   corrupt([&](auto& b) { b[round1] = 0x0F; }, "width");                 // channel 0: width 15
+  corrupt([&](auto& b) {  // a pack one bit narrower: the packs end before the round does
+    std::uint32_t c = 0;
+    while (c + 1 < 32 && format::pack_width(b.data() + round1, c) == 0) ++c;  // head_dim 32
+    b[round1 + c / 2] = static_cast<std::uint8_t>(b[round1 + c / 2] - (c % 2 ? 0x10 : 0x01));
+  }, "bytes of packs");
   corrupt([&](auto& b) { b[round1 + kl.widths_bytes] = 0xFF; }, "min");  // channel 0: min 15 > 10
   corrupt([&](auto& b) { b[e.k_offset + kl.rounds_offset] = 0xFF; }, "holds code");  // plain code 15
   corrupt([&](auto& b) {
