@@ -170,11 +170,11 @@ PACKKV_HOST_DEVICE void store_u32(std::uint8_t* p, std::uint32_t v) {
 
 /// End of round r, counted from the start of round 0 (the stored round_end).
 PACKKV_HOST_DEVICE std::uint32_t round_end(const std::uint8_t* section, const SectionLayout& layout,
-                                                  std::uint32_t r) {
+                                           std::uint32_t r) {
   return load_u32(section + layout.round_end_offset + 4 * r);
 }
 PACKKV_HOST_DEVICE std::uint32_t round_begin(const std::uint8_t* section, const SectionLayout& layout,
-                                                    std::uint32_t r) {
+                                             std::uint32_t r) {
   return r == 0 ? 0u : round_end(section, layout, r - 1);
 }
 
@@ -188,7 +188,7 @@ struct RoundView {
 };
 
 PACKKV_HOST_DEVICE RoundView round_view(const std::uint8_t* section, const SectionLayout& layout,
-                                               std::uint32_t r) {
+                                        std::uint32_t r) {
   const std::uint32_t begin = round_begin(section, layout, r);
   const std::uint8_t* start = section + layout.rounds_offset + begin;
   if (round_end(section, layout, r) - begin == layout.plain_round_bytes) return RoundView{start, start, start, true};
