@@ -126,6 +126,7 @@ class CpuBackend final : public CacheBackend<T> {
     for (std::int64_t b = 0; b < new_blocks; ++b) {
       SlotRef& slot = slots[static_cast<std::size_t>(b)];
       std::memcpy(slot.data, staging.data() + b * max_bytes, slot.bytes);
+      layer.block_bytes += block_bytes_breakdown(codec_, slot.data);
       layer.blocks.push_back(slot);
     }
     table_bytes_ += table_growth;
@@ -317,16 +318,14 @@ class CpuBackend final : public CacheBackend<T> {
       for (std::size_t li = 0; li < seq.layers.size(); ++li) {
         const Layer& layer = seq.layers[li];
         MemoryBreakdown& m = stats.layers[li];
-        for (const SlotRef& block : layer.blocks) {
-          const BlockBytes b = block_bytes_breakdown(codec_, block.data);  // reads the round tables
-          m.payload += b.payload;
-          m.params += b.params;
-          m.descriptors += b.descriptors;
-          m.permutations += b.permutations;
-          m.headers += b.headers;
-          m.k_section_bytes += b.k_sections;
-          m.v_section_bytes += b.v_sections;
-        }
+        const BlockBytes& b = layer.block_bytes;
+        m.payload += b.payload;
+        m.params += b.params;
+        m.descriptors += b.descriptors;
+        m.permutations += b.permutations;
+        m.headers += b.headers;
+        m.k_section_bytes += b.k_sections;
+        m.v_section_bytes += b.v_sections;
         m.block_tables += layer.blocks.size() * sizeof(SlotRef);
         m.tail += static_cast<std::size_t>(layer.tail_tokens) * token_bytes;
         m.compressed_tokens += layer.blocks.size() * static_cast<std::size_t>(cfg_.block_tokens);
@@ -425,7 +424,8 @@ class CpuBackend final : public CacheBackend<T> {
       for (const auto& block : p.blocks) {
         SlotRef slot = slots[next++];
         std::memcpy(slot.data, block.data(), block.size());
-          layer.blocks.push_back(slot);
+        layer.block_bytes += block_bytes_breakdown(codec_, slot.data);
+        layer.blocks.push_back(slot);
       }
       table_bytes_ += p.blocks.size() * sizeof(SlotRef);
       layer.length = static_cast<std::int64_t>(p.blocks.size()) * cfg_.block_tokens;
@@ -440,6 +440,7 @@ class CpuBackend final : public CacheBackend<T> {
  private:
   struct Layer {
     std::vector<SlotRef> blocks;  // the block table, oldest first
+    BlockBytes block_bytes;       // of all its blocks (blocks only leave with the whole sequence)
     std::vector<T> k_tail, v_tail;
     int tail_tokens = 0;
     std::int64_t length = 0;

@@ -46,6 +46,16 @@ void decode_block(const CodecParams& params, const std::uint8_t* block, float* k
 struct BlockBytes {
   std::size_t payload = 0, params = 0, descriptors = 0, permutations = 0, headers = 0;
   std::size_t k_sections = 0, v_sections = 0;  ///< the same bytes by side (see MemoryBreakdown)
+  BlockBytes& operator+=(const BlockBytes& o) {
+    payload += o.payload;
+    params += o.params;
+    descriptors += o.descriptors;
+    permutations += o.permutations;
+    headers += o.headers;
+    k_sections += o.k_sections;
+    v_sections += o.v_sections;
+    return *this;
+  }
 };
 BlockBytes block_bytes_breakdown(const CodecParams& params, const std::uint8_t* block);
 
