@@ -260,16 +260,23 @@ TEST(Codec, RejectsNonFiniteAndOutOfRangeValues) {
   }
 }
 
+// One block of `row`-wide rows, trimmed to its size.
+std::vector<std::uint8_t> encode_one(const CodecParams& params, const std::vector<float>& k,
+                                     const std::vector<float>& v, std::size_t row) {
+  std::vector<std::uint8_t> block(params.geometry.max_block_bytes());
+  EncodeScratch scratch;
+  block.resize(encode_block(params, k.data(), v.data(), row, block.data(), scratch));
+  return block;
+}
+
 TEST(Codec, RoundKindFollowsTheData) {
   // Per-token V, rel 0.1 (4-bit codes), no repacking: noisy rounds are stored plain, rounds of a
   // repeated channel profile as frame of reference; the section size is what the rounds need.
   CodecCase c{0.05f, 64, 64, QuantMode::per_token, RepackMethod::none};
   const CacheConfig cfg = config_for(c, 1);
   const CodecParams params = make_codec_params(cfg);
-  const std::vector<float> k = test::mixed_rounds_values(64, 64, 21), v = test::mixed_rounds_values(64, 64, 22);
-  std::vector<std::uint8_t> block(params.geometry.max_block_bytes());
-  EncodeScratch scratch;
-  encode_block(params, k.data(), v.data(), 64, block.data(), scratch);
+  const std::vector<std::uint8_t> block =
+      encode_one(params, test::mixed_rounds_values(64, 64, 21), test::mixed_rounds_values(64, 64, 22), 64);
   format::HeadEntry entry;
   std::memcpy(&entry, block.data() + params.geometry.directory_offset(), sizeof entry);
   const format::SectionLayout layout = params.geometry.v_layout();
@@ -300,11 +307,8 @@ TEST(Codec, ValidateRejectsCorruptBlocks) {
   CodecCase c{0.1f, 32, 32, QuantMode::per_token, RepackMethod::none};
   const CacheConfig cfg = config_for(c, 2);
   const CodecParams params = make_codec_params(cfg);
-  const std::vector<float> k = test::mixed_rounds_values(32, 64, 11), v = test::mixed_rounds_values(32, 64, 12);
-  std::vector<std::uint8_t> good(params.geometry.max_block_bytes());
-  EncodeScratch scratch;
-  const std::uint32_t size = encode_block(params, k.data(), v.data(), 64, good.data(), scratch);
-  good.resize(size);
+  const std::vector<std::uint8_t> good =
+      encode_one(params, test::mixed_rounds_values(32, 64, 11), test::mixed_rounds_values(32, 64, 12), 64);
   ASSERT_NO_THROW(validate_block(params, good));
   format::HeadEntry e;
   std::memcpy(&e, good.data() + params.geometry.directory_offset(), sizeof e);
@@ -341,10 +345,7 @@ TEST(Codec, ValidateRejectsBadPermutations) {
   CodecCase c{0.1f, 32, 32, QuantMode::per_token, RepackMethod::median};
   const CacheConfig cfg = config_for(c, 2);
   const CodecParams params = make_codec_params(cfg);
-  const std::vector<float> k = random_values(32 * 64, 11), v = random_values(32 * 64, 12);
-  std::vector<std::uint8_t> good(params.geometry.max_block_bytes());
-  EncodeScratch scratch;
-  good.resize(encode_block(params, k.data(), v.data(), 64, good.data(), scratch));
+  const std::vector<std::uint8_t> good = encode_one(params, random_values(32 * 64, 11), random_values(32 * 64, 12), 64);
   ASSERT_NO_THROW(validate_block(params, good));
   for (int entry : {0, 1}) {
     std::vector<std::uint8_t> bad = good;
