@@ -1,4 +1,5 @@
-# Install rules and the exported packkv::packkv target for find_package(packkv).
+# Install rules and the exported packkv::packkv target for find_package(packkv). Only the public
+# headers are installed: include/packkv (API, format spec, codec) and cuda/device_codec.hpp.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
@@ -6,7 +7,7 @@ install(TARGETS packkv EXPORT packkvTargets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
-install(DIRECTORY include/packkv DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(DIRECTORY include/packkv DESTINATION ${CMAKE_INSTALL_INCLUDEDIR} FILES_MATCHING PATTERN "*.hpp")
 install(EXPORT packkvTargets NAMESPACE packkv:: DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/packkv)
 
 set(PACKKV_CONFIG_WITH_CUDA ${PACKKV_WITH_CUDA})

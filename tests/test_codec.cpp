@@ -5,7 +5,7 @@
 #include <iterator>
 #include <tuple>
 
-#include "cpu_kernels.hpp"
+#include "cpu/kernels.hpp"
 #include "test_util.hpp"
 
 namespace packkv {
@@ -331,7 +331,7 @@ TEST(Codec, ValidateRejectsCorruptBlocks) {
   corrupt([&](auto& b) { b[round1] = 0x0F; }, "width");                 // channel 0: width 15
   corrupt([&](auto& b) {  // a pack one bit narrower: the packs end before the round does
     std::uint32_t c = 0;
-    while (c + 1 < 32 && format::pack_width(b.data() + round1, c) == 0) ++c;  // head_dim 32
+    while (c + 1 < 32 && format::stream_value(b.data() + round1, c, 4) == 0) ++c;  // head_dim 32
     b[round1 + c / 2] = static_cast<std::uint8_t>(b[round1 + c / 2] - (c % 2 ? 0x10 : 0x01));
   }, "bytes of packs");
   corrupt([&](auto& b) { b[round1 + kl.widths_bytes] = 0xFF; }, "min");  // channel 0: min 15 > 10
@@ -434,6 +434,9 @@ TEST(Codec, GoldenBlockIsByteIdentical) {
 
 // The SIMD section kernels must agree with arithmetic on the reference-unpacked codes.
 TEST(CpuKernels, SectionScoresAndValuesMatchScalarReference) {
+  for (detail::cpu::Isa isa : {detail::cpu::Isa::scalar, detail::cpu::Isa::avx2}) {
+  if (!detail::cpu::supported(isa)) continue;
+  const detail::cpu::Kernels& kern = detail::cpu::kernels_for(isa);
   for (auto [dim, block, rel, per_channel, groups] :
        {std::tuple{64, 64, 0.1f, false, 4}, std::tuple{128, 32, 0.02f, false, 1}, std::tuple{8, 16, 1.0f, false, 3},
         std::tuple{80, 48, 0.1f, true, 8}, std::tuple{256, 16, 1.0f / 200, true, 2}}) {
@@ -460,12 +463,12 @@ TEST(CpuKernels, SectionScoresAndValuesMatchScalarReference) {
 
     const std::vector<float> q = random_values(static_cast<std::size_t>(groups) * dim, 77);
     std::vector<float> s(static_cast<std::size_t>(groups) * block);
-    detail::cpu::section_scores(params.geometry.k_layout(), per_channel, buf.data() + e.k_offset, q.data(), groups,
+    kern.section_scores(params.geometry.k_layout(), per_channel, buf.data() + e.k_offset, q.data(), groups,
                                 s.data(), block);
     const std::vector<float> w = random_values(static_cast<std::size_t>(groups) * block, 78);
     detail::cpu::AlignedFloats acc(static_cast<std::size_t>(groups) * dim * 8, 0.0f);
     std::vector<float> min_term(groups, 0.0f), out(static_cast<std::size_t>(groups) * dim);
-    detail::cpu::section_accumulate_v(params.geometry.v_layout(), buf.data() + e.v_offset, w.data(), block, groups,
+    kern.section_accumulate_v(params.geometry.v_layout(), buf.data() + e.v_offset, w.data(), block, groups,
                                       acc.data(), min_term.data());
     detail::cpu::finish_v(acc.data(), min_term.data(), groups, dim, out.data());
     for (int g = 0; g < groups; ++g) {
@@ -486,6 +489,7 @@ TEST(CpuKernels, SectionScoresAndValuesMatchScalarReference) {
         ASSERT_NEAR(out[g * dim + c], ref, 1e-5 * mag + 1e-6) << "value g " << g << " c " << c << " dim " << dim;
       }
     }
+  }
   }
 }
 

@@ -4,7 +4,7 @@
 #include <map>
 #include <thread>
 
-#include "sequence_image.hpp"
+#include "core/image_io.hpp"
 #include "test_util.hpp"
 
 namespace packkv {
@@ -161,7 +161,7 @@ TEST(SequenceImage, HostileButCorrectlySealedImagesNeverCorruptTheCache) {
     std::vector<std::uint8_t> bad = image;
     const int flips = 1 + static_cast<int>(rng.next() % 4);
     for (int f = 0; f < flips; ++f) {
-      bad[sizeof(detail::ImageHeader) + rng.next() % (bad.size() - sizeof(detail::ImageHeader))] ^=
+      bad[sizeof(format::ImageHeader) + rng.next() % (bad.size() - sizeof(format::ImageHeader))] ^=
           static_cast<std::uint8_t>(1u << (rng.next() % 8));
     }
     detail::seal_image(bad);

@@ -9,7 +9,10 @@
 
 #include <gtest/gtest.h>
 
+#include "packkv/codec.hpp"
+#include "packkv/format.hpp"
 #include "packkv/packkv.hpp"
+#include "packkv/synthetic.hpp"
 
 namespace packkv::test {
 

@@ -4,8 +4,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
-#include <shared_mutex>  // std::shared_lock
 #include <span>
 #include <vector>
 
@@ -20,8 +18,7 @@ using SeqId = std::uint64_t;
 
 namespace detail {
 template <class T>
-class CacheBackend;
-class RwLock;
+class CacheCore;
 }
 
 /// A compressed KV cache for one model.
@@ -32,11 +29,16 @@ class RwLock;
 ///   scores   [num_q_heads][length]                 (original token order)
 ///   weights  [num_q_heads][length]
 /// On Device::cuda every pointer is a device pointer and work is queued on the cache's stream.
+/// Query heads map to KV heads in groups: q head j reads KV head j / (num_q_heads / num_kv_heads).
 ///
-/// Every method validates its arguments; on any error it throws packkv::error and leaves the cache
-/// exactly as it was. Thread safety: every method may be called concurrently from any thread;
-/// reading methods (const) run in parallel, changing methods are serialised. Query heads map to KV heads in groups: q head j reads KV head
-/// j / (num_q_heads / num_kv_heads).
+/// Errors: every method validates its arguments; on any error it throws packkv::error and leaves
+/// the cache exactly as it was (on Device::cuda, values are checked by the device: see
+/// docs/cuda.md for when those checks report).
+///
+/// Thread safety: every method may be called concurrently from any thread. Calls on different
+/// sequences run in parallel (an append to one sequence does not wait for attention on another);
+/// calls on one sequence read in parallel and write one at a time; adding, removing and importing
+/// sequences briefly excludes every other call. docs/architecture.md has the full contract.
 template <class T>
 class PackedKVCache {
   static_assert(is_storage_type_v<T>, "PackedKVCache<T>: T must be float, fp16_t or bf16_t");
@@ -78,6 +80,7 @@ class PackedKVCache {
 
   // ---- inspection ----
   /// Dequantized K and V of a sequence, original token order: [length][num_kv_heads][head_dim].
+  /// The values are the same bits on every backend.
   void read_back(SeqId id, int layer, float* k, float* v) const;
   MemoryStats memory_stats() const;
 
@@ -89,25 +92,21 @@ class PackedKVCache {
   /// compatible (same storage type, KV heads, head_dim, block size, code ranges, K mode and
   /// repacking on/off). Creates the sequence if it does not exist; otherwise every layer in the
   /// image must be empty in it. The image is untrusted: it is validated completely, and a corrupt,
-  /// truncated or incompatible image throws packkv::error and changes nothing.
+  /// truncated, incompatible or unaffordable image throws packkv::error and changes nothing.
   void import_sequence(SeqId id, std::span<const std::uint8_t> image);
 
   // ---- memory ----
-  /// Hands cached empty pages back to the system (removed sequences leave such pages behind).
+  /// Compacts the block pool and hands memory no block needs back to the system.
   void release_unused_memory();
 
   /// CUDA stream (a cudaStream_t) that device work is queued on; ignored on the CPU.
   void set_stream(void* cuda_stream);
 
  private:
-  std::shared_lock<detail::RwLock> read_lock(const char* what) const;
-  std::unique_lock<detail::RwLock> write_lock(const char* what);
-  void check_sequence(SeqId id, const char* what) const;
-  void check_layer(int layer, const char* what) const;
+  detail::CacheCore<T>& core(const char* what) const;
 
   CacheConfig config_;
-  std::unique_ptr<detail::RwLock> mutex_;  // readers share, writers exclude (see cache.cpp)
-  std::unique_ptr<detail::CacheBackend<T>> backend_;
+  std::unique_ptr<detail::CacheCore<T>> core_;
 };
 
 extern template class PackedKVCache<float>;

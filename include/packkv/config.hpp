@@ -32,7 +32,7 @@ inline constexpr float kMinRel = 1.0f / 255.0f;
 inline constexpr float kMaxRel = 1.0f;
 
 struct CacheConfig {
-  int num_layers = 1;
+  int num_layers = 1;         ///< in [1, 65535] (sequence images count layers in 16 bits)
   int num_kv_heads = 1;
   int num_q_heads = 1;        ///< a multiple of num_kv_heads (grouped-query attention)
   int head_dim = 128;         ///< a multiple of 8 in [8, 256]
@@ -45,6 +45,10 @@ struct CacheConfig {
   std::size_t memory_budget_bytes = 0;  ///< cap on all memory the cache holds; 0 means none
   Device device = Device::cpu;
   int num_threads = 0;        ///< CPU worker threads for attention and encoding; 0: all cores
+  /// CUDA: check every append's values on the device before anything changes (one host
+  /// synchronisation per append), so that bad values are refused by the append itself. Off: the
+  /// kernels check them and a later call reports (docs/cuda.md, "Errors").
+  bool cuda_strict = false;
 };
 
 /// Throws packkv::error naming the first invalid field.

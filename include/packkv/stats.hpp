@@ -13,8 +13,8 @@ struct MemoryBreakdown {
   std::size_t descriptors = 0;   ///< per-pack (min, width)
   std::size_t permutations = 0;  ///< stored token orders
   std::size_t headers = 0;       ///< block headers, head directories, round offsets, alignment padding
-  std::size_t block_tables = 0;  ///< per-sequence tables locating each block
-  std::size_t tail = 0;          ///< uncompressed recent tokens (K and V, in the storage type)
+  std::size_t block_tables = 0;  ///< tables locating each block, and the per-layer bookkeeping
+  std::size_t tail = 0;          ///< uncompressed recent tokens (K and V, in the storage type), as allocated
 
   std::size_t metadata() const { return params + descriptors + permutations + headers + block_tables; }
   std::size_t total() const { return payload + metadata() + tail; }
@@ -61,7 +61,10 @@ struct MemoryStats {
   MemoryBreakdown total;
   std::vector<MemoryBreakdown> layers;
   PoolStats pool;
-  std::size_t resident_bytes = 0;  ///< what counts against the memory budget: pool + tails + tables
+  std::size_t scratch_bytes = 0;   ///< staging and workspaces (device backends)
+  /// What counts against the memory budget: everything in `total`, plus the pool's slack
+  /// (pool.reserved_bytes - pool.live_bytes) and scratch_bytes.
+  std::size_t resident_bytes = 0;
 };
 
 }  // namespace packkv

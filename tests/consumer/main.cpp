@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <packkv/packkv.hpp>
+#include <packkv/synthetic.hpp>
 
 int main() {
   packkv::CacheConfig config;

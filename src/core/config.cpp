@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "packkv/error.hpp"
+#include "packkv/format/image.hpp"
 
 namespace packkv {
 
@@ -31,7 +32,8 @@ int max_code_for_rel(float rel) {
 }
 
 void validate(const CacheConfig& c) {
-  PACKKV_REQUIRE(c.num_layers >= 1, fmt::format("num_layers must be >= 1, got {}", c.num_layers));
+  PACKKV_REQUIRE(c.num_layers >= 1 && c.num_layers <= format::kMaxImageLayers,
+                 fmt::format("num_layers must be in [1, {}], got {}", format::kMaxImageLayers, c.num_layers));
   PACKKV_REQUIRE(c.num_kv_heads >= 1 && c.num_kv_heads <= 1024,
                  fmt::format("num_kv_heads must be in [1, 1024], got {}", c.num_kv_heads));
   PACKKV_REQUIRE(c.num_q_heads >= 1 && c.num_q_heads % c.num_kv_heads == 0,
@@ -64,9 +66,9 @@ void validate(const CacheConfig& c) {
 std::string describe(const CacheConfig& c) {
   return fmt::format(
       "layers={} kv_heads={} q_heads={} head_dim={} block={} residual={} k_rel={} v_rel={} k_mode={} "
-      "repack={} budget={} device={}",
+      "repack={} budget={} device={} cuda_strict={}",
       c.num_layers, c.num_kv_heads, c.num_q_heads, c.head_dim, c.block_tokens, c.residual_tokens, c.k_rel,
-      c.v_rel, to_string(c.k_mode), to_string(c.repack), c.memory_budget_bytes, to_string(c.device));
+      c.v_rel, to_string(c.k_mode), to_string(c.repack), c.memory_budget_bytes, to_string(c.device), c.cuda_strict);
 }
 
 }  // namespace packkv

@@ -1,4 +1,4 @@
-#include "sequence_image.hpp"
+#include "core/image_io.hpp"
 
 #include <array>
 #include <cstddef>
@@ -9,7 +9,8 @@
 
 #include "packkv/error.hpp"
 
-#if defined(__SSE4_2__)
+#if defined(__x86_64__)
+#include <cpuid.h>
 #include <nmmintrin.h>
 #endif
 
@@ -61,27 +62,43 @@ class Reader {
   std::size_t at_;
 };
 
-}  // namespace
-
-std::uint32_t crc32c(const std::uint8_t* data, std::size_t n, std::uint32_t crc) {
-  crc = ~crc;
+#if defined(__x86_64__)
+// The SSE4.2 instruction, chosen at run time (every build carries it, only capable CPUs run it).
+__attribute__((target("sse4.2"))) std::uint32_t crc32c_sse42(const std::uint8_t* data, std::size_t n,
+                                                              std::uint32_t crc) {
   std::size_t i = 0;
-#if defined(__SSE4_2__)
   for (; i + 8 <= n; i += 8) {
     std::uint64_t word;
     std::memcpy(&word, data + i, 8);
     crc = static_cast<std::uint32_t>(_mm_crc32_u64(crc, word));
   }
+  for (; i < n; ++i) crc = _mm_crc32_u8(crc, data[i]);
+  return crc;
+}
+
+bool has_sse42() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 20));
+}
 #endif
-  for (; i < n; ++i) crc = kCrcTable[(crc ^ data[i]) & 0xFFu] ^ (crc >> 8);
+
+}  // namespace
+
+std::uint32_t crc32c(const std::uint8_t* data, std::size_t n, std::uint32_t crc) {
+  crc = ~crc;
+#if defined(__x86_64__)
+  static const bool sse42 = has_sse42();
+  if (sse42) return ~crc32c_sse42(data, n, crc);
+#endif
+  for (std::size_t i = 0; i < n; ++i) crc = kCrcTable[(crc ^ data[i]) & 0xFFu] ^ (crc >> 8);
   return ~crc;
 }
 
-ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t dtype) {
-  ImageHeader h{};
-  std::memcpy(h.magic, kImageMagic, sizeof h.magic);
-  h.version = kImageVersion;
-  h.header_bytes = sizeof(ImageHeader);
+format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t dtype) {
+  format::ImageHeader h{};
+  std::memcpy(h.magic, format::kImageMagic, sizeof h.magic);
+  h.version = format::kImageVersion;
+  h.header_bytes = sizeof(format::ImageHeader);
   h.dtype = dtype;
   h.k_mode = static_cast<std::uint8_t>(k_mode);
   h.permuted = codec.geometry.permuted ? 1 : 0;
@@ -96,29 +113,31 @@ ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::u
 }
 
 void seal_image(std::vector<std::uint8_t>& image) {
-  ImageHeader h;
+  format::ImageHeader h;
   std::memcpy(&h, image.data(), sizeof h);
   h.body_bytes = image.size() - sizeof h;
   h.body_crc = crc32c(image.data() + sizeof h, image.size() - sizeof h);
   std::memcpy(image.data(), &h, sizeof h);
-  h.header_crc = crc32c(image.data(), offsetof(ImageHeader, header_crc));
+  h.header_crc = crc32c(image.data(), offsetof(format::ImageHeader, header_crc));
   std::memcpy(image.data(), &h, sizeof h);
 }
 
 std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec, QuantMode k_mode,
                                      std::uint8_t dtype, std::size_t value_bytes, int num_layers,
                                      int max_tail_tokens) {
+  using format::ImageHeader;
+  using format::LayerRecord;
   PACKKV_REQUIRE(image.size() >= sizeof(ImageHeader),
                  fmt::format("import: image of {} bytes is shorter than its 48-byte header", image.size()));
   ImageHeader h;
   std::memcpy(&h, image.data(), sizeof h);
-  PACKKV_REQUIRE(std::memcmp(h.magic, kImageMagic, sizeof h.magic) == 0,
+  PACKKV_REQUIRE(std::memcmp(h.magic, format::kImageMagic, sizeof h.magic) == 0,
                  "import: not a packkv sequence image (bad magic)");
-  PACKKV_REQUIRE(crc32c(image.data(), offsetof(ImageHeader, header_crc)) == h.header_crc,
+  PACKKV_REQUIRE(crc32c(image.data(), offsetof(format::ImageHeader, header_crc)) == h.header_crc,
                  "import: image header checksum mismatch (corrupt header)");
-  PACKKV_REQUIRE(h.version == kImageVersion,
+  PACKKV_REQUIRE(h.version == format::kImageVersion,
                  fmt::format("import: image version {} is not supported (this build reads {})", h.version,
-                             kImageVersion));
+                             format::kImageVersion));
   PACKKV_REQUIRE(h.header_bytes == sizeof(ImageHeader),
                  fmt::format("import: header size {} should be {}", h.header_bytes, sizeof(ImageHeader)));
   PACKKV_REQUIRE(h.body_bytes == image.size() - sizeof h,
@@ -127,6 +146,7 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
   PACKKV_REQUIRE(crc32c(image.data() + sizeof h, image.size() - sizeof h) == h.body_crc,
                  "import: image body checksum mismatch (corrupt data)");
 
+  PACKKV_REQUIRE(h.reserved0 == 0, fmt::format("import: a reserved header byte is {}, not zero", h.reserved0));
   const ImageHeader want = make_image_header(codec, k_mode, dtype);
   PACKKV_REQUIRE(h.dtype == want.dtype, fmt::format("import: image holds {} values, this cache holds {}",
                                                     dtype_name(h.dtype), dtype_name(want.dtype)));
@@ -183,9 +203,7 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
       try {
         validate_block(codec, block);
       } catch (const error& e) {
-        std::string what = e.what();
-        if (what.rfind("packkv: ", 0) == 0) what.erase(0, 8);
-        throw error(fmt::format("import: layer {} block {}: {}", record.layer, b, what));
+        throw error(fmt::format("import: layer {} block {}: {}", record.layer, b, e.message()));
       }
       layer.blocks.push_back(block);
     }

@@ -1,0 +1,241 @@
+// The CPU block encoder: quantize (format/quant.hpp), repack (repack.hpp), bit-pack
+// (format/rounds.hpp). The CUDA encoder produces the same bytes.
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include <fmt/format.h>
+
+#include "codec/repack.hpp"
+#include "cpu/kernels.hpp"
+#include "packkv/codec.hpp"
+#include "packkv/error.hpp"
+
+namespace packkv {
+
+using format::QuantParams;
+using format::SectionLayout;
+using format::Side;
+
+CodecParams make_codec_params(const CacheConfig& config) {
+  validate(config);
+  CodecParams p{};
+  p.k_max_code = max_code_for_rel(config.k_rel);
+  p.v_max_code = max_code_for_rel(config.v_rel);
+  p.repack = config.repack;
+  p.geometry.block_tokens = config.block_tokens;
+  p.geometry.head_dim = config.head_dim;
+  p.geometry.num_heads = config.num_kv_heads;
+  p.geometry.k_bits = bits_for_max_code(p.k_max_code);
+  p.geometry.v_bits = bits_for_max_code(p.v_max_code);
+  p.geometry.permuted = config.repack != RepackMethod::none;
+  p.geometry.k_per_channel = config.k_mode == QuantMode::per_channel;
+  return p;
+}
+
+BlockBytes& BlockBytes::operator+=(const BlockBytes& o) {
+  payload += o.payload;
+  params += o.params;
+  descriptors += o.descriptors;
+  permutations += o.permutations;
+  headers += o.headers;
+  k_sections += o.k_sections;
+  v_sections += o.v_sections;
+  return *this;
+}
+
+BlockBytes& BlockBytes::operator-=(const BlockBytes& o) {
+  payload -= o.payload;
+  params -= o.params;
+  descriptors -= o.descriptors;
+  permutations -= o.permutations;
+  headers -= o.headers;
+  k_sections -= o.k_sections;
+  v_sections -= o.v_sections;
+  return *this;
+}
+
+namespace {
+
+const char* side_name(Side side) { return side == Side::k ? "K" : "V"; }
+
+[[noreturn]] void throw_bad_value(Side side, int token, int head, int channel, float value) {
+  detail::throw_error(fmt::format(
+      "{} value {} at block token {}, head {}, channel {} cannot be stored: packkv accepts finite values "
+      "with |x| <= 65504 (its per-token parameters are fp16)",
+      side_name(side), value, token, head, channel));
+}
+
+[[noreturn]] void throw_range(Side side, const char* group, int index, int head, const format::Range& r) {
+  detail::throw_error(fmt::format("{} {} {} of head {} spans [{}, {}], too wide for one fp16 step at this rel (use a "
+                                  "smaller rel)",
+                                  side_name(side), group, index, head, r.lo, r.hi));
+}
+
+/// One head's values of the block as floats, [tokens][dim] (the storage type converted once).
+template <class T>
+void gather_head(const T* x, std::size_t row_stride, int head, int tokens, int dim, float* out) {
+  for (int t = 0; t < tokens; ++t) {
+    detail::cpu::convert_to_float(x + static_cast<std::size_t>(t) * row_stride + static_cast<std::size_t>(head) * dim,
+                          out + static_cast<std::size_t>(t) * dim, static_cast<std::size_t>(dim));
+  }
+}
+
+// Per-token quantization of one head: codes[t][c] (arrival order), params[t].
+void quantize_per_token(const float* x, int head, int tokens, int dim, int max_code, Side side,
+                        std::uint8_t* codes, QuantParams* params) {
+  for (int t = 0; t < tokens; ++t) {
+    const float* row = x + static_cast<std::size_t>(t) * dim;
+    format::Range range;
+    bool all_storable = true;
+    for (int c = 0; c < dim; ++c) {
+      all_storable &= format::storable(row[c]);
+      range.extend(row[c]);
+    }
+    if (!all_storable) {
+      for (int c = 0; c < dim; ++c) {
+        if (!format::storable(row[c])) throw_bad_value(side, t, head, c, row[c]);
+      }
+    }
+    const format::Quantizer q = format::make_quantizer(range.lo, range.hi, max_code);
+    if (!q.ok) throw_range(side, "token", t, head, range);
+    params[t] = q.stored;
+    std::uint8_t* out = codes + static_cast<std::size_t>(t) * dim;
+    for (int c = 0; c < dim; ++c) out[c] = format::quantize(row[c], q, max_code);
+  }
+}
+
+// Per-channel quantization of one head over the block (KIVI-style K): params[c].
+void quantize_per_channel(const float* x, int head, int tokens, int dim, int max_code, std::uint8_t* codes,
+                          QuantParams* params) {
+  for (int c = 0; c < dim; ++c) {
+    format::Range range;
+    for (int t = 0; t < tokens; ++t) {
+      const float f = x[static_cast<std::size_t>(t) * dim + c];
+      if (!format::storable(f)) throw_bad_value(Side::k, t, head, c, f);
+      range.extend(f);
+    }
+    const format::Quantizer q = format::make_quantizer(range.lo, range.hi, max_code);
+    if (!q.ok) throw_range(Side::k, "channel", c, head, range);
+    params[c] = q.stored;
+    for (int t = 0; t < tokens; ++t) {
+      codes[static_cast<std::size_t>(t) * dim + c] = format::quantize(x[static_cast<std::size_t>(t) * dim + c], q, max_code);
+    }
+  }
+}
+
+// Writes one section (params, round ends, rounds, padding); returns its size and adds its parts.
+std::uint32_t write_section(const SectionLayout& layout, const std::uint8_t* codes, const QuantParams* params,
+                            bool per_token_params, const std::uint8_t* order, std::uint8_t* out, BlockBytes& bytes) {
+  const std::uint32_t dim = layout.head_dim;
+  auto* out_params = reinterpret_cast<QuantParams*>(out);
+  for (std::uint32_t i = 0; i < layout.param_count; ++i) out_params[i] = per_token_params ? params[order[i]] : params[i];
+  std::uint8_t* rounds = out + layout.rounds_offset;
+  std::uint32_t offset = 0, descriptors = 0;
+  std::uint8_t lo[256], width[256], values[format::kPackTokens];
+  for (std::uint32_t r = 0; r < layout.rounds; ++r) {
+    const std::uint8_t* tokens = order + r * format::kPackTokens;
+    std::uint32_t width_sum = 0;
+    for (std::uint32_t c = 0; c < dim; ++c) {
+      std::uint8_t mn = 255, mx = 0;
+      for (int i = 0; i < format::kPackTokens; ++i) {
+        const std::uint8_t code = codes[static_cast<std::size_t>(tokens[i]) * dim + c];
+        mn = std::min(mn, code);
+        mx = std::max(mx, code);
+      }
+      lo[c] = mn;
+      width[c] = static_cast<std::uint8_t>(format::width_for_range(static_cast<std::uint32_t>(mx - mn)));
+      width_sum += width[c];
+    }
+    const bool plain = format::use_plain_round(layout, width_sum);
+    std::uint8_t* pack = plain ? rounds + offset : format::write_round_descriptors(layout, width, lo, rounds + offset);
+    if (!plain) descriptors += layout.descriptor_bytes;
+    for (std::uint32_t c = 0; c < dim; ++c) {
+      const std::uint32_t w = plain ? layout.bits : width[c];
+      const std::uint8_t base = plain ? 0 : lo[c];
+      for (int i = 0; i < format::kPackTokens; ++i) {
+        values[i] = static_cast<std::uint8_t>(codes[static_cast<std::size_t>(tokens[i]) * dim + c] - base);
+      }
+      format::pack16(values, w, pack);
+      pack += 2 * w;
+    }
+    offset += format::round_bytes(layout, width_sum);
+    format::set_round_end(out, layout, r, offset);
+  }
+  const std::uint32_t size = layout.section_bytes(offset);
+  std::memset(rounds + offset, 0, size - layout.rounds_offset - offset);
+  bytes.params += layout.param_count * sizeof(QuantParams);
+  bytes.descriptors += descriptors;
+  bytes.payload += offset - descriptors;
+  return size;
+}
+
+}  // namespace
+
+template <class T>
+std::uint32_t encode_block(const CodecParams& p, const T* k, const T* v, std::size_t row_stride, std::uint8_t* out,
+                           EncodeScratch& s, BlockBytes* bytes_out) {
+  const format::BlockGeometry& g = p.geometry;
+  const int tokens = g.block_tokens, dim = g.head_dim;
+  const std::size_t codes_size = static_cast<std::size_t>(tokens) * dim;
+  s.k_codes.resize(codes_size);
+  s.v_codes.resize(codes_size);
+  s.k_params.resize(static_cast<std::size_t>(std::max(tokens, dim)));
+  s.v_params.resize(static_cast<std::size_t>(tokens));
+  s.order.resize(static_cast<std::size_t>(tokens));
+  thread_local std::vector<float> values;
+  values.resize(codes_size);
+
+  std::memset(out, 0, g.sections_offset());
+  BlockBytes bytes;
+  std::uint32_t offset = g.sections_offset();
+  for (int h = 0; h < g.num_heads; ++h) {
+    gather_head(v, row_stride, h, tokens, dim, values.data());
+    quantize_per_token(values.data(), h, tokens, dim, p.v_max_code, Side::v, s.v_codes.data(), s.v_params.data());
+    gather_head(k, row_stride, h, tokens, dim, values.data());
+    if (g.k_per_channel) {
+      quantize_per_channel(values.data(), h, tokens, dim, p.k_max_code, s.k_codes.data(), s.k_params.data());
+    } else {
+      quantize_per_token(values.data(), h, tokens, dim, p.k_max_code, Side::k, s.k_codes.data(), s.k_params.data());
+    }
+    switch (p.repack) {
+      case RepackMethod::none: std::iota(s.order.begin(), s.order.end(), std::uint8_t{0}); break;
+      case RepackMethod::median: codec::order_by_median(s.v_codes.data(), tokens, dim, s.order.data()); break;
+      case RepackMethod::greedy:
+        codec::order_greedy(s.k_codes.data(), s.v_codes.data(), tokens, dim, s.order.data());
+        break;
+    }
+    if (g.permuted) std::memcpy(format::token_order(out, g, h), s.order.data(), static_cast<std::size_t>(tokens));
+
+    format::HeadEntry entry{};
+    entry.k_offset = offset;
+    offset += write_section(g.k_layout(), s.k_codes.data(), s.k_params.data(), !g.k_per_channel, s.order.data(),
+                            out + offset, bytes);
+    entry.v_offset = offset;
+    offset += write_section(g.v_layout(), s.v_codes.data(), s.v_params.data(), true, s.order.data(), out + offset,
+                            bytes);
+    format::set_head_entry(out, g, h, entry);
+    bytes.k_sections += entry.v_offset - entry.k_offset;
+    bytes.v_sections += offset - entry.v_offset;
+  }
+  std::memset(out + offset, 0, format::kTrailingSlack);
+  offset += format::kTrailingSlack;
+  const format::BlockHeader header = format::make_block_header(g, offset);
+  std::memcpy(out, &header, sizeof header);
+  if (bytes_out != nullptr) {
+    bytes.permutations = g.permutation_bytes();
+    bytes.headers = offset - bytes.payload - bytes.params - bytes.descriptors - bytes.permutations;
+    *bytes_out = bytes;
+  }
+  return offset;
+}
+
+#define PACKKV_INSTANTIATE_ENCODE(T)                                                                           \
+  template std::uint32_t encode_block<T>(const CodecParams&, const T*, const T*, std::size_t, std::uint8_t*, \
+                                         EncodeScratch&, BlockBytes*);
+PACKKV_INSTANTIATE_ENCODE(float)
+PACKKV_INSTANTIATE_ENCODE(fp16_t)
+PACKKV_INSTANTIATE_ENCODE(bf16_t)
+#undef PACKKV_INSTANTIATE_ENCODE
+
+}  // namespace packkv

@@ -1,0 +1,124 @@
+// The narrow interface between the host core (cache_core.hpp) and a backend (CPU or CUDA).
+//
+// The core owns everything the backends share: sequences and their locks, layer lengths, the
+// tail rings' geometry, the compression plan, the memory budget, statistics, image framing and
+// argument checks. A backend is a block store plus kernel launchers: it keeps, per (sequence,
+// layer), a LayerStore with that layer's packed blocks and its tail ring's memory, and runs the
+// kernels over them. Writes come in two phases so that a refused write changes nothing:
+// prepare() does every fallible piece of work that needs no new memory (the CPU encodes its
+// blocks into staging) and reports what the commit will hold; the core checks the budget; then
+// commit() acquires memory (all or nothing) and applies the write.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "core/tail.hpp"
+#include "packkv/cache.hpp"
+#include "packkv/codec.hpp"
+#include "packkv/stats.hpp"
+
+namespace packkv::detail {
+
+/// A backend's storage for one (sequence, layer): its packed blocks and its tail ring's memory.
+class LayerStore {
+ public:
+  virtual ~LayerStore() = default;
+};
+
+/// One layer's change in a write: adopt `blocks` (import only; the layer is empty), then append
+/// the tokens of `plan`.
+template <class T>
+struct LayerWrite {
+  LayerStore* store = nullptr;
+  int num_blocks = 0;           ///< blocks the layer holds before the write
+  AppendPlan plan;
+  const T* k = nullptr;         ///< plan.n_tokens new tokens [n][num_kv_heads][head_dim]
+  const T* v = nullptr;
+  bool tokens_on_host = false;  ///< k and v are host memory even on a device backend (import)
+  std::span<const std::span<const std::uint8_t>> blocks;  ///< validated block bytes (host memory)
+  SeqId id = 0;                 ///< for messages
+  int layer = 0;
+};
+
+/// What a layer looks like to the readers.
+struct LayerRead {
+  const LayerStore* store = nullptr;
+  std::int64_t length = 0;
+  int num_blocks = 0;
+  TailRing tail;
+};
+
+/// Work prepared by Backend::prepare, applied by Backend::commit or dropped.
+class PreparedWrite {
+ public:
+  virtual ~PreparedWrite() = default;
+  /// What Backend::resident_bytes() will be once this write is committed (as of now).
+  virtual std::size_t resident_after() const = 0;
+  /// The same after Backend::reclaim(), when reclaiming would lower it; nullopt otherwise.
+  virtual std::optional<std::size_t> resident_after_reclaim() const { return std::nullopt; }
+};
+
+/// Bytes of one layer as the statistics count them.
+struct LayerBytes {
+  BlockBytes blocks;         ///< the packed blocks, by part
+  std::size_t tables = 0;    ///< block tables (the backend's memory)
+  std::size_t tail = 0;      ///< the tail ring as allocated (K and V)
+};
+
+template <class T>
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  /// A new, empty layer store; it holds no memory until a write commits to it.
+  virtual std::unique_ptr<LayerStore> new_layer_store() = 0;
+  /// Host bytes of one empty layer store (the core counts them as bookkeeping).
+  virtual std::size_t layer_store_bytes() const = 0;
+  /// Frees everything a layer store holds (it is empty afterwards).
+  virtual void clear(LayerStore& store) = 0;
+
+  // ---- writes ----
+  /// Checks the values of the writes (storable, ranges the encoder will need); throws packkv::error
+  /// and changes nothing. A device backend may defer its checks to its kernels (docs/cuda.md).
+  virtual void check_values(std::span<const LayerWrite<T>> writes) = 0;
+  virtual std::unique_ptr<PreparedWrite> prepare(std::span<const LayerWrite<T>> writes) = 0;
+  /// Applies a prepared write. Throws packkv::error (out of memory) only before changing anything.
+  virtual void commit(PreparedWrite& prepared) = 0;
+
+  // ---- memory ----
+  /// Memory the cache holds in the backend's memory space: blocks (with the pool's slack), tails,
+  /// tables, scratch. What the budget limits.
+  virtual std::size_t resident_bytes() const = 0;
+  /// Returns memory that no block needs (compaction, empty pages). Runs with no other call active.
+  virtual void reclaim() = 0;
+  virtual PoolStats pool_stats() const = 0;
+  /// Scratch memory (staging, workspaces) included in resident_bytes().
+  virtual std::size_t scratch_bytes() const = 0;
+
+  // ---- reads ----
+  virtual void attention(std::span<const LayerRead> batch, const T* q, T* out, float scale) const = 0;
+  virtual void scores(const LayerRead& layer, const T* q, float* scores) const = 0;
+  virtual void attn_v(const LayerRead& layer, const float* weights, float* out) const = 0;
+  virtual void read_back(const LayerRead& layer, float* k, float* v) const = 0;
+  virtual void layer_bytes(std::span<const LayerRead> layers, std::span<LayerBytes> out) const = 0;
+  /// The layer's blocks (bytes as stored, sizes) and its tail rows in token order (host memory).
+  virtual void download(const LayerRead& layer, std::vector<std::uint32_t>& sizes, std::vector<std::uint8_t>& blocks,
+                        T* tail_k, T* tail_v) const = 0;
+
+  /// The CUDA stream (cudaStream_t) device work is queued on; ignored by the CPU.
+  virtual void set_stream(void* stream) = 0;
+};
+
+template <class T>
+std::unique_ptr<Backend<T>> make_cpu_backend(const CacheConfig& config, const CodecParams& codec);
+
+/// Defined by the CUDA backend when packkv is built with CUDA; otherwise throws packkv::error.
+template <class T>
+std::unique_ptr<Backend<T>> make_cuda_backend(const CacheConfig& config, const CodecParams& codec);
+
+}  // namespace packkv::detail

@@ -1,0 +1,98 @@
+// PackedKVCache<T>: the public face of the host core (cache_core.hpp).
+#include "packkv/cache.hpp"
+
+#include <fmt/format.h>
+
+#include "core/cache_core.hpp"
+
+namespace packkv {
+
+template <class T>
+PackedKVCache<T>::PackedKVCache(const CacheConfig& config) : config_(config) {
+  validate(config_);
+  core_ = std::make_unique<detail::CacheCore<T>>(config_);
+}
+
+template <class T>
+PackedKVCache<T>::~PackedKVCache() = default;
+template <class T>
+PackedKVCache<T>::PackedKVCache(PackedKVCache&&) noexcept = default;
+template <class T>
+PackedKVCache<T>& PackedKVCache<T>::operator=(PackedKVCache&&) noexcept = default;
+
+template <class T>
+detail::CacheCore<T>& PackedKVCache<T>::core(const char* what) const {
+  PACKKV_REQUIRE(core_, fmt::format("{}: the cache was moved from", what));
+  return *core_;
+}
+
+template <class T>
+void PackedKVCache<T>::add_sequence(SeqId id) {
+  core("add_sequence").add_sequence(id);
+}
+template <class T>
+void PackedKVCache<T>::remove_sequence(SeqId id) {
+  core("remove_sequence").remove_sequence(id);
+}
+template <class T>
+bool PackedKVCache<T>::contains(SeqId id) const {
+  return core_ && core_->contains(id);
+}
+template <class T>
+std::size_t PackedKVCache<T>::num_sequences() const {
+  return core_ ? core_->num_sequences() : 0;
+}
+template <class T>
+std::vector<SeqId> PackedKVCache<T>::sequence_ids() const {
+  return core_ ? core_->sequence_ids() : std::vector<SeqId>{};
+}
+template <class T>
+std::int64_t PackedKVCache<T>::length(SeqId id, int layer) const {
+  return core("length").length(id, layer);
+}
+template <class T>
+void PackedKVCache<T>::append(SeqId id, int layer, const T* k, const T* v, int n_tokens) {
+  core("append").append(id, layer, k, v, n_tokens);
+}
+template <class T>
+void PackedKVCache<T>::attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float scale) const {
+  core("attention").attention(ids, layer, q, out, scale);
+}
+template <class T>
+void PackedKVCache<T>::scores(SeqId id, int layer, const T* q, float* scores) const {
+  core("scores").scores(id, layer, q, scores);
+}
+template <class T>
+void PackedKVCache<T>::attn_v(SeqId id, int layer, const float* weights, float* out) const {
+  core("attn_v").attn_v(id, layer, weights, out);
+}
+template <class T>
+void PackedKVCache<T>::read_back(SeqId id, int layer, float* k, float* v) const {
+  core("read_back").read_back(id, layer, k, v);
+}
+template <class T>
+MemoryStats PackedKVCache<T>::memory_stats() const {
+  return core("memory_stats").memory_stats();
+}
+template <class T>
+std::vector<std::uint8_t> PackedKVCache<T>::export_sequence(SeqId id, std::span<const int> layers) const {
+  return core("export_sequence").export_sequence(id, layers);
+}
+template <class T>
+void PackedKVCache<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image) {
+  core("import_sequence").import_sequence(id, image);
+}
+template <class T>
+void PackedKVCache<T>::release_unused_memory() {
+  core("release_unused_memory").release_unused_memory();
+}
+template <class T>
+void PackedKVCache<T>::set_stream(void* cuda_stream) {
+  core("set_stream").set_stream(cuda_stream);
+}
+
+template class PackedKVCache<float>;
+template class PackedKVCache<fp16_t>;
+template class PackedKVCache<bf16_t>;
+
+}  // namespace packkv

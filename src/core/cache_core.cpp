@@ -1,0 +1,493 @@
+#include "core/cache_core.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <shared_mutex>
+
+#include <fmt/format.h>
+
+#include "core/image_io.hpp"
+#include "core/value_checks.hpp"
+
+namespace packkv::detail {
+
+namespace {
+
+/// Shared locks on several sequences, taken in increasing id order (each once).
+class SharedLocks {
+ public:
+  void add(SeqId id, const RwLock& lock) { entries_.push_back({id, &lock}); }
+  void lock() {
+    std::sort(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) { return a.id < b.id; });
+    entries_.erase(std::unique(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) { return a.id == b.id; }),
+                   entries_.end());
+    for (Entry& e : entries_) {
+      const_cast<RwLock*>(e.lock)->lock_shared();
+      ++held_;
+    }
+  }
+  ~SharedLocks() {
+    for (std::size_t i = 0; i < held_; ++i) const_cast<RwLock*>(entries_[i].lock)->unlock_shared();
+  }
+
+ private:
+  struct Entry {
+    SeqId id;
+    const RwLock* lock;
+  };
+  std::vector<Entry> entries_;
+  std::size_t held_ = 0;
+};
+
+}  // namespace
+
+template <class T>
+CacheCore<T>::CacheCore(const CacheConfig& config)
+    : cfg_(config),
+      codec_(make_codec_params(config)),
+      tails_{config.block_tokens, config.residual_tokens},
+      row_(static_cast<std::size_t>(config.num_kv_heads) * config.head_dim) {
+  backend_ = config.device == Device::cpu ? make_cpu_backend<T>(cfg_, codec_) : make_cuda_backend<T>(cfg_, codec_);
+}
+
+template <class T>
+CacheCore<T>::~CacheCore() {
+  for (auto& [id, seq] : sequences_) {
+    for (Layer& layer : seq->layers) backend_->clear(*layer.store);
+  }
+}
+
+// ---- sequences -----------------------------------------------------------------------------------
+
+template <class T>
+typename CacheCore<T>::Sequence& CacheCore<T>::sequence(SeqId id, const char* what) const {
+  const auto it = sequences_.find(id);
+  PACKKV_REQUIRE(it != sequences_.end(), fmt::format("{}: unknown sequence id {}", what, id));
+  return *it->second;
+}
+
+template <class T>
+void CacheCore<T>::check_layer(int layer, const char* what) const {
+  PACKKV_REQUIRE(layer >= 0 && layer < cfg_.num_layers,
+                 fmt::format("{}: layer {} is out of range [0, {})", what, layer, cfg_.num_layers));
+}
+
+template <class T>
+LayerRead CacheCore<T>::read_view(const Layer& layer) const {
+  return LayerRead{layer.store.get(), layer.length, layer.num_blocks, layer.tail};
+}
+
+template <class T>
+std::size_t CacheCore<T>::sequence_bookkeeping_bytes() const {
+  return sizeof(Sequence) + static_cast<std::size_t>(cfg_.num_layers) * (sizeof(Layer) + backend_->layer_store_bytes());
+}
+
+template <class T>
+std::size_t CacheCore<T>::resident_bytes() const {
+  return backend_->resident_bytes() + sequences_.size() * sequence_bookkeeping_bytes();
+}
+
+template <class T>
+std::unique_ptr<typename CacheCore<T>::Sequence> CacheCore<T>::new_sequence() const {
+  try {
+    auto seq = std::make_unique<Sequence>();
+    seq->layers.resize(static_cast<std::size_t>(cfg_.num_layers));
+    for (Layer& layer : seq->layers) layer.store = backend_->new_layer_store();
+    return seq;
+  } catch (const std::bad_alloc&) {
+    throw_out_of_memory(fmt::format("the bookkeeping of a sequence of {} layers", cfg_.num_layers));
+  }
+}
+
+template <class T>
+void CacheCore<T>::add_sequence(SeqId id) {
+  const std::unique_lock table(table_lock_);
+  PACKKV_REQUIRE(!sequences_.count(id), fmt::format("add_sequence: sequence id {} already exists", id));
+  if (cfg_.memory_budget_bytes != 0) {
+    const std::size_t resident = resident_bytes(), extra = sequence_bookkeeping_bytes();
+    PACKKV_REQUIRE(resident + extra <= cfg_.memory_budget_bytes,
+                   fmt::format("add_sequence {}: memory budget of {} bytes exceeded ({} in use, {} more needed); "
+                               "remove or export sequences to free memory",
+                               id, cfg_.memory_budget_bytes, resident, extra));
+  }
+  std::unique_ptr<Sequence> seq = new_sequence();
+  try {
+    sequences_.emplace(id, std::move(seq));
+  } catch (const std::bad_alloc&) {
+    throw_out_of_memory("an entry of the sequence table");
+  }
+}
+
+template <class T>
+void CacheCore<T>::remove_sequence(SeqId id) {
+  const std::unique_lock table(table_lock_);
+  Sequence& seq = sequence(id, "remove_sequence");
+  {
+    const std::lock_guard memory(memory_mutex_);
+    for (Layer& layer : seq.layers) backend_->clear(*layer.store);
+  }
+  sequences_.erase(id);
+}
+
+template <class T>
+bool CacheCore<T>::contains(SeqId id) const {
+  const std::shared_lock table(table_lock_);
+  return sequences_.count(id) != 0;
+}
+
+template <class T>
+std::size_t CacheCore<T>::num_sequences() const {
+  const std::shared_lock table(table_lock_);
+  return sequences_.size();
+}
+
+template <class T>
+std::vector<SeqId> CacheCore<T>::sequence_ids() const {
+  const std::shared_lock table(table_lock_);
+  std::vector<SeqId> ids;
+  ids.reserve(sequences_.size());
+  for (const auto& entry : sequences_) ids.push_back(entry.first);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+template <class T>
+std::int64_t CacheCore<T>::length(SeqId id, int layer) const {
+  const std::shared_lock table(table_lock_);
+  const Sequence& seq = sequence(id, "length");
+  check_layer(layer, "length");
+  const std::shared_lock lock(seq.lock);
+  return seq.layers[static_cast<std::size_t>(layer)].length;
+}
+
+// ---- writes --------------------------------------------------------------------------------------
+
+template <class T>
+void CacheCore<T>::apply(Layer& layer, const LayerWrite<T>& write) {
+  layer.num_blocks = write.num_blocks + static_cast<int>(write.blocks.size()) + write.plan.seal_blocks;
+  layer.tail = write.plan.after;
+  layer.length = layer.tail.end();
+}
+
+template <class T>
+typename CacheCore<T>::Attempt CacheCore<T>::write_under_budget(std::span<const LayerWrite<T>> writes,
+                                                               std::size_t extra_bookkeeping, bool may_reclaim,
+                                                               const std::string& what) {
+  std::unique_ptr<PreparedWrite> prepared = backend_->prepare(writes);
+  const std::lock_guard memory(memory_mutex_);
+  if (cfg_.memory_budget_bytes != 0) {
+    const std::size_t bookkeeping = sequences_.size() * sequence_bookkeeping_bytes() + extra_bookkeeping;
+    const std::size_t after = prepared->resident_after() + bookkeeping;
+    if (after > cfg_.memory_budget_bytes) {
+      const std::optional<std::size_t> reclaimed = prepared->resident_after_reclaim();
+      if (may_reclaim && reclaimed && *reclaimed + bookkeeping <= cfg_.memory_budget_bytes) return Attempt::reclaim_first;
+      throw_error(fmt::format("{}: memory budget of {} bytes exceeded ({} in use, {} needed); remove or export "
+                              "sequences to free memory",
+                              what, cfg_.memory_budget_bytes, resident_bytes(), after));
+    }
+  }
+  backend_->commit(*prepared);
+  return Attempt::committed;
+}
+
+template <class T>
+template <class Fn>
+void CacheCore<T>::with_reclaim(Fn&& attempt) {
+  if (attempt(true) == Attempt::committed) return;
+  {
+    const std::unique_lock table(table_lock_);  // reclaiming moves blocks: nothing else may run
+    backend_->reclaim();
+  }
+  attempt(false);
+}
+
+template <class T>
+void CacheCore<T>::append(SeqId id, int layer_index, const T* k, const T* v, int n_tokens) {
+  PACKKV_REQUIRE(n_tokens >= 1 && n_tokens <= (1 << 24),
+                 fmt::format("append: n_tokens must be in [1, 2^24], got {}", n_tokens));
+  PACKKV_REQUIRE(k != nullptr && v != nullptr, "append: k and v must not be null");
+  check_layer(layer_index, "append");
+  const std::string where = fmt::format("append to sequence {} layer {}", id, layer_index);
+  with_reclaim([&](bool may_reclaim) {
+    const std::shared_lock table(table_lock_);
+    Sequence& seq = sequence(id, "append");
+    const std::unique_lock lock(seq.lock);
+    Layer& layer = seq.layers[static_cast<std::size_t>(layer_index)];
+    PACKKV_REQUIRE(layer.length + n_tokens <= (std::int64_t{1} << 31),
+                   fmt::format("append: sequence {} would exceed 2^31 tokens", id));
+    LayerWrite<T> write;
+    write.store = layer.store.get();
+    write.num_blocks = layer.num_blocks;
+    write.plan = tails_.plan(layer.tail, n_tokens);
+    write.k = k;
+    write.v = v;
+    write.id = id;
+    write.layer = layer_index;
+    const std::span<const LayerWrite<T>> writes(&write, 1);
+    backend_->check_values(writes);
+    const Attempt result = write_under_budget(writes, 0, may_reclaim, where);
+    if (result == Attempt::committed) apply(layer, write);
+    return result;
+  });
+}
+
+// ---- reads ---------------------------------------------------------------------------------------
+
+template <class T>
+void CacheCore<T>::attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float softmax_scale) const {
+  check_layer(layer, "attention");
+  PACKKV_REQUIRE(!ids.empty(), "attention: the batch of sequence ids is empty");
+  PACKKV_REQUIRE(q != nullptr && out != nullptr, "attention: q and out must not be null");
+  PACKKV_REQUIRE(std::isfinite(softmax_scale),
+                 fmt::format("attention: softmax_scale must be finite, got {}", softmax_scale));
+  const std::shared_lock table(table_lock_);
+  SharedLocks locks;
+  std::vector<const Sequence*> seqs;
+  seqs.reserve(ids.size());
+  for (SeqId id : ids) {
+    seqs.push_back(&sequence(id, "attention"));
+    locks.add(id, seqs.back()->lock);
+  }
+  locks.lock();
+  std::vector<LayerRead> batch;
+  batch.reserve(ids.size());
+  for (std::size_t b = 0; b < ids.size(); ++b) {
+    const Layer& l = seqs[b]->layers[static_cast<std::size_t>(layer)];
+    PACKKV_REQUIRE(l.length > 0, fmt::format("attention: sequence {} has no tokens at layer {}", ids[b], layer));
+    batch.push_back(read_view(l));
+  }
+  backend_->attention(batch, q, out, softmax_scale);
+}
+
+template <class T>
+void CacheCore<T>::scores(SeqId id, int layer, const T* q, float* scores) const {
+  check_layer(layer, "scores");
+  PACKKV_REQUIRE(q != nullptr && scores != nullptr, "scores: q and scores must not be null");
+  const std::shared_lock table(table_lock_);
+  const Sequence& seq = sequence(id, "scores");
+  const std::shared_lock lock(seq.lock);
+  backend_->scores(read_view(seq.layers[static_cast<std::size_t>(layer)]), q, scores);
+}
+
+template <class T>
+void CacheCore<T>::attn_v(SeqId id, int layer, const float* weights, float* out) const {
+  check_layer(layer, "attn_v");
+  PACKKV_REQUIRE(weights != nullptr && out != nullptr, "attn_v: weights and out must not be null");
+  const std::shared_lock table(table_lock_);
+  const Sequence& seq = sequence(id, "attn_v");
+  const std::shared_lock lock(seq.lock);
+  backend_->attn_v(read_view(seq.layers[static_cast<std::size_t>(layer)]), weights, out);
+}
+
+template <class T>
+void CacheCore<T>::read_back(SeqId id, int layer, float* k, float* v) const {
+  check_layer(layer, "read_back");
+  PACKKV_REQUIRE(k != nullptr && v != nullptr, "read_back: k and v must not be null");
+  const std::shared_lock table(table_lock_);
+  const Sequence& seq = sequence(id, "read_back");
+  const std::shared_lock lock(seq.lock);
+  backend_->read_back(read_view(seq.layers[static_cast<std::size_t>(layer)]), k, v);
+}
+
+template <class T>
+MemoryStats CacheCore<T>::memory_stats() const {
+  const std::shared_lock table(table_lock_);
+  SharedLocks locks;
+  std::vector<const Sequence*> seqs;
+  for (const auto& [id, seq] : sequences_) {
+    seqs.push_back(seq.get());
+    locks.add(id, seq->lock);
+  }
+  locks.lock();
+  const std::size_t layers = static_cast<std::size_t>(cfg_.num_layers);
+  std::vector<LayerRead> reads;
+  reads.reserve(seqs.size() * layers);
+  for (const Sequence* seq : seqs) {
+    for (const Layer& layer : seq->layers) reads.push_back(read_view(layer));
+  }
+  std::vector<LayerBytes> bytes(reads.size());
+  backend_->layer_bytes(reads, bytes);
+
+  MemoryStats stats;
+  stats.layers.resize(layers);
+  const std::size_t token_bytes = row_ * 2 * sizeof(T);
+  const std::size_t layer_bookkeeping = sizeof(Layer) + backend_->layer_store_bytes();
+  for (std::size_t i = 0; i < reads.size(); ++i) {
+    const LayerRead& r = reads[i];
+    const LayerBytes& b = bytes[i];
+    MemoryBreakdown& m = stats.layers[i % layers];
+    m.payload += b.blocks.payload;
+    m.params += b.blocks.params;
+    m.descriptors += b.blocks.descriptors;
+    m.permutations += b.blocks.permutations;
+    m.headers += b.blocks.headers;
+    m.k_section_bytes += b.blocks.k_sections;
+    m.v_section_bytes += b.blocks.v_sections;
+    m.block_tables += b.tables + layer_bookkeeping;
+    m.tail += b.tail;
+    m.compressed_tokens += static_cast<std::size_t>(r.num_blocks) * static_cast<std::size_t>(cfg_.block_tokens);
+    m.tail_tokens += static_cast<std::size_t>(r.tail.len);
+    m.original_bytes += static_cast<std::size_t>(r.length) * token_bytes;
+    m.original_fp16_bytes += static_cast<std::size_t>(r.length) * row_ * 2 * sizeof(fp16_t);
+  }
+  // The sequence records themselves (beyond their layers) are table bytes too.
+  if (!stats.layers.empty()) stats.layers[0].block_tables += seqs.size() * (sizeof(Sequence));
+  for (const MemoryBreakdown& m : stats.layers) stats.total += m;
+  stats.pool = backend_->pool_stats();
+  stats.scratch_bytes = backend_->scratch_bytes();
+  stats.resident_bytes = resident_bytes();
+  return stats;
+}
+
+// ---- images --------------------------------------------------------------------------------------
+
+template <class T>
+std::vector<std::uint8_t> CacheCore<T>::export_sequence(SeqId id, std::span<const int> layers) const {
+  std::vector<bool> listed(static_cast<std::size_t>(cfg_.num_layers), false);
+  for (int l : layers) {
+    check_layer(l, "export_sequence");
+    PACKKV_REQUIRE(!listed[static_cast<std::size_t>(l)], fmt::format("export_sequence: layer {} is listed twice", l));
+    listed[static_cast<std::size_t>(l)] = true;
+  }
+  std::vector<int> chosen(layers.begin(), layers.end());
+  if (chosen.empty()) {
+    for (int l = 0; l < cfg_.num_layers; ++l) chosen.push_back(l);
+  }
+  const std::shared_lock table(table_lock_);
+  const Sequence& seq = sequence(id, "export_sequence");
+  const std::shared_lock lock(seq.lock);
+  try {
+    std::vector<std::uint8_t> image(sizeof(format::ImageHeader));
+    format::ImageHeader header = make_image_header(codec_, cfg_.k_mode, format::dtype_code<T>());
+    header.layer_count = static_cast<std::uint16_t>(chosen.size());
+    std::memcpy(image.data(), &header, sizeof header);
+    auto put = [&image](const void* data, std::size_t n) {
+      const auto* p = static_cast<const std::uint8_t*>(data);
+      image.insert(image.end(), p, p + n);
+    };
+    std::vector<std::uint32_t> sizes;
+    std::vector<std::uint8_t> blocks;
+    std::vector<T> tail_k, tail_v;
+    for (int l : chosen) {
+      const Layer& layer = seq.layers[static_cast<std::size_t>(l)];
+      const std::size_t tail_values = static_cast<std::size_t>(layer.tail.len) * row_;
+      tail_k.resize(tail_values);
+      tail_v.resize(tail_values);
+      backend_->download(read_view(layer), sizes, blocks, tail_k.data(), tail_v.data());
+      format::LayerRecord record{};
+      record.layer = static_cast<std::uint32_t>(l);
+      record.block_count = static_cast<std::uint32_t>(sizes.size());
+      record.tail_tokens = static_cast<std::uint32_t>(layer.tail.len);
+      record.length = static_cast<std::uint64_t>(layer.length);
+      put(&record, sizeof record);
+      put(sizes.data(), sizes.size() * sizeof(std::uint32_t));
+      put(blocks.data(), blocks.size());
+      put(tail_k.data(), tail_values * sizeof(T));
+      put(tail_v.data(), tail_values * sizeof(T));
+    }
+    seal_image(image);
+    return image;
+  } catch (const std::bad_alloc&) {
+    throw_out_of_memory(fmt::format("the image of sequence {}", id));
+  }
+}
+
+template <class T>
+void CacheCore<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image) {
+  // Parsing and checking need no lock: they read only the image and the config.
+  const int max_tail = std::min(tails_.max_capacity() + (1 << 20), 1 << 21);
+  const std::vector<ParsedLayer> parsed =
+      parse_image(image, codec_, cfg_.k_mode, format::dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);
+  std::vector<std::vector<T>> tails(parsed.size() * 2);
+  std::vector<LayerWrite<T>> writes(parsed.size());
+  for (std::size_t i = 0; i < parsed.size(); ++i) {
+    const ParsedLayer& p = parsed[i];
+    // The image's tail rows are unaligned: copy them out. They are re-appended after the blocks
+    // (this cache's residual_tokens may compress some of them), so they get an append's checks.
+    const std::size_t n = static_cast<std::size_t>(p.tail_tokens) * row_;
+    tails[2 * i].resize(n);
+    tails[2 * i + 1].resize(n);
+    if (n != 0) {
+      std::memcpy(tails[2 * i].data(), p.tail_k, n * sizeof(T));
+      std::memcpy(tails[2 * i + 1].data(), p.tail_v, n * sizeof(T));
+    }
+    LayerWrite<T>& w = writes[i];
+    w.blocks = p.blocks;
+    TailRing empty;
+    empty.begin = static_cast<std::int64_t>(p.blocks.size()) * cfg_.block_tokens;
+    w.plan = tails_.plan(empty, p.tail_tokens);
+    w.k = tails[2 * i].data();
+    w.v = tails[2 * i + 1].data();
+    w.tokens_on_host = true;
+    w.id = id;
+    w.layer = p.layer;
+    if (p.tail_tokens > 0) {
+      TokenRows<T> rows;
+      rows.tail = empty;
+      rows.in_k = w.k;
+      rows.in_v = w.v;
+      rows.row_elems = static_cast<int>(row_);
+      check_append_values(codec_, rows, w.plan, fmt::format("import: layer {} tail", p.layer));
+    }
+  }
+  const std::string what = fmt::format("import of sequence {}", id);
+
+  with_reclaim([&](bool may_reclaim) {
+    const std::unique_lock table(table_lock_);
+    const auto it = sequences_.find(id);
+    const bool creating = it == sequences_.end();
+    std::unique_ptr<Sequence> created = creating ? new_sequence() : nullptr;
+    Sequence& seq = creating ? *created : *it->second;
+    const std::unique_lock lock(seq.lock);
+    for (std::size_t i = 0; i < parsed.size(); ++i) {
+      const Layer& layer = seq.layers[static_cast<std::size_t>(parsed[i].layer)];
+      PACKKV_REQUIRE(layer.length == 0,
+                     fmt::format("import: layer {} of sequence {} is not empty", parsed[i].layer, id));
+      writes[i].store = layer.store.get();
+      writes[i].num_blocks = 0;
+    }
+    const Attempt result =
+        write_under_budget(writes, creating ? sequence_bookkeeping_bytes() : 0, may_reclaim, what);
+    if (result == Attempt::reclaim_first) {
+      if (creating) {
+        for (Layer& layer : seq.layers) backend_->clear(*layer.store);
+      }
+      return result;
+    }
+    for (std::size_t i = 0; i < parsed.size(); ++i) {
+      apply(seq.layers[static_cast<std::size_t>(parsed[i].layer)], writes[i]);
+    }
+    if (creating) {
+      try {
+        sequences_.emplace(id, std::move(created));
+      } catch (const std::bad_alloc&) {
+        for (Layer& layer : seq.layers) backend_->clear(*layer.store);
+        throw_out_of_memory("an entry of the sequence table");
+      }
+    }
+    return result;
+  });
+}
+
+// ---- memory and streams ------------------------------------------------------------------------
+
+template <class T>
+void CacheCore<T>::release_unused_memory() {
+  const std::unique_lock table(table_lock_);
+  const std::lock_guard memory(memory_mutex_);
+  backend_->reclaim();
+}
+
+template <class T>
+void CacheCore<T>::set_stream(void* cuda_stream) {
+  const std::unique_lock table(table_lock_);
+  backend_->set_stream(cuda_stream);
+}
+
+template class CacheCore<float>;
+template class CacheCore<fp16_t>;
+template class CacheCore<bf16_t>;
+
+}  // namespace packkv::detail

@@ -1,0 +1,104 @@
+// The host core of PackedKVCache<T>: what both backends share, written once.
+//
+// It owns the sequence table, each layer's length and tail geometry, the compression plan, the
+// memory budget, the statistics, the image framing and every argument and value check, and it
+// drives a Backend (backend.hpp) for storage and kernels.
+//
+// Locking (docs/architecture.md, "Thread safety"): a table lock guards the set of sequences
+// (adding and removing take it exclusively, everything else shares it); each sequence has its own
+// lock (appends take it exclusively, reads share it), so an append to one sequence never stalls
+// attention on another; a memory mutex makes the budget check and the commit of a write atomic.
+// Locks are taken in that order, several sequences' locks in increasing id order.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/backend.hpp"
+#include "core/rw_lock.hpp"
+#include "core/tail.hpp"
+#include "packkv/cache.hpp"
+#include "packkv/codec.hpp"
+
+namespace packkv::detail {
+
+template <class T>
+class CacheCore {
+ public:
+  explicit CacheCore(const CacheConfig& config);
+  ~CacheCore();
+
+  const CacheConfig& config() const { return cfg_; }
+
+  void add_sequence(SeqId id);
+  void remove_sequence(SeqId id);
+  bool contains(SeqId id) const;
+  std::size_t num_sequences() const;
+  std::vector<SeqId> sequence_ids() const;
+  std::int64_t length(SeqId id, int layer) const;
+
+  void append(SeqId id, int layer, const T* k, const T* v, int n_tokens);
+
+  void attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float softmax_scale) const;
+  void scores(SeqId id, int layer, const T* q, float* scores) const;
+  void attn_v(SeqId id, int layer, const float* weights, float* out) const;
+  void read_back(SeqId id, int layer, float* k, float* v) const;
+  MemoryStats memory_stats() const;
+
+  std::vector<std::uint8_t> export_sequence(SeqId id, std::span<const int> layers) const;
+  void import_sequence(SeqId id, std::span<const std::uint8_t> image);
+
+  void release_unused_memory();
+  void set_stream(void* cuda_stream);
+
+ private:
+  struct Layer {
+    std::int64_t length = 0;
+    int num_blocks = 0;
+    TailRing tail;
+    std::unique_ptr<LayerStore> store;
+  };
+  struct Sequence {
+    mutable RwLock lock;
+    std::vector<Layer> layers;
+  };
+  /// Outcome of one attempt at a write under the budget.
+  enum class Attempt { committed, reclaim_first };
+
+  Sequence& sequence(SeqId id, const char* what) const;
+  void check_layer(int layer, const char* what) const;
+  LayerRead read_view(const Layer& layer) const;
+  std::unique_ptr<Sequence> new_sequence() const;
+  /// Host bookkeeping of one sequence, counted in the statistics and the budget.
+  std::size_t sequence_bookkeeping_bytes() const;
+  std::size_t resident_bytes() const;
+
+  /// Prepares and commits `writes` under the budget; returns reclaim_first when only reclaiming
+  /// memory (which needs every other call to be out of the way) would let them fit.
+  Attempt write_under_budget(std::span<const LayerWrite<T>> writes, std::size_t extra_bookkeeping, bool may_reclaim,
+                             const std::string& what);
+  /// Runs `attempt` (a write under the budget); reclaims and retries once when it asks to.
+  template <class Fn>
+  void with_reclaim(Fn&& attempt);
+  static void apply(Layer& layer, const LayerWrite<T>& write);
+
+  CacheConfig cfg_;
+  CodecParams codec_;
+  TailPolicy tails_;
+  std::size_t row_;  // values per token: num_kv_heads * head_dim
+  std::unique_ptr<Backend<T>> backend_;
+  mutable RwLock table_lock_;
+  std::unordered_map<SeqId, std::unique_ptr<Sequence>> sequences_;
+  mutable std::mutex memory_mutex_;
+};
+
+extern template class CacheCore<float>;
+extern template class CacheCore<fp16_t>;
+extern template class CacheCore<bf16_t>;
+
+}  // namespace packkv::detail

@@ -1,0 +1,39 @@
+// Writing and parsing sequence images (format/image.hpp, docs/format.md). Parsing treats the
+// bytes as hostile: every count is checked against the bytes actually present before anything is
+// allocated, and every block is validated.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "packkv/codec.hpp"
+#include "packkv/format/image.hpp"
+
+namespace packkv::detail {
+
+/// CRC-32C (Castagnoli), with the SSE4.2 instruction when the build has it.
+std::uint32_t crc32c(const std::uint8_t* data, std::size_t n, std::uint32_t crc = 0);
+
+/// Header for images of this codec and storage type (counts and checksums filled by the writer).
+format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t dtype);
+
+/// Fills in body size and both checksums; `image` starts with the header.
+void seal_image(std::vector<std::uint8_t>& image);
+
+struct ParsedLayer {
+  int layer = 0;
+  std::int64_t length = 0;
+  std::vector<std::span<const std::uint8_t>> blocks;
+  int tail_tokens = 0;
+  const std::uint8_t* tail_k = nullptr;  ///< tail_tokens rows of T (unaligned: copy before use)
+  const std::uint8_t* tail_v = nullptr;
+};
+
+/// Validates an image completely (header, checksums, compatibility, counts, every block) and
+/// returns views into it. Throws packkv::error describing the first problem.
+std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec, QuantMode k_mode,
+                                     std::uint8_t dtype, std::size_t value_bytes, int num_layers,
+                                     int max_tail_tokens);
+
+}  // namespace packkv::detail

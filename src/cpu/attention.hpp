@@ -1,0 +1,27 @@
+// The CPU backend's readers: decode attention over packed blocks and the tail (split across
+// threads flash-decoding style), the scores and attn_v primitives, and read_back.
+#pragma once
+
+#include <span>
+
+#include "core/backend.hpp"
+#include "packkv/codec.hpp"
+
+namespace packkv::detail::cpu {
+
+struct ReadContext {
+  CodecParams codec;
+  int num_q_heads;
+  int threads;
+};
+
+template <class T>
+void decode_attention(const ReadContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float scale);
+template <class T>
+void scores(const ReadContext& ctx, const LayerRead& layer, const T* q, float* scores);
+template <class T>
+void attn_v(const ReadContext& ctx, const LayerRead& layer, const float* weights, float* out);
+template <class T>
+void read_back(const ReadContext& ctx, const LayerRead& layer, float* k, float* v);
+
+}  // namespace packkv::detail::cpu

@@ -1,0 +1,381 @@
+// The CPU backend: packed blocks in a host SlotPool, tail rings in host memory, and the readers of
+// attention.cpp. The host core (core/cache_core.hpp) drives it.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <fmt/format.h>
+
+#include "core/backend.hpp"
+#include "core/value_checks.hpp"
+#include "cpu/attention.hpp"
+#include "cpu/kernels.hpp"
+#include "cpu/layer_store.hpp"
+
+namespace packkv::detail::cpu {
+
+namespace {
+
+using format::Side;
+
+template <class T>
+class CpuBackend;
+
+/// An encoded write: its blocks in staging (or in the image), ready to be copied into slots.
+template <class T>
+class CpuPrepared final : public PreparedWrite {
+ public:
+  struct Block {
+    const std::uint8_t* bytes;  ///< staging or the imported image
+    std::uint32_t size;
+    BlockBytes parts;
+  };
+  struct Layer {
+    LayerWrite<T> write;
+    std::size_t first_block = 0;  ///< into blocks
+    std::size_t block_count = 0;  ///< adopted + sealed
+    std::size_t table_capacity = 0;  ///< the block table's capacity after the commit
+  };
+
+  std::size_t resident_after() const override;
+  std::optional<std::size_t> resident_after_reclaim() const override;
+
+  const CpuBackend<T>* backend = nullptr;
+  std::vector<Layer> layers;
+  std::vector<Block> blocks;
+  std::vector<std::uint32_t> sizes;  ///< of blocks, for the pool
+  std::vector<std::uint8_t> staging;  ///< encoded blocks, max_block_bytes apart
+  std::size_t growth_bytes = 0;       ///< tail rings and block tables that grow
+};
+
+template <class T>
+class CpuBackend final : public Backend<T> {
+ public:
+  CpuBackend(const CacheConfig& config, const CodecParams& codec)
+      : codec_(codec),
+        pool_(codec.geometry.max_block_bytes()),
+        row_(static_cast<std::size_t>(config.num_kv_heads) * config.head_dim),
+        read_{codec, config.num_q_heads, config.num_threads > 0 ? config.num_threads : omp_get_max_threads()} {}
+
+  std::unique_ptr<LayerStore> new_layer_store() override {
+    auto store = std::make_unique<CpuLayerStore<T>>(this, [](void* owner, CpuLayerStore<T>* dying) {
+      static_cast<CpuBackend*>(owner)->forget(dying);
+    });
+    stores_.insert(store.get());
+    return store;
+  }
+  std::size_t layer_store_bytes() const override { return sizeof(CpuLayerStore<T>); }
+
+  void clear(LayerStore& base) override {
+    auto& store = static_cast<CpuLayerStore<T>&>(base);
+    for (const SlotRef& ref : store.blocks) pool_.release(ref);
+    table_bytes_ -= store.blocks.capacity() * sizeof(SlotRef);
+    ring_bytes_ -= ring_bytes(store.ring_capacity);
+    std::vector<SlotRef>().swap(store.blocks);  // releases the table's memory too
+    store.block_bytes = {};
+    store.ring_k.reset();
+    store.ring_v.reset();
+    store.ring_capacity = 0;
+  }
+
+  /// A store is being destroyed: its memory goes back and it leaves the registry.
+  void forget(CpuLayerStore<T>* store) {
+    clear(*store);
+    stores_.erase(store);
+  }
+
+  // ---- writes ----
+
+  void check_values(std::span<const LayerWrite<T>> writes) override {
+    for (const LayerWrite<T>& w : writes) {
+      check_append_values(codec_, rows_of(w), w.plan, fmt::format("append to sequence {} layer {}", w.id, w.layer));
+    }
+  }
+
+  std::unique_ptr<PreparedWrite> prepare(std::span<const LayerWrite<T>> writes) override {
+    auto prepared = std::make_unique<CpuPrepared<T>>();
+    prepared->backend = this;
+    const std::uint32_t max_bytes = codec_.geometry.max_block_bytes();
+    const int block = codec_.geometry.block_tokens;
+    std::size_t sealed = 0;
+    for (const LayerWrite<T>& w : writes) sealed += static_cast<std::size_t>(w.plan.seal_blocks);
+    try {
+      prepared->staging.resize(sealed * max_bytes);
+    } catch (const std::bad_alloc&) {
+      throw_out_of_memory(fmt::format("staging for {} new blocks", sealed));
+    }
+    // Lay out every block of the write: per layer, the adopted ones, then the sealed ones.
+    struct Job {
+      const LayerWrite<T>* write;
+      int index;  ///< sealed block of the write
+      std::size_t block;
+      std::uint8_t* out;
+    };
+    std::vector<Job> jobs;
+    jobs.reserve(sealed);
+    std::size_t staged = 0;
+    for (const LayerWrite<T>& w : writes) {
+      const auto& store = static_cast<const CpuLayerStore<T>&>(*w.store);
+      typename CpuPrepared<T>::Layer layer;
+      layer.write = w;
+      layer.first_block = prepared->blocks.size();
+      for (const auto& bytes : w.blocks) {
+        prepared->blocks.push_back({bytes.data(), static_cast<std::uint32_t>(bytes.size()),
+                                    block_bytes_breakdown(codec_, bytes.data())});
+      }
+      for (int b = 0; b < w.plan.seal_blocks; ++b) {
+        std::uint8_t* out = prepared->staging.data() + staged++ * max_bytes;
+        jobs.push_back({&w, b, prepared->blocks.size(), out});
+        prepared->blocks.push_back({out, 0, {}});
+      }
+      layer.block_count = prepared->blocks.size() - layer.first_block;
+      const std::size_t needed = store.blocks.size() + layer.block_count;
+      layer.table_capacity = store.blocks.capacity();
+      if (needed > layer.table_capacity) {
+        layer.table_capacity = std::max(needed, 2 * layer.table_capacity);
+        prepared->growth_bytes += (layer.table_capacity - store.blocks.capacity()) * sizeof(SlotRef);
+      }
+      prepared->growth_bytes += ring_bytes(w.plan.after.capacity) - ring_bytes(w.plan.before.capacity);
+      prepared->layers.push_back(std::move(layer));
+    }
+
+    // Encode every sealed block into staging, in parallel; nothing is committed yet.
+    std::vector<std::string> failures(jobs.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(read_.threads) if (jobs.size() > 1)
+    for (std::size_t j = 0; j < jobs.size(); ++j) {
+      const Job& job = jobs[j];
+      try {
+        thread_local EncodeScratch scratch;
+        thread_local std::vector<T> gathered_k, gathered_v;
+        const TokenRows<T> rows = rows_of(*job.write);
+        const std::int64_t first = job.write->plan.before.begin + static_cast<std::int64_t>(job.index) * block;
+        const T* k_rows;
+        const T* v_rows;
+        if (first >= rows.tail.end()) {  // entirely in the new tokens: encode in place
+          k_rows = rows.row(Side::k, first);
+          v_rows = rows.row(Side::v, first);
+        } else {  // reaches into the tail: gather the block's rows
+          gathered_k.resize(static_cast<std::size_t>(block) * row_);
+          gathered_v.resize(static_cast<std::size_t>(block) * row_);
+          for (int t = 0; t < block; ++t) {
+            std::memcpy(gathered_k.data() + t * row_, rows.row(Side::k, first + t), row_ * sizeof(T));
+            std::memcpy(gathered_v.data() + t * row_, rows.row(Side::v, first + t), row_ * sizeof(T));
+          }
+          k_rows = gathered_k.data();
+          v_rows = gathered_v.data();
+        }
+        auto& target = prepared->blocks[job.block];
+        target.size = encode_block(codec_, k_rows, v_rows, row_, job.out, scratch, &target.parts);
+      } catch (const std::exception& e) {
+        failures[j] = e.what();
+      }
+    }
+    for (std::size_t j = 0; j < jobs.size(); ++j) {
+      PACKKV_REQUIRE(failures[j].empty(), fmt::format("append to sequence {} layer {}: block {} of this call: {}",
+                                                      jobs[j].write->id, jobs[j].write->layer, jobs[j].index,
+                                                      failures[j]));
+    }
+    prepared->sizes.reserve(prepared->blocks.size());
+    for (const auto& b : prepared->blocks) prepared->sizes.push_back(b.size);
+    return prepared;
+  }
+
+  void commit(PreparedWrite& base) override {
+    auto& prepared = static_cast<CpuPrepared<T>&>(base);
+    // Acquire: new rings and tables (locals), then the slots (all or nothing).
+    struct Grown {
+      std::unique_ptr<T[]> ring_k, ring_v;
+      std::vector<SlotRef> table;
+    };
+    std::vector<Grown> grown(prepared.layers.size());
+    try {
+      for (std::size_t i = 0; i < prepared.layers.size(); ++i) {
+        const auto& layer = prepared.layers[i];
+        const auto& store = static_cast<const CpuLayerStore<T>&>(*layer.write.store);
+        if (layer.write.plan.ring_grows()) {
+          const std::size_t n = static_cast<std::size_t>(layer.write.plan.after.capacity) * row_;
+          grown[i].ring_k.reset(new T[n]);
+          grown[i].ring_v.reset(new T[n]);
+        }
+        if (layer.table_capacity > store.blocks.capacity()) {
+          grown[i].table.reserve(layer.table_capacity);
+          grown[i].table = store.blocks;
+        }
+      }
+    } catch (const std::bad_alloc&) {
+      throw_out_of_memory("tail rings and block tables");
+    }
+    std::vector<SlotRef> slots = pool_.allocate(prepared.sizes);
+
+    // Apply: nothing below can fail.
+    for (std::size_t i = 0; i < prepared.layers.size(); ++i) {
+      const auto& layer = prepared.layers[i];
+      auto& store = static_cast<CpuLayerStore<T>&>(*layer.write.store);
+      if (layer.table_capacity > store.blocks.capacity()) {
+        table_bytes_ += (layer.table_capacity - store.blocks.capacity()) * sizeof(SlotRef);
+        grown[i].table.reserve(layer.table_capacity);  // no-op: already that large
+        store.blocks.swap(grown[i].table);
+      }
+      for (std::size_t b = layer.first_block; b < layer.first_block + layer.block_count; ++b) {
+        const auto& block = prepared.blocks[b];
+        std::memcpy(slots[b].data, block.bytes, block.size);
+        store.blocks.push_back(slots[b]);
+        store.block_bytes += block.parts;
+      }
+      write_tail(store, layer.write, std::move(grown[i].ring_k), std::move(grown[i].ring_v));
+    }
+  }
+
+  // ---- memory ----
+
+  std::size_t resident_bytes() const override { return pool_.reserved_bytes() + ring_bytes_ + table_bytes_; }
+  std::size_t resident_without_pool() const { return ring_bytes_ + table_bytes_; }
+  const SlotPool& pool() const { return pool_; }
+
+  void reclaim() override {
+    std::unordered_map<std::uint64_t, SlotRef*> owners;
+    auto key = [](std::uint32_t page, std::uint32_t slot) { return (std::uint64_t{page} << 32) | slot; };
+    try {
+      for (CpuLayerStore<T>* store : stores_) {
+        for (SlotRef& ref : store->blocks) owners.emplace(key(ref.page, ref.slot), &ref);
+      }
+      pool_.compact([&](std::uint32_t page, std::uint32_t slot, const SlotRef& to) {
+        const auto it = owners.find(key(page, slot));
+        SlotRef* ref = it->second;
+        owners.erase(it);
+        ref->data = to.data;
+        ref->page = to.page;
+        ref->slot = to.slot;
+        owners.emplace(key(to.page, to.slot), ref);
+      });
+    } catch (const std::bad_alloc&) {
+      // Reclaiming is an optimisation: without memory for its bookkeeping it does nothing.
+    }
+  }
+
+  PoolStats pool_stats() const override { return pool_.stats(); }
+  std::size_t scratch_bytes() const override { return 0; }
+
+  // ---- reads ----
+
+  void attention(std::span<const LayerRead> batch, const T* q, T* out, float scale) const override {
+    check_finite(q, batch.size() * static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim,
+                 "attention: query");
+    decode_attention<T>(read_, batch, q, out, scale);
+  }
+  void scores(const LayerRead& layer, const T* q, float* out) const override {
+    check_finite(q, static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim, "scores: query");
+    cpu::scores<T>(read_, layer, q, out);
+  }
+  void attn_v(const LayerRead& layer, const float* weights, float* out) const override {
+    check_finite(weights, static_cast<std::size_t>(read_.num_q_heads) * static_cast<std::size_t>(layer.length),
+                 "attn_v: weights");
+    cpu::attn_v<T>(read_, layer, weights, out);
+  }
+  void read_back(const LayerRead& layer, float* k, float* v) const override { cpu::read_back<T>(read_, layer, k, v); }
+
+  void layer_bytes(std::span<const LayerRead> layers, std::span<LayerBytes> out) const override {
+    for (std::size_t i = 0; i < layers.size(); ++i) {
+      const CpuLayerStore<T>& store = store_of<T>(layers[i]);
+      out[i].blocks = store.block_bytes;
+      out[i].tables = store.blocks.capacity() * sizeof(SlotRef);
+      out[i].tail = ring_bytes(store.ring_capacity);
+    }
+  }
+
+  void download(const LayerRead& layer, std::vector<std::uint32_t>& sizes, std::vector<std::uint8_t>& blocks, T* tail_k,
+                T* tail_v) const override {
+    const CpuLayerStore<T>& store = store_of<T>(layer);
+    sizes.clear();
+    blocks.clear();
+    for (const SlotRef& ref : store.blocks) {
+      sizes.push_back(ref.bytes);
+      blocks.insert(blocks.end(), ref.data, ref.data + ref.bytes);
+    }
+    for_each_tail_run(layer.tail, [&](int first, int row, int count) {
+      std::memcpy(tail_k + first * row_, store.ring_k.get() + row * row_, count * row_ * sizeof(T));
+      std::memcpy(tail_v + first * row_, store.ring_v.get() + row * row_, count * row_ * sizeof(T));
+    });
+  }
+
+  void set_stream(void*) override {}
+
+ private:
+  std::size_t ring_bytes(int capacity) const { return static_cast<std::size_t>(capacity) * row_ * 2 * sizeof(T); }
+
+  TokenRows<T> rows_of(const LayerWrite<T>& w) const {
+    const auto& store = static_cast<const CpuLayerStore<T>&>(*w.store);
+    TokenRows<T> rows;
+    rows.ring_k = store.ring_k.get();
+    rows.ring_v = store.ring_v.get();
+    rows.tail = w.plan.before;
+    rows.in_k = w.k;
+    rows.in_v = w.v;
+    rows.row_elems = static_cast<int>(row_);
+    return rows;
+  }
+
+  // The tail after the write: the tokens that stay keep their rows (or move to the grown ring),
+  // the new ones that are not compressed are copied in.
+  void write_tail(CpuLayerStore<T>& store, const LayerWrite<T>& w, std::unique_ptr<T[]> grown_k,
+                  std::unique_ptr<T[]> grown_v) {
+    const AppendPlan& plan = w.plan;
+    const TokenRows<T> rows = rows_of(w);
+    const TailRing& after = plan.after;
+    if (grown_k) {
+      // Survivors of the old ring first (positions [after.begin, before.end())).
+      for (std::int64_t p = after.begin; p < plan.before.end(); ++p) {
+        std::memcpy(grown_k.get() + after.row(p) * row_, rows.row(Side::k, p), row_ * sizeof(T));
+        std::memcpy(grown_v.get() + after.row(p) * row_, rows.row(Side::v, p), row_ * sizeof(T));
+      }
+      ring_bytes_ += ring_bytes(after.capacity) - ring_bytes(store.ring_capacity);
+      store.ring_k = std::move(grown_k);
+      store.ring_v = std::move(grown_v);
+      store.ring_capacity = after.capacity;
+    }
+    for (std::int64_t p = std::max(after.begin, plan.before.end()); p < after.end(); ++p) {
+      std::memcpy(store.ring_k.get() + after.row(p) * row_, rows.row(Side::k, p), row_ * sizeof(T));
+      std::memcpy(store.ring_v.get() + after.row(p) * row_, rows.row(Side::v, p), row_ * sizeof(T));
+    }
+  }
+
+  CodecParams codec_;
+  SlotPool pool_;
+  std::size_t row_;
+  ReadContext read_;
+  std::unordered_set<CpuLayerStore<T>*> stores_;  // every live store, for compaction
+  std::size_t ring_bytes_ = 0;
+  std::size_t table_bytes_ = 0;
+};
+
+template <class T>
+std::size_t CpuPrepared<T>::resident_after() const {
+  return backend->resident_bytes() + backend->pool().extra_bytes_needed(sizes) + growth_bytes;
+}
+
+template <class T>
+std::optional<std::size_t> CpuPrepared<T>::resident_after_reclaim() const {
+  const std::size_t after = backend->pool().reserved_after_compaction(sizes) + backend->resident_without_pool() + growth_bytes;
+  if (after < resident_after()) return after;
+  return std::nullopt;
+}
+
+}  // namespace
+
+}  // namespace packkv::detail::cpu
+
+namespace packkv::detail {
+
+template <class T>
+std::unique_ptr<Backend<T>> make_cpu_backend(const CacheConfig& config, const CodecParams& codec) {
+  return std::make_unique<cpu::CpuBackend<T>>(config, codec);
+}
+
+template std::unique_ptr<Backend<float>> make_cpu_backend<float>(const CacheConfig&, const CodecParams&);
+template std::unique_ptr<Backend<fp16_t>> make_cpu_backend<fp16_t>(const CacheConfig&, const CodecParams&);
+template std::unique_ptr<Backend<bf16_t>> make_cpu_backend<bf16_t>(const CacheConfig&, const CodecParams&);
+
+}  // namespace packkv::detail
