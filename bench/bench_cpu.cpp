@@ -12,6 +12,7 @@
 
 #include "dense_attention.hpp"
 #include "packkv/packkv.hpp"
+#include "packkv/synthetic.hpp"
 
 namespace {
 

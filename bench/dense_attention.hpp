@@ -14,7 +14,7 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu_kernels.hpp"  // softmax_rows: both paths use the same vectorised exp
+#include "cpu/kernels.hpp"  // softmax_rows: both paths use the same vectorised exp
 
 namespace packkv::bench {
 
@@ -54,7 +54,7 @@ inline void dense_decode_attention(const float* k, const float* v, std::size_t l
     for (int g = 0; g < group; ++g) {
       float* sg = s.data() + g * (end - begin);
       float m, l;
-      detail::cpu::softmax_rows(sg, static_cast<int>(end - begin), end - begin, 1, &m, &l);  // same exp as packed
+      detail::cpu::kernels().softmax_rows(sg, static_cast<int>(end - begin), end - begin, 1, &m, &l);  // same exp as packed
       part[g * (dim + 2)] = m;
       part[g * (dim + 2) + 1] = l;
       std::fill(part + g * (dim + 2) + 2, part + (g + 1) * (dim + 2), 0.0f);

@@ -10,8 +10,9 @@
 // and for per-channel K the steps are folded into q once per block. Accumulation is fp32.
 #include <cstdint>
 
+#include "core/softmax_merge.hpp"
+#include "detail/packed_block.cuh"
 #include "launch.hpp"
-#include "packkv/cuda/packed_block.cuh"
 
 namespace packkv::cuda::detail {
 
@@ -37,51 +38,29 @@ struct ReaderShared {
   std::uint8_t* order;  // [block_tokens]
 };
 
-__host__ __device__ constexpr std::size_t align16(std::size_t n) { return (n + 15) / 16 * 16; }
-
 __host__ __device__ std::size_t reader_shared_layout(const format::BlockGeometry& g, unsigned char* base,
                                                      ReaderShared* out) {
   const std::size_t tokens = static_cast<std::size_t>(g.block_tokens), dim = static_cast<std::size_t>(g.head_dim);
   const std::size_t params = tokens > dim ? tokens : dim;
-  std::size_t offsets[15];
-  const std::size_t sizes[15] = {align16(dim * static_cast<std::size_t>(code_row_stride(g.block_tokens))),
-                                 align16(4 * params),
-                                 align16(4 * params),
-                                 align16(4 * kMaxHeadsPerCta * dim),
-                                 align16(4 * kMaxHeadsPerCta * dim),
-                                 align16(4 * kMaxHeadsPerCta * tokens),
-                                 align16(4 * kMaxHeadsPerCta * dim),
-                                 align16(4 * kMaxHeadsPerCta),
-                                 align16(4 * kMaxHeadsPerCta),
-                                 align16(4 * kMaxHeadsPerCta),
-                                 align16(4 * kMaxHeadsPerCta),
-                                 align16(4 * kMaxHeadsPerCta),
-                                 align16(4 * kMaxHeadsPerCta),
-                                 align16(4 * kScanScratchWords),
-                                 align16(tokens)};
-  std::size_t at = 0;
-  for (int i = 0; i < 15; ++i) {
-    offsets[i] = at;
-    at += sizes[i];
-  }
-  if (out != nullptr) {
-    out->codes = base + offsets[0];
-    out->step = reinterpret_cast<float*>(base + offsets[1]);
-    out->min = reinterpret_cast<float*>(base + offsets[2]);
-    out->q = reinterpret_cast<float*>(base + offsets[3]);
-    out->q_folded = reinterpret_cast<float*>(base + offsets[4]);
-    out->probs = reinterpret_cast<float*>(base + offsets[5]);
-    out->acc = reinterpret_cast<float*>(base + offsets[6]);
-    out->running_max = reinterpret_cast<float*>(base + offsets[7]);
-    out->running_sum = reinterpret_cast<float*>(base + offsets[8]);
-    out->rescale = reinterpret_cast<float*>(base + offsets[9]);
-    out->q_sum = reinterpret_cast<float*>(base + offsets[10]);
-    out->k_offset = reinterpret_cast<float*>(base + offsets[11]);
-    out->weighted_min = reinterpret_cast<float*>(base + offsets[12]);
-    out->scan = reinterpret_cast<std::uint32_t*>(base + offsets[13]);
-    out->order = base + offsets[14];
-  }
-  return at;
+  SharedCarver carve{base};
+  ReaderShared s{};
+  s.codes = carve.take(dim * static_cast<std::size_t>(code_row_stride(g.block_tokens)));
+  s.step = carve.take_array<float>(params);
+  s.min = carve.take_array<float>(params);
+  s.q = carve.take_array<float>(kMaxHeadsPerCta * dim);
+  s.q_folded = carve.take_array<float>(kMaxHeadsPerCta * dim);
+  s.probs = carve.take_array<float>(kMaxHeadsPerCta * tokens);
+  s.acc = carve.take_array<float>(kMaxHeadsPerCta * dim);
+  s.running_max = carve.take_array<float>(kMaxHeadsPerCta);
+  s.running_sum = carve.take_array<float>(kMaxHeadsPerCta);
+  s.rescale = carve.take_array<float>(kMaxHeadsPerCta);
+  s.q_sum = carve.take_array<float>(kMaxHeadsPerCta);
+  s.k_offset = carve.take_array<float>(kMaxHeadsPerCta);
+  s.weighted_min = carve.take_array<float>(kMaxHeadsPerCta);
+  s.scan = carve.take_array<std::uint32_t>(kScanScratchWords);
+  s.order = carve.take(tokens);
+  if (out != nullptr) *out = s;
+  return carve.used;
 }
 
 /// Which KV head and query heads a CTA serves, from blockIdx.y.
@@ -123,7 +102,7 @@ __device__ void packed_block_scores(const std::uint8_t* block, const format::Blo
                                     float scale, ReaderShared& s) {
   const int dim = g.head_dim, tokens = g.block_tokens, stride = code_row_stride(tokens);
   const SectionLayout layout = g.k_layout();
-  const std::uint8_t* section = block + head_entry(block, g, heads.kv_head).k_offset;
+  const std::uint8_t* section = block + format::head_entry(block, g, heads.kv_head).k_offset;
   load_section_params(section, layout.param_count, s.step, s.min);
   unpack_section_to_shared(section, layout, s.codes, stride, s.scan);
   __syncthreads();
@@ -186,7 +165,7 @@ __device__ void tail_scores(const SeqView<T>& seq, const format::BlockGeometry& 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
   for (int i = warp; i < count; i += kWarps) {
-    const int slot = (seq.tail_start + first + i) % seq.tail_cap;
+    const int slot = seq.tail_row(first + i);
     const T* row = seq.tail_k + slot * row_elems + static_cast<std::size_t>(heads.kv_head) * dim;
     float dots[kMaxHeadsPerCta] = {};
     for (int c = lane; c < dim; c += 32) {
@@ -213,7 +192,7 @@ __device__ void prepare_packed_values(const std::uint8_t* block, const format::B
                                       ReaderShared& s) {
   const int tokens = g.block_tokens;
   const SectionLayout layout = g.v_layout();
-  const std::uint8_t* section = block + head_entry(block, g, heads.kv_head).v_offset;
+  const std::uint8_t* section = block + format::head_entry(block, g, heads.kv_head).v_offset;
   load_section_params(section, layout.param_count, s.step, s.min);
   unpack_section_to_shared(section, layout, s.codes, code_row_stride(tokens), s.scan);
   __syncthreads();
@@ -260,7 +239,7 @@ __device__ void accumulate_tail_values(const SeqView<T>& seq, const format::Bloc
     const int h = pair / dim, c = pair % dim;
     float sum = 0.0f;
     for (int i = 0; i < count; ++i) {
-      const int slot = (seq.tail_start + first + i) % seq.tail_cap;
+      const int slot = seq.tail_row(first + i);
       sum += s.probs[h * tokens + i] *
              load_as_float(seq.tail_v + slot * row_elems + static_cast<std::size_t>(heads.kv_head) * dim + c);
     }
@@ -327,7 +306,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
       accumulate_packed_values(g, heads, s);
     } else {
       const int first = (unit - seq.num_blocks) * tokens;
-      const int count = min(tokens, seq.tail_len - first);
+      const int count = min(tokens, seq.tail.len - first);
       tail_scores(seq, g, heads, first, count, p.softmax_scale, s);
       online_softmax_step(heads, tokens, count, s);
       accumulate_tail_values(seq, g, heads, first, count, s);
@@ -349,20 +328,16 @@ __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const Attenti
   const int dim = p.shape.geometry.head_dim, stride = dim + 2;
   const std::size_t head_row = blockIdx.x;  // batch_index * num_q_heads + q_head
   const float* partials = p.partials + head_row * p.num_splits * stride;
-  float global_max = -INFINITY;
-  for (int split = 0; split < p.num_splits; ++split) global_max = fmaxf(global_max, partials[split * stride + dim]);
-  float total = 0.0f;
-  for (int split = 0; split < p.num_splits; ++split) {
-    const float m = partials[split * stride + dim];
-    if (m != -INFINITY) total += partials[split * stride + dim + 1] * expf(m - global_max);
-  }
+  ::packkv::detail::SoftmaxMerge merge;
+  for (int split = 0; split < p.num_splits; ++split) merge.observe(partials[split * stride + dim]);
+  for (int split = 0; split < p.num_splits; ++split) merge.add(partials[split * stride + dim], partials[split * stride + dim + 1]);
   for (int c = threadIdx.x; c < dim; c += kThreads) {
     float sum = 0.0f;
     for (int split = 0; split < p.num_splits; ++split) {
-      const float m = partials[split * stride + dim];
-      if (m != -INFINITY) sum += partials[split * stride + c] * expf(m - global_max);
+      const float w = merge.weight(partials[split * stride + dim]);
+      if (w != 0.0f) sum += partials[split * stride + c] * w;
     }
-    p.out[head_row * dim + c] = from_float<T>(sum / total);
+    p.out[head_row * dim + c] = from_float<T>(sum / merge.sum);
   }
 }
 
@@ -380,10 +355,10 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const ScoresParams<T> 
   if (unit < p.seq.num_blocks) {
     const std::uint8_t* block = p.seq.blocks[unit];
     packed_block_scores(block, g, heads, 1.0f, s);
-    if (g.permuted) order = block + g.permutation_offset() + heads.kv_head * tokens;
+    order = format::token_order(block, g, heads.kv_head);
   } else {
     const int first = (unit - p.seq.num_blocks) * tokens;
-    count = min(tokens, p.seq.tail_len - first);
+    count = min(tokens, p.seq.tail.len - first);
     tail_scores(p.seq, g, heads, first, count, 1.0f, s);
   }
   const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
@@ -413,10 +388,9 @@ __global__ void __launch_bounds__(kThreads) attn_v_kernel(const AttnVParams<T> p
     const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
     const bool packed = unit < p.seq.num_blocks;
     const std::uint8_t* block = packed ? p.seq.blocks[unit] : nullptr;
-    const std::uint8_t* order =
-        packed && g.permuted ? block + g.permutation_offset() + heads.kv_head * tokens : nullptr;
+    const std::uint8_t* order = packed ? format::token_order(block, g, heads.kv_head) : nullptr;
     const int first = packed ? 0 : (unit - p.seq.num_blocks) * tokens;
-    const int count = packed ? tokens : min(tokens, p.seq.tail_len - first);
+    const int count = packed ? tokens : min(tokens, p.seq.tail.len - first);
     for (int pair = threadIdx.x; pair < heads.count * tokens; pair += kThreads) {
       const int h = pair / tokens, i = pair % tokens;
       float w = 0.0f;
@@ -463,10 +437,10 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
   const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
   if (unit >= p.seq.num_blocks) {
     const int first = (unit - p.seq.num_blocks) * tokens;
-    const int count = min(tokens, p.seq.tail_len - first);
+    const int count = min(tokens, p.seq.tail.len - first);
     for (int i = threadIdx.x; i < count * dim; i += kThreads) {
       const int t = i / dim, c = i % dim;
-      const int slot = (p.seq.tail_start + first + t) % p.seq.tail_cap;
+      const int slot = p.seq.tail_row(first + t);
       const std::size_t from = slot * row_elems + static_cast<std::size_t>(head) * dim + c;
       const std::size_t to = (unit_start + t) * row_elems + static_cast<std::size_t>(head) * dim + c;
       p.k[to] = load_as_float(p.seq.tail_k + from);
@@ -475,8 +449,8 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
     return;
   }
   const std::uint8_t* block = p.seq.blocks[unit];
-  const format::HeadEntry entry = head_entry(block, g, head);
-  const std::uint8_t* order = g.permuted ? block + g.permutation_offset() + head * tokens : nullptr;
+  const format::HeadEntry entry = format::head_entry(block, g, head);
+  const std::uint8_t* order = format::token_order(block, g, head);
   for (int which = 0; which < 2; ++which) {
     const SectionLayout layout = which == 0 ? g.k_layout() : g.v_layout();
     const bool per_channel = which == 0 && g.k_per_channel;
@@ -489,9 +463,8 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
       const int t = i / dim, c = i % dim;
       const int param = per_channel ? c : t;
       const int token = order != nullptr ? order[t] : t;
-      const float code = static_cast<float>(s.codes[c * stride + t]);
       out[(unit_start + token) * row_elems + static_cast<std::size_t>(head) * dim + c] =
-          __fadd_rn(s.min[param], __fmul_rn(code, s.step[param]));
+          format::dequantize(s.codes[c * stride + t], s.step[param], s.min[param]);
     }
     __syncthreads();
   }
@@ -509,8 +482,7 @@ __global__ void __launch_bounds__(kThreads)
   const int rounds = static_cast<int>(layouts[0].rounds);
   for (int i = threadIdx.x; i < g.num_heads * 2 * rounds; i += kThreads) {
     const int head = i / (2 * rounds), which = i / rounds % 2, round = i % rounds;
-    const format::HeadEntry entry = head_entry(block, g, head);
-    const std::uint8_t* section = block + (which == 0 ? entry.k_offset : entry.v_offset);
+    const std::uint8_t* section = format::section(block, g, head, which == 0 ? format::Side::k : format::Side::v);
     const SectionLayout& layout = layouts[which];
     const std::uint32_t end = format::round_end(section, layout, round);
     const std::uint32_t bytes = end - format::round_begin(section, layout, round);
@@ -532,17 +504,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     atomicAdd(counters, totals[0]);
     atomicAdd(counters + 1, totals[1]);
-    atomicAdd(counters + 2,
-              static_cast<unsigned long long>(reinterpret_cast<const format::BlockHeader*>(block)->block_bytes));
+    atomicAdd(counters + 2, static_cast<unsigned long long>(format::block_bytes(block)));
     atomicAdd(counters + 3, totals[2]);
     atomicAdd(counters + 4, totals[3]);
   }
 }
 
-template <class Kernel>
-cudaError_t allow_shared(Kernel kernel, std::size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
 
 }  // namespace
 
@@ -551,7 +518,8 @@ std::size_t read_shared_bytes(const format::BlockGeometry& g) { return reader_sh
 template <class T>
 cudaError_t launch_attention(const AttentionParams<T>& p, cudaStream_t stream) {
   const std::size_t shared = read_shared_bytes(p.shape.geometry);
-  cudaError_t status = allow_shared(attention_split_kernel<T>, shared);
+  static const cudaError_t opt_in = opt_in_shared_memory(attention_split_kernel<T>);
+  cudaError_t status = opt_in;
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(p.num_splits),
                   static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups),
@@ -569,7 +537,8 @@ cudaError_t launch_scores(const ScoresParams<T>& p, cudaStream_t stream) {
   const int units = p.seq.num_units(p.shape.geometry.block_tokens);
   if (units == 0) return cudaSuccess;
   const std::size_t shared = read_shared_bytes(p.shape.geometry);
-  cudaError_t status = allow_shared(scores_kernel<T>, shared);
+  static const cudaError_t opt_in = opt_in_shared_memory(scores_kernel<T>);
+  cudaError_t status = opt_in;
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups));
   PACKKV_LAUNCH(scores_kernel<T>, grid, kThreads, shared, stream, p);
@@ -579,7 +548,8 @@ cudaError_t launch_scores(const ScoresParams<T>& p, cudaStream_t stream) {
 template <class T>
 cudaError_t launch_attn_v(const AttnVParams<T>& p, cudaStream_t stream) {
   const std::size_t shared = read_shared_bytes(p.shape.geometry);
-  cudaError_t status = allow_shared(attn_v_kernel<T>, shared);
+  static const cudaError_t opt_in = opt_in_shared_memory(attn_v_kernel<T>);
+  cudaError_t status = opt_in;
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(p.num_splits),
                   static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups));
@@ -595,7 +565,8 @@ cudaError_t launch_read_back(const ReadBackParams<T>& p, cudaStream_t stream) {
   const int units = p.seq.num_units(p.geometry.block_tokens);
   if (units == 0) return cudaSuccess;
   const std::size_t shared = read_shared_bytes(p.geometry);
-  cudaError_t status = allow_shared(read_back_kernel<T>, shared);
+  static const cudaError_t opt_in = opt_in_shared_memory(read_back_kernel<T>);
+  cudaError_t status = opt_in;
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(p.geometry.num_heads));
   PACKKV_LAUNCH(read_back_kernel<T>, grid, kThreads, shared, stream, p);

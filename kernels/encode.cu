@@ -1,31 +1,33 @@
-// GPU block encoder: quantize, repack (arrival order or median) and bit-pack, byte for byte as
-// codec.cpp does. One CTA encodes one block: it walks the KV heads in order because a head's
-// section offsets depend on the sizes of the heads before it, and that keeps the block's layout
-// tight without a second pass. Prefill launches one CTA per full block, all in one grid.
+// GPU block encoder: quantize, repack (arrival order or median) and bit-pack with the format's
+// primitives (format/quant.hpp, format/rounds.hpp), producing the CPU encoder's bytes. One CTA
+// encodes one block: it walks the KV heads in order because a head's section offsets depend on
+// the sizes of the heads before it, which keeps the block tight without a second pass. A prefill
+// launches one CTA per full block, all in one grid.
 #include <cstdint>
 
+#include "detail/packed_block.cuh"
 #include "launch.hpp"
-#include "packkv/cuda/packed_block.cuh"
 
 namespace packkv::cuda::detail {
 
 namespace {
 
-using format::Params;
+using format::QuantParams;
 using format::SectionLayout;
+using format::Side;
 
-__device__ void record_error(const ErrorContext& ctx, int kind, int tensor, std::int64_t source_token, int head,
+__device__ void record_error(const ErrorContext& ctx, int kind, Side side, std::int64_t position, int head,
                              int channel, float value, float value2) {
   DeviceError* e = ctx.error;
   if (e == nullptr) return;
   if (atomicCAS(ctx.claim, 0, 1) != 0) return;
   e->kind = kind;
-  e->tensor = tensor;
+  e->tensor = side == Side::k ? 0 : 1;
   e->layer = ctx.layer;
   e->head = head;
   e->channel = channel;
   e->sequence = ctx.sequence;
-  e->token = ctx.first_token + source_token;
+  e->token = position;
   e->value = value;
   e->value2 = value2;
   __threadfence_system();  // the fields must be visible to the host before the flag
@@ -33,82 +35,48 @@ __device__ void record_error(const ErrorContext& ctx, int kind, int tensor, std:
   __threadfence_system();
 }
 
-__device__ __forceinline__ bool storable(float x) { return isfinite(x) && fabsf(x) <= kFp16Max; }
-
 struct EncoderShared {
   std::uint8_t* k_codes;  // [block_tokens][head_dim], arrival order
   std::uint8_t* v_codes;
-  Params* k_params;  // per token, or per channel
-  Params* v_params;
+  QuantParams* k_params;  // per token, or per channel
+  QuantParams* v_params;
   std::uint8_t* keys;
-  std::uint8_t* order;  // packed position -> arrival position
+  std::uint8_t* order;  // stored position -> arrival position
   std::uint32_t* scan;
-  std::uint32_t* scalar;  // one broadcast word
   std::uint8_t* pack_min;    // [head_dim] of the round being written
   std::uint8_t* pack_width;  // [head_dim]
 };
 
-__host__ __device__ constexpr std::size_t align16(std::size_t n) { return (n + 15) / 16 * 16; }
-
 __host__ __device__ std::size_t encoder_shared_layout(const format::BlockGeometry& g, unsigned char* base,
                                                       EncoderShared* out) {
-  const std::size_t codes = align16(static_cast<std::size_t>(g.block_tokens) * g.head_dim);
-  const std::size_t params =
-      align16(sizeof(Params) * static_cast<std::size_t>(g.block_tokens > g.head_dim ? g.block_tokens : g.head_dim));
-  const std::size_t tokens = align16(static_cast<std::size_t>(g.block_tokens));
-  std::size_t at = 0;
-  auto take = [&](std::size_t bytes) {
-    unsigned char* p = base + at;
-    at += bytes;
-    return p;
-  };
-  unsigned char* k_codes = take(codes);
-  unsigned char* v_codes = take(codes);
-  unsigned char* k_params = take(params);
-  unsigned char* v_params = take(params);
-  unsigned char* keys = take(tokens);
-  unsigned char* order = take(tokens);
-  unsigned char* scan = take(align16(sizeof(std::uint32_t) * (kScanScratchWords + 1)));
-  unsigned char* pack_min = take(align16(static_cast<std::size_t>(g.head_dim)));
-  unsigned char* pack_width = take(align16(static_cast<std::size_t>(g.head_dim)));
-  if (out != nullptr) {
-    out->k_codes = k_codes;
-    out->v_codes = v_codes;
-    out->k_params = reinterpret_cast<Params*>(k_params);
-    out->v_params = reinterpret_cast<Params*>(v_params);
-    out->keys = keys;
-    out->order = order;
-    out->scan = reinterpret_cast<std::uint32_t*>(scan);
-    out->scalar = reinterpret_cast<std::uint32_t*>(scan) + kScanScratchWords;
-    out->pack_min = pack_min;
-    out->pack_width = pack_width;
-  }
-  return at;
+  const std::size_t codes = static_cast<std::size_t>(g.block_tokens) * g.head_dim;
+  const std::size_t params = static_cast<std::size_t>(g.block_tokens > g.head_dim ? g.block_tokens : g.head_dim);
+  SharedCarver carve{base};
+  EncoderShared s{};
+  s.k_codes = carve.take(codes);
+  s.v_codes = carve.take(codes);
+  s.k_params = carve.take_array<QuantParams>(params);
+  s.v_params = carve.take_array<QuantParams>(params);
+  s.keys = carve.take(static_cast<std::size_t>(g.block_tokens));
+  s.order = carve.take(static_cast<std::size_t>(g.block_tokens));
+  s.scan = carve.take_array<std::uint32_t>(kScanScratchWords);
+  s.pack_min = carve.take(static_cast<std::size_t>(g.head_dim));
+  s.pack_width = carve.take(static_cast<std::size_t>(g.head_dim));
+  if (out != nullptr) *out = s;
+  return carve.used;
 }
 
-// The CPU keeps the first of equal extremes (std::min / std::max), which matters only for the sign
-// of a zero: -0 and +0 give different fp16 bits for the stored min (and for the step of an
-// all-zero token). Returns the value, in channel order, that compares equal to `extreme` first.
-__device__ float first_equal_in_channel_order(const float (&values)[8], int dim, float extreme) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const unsigned hits = __ballot_sync(kFullMask, lane + 32 * k < dim && values[k] == extreme);
-    if (hits != 0) return __shfl_sync(kFullMask, values[k], __ffs(hits) - 1);
-  }
-  return extreme;
-}
-
-// One warp per token: the token's values stay in registers (head_dim <= 256 = 8 per lane).
+// One warp per token: the token's values stay in registers (head_dim <= 256 = 8 per lane). The
+// range is reduced over canonical values (format::canonical), so fminf/fmaxf give the CPU's bits.
 template <class T>
-__device__ void quantize_per_token(const EncodeParams<T>& p, bool is_v, std::int64_t first_token, int head,
-                                   int max_code, std::uint8_t* codes, Params* params) {
+__device__ void quantize_per_token(const EncodeParams<T>& p, Side side, std::int64_t first, int head, int max_code,
+                                   std::uint8_t* codes, QuantParams* params) {
   const int dim = p.geometry.head_dim, tokens = p.geometry.block_tokens;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int t = warp; t < tokens; t += kWarps) {
-    const T* row = p.source.row(is_v, first_token + t) + static_cast<std::size_t>(head) * dim;
+    const T* row = p.source.row(side, first + t) + static_cast<std::size_t>(head) * dim;
     float values[8];
-    float lo = INFINITY, hi = -INFINITY;
+    format::Range range;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int c = lane + 32 * k;
@@ -116,16 +84,15 @@ __device__ void quantize_per_token(const EncodeParams<T>& p, bool is_v, std::int
       if (c < dim) {
         const float x = load_as_float(row + c);
         values[k] = x;
-        if (!storable(x)) record_error(p.errors, kBadValue, is_v ? 1 : 0, first_token + t, head, c, x, 0.0f);
-        lo = fminf(lo, x);
-        hi = fmaxf(hi, x);
+        if (!format::storable(x)) record_error(p.errors, kBadValue, side, first + t, head, c, x, 0.0f);
+        range.extend(x);
       }
     }
-    lo = first_equal_in_channel_order(values, dim, warp_min(lo));
-    hi = first_equal_in_channel_order(values, dim, warp_max(hi));
-    const format::Quantizer q = format::make_quantizer(lo, hi, max_code);
-    if (!q.ok && lane == 0 && storable(lo) && storable(hi)) {
-      record_error(p.errors, kRangeTooWide, is_v ? 1 : 0, first_token + t, head, -1, lo, hi);
+    range.lo = warp_min(range.lo);
+    range.hi = warp_max(range.hi);
+    const format::Quantizer q = format::make_quantizer(range.lo, range.hi, max_code);
+    if (!q.ok && lane == 0 && format::storable(range.lo) && format::storable(range.hi)) {
+      record_error(p.errors, kRangeTooWide, side, first + t, head, -1, range.lo, range.hi);
     }
     if (lane == 0) params[t] = q.stored;
 #pragma unroll
@@ -138,25 +105,23 @@ __device__ void quantize_per_token(const EncodeParams<T>& p, bool is_v, std::int
 
 // KIVI-style K: one thread per channel walks the block's tokens.
 template <class T>
-__device__ void quantize_k_per_channel(const EncodeParams<T>& p, std::int64_t first_token, int head,
-                                       std::uint8_t* codes, Params* params) {
+__device__ void quantize_k_per_channel(const EncodeParams<T>& p, std::int64_t first, int head, std::uint8_t* codes,
+                                       QuantParams* params) {
   const int dim = p.geometry.head_dim, tokens = p.geometry.block_tokens;
   for (int c = threadIdx.x; c < dim; c += kThreads) {
-    // Compared as std::min / std::max do, so a zero extreme keeps the sign of its first occurrence.
-    float lo = load_as_float(p.source.row(false, first_token) + static_cast<std::size_t>(head) * dim + c), hi = lo;
+    format::Range range;
     for (int t = 0; t < tokens; ++t) {
-      const float x = load_as_float(p.source.row(false, first_token + t) + static_cast<std::size_t>(head) * dim + c);
-      if (!storable(x)) record_error(p.errors, kBadValue, 0, first_token + t, head, c, x, 0.0f);
-      lo = x < lo ? x : lo;
-      hi = hi < x ? x : hi;
+      const float x = load_as_float(p.source.row(Side::k, first + t) + static_cast<std::size_t>(head) * dim + c);
+      if (!format::storable(x)) record_error(p.errors, kBadValue, Side::k, first + t, head, c, x, 0.0f);
+      range.extend(x);
     }
-    const format::Quantizer q = format::make_quantizer(lo, hi, p.k_max_code);
-    if (!q.ok && storable(lo) && storable(hi)) {
-      record_error(p.errors, kRangeTooWide, 0, first_token, head, c, lo, hi);
+    const format::Quantizer q = format::make_quantizer(range.lo, range.hi, p.k_max_code);
+    if (!q.ok && format::storable(range.lo) && format::storable(range.hi)) {
+      record_error(p.errors, kRangeTooWide, Side::k, first, head, c, range.lo, range.hi);
     }
     params[c] = q.stored;
     for (int t = 0; t < tokens; ++t) {
-      const float x = load_as_float(p.source.row(false, first_token + t) + static_cast<std::size_t>(head) * dim + c);
+      const float x = load_as_float(p.source.row(Side::k, first + t) + static_cast<std::size_t>(head) * dim + c);
       codes[t * dim + c] = format::quantize(x, q, p.k_max_code);
     }
   }
@@ -201,12 +166,12 @@ __device__ void zero_bytes(std::uint8_t* out, std::uint32_t begin, std::uint32_t
 }
 
 // Writes one section at `out`, round by round (one thread per channel); every thread returns its
-// size. A round is stored plain unless frame of reference is strictly smaller, as codec.cpp does.
-__device__ std::uint32_t write_section(const SectionLayout& layout, const std::uint8_t* codes, const Params* params,
+// size. A round is stored plain unless frame of reference is strictly smaller.
+__device__ std::uint32_t write_section(const SectionLayout& layout, const std::uint8_t* codes, const QuantParams* params,
                                        bool per_token_params, const std::uint8_t* order, const EncoderShared& s,
                                        std::uint8_t* out) {
   const std::uint32_t dim = layout.head_dim, bits = layout.bits;
-  auto* out_params = reinterpret_cast<Params*>(out);
+  auto* out_params = reinterpret_cast<QuantParams*>(out);
   for (std::uint32_t i = threadIdx.x; i < layout.param_count; i += kThreads) {
     out_params[i] = per_token_params ? params[order[i]] : params[i];
   }
@@ -244,21 +209,13 @@ __device__ std::uint32_t write_section(const SectionLayout& layout, const std::u
       }
     }
     __syncthreads();
-    if (!plain) {
-      // Widths as nibbles; minimums as one bit stream, 8 channels filling exactly `bits` bytes.
-      if (channel < dim / 2) {
-        round[channel] = static_cast<std::uint8_t>(s.pack_width[2 * channel] | (s.pack_width[2 * channel + 1] << 4));
-      }
-      if (channel < dim / 8) {
-        std::uint64_t stream = 0;
-        for (int i = 0; i < 8; ++i) stream |= static_cast<std::uint64_t>(s.pack_min[8 * channel + i]) << (i * bits);
-        for (std::uint32_t b = 0; b < bits; ++b) {
-          round[layout.widths_bytes + channel * bits + b] = static_cast<std::uint8_t>(stream >> (8 * b));
-        }
-      }
+    // Descriptors: one thread per group of 8 channels writes its widths and minimums (pack8).
+    if (!plain && channel < dim / 8) {
+      format::pack8(s.pack_width + 8 * channel, 4, round + 4 * channel);
+      format::pack8(s.pack_min + 8 * channel, bits, round + layout.widths_bytes + channel * bits);
     }
-    offset += plain ? layout.plain_round_bytes : format::for_round_bytes(layout, width_sum);
-    if (threadIdx.x == 0) format::store_u32(out + layout.round_end_offset + 4 * r, offset);
+    offset += format::round_bytes(layout, width_sum);
+    if (threadIdx.x == 0) format::set_round_end(out, layout, r, offset);
     __syncthreads();  // the staging arrays are rewritten by the next round
   }
   const std::uint32_t size = layout.section_bytes(offset);
@@ -275,19 +232,18 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeParams<T> 
   const format::BlockGeometry& g = p.geometry;
   const int block = blockIdx.x;
   std::uint8_t* out = p.out_table != nullptr ? p.out_table[block] : p.out_base + block * p.out_stride;
-  const std::int64_t first_token = static_cast<std::int64_t>(block) * g.block_tokens;
-  const SectionLayout k_layout = g.k_layout(), v_layout = g.v_layout();
+  const std::int64_t first = p.first_position + static_cast<std::int64_t>(block) * g.block_tokens;
 
   zero_bytes(out, 0, g.sections_offset());
   __syncthreads();
 
   std::uint32_t offset = g.sections_offset();
   for (int head = 0; head < g.num_heads; ++head) {
-    quantize_per_token(p, true, first_token, head, p.v_max_code, s.v_codes, s.v_params);
+    quantize_per_token(p, Side::v, first, head, p.v_max_code, s.v_codes, s.v_params);
     if (g.k_per_channel) {
-      quantize_k_per_channel(p, first_token, head, s.k_codes, s.k_params);
+      quantize_k_per_channel(p, first, head, s.k_codes, s.k_params);
     } else {
-      quantize_per_token(p, false, first_token, head, p.k_max_code, s.k_codes, s.k_params);
+      quantize_per_token(p, Side::k, first, head, p.k_max_code, s.k_codes, s.k_params);
     }
     __syncthreads();
     if (p.median_repack) {
@@ -296,32 +252,22 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeParams<T> 
       for (int t = threadIdx.x; t < g.block_tokens; t += kThreads) s.order[t] = static_cast<std::uint8_t>(t);
     }
     __syncthreads();
-    if (g.permuted) {
-      for (int t = threadIdx.x; t < g.block_tokens; t += kThreads) {
-        out[g.permutation_offset() + head * g.block_tokens + t] = s.order[t];
-      }
+    std::uint8_t* order = format::token_order(out, g, head);
+    if (order != nullptr) {
+      for (int t = threadIdx.x; t < g.block_tokens; t += kThreads) order[t] = s.order[t];
     }
     format::HeadEntry entry{};
     entry.k_offset = offset;
-    offset += write_section(k_layout, s.k_codes, s.k_params, !g.k_per_channel, s.order, s, out + offset);
+    offset += write_section(g.k_layout(), s.k_codes, s.k_params, !g.k_per_channel, s.order, s, out + offset);
     entry.v_offset = offset;
-    offset += write_section(v_layout, s.v_codes, s.v_params, true, s.order, s, out + offset);
-    if (threadIdx.x == 0) reinterpret_cast<format::HeadEntry*>(out + g.directory_offset())[head] = entry;
+    offset += write_section(g.v_layout(), s.v_codes, s.v_params, true, s.order, s, out + offset);
+    if (threadIdx.x == 0) format::set_head_entry(out, g, head, entry);
     __syncthreads();  // the code tiles are rewritten by the next head
   }
   zero_bytes(out, offset, offset + format::kTrailingSlack);
   if (threadIdx.x == 0) {
-    format::BlockHeader header{};
-    header.block_bytes = offset + format::kTrailingSlack;
-    header.block_tokens = static_cast<std::uint16_t>(g.block_tokens);
-    header.head_dim = static_cast<std::uint16_t>(g.head_dim);
-    header.num_heads = static_cast<std::uint16_t>(g.num_heads);
-    header.version = format::kVersion;
-    header.flags = g.flags();
-    header.k_bits = static_cast<std::uint8_t>(g.k_bits);
-    header.v_bits = static_cast<std::uint8_t>(g.v_bits);
-    *reinterpret_cast<format::BlockHeader*>(out) = header;
-    if (p.block_sizes != nullptr) p.block_sizes[block] = header.block_bytes;
+    *reinterpret_cast<format::BlockHeader*>(out) = format::make_block_header(g, offset + format::kTrailingSlack);
+    if (p.block_sizes != nullptr) p.block_sizes[block] = offset + format::kTrailingSlack;
   }
 }
 
@@ -331,48 +277,66 @@ __global__ void __launch_bounds__(kThreads) tail_write_kernel(const TailWritePar
   const std::int64_t count = (p.end - p.first) * row_elems;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x; i < count;
        i += static_cast<std::int64_t>(gridDim.x) * kThreads) {
-    const std::int64_t token = p.first + i / row_elems;
+    const std::int64_t position = p.first + i / row_elems;
     const int element = static_cast<int>(i % row_elems);
-    const std::int64_t slot = (p.ring_origin + token) % p.source.tail_cap;
-    const T k = p.source.row(false, token)[element];
-    const T v = p.source.row(true, token)[element];
+    const std::int64_t row = position % p.ring_capacity;
+    const T k = p.source.row(Side::k, position)[element];
+    const T v = p.source.row(Side::v, position)[element];
     const float kf = load_as_float(&k), vf = load_as_float(&v);
-    if (!storable(kf)) {
-      record_error(p.errors, kBadValue, 0, token, element / p.head_dim, element % p.head_dim, kf, 0.0f);
+    if (!format::storable(kf)) {
+      record_error(p.errors, kBadValue, Side::k, position, element / p.head_dim, element % p.head_dim, kf, 0.0f);
     }
-    if (!storable(vf)) {
-      record_error(p.errors, kBadValue, 1, token, element / p.head_dim, element % p.head_dim, vf, 0.0f);
+    if (!format::storable(vf)) {
+      record_error(p.errors, kBadValue, Side::v, position, element / p.head_dim, element % p.head_dim, vf, 0.0f);
     }
-    p.ring_k[slot * row_elems + element] = k;
-    p.ring_v[slot * row_elems + element] = v;
+    p.ring_k[row * row_elems + element] = k;
+    p.ring_v[row * row_elems + element] = v;
   }
 }
 
-// Strict mode: one warp per (token, head, tensor) row, the same checks the encoder makes.
+// Strict mode, the host's checks (core/value_checks.hpp) on the device. Rows r < 2 * n * heads:
+// one warp per (token, head, side) row checks every value and, with one-bit codes, the row's
+// range; then, for per-channel K with one-bit codes, one thread per (block, head, channel)
+// checks the channel's range over the tokens of each block the new tokens fall in.
 template <class T>
-__global__ void __launch_bounds__(kThreads)
-    validate_kernel(const T* k, const T* v, int n_tokens, int num_heads, int head_dim, int k_max_code, int v_max_code,
-                    int k_per_token, ErrorContext errors) {
-  const int lane = threadIdx.x & 31;
-  const std::int64_t rows = static_cast<std::int64_t>(n_tokens) * num_heads * 2;
+__global__ void __launch_bounds__(kThreads) validate_kernel(const ValidateParams<T> p) {
+  const format::BlockGeometry& g = p.geometry;
+  const int lane = threadIdx.x & 31, heads = g.num_heads, dim = g.head_dim;
+  const std::int64_t first = p.rows.tail.end(), end = first + p.n_tokens;
+  const std::int64_t rows = static_cast<std::int64_t>(p.n_tokens) * heads * 2;
   const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * kWarps;
   for (std::int64_t r = blockIdx.x * static_cast<std::int64_t>(kWarps) + (threadIdx.x >> 5); r < rows; r += warps) {
-    const int is_v = static_cast<int>(r & 1);
-    const std::int64_t token = r / 2 / num_heads;
-    const int head = static_cast<int>(r / 2 % num_heads);
-    const T* row = (is_v ? v : k) + (token * num_heads + head) * head_dim;
-    float lo = INFINITY, hi = -INFINITY;
-    for (int c = lane; c < head_dim; c += 32) {
+    const Side side = (r & 1) ? Side::v : Side::k;
+    const std::int64_t position = first + r / 2 / heads;
+    const int head = static_cast<int>(r / 2 % heads);
+    const T* row = p.rows.row(side, position) + static_cast<std::size_t>(head) * dim;
+    format::Range range;
+    for (int c = lane; c < dim; c += 32) {
       const float x = load_as_float(row + c);
-      if (!storable(x)) record_error(errors, kBadValue, is_v, token, head, c, x, 0.0f);
-      lo = fminf(lo, x);
-      hi = fmaxf(hi, x);
+      if (!format::storable(x)) record_error(p.errors, kBadValue, side, position, head, c, x, 0.0f);
+      range.extend(x);
     }
-    lo = warp_min(lo);
-    hi = warp_max(hi);
-    if (lane == 0 && (is_v || k_per_token) && storable(lo) && storable(hi) &&
-        !format::make_quantizer(lo, hi, is_v ? v_max_code : k_max_code).ok) {
-      record_error(errors, kRangeTooWide, is_v, token, head, -1, lo, hi);
+    range.lo = warp_min(range.lo);
+    range.hi = warp_max(range.hi);
+    const int max_code = side == Side::k ? p.k_max_code : p.v_max_code;
+    if (lane == 0 && max_code == 1 && !g.per_channel(side) && format::storable(range.lo) &&
+        format::storable(range.hi) && !format::range_fits(range, max_code)) {
+      record_error(p.errors, kRangeTooWide, side, position, head, -1, range.lo, range.hi);
+    }
+  }
+  if (!g.k_per_channel || p.k_max_code != 1) return;
+  const std::int64_t block = g.block_tokens, first_block = first / block * block;
+  const std::int64_t groups = ((end - first_block + block - 1) / block) * heads * dim;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x; i < groups;
+       i += static_cast<std::int64_t>(gridDim.x) * kThreads) {
+    const std::int64_t start = first_block + i / (heads * dim) * block;
+    const int head = static_cast<int>(i / dim % heads), c = static_cast<int>(i % dim);
+    const std::int64_t from = start > p.rows.tail.begin ? start : p.rows.tail.begin;
+    const std::int64_t to = start + block < end ? start + block : end;
+    format::Range range;
+    for (std::int64_t t = from; t < to; ++t) range.extend(load_as_float(p.rows.row(Side::k, t) + head * dim + c));
+    if (format::storable(range.lo) && format::storable(range.hi) && !format::range_fits(range, 1)) {
+      record_error(p.errors, kRangeTooWide, Side::k, start, head, c, range.lo, range.hi);
     }
   }
 }
@@ -402,7 +366,15 @@ __global__ void place_kernel(const PlaceParams p) {
       }
     }
     __syncwarp();
-    if (lane < count) p.table[first + lane] = p.pages[pages[lane]] + offsets[lane];
+    if (lane < count) {
+      if (pages[lane] < p.page_count) {
+        p.table[first + lane] = p.pages[pages[lane]] + offsets[lane];
+      } else {  // the host reserved too few pages: an accounting error, never a wild write
+        p.table[first + lane] = nullptr;
+        record_error(p.errors, kPlacementOverflow, Side::k, first + lane, -1, -1, static_cast<float>(pages[lane]),
+                     static_cast<float>(p.page_count));
+      }
+    }
     __syncwarp();
   }
   if (lane == 0) {
@@ -415,8 +387,9 @@ __global__ void place_kernel(const PlaceParams p) {
 // Sizes and offsets are multiples of 16 and staging slots and pages 256-byte aligned: 16-byte copies.
 __global__ void __launch_bounds__(kThreads) copy_placed_kernel(const PlaceParams p) {
   const int block = blockIdx.x;
-  const auto* from = reinterpret_cast<const uint4*>(p.staging + block * p.staging_stride);
   auto* to = reinterpret_cast<uint4*>(p.table[block]);
+  if (to == nullptr) return;
+  const auto* from = reinterpret_cast<const uint4*>(p.staging + block * p.staging_stride);
   const std::uint32_t words = p.sizes[block] / 16u;
   for (std::uint32_t i = threadIdx.x; i < words; i += kThreads) to[i] = from[i];
 }
@@ -438,9 +411,8 @@ template <class T>
 cudaError_t launch_encode(const EncodeParams<T>& params, int num_blocks, cudaStream_t stream) {
   if (num_blocks <= 0) return cudaSuccess;
   const std::size_t shared = encode_shared_bytes(params.geometry);
-  cudaError_t status =
-      cudaFuncSetAttribute(encode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
-  if (status != cudaSuccess) return status;
+  static const cudaError_t opt_in = opt_in_shared_memory(encode_kernel<T>);
+  if (opt_in != cudaSuccess) return opt_in;
   PACKKV_LAUNCH(encode_kernel<T>, num_blocks, kThreads, shared, stream, params);
   return cudaGetLastError();
 }
@@ -454,11 +426,9 @@ cudaError_t launch_tail_write(const TailWriteParams<T>& params, cudaStream_t str
 }
 
 template <class T>
-cudaError_t launch_validate(const T* k, const T* v, int n_tokens, int num_heads, int head_dim, int k_max_code,
-                            int v_max_code, bool k_per_token, ErrorContext errors, cudaStream_t stream) {
-  const std::int64_t rows = static_cast<std::int64_t>(n_tokens) * num_heads * 2;
-  PACKKV_LAUNCH(validate_kernel<T>, grid_for(rows * 32), kThreads, 0, stream, k, v, n_tokens, num_heads, head_dim,
-                k_max_code, v_max_code, k_per_token ? 1 : 0, errors);
+cudaError_t launch_validate(const ValidateParams<T>& params, cudaStream_t stream) {
+  const std::int64_t rows = static_cast<std::int64_t>(params.n_tokens) * params.geometry.num_heads * 2;
+  PACKKV_LAUNCH(validate_kernel<T>, grid_for(rows * 32), kThreads, 0, stream, params);
   return cudaGetLastError();
 }
 
@@ -477,11 +447,10 @@ cudaError_t launch_write_table(std::uint8_t** table, TableEntries entries, cudaS
   return cudaGetLastError();
 }
 
-#define PACKKV_INSTANTIATE_ENCODE(T)                                                                       \
-  template cudaError_t launch_encode<T>(const EncodeParams<T>&, int, cudaStream_t);                        \
-  template cudaError_t launch_tail_write<T>(const TailWriteParams<T>&, cudaStream_t);                      \
-  template cudaError_t launch_validate<T>(const T*, const T*, int, int, int, int, int, bool, ErrorContext, \
-                                          cudaStream_t);
+#define PACKKV_INSTANTIATE_ENCODE(T)                                                  \
+  template cudaError_t launch_encode<T>(const EncodeParams<T>&, int, cudaStream_t);   \
+  template cudaError_t launch_tail_write<T>(const TailWriteParams<T>&, cudaStream_t); \
+  template cudaError_t launch_validate<T>(const ValidateParams<T>&, cudaStream_t);
 PACKKV_INSTANTIATE_ENCODE(float)
 PACKKV_INSTANTIATE_ENCODE(fp16_t)
 PACKKV_INSTANTIATE_ENCODE(bf16_t)

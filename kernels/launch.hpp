@@ -1,7 +1,6 @@
-// The interface between the CUDA backend's host code (.cpp, compiled by the host compiler, where
-// fmt may be used) and its kernels (.cu): plain parameter structs passed by value to kernels, and
-// launchers that return cudaError_t. Every value the host knows travels in kernel parameters, so
-// no launch needs a host-to-device copy and a decode step can be captured in a CUDA graph.
+// The interface between the CUDA backend's host code (src/cuda, compiled by the host compiler,
+// where fmt may be used) and its kernels (kernels/*.cu): plain parameter structs passed by value,
+// and launchers that return cudaError_t after checking the launch.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -9,15 +8,19 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "core/tail.hpp"
 #include "packkv/format.hpp"
 #include "packkv/types.hpp"
 
 namespace packkv::cuda::detail {
 
-/// The first invalid value an encode or append kernel met. It lives in mapped, pinned host memory:
-/// the host reads it without a synchronisation and raises packkv::error on its next call. Only
-/// plain stores reach it (atomics on host memory are not portable over PCIe): which thread
-/// reports is decided by an atomic on a claim word in device memory.
+using ::packkv::detail::TailRing;
+using ::packkv::detail::TokenRows;
+
+/// The first invalid value a kernel met. It lives in mapped, pinned host memory: the host reads it
+/// without a synchronisation and raises packkv::error on its next call. Only plain stores reach it
+/// (atomics on host memory are not portable over PCIe): which thread reports is decided by an
+/// atomic on a claim word in device memory.
 struct DeviceError {
   int ready;  ///< set once the fields below are written
   int reserved0;
@@ -25,57 +28,36 @@ struct DeviceError {
   int tensor;  ///< 0: K, 1: V
   int layer;
   int head;
-  int channel;  ///< -1 when the error concerns a whole token or channel range
+  int channel;  ///< -1 when the error concerns a whole token
   int reserved;
   std::uint64_t sequence;
   std::int64_t token;  ///< position in the sequence
   float value;
   float value2;
 };
-enum ErrorKind : int { kBadValue = 1, kRangeTooWide = 2 };
-
-/// Tokens [0, tail_len) are the old uncompressed tail (a ring of tail_cap tokens starting at
-/// tail_start), tokens [tail_len, tail_len + n) are the appended input. Rows are
-/// [num_kv_heads][head_dim].
-template <class T>
-struct TokenSource {
-  const T* tail_k;
-  const T* tail_v;
-  const T* in_k;
-  const T* in_v;
-  int tail_start;
-  int tail_len;
-  int tail_cap;
-  int row_elems;
-
-  PACKKV_HOST_DEVICE const T* row(bool is_v, std::int64_t token) const {
-    if (token < tail_len) {
-      const std::int64_t slot = (tail_start + token) % tail_cap;
-      return (is_v ? tail_v : tail_k) + slot * row_elems;
-    }
-    return (is_v ? in_v : in_k) + (token - tail_len) * row_elems;
-  }
-};
+enum ErrorKind : int { kBadValue = 1, kRangeTooWide = 2, kPlacementOverflow = 3 };
 
 struct ErrorContext {
   DeviceError* error;  ///< may be null (then invalid values are not reported)
   int* claim;          ///< device memory, 0 until a thread reports
   std::uint64_t sequence;
   int layer;
-  std::int64_t first_token;  ///< sequence position of source token 0
 };
+
+// ---- writing --------------------------------------------------------------------------------
 
 template <class T>
 struct EncodeParams {
   format::BlockGeometry geometry;
   int k_max_code;
   int v_max_code;
-  int median_repack;               ///< 1: median order; 0: arrival order
-  TokenSource<T> source;           ///< block b holds source tokens [b * block_tokens, (b + 1) * block_tokens)
-  std::uint8_t* const* out_table;  ///< block b goes to out_table[b] when not null ...
-  std::uint8_t* out_base;          ///< ... else to out_base + b * out_stride
+  int median_repack;                ///< 1: median order; 0: arrival order
+  TokenRows<T> source;              ///< block b holds positions first_position + [b, b + 1) * block_tokens
+  std::int64_t first_position;
+  std::uint8_t* const* out_table;   ///< block b goes to out_table[b] when not null ...
+  std::uint8_t* out_base;           ///< ... else to out_base + b * out_stride
   std::size_t out_stride;
-  std::uint32_t* block_sizes;  ///< optional: receives each block's size
+  std::uint32_t* block_sizes;       ///< optional: receives each block's size
   ErrorContext errors;
 };
 
@@ -85,16 +67,16 @@ std::size_t encode_shared_bytes(const format::BlockGeometry& g);
 template <class T>
 cudaError_t launch_encode(const EncodeParams<T>& params, int num_blocks, cudaStream_t stream);
 
-/// Copies source tokens [first, end) into the tail ring: source token j goes to slot
-/// (ring_origin + j) mod tail_cap, the slot it keeps while it stays in the tail. Checks every value.
+/// Copies positions [first, end) of `source` into a tail ring of `ring_capacity` rows (position p
+/// to row p % ring_capacity), checking every value.
 template <class T>
 struct TailWriteParams {
-  TokenSource<T> source;
+  TokenRows<T> source;
   T* ring_k;
   T* ring_v;
+  int ring_capacity;
   std::int64_t first;
   std::int64_t end;
-  int ring_origin;
   int head_dim;
   ErrorContext errors;
 };
@@ -102,11 +84,20 @@ struct TailWriteParams {
 template <class T>
 cudaError_t launch_tail_write(const TailWriteParams<T>& params, cudaStream_t stream);
 
-/// Strict mode: checks n tokens of input (values and per-token parameter ranges) before anything
-/// is changed; the host synchronises and throws on a report.
+/// Strict mode: checks the n new tokens of `rows` (positions [rows.tail.end(), + n)) as the host
+/// checks do (core/value_checks.hpp) before anything is changed; the host synchronises and throws
+/// on a report.
 template <class T>
-cudaError_t launch_validate(const T* k, const T* v, int n_tokens, int num_heads, int head_dim, int k_max_code,
-                            int v_max_code, bool k_per_token, ErrorContext errors, cudaStream_t stream);
+struct ValidateParams {
+  TokenRows<T> rows;
+  int n_tokens;
+  format::BlockGeometry geometry;
+  int k_max_code;
+  int v_max_code;
+  ErrorContext errors;
+};
+template <class T>
+cudaError_t launch_validate(const ValidateParams<T>& params, cudaStream_t stream);
 
 /// Where the next encoded block of a (sequence, layer) goes: page index and byte offset in it.
 struct PlacementCursor {
@@ -123,9 +114,7 @@ PACKKV_HOST_DEVICE constexpr unsigned long long pack_progress(std::uint32_t laun
   return (static_cast<unsigned long long>(launch & 0xFFFFFFu) << 40) |
          (static_cast<unsigned long long>(page & 0xFFFFFu) << 20) | offset_units;
 }
-PACKKV_HOST_DEVICE constexpr std::uint32_t progress_launch(unsigned long long w) {
-  return static_cast<std::uint32_t>(w >> 40);
-}
+PACKKV_HOST_DEVICE constexpr std::uint32_t progress_launch(unsigned long long w) { return static_cast<std::uint32_t>(w >> 40); }
 PACKKV_HOST_DEVICE constexpr std::uint32_t progress_page(unsigned long long w) {
   return static_cast<std::uint32_t>((w >> 20) & 0xFFFFFu);
 }
@@ -136,22 +125,25 @@ PACKKV_HOST_DEVICE constexpr std::uint32_t progress_offset(unsigned long long w)
 
 /// Moves encoded blocks from worst-case staging slots to their tight place in the layer's pages:
 /// one warp walks the blocks in order (a block that does not fit the current page starts the
-/// next one) and writes the block table; then one CTA per block copies it.
+/// next one) and writes the block table; then one CTA per block copies it. A block that would
+/// land beyond the page list (an accounting error) is not written: it records an error instead.
 struct PlaceParams {
   const std::uint8_t* staging;  ///< block b at staging + b * staging_stride
   std::size_t staging_stride;
-  const std::uint32_t* sizes;  ///< encoded sizes, from the encoder
+  const std::uint32_t* sizes;   ///< encoded sizes, from the encoder
   int num_blocks;
-  std::uint8_t* const* pages;  ///< the layer's page list
+  std::uint8_t* const* pages;   ///< the layer's page list
+  std::uint32_t page_count;     ///< entries of `pages`
   std::uint32_t page_bytes;
   PlacementCursor* cursor;       ///< device memory, updated
   std::uint8_t** table;          ///< entries [0, num_blocks) are written
   unsigned long long* progress;  ///< mapped host memory: pack_progress(launch, cursor)
   std::uint32_t launch;
+  ErrorContext errors;
 };
 cudaError_t launch_place_blocks(const PlaceParams& params, cudaStream_t stream);
 
-/// Up to kInlineTableEntries new block-table entries, written by one tiny kernel.
+/// Up to kInlineTableEntries new pointer-table entries, written by one tiny kernel.
 inline constexpr int kInlineTableEntries = 32;
 struct TableEntries {
   std::uint8_t* blocks[kInlineTableEntries];
@@ -165,16 +157,16 @@ cudaError_t launch_write_table(std::uint8_t** table, TableEntries entries, cudaS
 template <class T>
 struct SeqView {
   const std::uint8_t* const* blocks;  ///< device block table
-  const T* tail_k;                    ///< tail rings [tail_cap][num_kv_heads][head_dim]
+  const T* tail_k;                    ///< tail rings [capacity][num_kv_heads][head_dim]
   const T* tail_v;
   int num_blocks;
-  int tail_start;
-  int tail_len;
-  int tail_cap;
+  TailRing tail;
 
   PACKKV_HOST_DEVICE int num_units(int block_tokens) const {
-    return num_blocks + (tail_len + block_tokens - 1) / block_tokens;
+    return num_blocks + (tail.len + block_tokens - 1) / block_tokens;
   }
+  /// Ring row of tail token i (0 = the first tail token).
+  PACKKV_HOST_DEVICE int tail_row(int i) const { return tail.row(tail.begin + i); }
 };
 
 /// Query heads a CTA handles at once: a packed block is decoded once for all of them.

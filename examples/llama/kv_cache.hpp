@@ -10,6 +10,8 @@
 #include <vector>
 
 #include <packkv/packkv.hpp>
+#include <packkv/codec.hpp>
+#include <packkv/synthetic.hpp>
 
 namespace llama {
 

@@ -13,18 +13,7 @@
 #include "packkv/format.hpp"
 #include "packkv/types.hpp"
 
-// Kernel launches and dynamic shared memory go through these two macros so that the kernels can
-// also be compiled as plain C++ and run by the CPU emulator of tests/cuda/emulator, which checks
-// their logic against the CPU backend on machines without a GPU.
-#if defined(PACKKV_CUDA_EMULATION)
-#define PACKKV_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
-  ::packkv_emulator::launch(grid, block, shared_bytes, [=] { kernel(__VA_ARGS__); })
-#define PACKKV_DYNAMIC_SHARED(name) unsigned char* name = ::packkv_emulator::dynamic_shared()
-#else
-#define PACKKV_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
-  kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
-#define PACKKV_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
-#endif
+#include "detail/launch_macros.cuh"
 
 namespace packkv::cuda {
 
@@ -133,16 +122,38 @@ __device__ inline void unpack_section_to_shared(const std::uint8_t* section, con
 
 /// Loads a section's (step, min) pairs as floats.
 __device__ inline void load_section_params(const std::uint8_t* section, std::uint32_t count, float* step, float* min) {
-  const auto* params = reinterpret_cast<const format::Params*>(section);
+  const format::QuantParams* params = format::section_params(section);
   for (std::uint32_t i = threadIdx.x; i < count; i += kThreads) {
     step[i] = fp16_bits_to_float(params[i].step.bits);
     min[i] = fp16_bits_to_float(params[i].min.bits);
   }
 }
 
-__device__ __forceinline__ format::HeadEntry head_entry(const std::uint8_t* block, const format::BlockGeometry& g,
-                                                        int head) {
-  return reinterpret_cast<const format::HeadEntry*>(block + g.directory_offset())[head];
+/// Lets `kernel` use all the dynamic shared memory the device allows. Done once per kernel (the
+/// attribute is the kernel's, not the launch's).
+template <class Kernel>
+cudaError_t opt_in_shared_memory(Kernel kernel) {
+  int device = 0, optin = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (status == cudaSuccess) status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  return status;
 }
+
+/// Bump allocation of a kernel's dynamic shared memory: regions of 16-byte aligned sizes, in order.
+/// The same code sizes the launch (base null) and carves the memory inside the kernel.
+struct SharedCarver {
+  unsigned char* base;
+  std::size_t used = 0;
+  __host__ __device__ unsigned char* take(std::size_t bytes) {
+    unsigned char* p = base != nullptr ? base + used : nullptr;
+    used += format::align_up(static_cast<std::uint32_t>(bytes), format::kAlign);
+    return p;
+  }
+  template <class U>
+  __host__ __device__ U* take_array(std::size_t count) {
+    return reinterpret_cast<U*>(take(count * sizeof(U)));
+  }
+};
 
 }  // namespace packkv::cuda

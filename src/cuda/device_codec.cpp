@@ -6,26 +6,13 @@
 
 #include <cstring>
 
-#include "cuda_support.hpp"
+#include "cuda/cuda_support.hpp"
 #include "launch.hpp"
 #include "packkv/error.hpp"
 
 namespace packkv::cuda {
 
-bool device_available(std::string* why) {
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) {
-    if (why != nullptr) *why = fmt::format("no usable CUDA device: {}", cudaGetErrorString(status));
-    cudaGetLastError();
-    return false;
-  }
-  if (count == 0) {
-    if (why != nullptr) *why = "no CUDA device is present";
-    return false;
-  }
-  return true;
-}
+bool device_available(std::string* why) { return detail::device_count(why) > 0; }
 
 template <class T>
 void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_blocks, std::uint8_t* out,
@@ -36,6 +23,9 @@ void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_bl
   PACKKV_REQUIRE(out_stride >= params.geometry.max_block_bytes(),
                  fmt::format("encode_blocks: out_stride {} is below the largest block size {}", out_stride,
                              params.geometry.max_block_bytes()));
+  // The encoder stores 4- and 16-byte words: blocks must start 16-byte aligned.
+  PACKKV_REQUIRE(out_stride % 16 == 0 && reinterpret_cast<std::uintptr_t>(out) % 16 == 0,
+                 fmt::format("encode_blocks: out and out_stride ({}) must be multiples of 16 bytes", out_stride));
   if (num_blocks == 0) return;
   auto stream = static_cast<cudaStream_t>(cuda_stream);
   DeviceBuffer error_buffer(sizeof(DeviceError) + sizeof(int), stream);
@@ -49,12 +39,12 @@ void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_bl
   p.median_repack = params.repack == RepackMethod::median ? 1 : 0;
   p.source.in_k = k;
   p.source.in_v = v;
-  p.source.tail_cap = 1;
   p.source.row_elems = params.geometry.num_heads * params.geometry.head_dim;
+  p.first_position = 0;
   p.out_base = out;
   p.out_stride = out_stride;
   p.block_sizes = block_sizes;
-  p.errors = ErrorContext{error_buffer.as<DeviceError>(), claim, 0, 0, 0};
+  p.errors = ErrorContext{error_buffer.as<DeviceError>(), claim, 0, 0};
   check_cuda(launch_encode(p, num_blocks, stream), "encode kernel launch");
 
   DeviceError error{};

@@ -83,6 +83,17 @@ void expect_close(const std::vector<U>& gpu, const std::vector<U>& cpu, double r
                               << to_float(cpu[worst]) << " (" << worst_ratio << " x the tolerance)";
 }
 
+/// Element-wise equality of the bit patterns (so -0 differs from +0, and NaN is never equal).
+inline void expect_bit_identical(const std::vector<float>& gpu, const std::vector<float>& cpu, const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  for (std::size_t i = 0; i < gpu.size(); ++i) {
+    std::uint32_t a, b;
+    std::memcpy(&a, &gpu[i], 4);
+    std::memcpy(&b, &cpu[i], 4);
+    ASSERT_EQ(a, b) << what << ": element " << i << " gpu " << gpu[i] << " cpu " << cpu[i];
+  }
+}
+
 template <class T>
 double output_rtol() {
   return 4 * test::unit_roundoff<T>() + 1e-5;
@@ -244,8 +255,9 @@ void compare_everything(CachePair<T>& pair, const std::vector<SeqId>& ids, int l
     dk.poison();
     dv.poison();
     pair.gpu.read_back(id, layer, dk.get(), dv.get());
-    expect_close(dk.download(), ck, 1e-6, 1e-7, where + " read_back K");
-    expect_close(dv.download(), cv, 1e-6, 1e-7, where + " read_back V");
+    // Both backends dequantize with format::dequantize: the same bits, not just close values.
+    expect_bit_identical(dk.download(), ck, where + " read_back K");
+    expect_bit_identical(dv.download(), cv, where + " read_back V");
   }
 
   const MemoryStats cs = pair.cpu.memory_stats(), gs = pair.gpu.memory_stats();
@@ -468,20 +480,19 @@ TEST(Cuda, EncodeBlocksRejectsInvalidValues) {
 
 TEST(Cuda, StrictModeRejectsBeforeChanging) {
   PACKKV_SKIP_WITHOUT_GPU();
-  setenv("PACKKV_CUDA_STRICT", "1", 1);
   CacheConfig c = base_config();
   c.device = Device::cuda;
+  c.cuda_strict = true;
   PackedKVCache<float> cache(c);
-  unsetenv("PACKKV_CUDA_STRICT");
   cache.add_sequence(1);
+  const test::Snapshot before = test::snapshot(cache);
   const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
   std::vector<float> k(100 * row, 0.5f), v(100 * row, 0.25f);
   k[70 * row + 130] = 1e6f;
   DeviceArray<float> dk(k), dv(v);
   test::expect_error([&] { cache.append(1, 0, dk.get(), dv.get(), 100); },
                      "K value 1000000 at token 70, head 1, channel 2 is NaN");
-  EXPECT_EQ(cache.length(1, 0), 0);
-  EXPECT_EQ(cache.memory_stats().total.total(), 0u);
+  EXPECT_EQ(test::snapshot(cache), before);
 }
 
 TEST(Cuda, GreedyRepackIsRefusedClearly) {
@@ -607,17 +618,18 @@ TEST(Cuda, ImportReservesExactlyWhatItsBudgetCheckCounted) {
     unlimited.import_sequence(1, image);
     resident = unlimited.memory_stats().resident_bytes;
   }
-  // The tails travel through a short-lived device buffer that the check counts as well.
-  std::size_t longest_tail = 0;
+  // The tails travel through a short-lived device buffer that the check counts as well: each
+  // layer's K and V rows, 256-byte aligned.
+  std::size_t upload = 0;
   for (int layer = 0; layer < c.num_layers; ++layer) {
-    longest_tail = std::max<std::size_t>(longest_tail, source.memory_stats().layers[layer].tail_tokens);
+    const std::size_t bytes = 2 * source.memory_stats().layers[layer].tail_tokens * c.num_kv_heads * c.head_dim * sizeof(float);
+    upload += (bytes + 255) / 256 * 256;
   }
-  const std::size_t upload = 2 * longest_tail * c.num_kv_heads * c.head_dim * sizeof(float);
 
   c.memory_budget_bytes = resident + upload - 1;
   PackedKVCache<float> short_by_one(c);
   test::expect_error([&] { short_by_one.import_sequence(1, image); }, "import of sequence 1: memory budget");
-  EXPECT_TRUE(snapshot(short_by_one) == Snapshot{});
+  EXPECT_TRUE(snapshot(short_by_one) == snapshot(PackedKVCache<float>(c)));
   c.memory_budget_bytes = resident + upload;
   PackedKVCache<float> exact(c);
   EXPECT_NO_THROW(exact.import_sequence(1, image));  // the re-appends inside find it all reserved

@@ -1,14 +1,23 @@
 // libFuzzer target: the block validator and every decoder behind it. A block that passes
-// validate_block must decode (reference decoder and SIMD kernels) without reading out of bounds
-// and give finite values.
+// validate_block must decode, with the reference decoder and with every CPU kernel set this
+// processor runs, without reading out of bounds; the kernel sets must agree bit for bit on the
+// codes and the dequantized values, and everything must stay finite and inside the fp16 range.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
-#include "cpu_kernels.hpp"
-#include "packkv/packkv.hpp"
+#include "cpu/kernels.hpp"
+#include "packkv/codec.hpp"
+
+namespace {
+
+void require(bool ok) {
+  if (!ok) std::abort();
+}
+
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size < 1) return 0;
@@ -19,10 +28,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   c.num_q_heads = c.num_kv_heads;
   c.head_dim = (data[0] & 2) ? 16 : 8;
   c.block_tokens = (data[0] & 4) ? 32 : 16;
-  c.k_rel = (data[0] & 8) ? 0.01f : 0.1f;  // 7-bit (2-byte descriptors) or 4-bit codes
+  c.k_rel = (data[0] & 8) ? 0.01f : 0.1f;  // 7-bit or 4-bit codes
   c.k_mode = (data[0] & 16) ? packkv::QuantMode::per_channel : packkv::QuantMode::per_token;
   c.repack = (data[0] & 32) ? packkv::RepackMethod::none : packkv::RepackMethod::median;
   const packkv::CodecParams params = packkv::make_codec_params(c);
+  const packkv::format::BlockGeometry& g = params.geometry;
   // Copy into an exactly sized buffer so AddressSanitizer sees any read past the block.
   std::vector<std::uint8_t> block(data + 1, data + size);
   try {
@@ -33,19 +43,37 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
   std::vector<float> k(c.block_tokens * row), v(c.block_tokens * row);
   packkv::decode_block(params, block.data(), k.data(), v.data(), row);
-  for (float x : k) if (!std::isfinite(x)) std::abort();
-  for (float x : v) if (!std::isfinite(x)) std::abort();
+  for (float x : k) require(std::isfinite(x) && std::fabs(x) <= 65504.0f);
+  for (float x : v) require(std::isfinite(x) && std::fabs(x) <= 65504.0f);
+  using packkv::detail::cpu::Isa;
+  const std::size_t values = static_cast<std::size_t>(c.block_tokens) * c.head_dim;
   for (int h = 0; h < c.num_kv_heads; ++h) {
-    packkv::format::HeadEntry e;
-    std::memcpy(&e, block.data() + params.geometry.directory_offset() + h * sizeof e, sizeof e);
-    std::vector<float> q(2 * c.head_dim, 0.25f), s(2 * c.block_tokens), w(2 * c.block_tokens, 0.5f);
-    packkv::detail::cpu::section_scores(params.geometry.k_layout(), params.geometry.k_per_channel,
-                                        block.data() + e.k_offset, q.data(), 2, s.data(), c.block_tokens);
-    packkv::detail::cpu::AlignedFloats acc(2 * c.head_dim * 8, 0.0f);
-    float min_term[2] = {0, 0};
-    packkv::detail::cpu::section_accumulate_v(params.geometry.v_layout(), block.data() + e.v_offset, w.data(),
-                                              c.block_tokens, 2, acc.data(), min_term);
-    for (float x : s) if (!std::isfinite(x)) std::abort();
+    for (packkv::format::Side side : {packkv::format::Side::k, packkv::format::Side::v}) {
+      const std::uint8_t* section = packkv::format::section(block.data(), g, h, side);
+      std::vector<std::uint8_t> ref_codes(values), codes(values);
+      std::vector<float> ref_values(values), decoded(values);
+      const auto& scalar = packkv::detail::cpu::kernels_for(Isa::scalar);
+      scalar.unpack_section(g.layout(side), section, ref_codes.data());
+      scalar.decode_section(g.layout(side), g.per_channel(side), section, ref_values.data());
+      for (Isa isa : {Isa::scalar, Isa::avx2}) {
+        if (!packkv::detail::cpu::supported(isa)) continue;
+        const auto& kern = packkv::detail::cpu::kernels_for(isa);
+        kern.unpack_section(g.layout(side), section, codes.data());
+        kern.decode_section(g.layout(side), g.per_channel(side), section, decoded.data());
+        require(codes == ref_codes);
+        require(std::memcmp(decoded.data(), ref_values.data(), values * sizeof(float)) == 0);
+        std::vector<float> q(2 * c.head_dim, 0.25f), s(2 * c.block_tokens), w(2 * c.block_tokens, 0.5f);
+        if (side == packkv::format::Side::k) {
+          kern.section_scores(g.k_layout(), g.k_per_channel, section, q.data(), 2, s.data(), c.block_tokens);
+          for (float x : s) require(std::isfinite(x));
+        } else {
+          packkv::detail::cpu::AlignedFloats acc(2 * c.head_dim * 8, 0.0f);
+          float min_term[2] = {0, 0};
+          kern.section_accumulate_v(g.v_layout(), section, w.data(), c.block_tokens, 2, acc.data(), min_term);
+          for (float x : acc) require(std::isfinite(x));
+        }
+      }
+    }
   }
   return 0;
 }

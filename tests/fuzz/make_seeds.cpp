@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "packkv/packkv.hpp"
+#include "packkv/synthetic.hpp"
 
 namespace {
 
@@ -29,18 +30,29 @@ int main(int argc, char** argv) {
   c.head_dim = 16;
   c.block_tokens = 16;
   c.residual_tokens = 4;
-  packkv::PackedKVCache<float> cache(c);
   int seed = 0;
-  for (int tokens : {3, 21, 40}) {
-    cache.add_sequence(seed);
-    packkv::synthetic::KVStream stream(2, 16, seed + 1);
-    std::vector<float> k, v;
-    stream.next(tokens, k, v);
-    cache.append(seed, 0, k.data(), v.data(), tokens);
-    cache.append(seed, 1, k.data(), v.data(), tokens / 2 + 1);
-    write(dir + "/import/seed" + std::to_string(seed) + ".bin", cache.export_sequence(seed));
-    ++seed;
-  }
+  auto images = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    packkv::PackedKVCache<T> cache(c);
+    for (int tokens : {3, 21, 40}) {
+      cache.add_sequence(seed);
+      packkv::synthetic::KVStream stream(2, 16, seed + 1);
+      std::vector<float> kf, vf;
+      stream.next(tokens, kf, vf);
+      std::vector<T> k(kf.size()), v(vf.size());
+      for (std::size_t i = 0; i < k.size(); ++i) {
+        k[i] = packkv::from_float<T>(kf[i]);
+        v[i] = packkv::from_float<T>(vf[i]);
+      }
+      cache.append(seed, 0, k.data(), v.data(), tokens);
+      cache.append(seed, 1, k.data(), v.data(), tokens / 2 + 1);
+      write(dir + "/import/seed" + std::to_string(seed) + ".bin", cache.export_sequence(seed));
+      ++seed;
+    }
+  };
+  images(float{});
+  images(packkv::fp16_t{});
+  images(packkv::bf16_t{});
   // Blocks: first byte = geometry selector of fuzz_block, then one encoded block.
   for (int selector : {0, 3, 14, 27, 37}) {
     packkv::CacheConfig b;

@@ -1,0 +1,14 @@
+// Kernel launches and dynamic shared memory go through these macros so that the kernels can also
+// be compiled as plain C++ and run by the CPU emulator of tests/support/cuda_emulator, which checks
+// their logic against the CPU backend on machines without a GPU.
+#pragma once
+
+#if defined(PACKKV_CUDA_EMULATION)
+#define PACKKV_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  ::packkv_emulator::launch(grid, block, shared_bytes, [=] { kernel(__VA_ARGS__); })
+#define PACKKV_DYNAMIC_SHARED(name) unsigned char* name = ::packkv_emulator::dynamic_shared()
+#else
+#define PACKKV_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+  kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
+#define PACKKV_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
