@@ -1,11 +1,13 @@
-// CPU benchmarks: encoding throughput, and decode attention on packed blocks vs dense fp32 over the
-// same data with the same threads. Shape: Llama-3-8B (32 query heads, 8 KV heads, head_dim 128),
-// K rel 0.1, V rel 0.2, median repacking. A closing table gives the packed / dense speed-ups
-// measured in this run.
+// CPU benchmarks: encoding throughput, decode attention on packed blocks vs dense fp32 over the
+// same data with the same threads, and a decode step beside a concurrent prefill. Shape:
+// Llama-3-8B (32 query heads, 8 KV heads, head_dim 128), K rel 0.1, V rel 0.2, median repacking.
+// Closing tables give the ratios measured in this run.
 #include <benchmark/benchmark.h>
 #include <omp.h>
 
+#include <atomic>
 #include <cstdio>
+#include <thread>
 #include <map>
 #include <memory>
 #include <string>
@@ -113,6 +115,60 @@ void BM_Encode(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>((k.size() + v.size()) * sizeof(T)));
 }
 
+// A decode step of a small server: 8 sequences of 4K tokens, 4 layers; per layer, one token is
+// appended to every sequence and attention runs over the batch. With range(0) = 1 another thread
+// keeps prefilling 4K-token prompts into a sequence of its own meanwhile (what a server does when
+// a request arrives): an append holds only its own sequence, so the step slows down by the share
+// of the cores the prefill takes, not by waiting for it.
+void BM_DecodeStep(benchmark::State& state) {
+  constexpr int kLayers = 4, kBatch = 8, kContext = 4096;
+  CacheConfig c = llama3_config();
+  c.num_layers = kLayers;
+  PackedKVCache<fp16_t> cache(c);
+  synthetic::KVStream stream(kKVHeads, kHeadDim, 5);
+  std::vector<float> kf, vf;
+  stream.next(kContext, kf, vf);
+  std::vector<fp16_t> k(kf.size()), v(vf.size());
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = fp16_from_float(kf[i]);
+    v[i] = fp16_from_float(vf[i]);
+  }
+  std::vector<SeqId> ids;
+  for (int b = 0; b < kBatch; ++b) {
+    cache.add_sequence(b);
+    for (int l = 0; l < kLayers; ++l) cache.append(b, l, k.data(), v.data(), kContext);
+    ids.push_back(b);
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> prefills{0};
+  std::thread prefill;
+  if (state.range(0) == 1) {
+    prefill = std::thread([&] {
+      for (SeqId id = 1000; !stop; ++id) {
+        cache.add_sequence(id);
+        for (int l = 0; l < kLayers && !stop; ++l) cache.append(id, l, k.data(), v.data(), kContext);
+        cache.remove_sequence(id);
+        ++prefills;
+      }
+    });
+  }
+  const std::size_t row = static_cast<std::size_t>(kKVHeads) * kHeadDim;
+  std::vector<fp16_t> q(kBatch * kQHeads * kHeadDim, fp16_from_float(0.1f)), out(q.size());
+  std::size_t token = 0;
+  for (auto _ : state) {
+    for (int l = 0; l < kLayers; ++l) {
+      const std::size_t at = (token % kContext) * row;
+      for (SeqId id : ids) cache.append(id, l, k.data() + at, v.data() + at, 1);
+      cache.attention(ids, l, q.data(), out.data(), 1.0f / std::sqrt(128.0f));
+    }
+    ++token;
+    benchmark::DoNotOptimize(out.data());
+  }
+  stop = true;
+  if (prefill.joinable()) prefill.join();
+  state.counters["prefills"] = prefills.load();
+}
+
 void contexts(benchmark::internal::Benchmark* b) {
   for (std::int64_t len : {1024, 4096, 16384, 32768, 65536}) b->Arg(len);
   b->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -122,6 +178,7 @@ BENCHMARK(BM_PackedAttention)->Apply(contexts);
 BENCHMARK(BM_DenseFp32Attention)->Apply(contexts);
 BENCHMARK(BM_Encode<fp16_t>)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Encode<float>)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_DecodeStep)->ArgName("concurrent_prefill")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Records each run's time so the closing table can give ratios from this very run.
 class RatioReporter : public benchmark::ConsoleReporter {
@@ -154,6 +211,13 @@ int main(int argc, char** argv) {
     if (p == reporter.times.end() || d == reporter.times.end()) continue;
     std::printf("%10lld %12.3f %12.3f %9.2fx %14.2f\n", static_cast<long long>(len), p->second, d->second,
                 d->second / p->second, reporter.ratios["BM_PackedAttention" + suffix]);
+  }
+  const auto alone = reporter.times.find("BM_DecodeStep/concurrent_prefill:0/real_time");
+  const auto beside = reporter.times.find("BM_DecodeStep/concurrent_prefill:1/real_time");
+  if (alone != reporter.times.end() && beside != reporter.times.end()) {
+    std::printf("\ndecode step (8 x 4K tokens, 4 layers): %.2f ms alone, %.2f ms beside a 4K prefill in another "
+                "thread (%.2fx)\n",
+                alone->second, beside->second, beside->second / alone->second);
   }
   benchmark::Shutdown();
   return 0;

@@ -14,7 +14,7 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu/kernels.hpp"  // softmax_rows: both paths use the same vectorised exp
+#include "cpu_kernels/kernels.hpp"  // softmax_rows: both paths use the same vectorised exp
 
 namespace packkv::bench {
 

@@ -14,7 +14,7 @@
 #include "detail/packed_block.cuh"
 #include "launch.hpp"
 
-namespace packkv::cuda::detail {
+namespace packkv::detail::cuda {
 
 namespace {
 
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const Attenti
   const int dim = p.shape.geometry.head_dim, stride = dim + 2;
   const std::size_t head_row = blockIdx.x;  // batch_index * num_q_heads + q_head
   const float* partials = p.partials + head_row * p.num_splits * stride;
-  ::packkv::detail::SoftmaxMerge merge;
+  detail::SoftmaxMerge merge;
   for (int split = 0; split < p.num_splits; ++split) merge.observe(partials[split * stride + dim]);
   for (int split = 0; split < p.num_splits; ++split) merge.add(partials[split * stride + dim], partials[split * stride + dim + 1]);
   for (int c = threadIdx.x; c < dim; c += kThreads) {
@@ -590,4 +590,4 @@ PACKKV_INSTANTIATE_READERS(fp16_t)
 PACKKV_INSTANTIATE_READERS(bf16_t)
 #undef PACKKV_INSTANTIATE_READERS
 
-}  // namespace packkv::cuda::detail
+}  // namespace packkv::detail::cuda

@@ -8,7 +8,7 @@
 #include "detail/packed_block.cuh"
 #include "launch.hpp"
 
-namespace packkv::cuda::detail {
+namespace packkv::detail::cuda {
 
 namespace {
 
@@ -456,4 +456,4 @@ PACKKV_INSTANTIATE_ENCODE(fp16_t)
 PACKKV_INSTANTIATE_ENCODE(bf16_t)
 #undef PACKKV_INSTANTIATE_ENCODE
 
-}  // namespace packkv::cuda::detail
+}  // namespace packkv::detail::cuda

@@ -12,10 +12,10 @@
 #include "packkv/format.hpp"
 #include "packkv/types.hpp"
 
-namespace packkv::cuda::detail {
+namespace packkv::detail::cuda {
 
-using ::packkv::detail::TailRing;
-using ::packkv::detail::TokenRows;
+using detail::TailRing;
+using detail::TokenRows;
 
 /// The first invalid value a kernel met. It lives in mapped, pinned host memory: the host reads it
 /// without a synchronisation and raises packkv::error on its next call. Only plain stores reach it
@@ -241,4 +241,4 @@ cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_
 /// Shared memory of the reading kernels, and whether the device can give it.
 std::size_t read_shared_bytes(const format::BlockGeometry& g);
 
-}  // namespace packkv::cuda::detail
+}  // namespace packkv::detail::cuda

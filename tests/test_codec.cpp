@@ -5,7 +5,7 @@
 #include <iterator>
 #include <tuple>
 
-#include "cpu/kernels.hpp"
+#include "cpu_kernels/kernels.hpp"
 #include "test_util.hpp"
 
 namespace packkv {

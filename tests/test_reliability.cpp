@@ -1,6 +1,7 @@
 // Reliability: sequence images (export/import), hostile bytes, memory pressure, concurrency and
 // numerical edge cases.
 #include <atomic>
+#include <chrono>
 #include <map>
 #include <thread>
 
@@ -414,6 +415,53 @@ TEST(Concurrency, ReadersInParallelWithWriters) {
   for (auto& r : readers) r.join();
   EXPECT_EQ(mismatches, 0);
   EXPECT_EQ(cache.num_sequences(), 4u);
+}
+
+// An append to one sequence holds only that sequence: attention on another sequence keeps
+// completing while a long prefill is being compressed. (With one lock for the whole cache no
+// attention call could complete inside the prefill's interval.)
+TEST(Concurrency, AttentionOnOneSequenceProceedsDuringAPrefillOfAnother) {
+  CacheConfig c;
+  c.num_kv_heads = 8;
+  c.num_q_heads = 8;
+  c.head_dim = 128;
+  c.block_tokens = 64;
+  c.num_threads = 1;
+  PackedKVCache<fp16_t> cache(c);
+  cache.add_sequence(1);
+  cache.add_sequence(2);
+  fill(cache, 2, 0, 300, 2);
+  const int prompt = 1 << 15;  // about a second of encoding on one core
+  synthetic::KVStream stream(8, 128, 3);
+  std::vector<float> kf, vf;
+  stream.next(prompt, kf, vf);
+  const std::vector<fp16_t> k = convert<fp16_t>(kf), v = convert<fp16_t>(vf);
+  using clock = std::chrono::steady_clock;
+  std::atomic<bool> started{false}, done{false};
+  clock::time_point begin, end;
+  std::thread writer([&] {
+    begin = clock::now();
+    started = true;
+    cache.append(1, 0, k.data(), v.data(), prompt);
+    end = clock::now();
+    done = true;
+  });
+  while (!started) std::this_thread::yield();
+  const std::vector<fp16_t> q = convert<fp16_t>(random_values(8 * 128, 4));
+  std::vector<fp16_t> out(8 * 128);
+  std::vector<std::pair<clock::time_point, clock::time_point>> calls;
+  const SeqId ids[] = {2};
+  while (!done) {
+    const clock::time_point t0 = clock::now();
+    cache.attention(ids, 0, q.data(), out.data(), 0.088f);
+    calls.emplace_back(t0, clock::now());
+  }
+  writer.join();
+  int inside = 0;
+  for (const auto& [t0, t1] : calls) inside += t0 > begin && t1 < end;
+  RecordProperty("attention_calls_inside_the_prefill", inside);
+  EXPECT_GE(inside, 5) << "the prefill took " << std::chrono::duration<double>(end - begin).count() << " s";
+  EXPECT_EQ(cache.length(1, 0), prompt);
 }
 
 // ---- numerical edge cases --------------------------------------------------------------------------

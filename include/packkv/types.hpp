@@ -72,7 +72,8 @@ PACKKV_HOST_DEVICE float to_float(fp16_t h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
   std::uint32_t exp = (h.bits >> 10) & 0x1Fu;
   std::uint32_t mant = h.bits & 0x3FFu;
-  if (exp == 0x1F) return detail::bits_float(sign | 0x7F800000u | (mant << 13));  // inf / nan
+  // Inf, or NaN made quiet (as hardware conversions do: F16C, CUDA).
+  if (exp == 0x1F) return detail::bits_float(sign | 0x7F800000u | (mant << 13) | (mant ? 0x400000u : 0u));
   if (exp == 0) {
     if (mant == 0) return detail::bits_float(sign);
     // Subnormal: value = mant * 2^-24, exactly representable in float.

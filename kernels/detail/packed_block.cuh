@@ -15,7 +15,7 @@
 
 #include "detail/launch_macros.cuh"
 
-namespace packkv::cuda {
+namespace packkv::detail::cuda {
 
 inline constexpr int kThreads = 256;
 inline constexpr int kWarps = kThreads / 32;
@@ -156,4 +156,4 @@ struct SharedCarver {
   }
 };
 
-}  // namespace packkv::cuda
+}  // namespace packkv::detail::cuda

@@ -7,7 +7,7 @@
 #include <fmt/format.h>
 
 #include "codec/repack.hpp"
-#include "cpu/kernels.hpp"
+#include "cpu_kernels/kernels.hpp"
 #include "packkv/codec.hpp"
 #include "packkv/error.hpp"
 

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "core/softmax_merge.hpp"
-#include "cpu/kernels.hpp"
+#include "cpu_kernels/kernels.hpp"
 #include "cpu/layer_store.hpp"
 
 namespace packkv::detail::cpu {

@@ -12,7 +12,7 @@
 #include "core/backend.hpp"
 #include "core/value_checks.hpp"
 #include "cpu/attention.hpp"
-#include "cpu/kernels.hpp"
+#include "cpu_kernels/kernels.hpp"
 #include "cpu/layer_store.hpp"
 
 namespace packkv::detail::cpu {

@@ -8,15 +8,15 @@
 #include "launch.hpp"
 #include "packkv/error.hpp"
 
-namespace packkv::cuda::detail {
+namespace packkv::detail::cuda {
 
 void check_cuda(cudaError_t status, const char* what) {
   if (status == cudaSuccess) return;
   if (status == cudaErrorMemoryAllocation) {
     cudaGetLastError();  // not sticky: clear it so that the next call starts clean
-    ::packkv::detail::throw_out_of_memory(fmt::format("device memory for {}", what));
+    detail::throw_out_of_memory(fmt::format("device memory for {}", what));
   }
-  ::packkv::detail::throw_error(
+  detail::throw_error(
       fmt::format("CUDA backend: {} failed: {} ({})", what, cudaGetErrorString(status), cudaGetErrorName(status)));
 }
 
@@ -44,17 +44,17 @@ void throw_device_error(const DeviceError& e, ErrorOrigin origin) {
                                 : "";
   switch (e.kind) {
     case kBadValue:
-      ::packkv::detail::throw_error(fmt::format(
+      detail::throw_error(fmt::format(
           "{}: {} value {} at token {}, head {}, channel {} is NaN, Inf or beyond +-65504 (packkv stores per-token "
           "parameters in fp16){}",
           where, tensor, e.value, e.token, e.head, e.channel, consequence));
     case kRangeTooWide:
-      ::packkv::detail::throw_error(fmt::format(
+      detail::throw_error(fmt::format(
           "{}: {} {} {} of head {} spans [{}, {}], too wide for one fp16 step at this rel (use a smaller rel){}", where,
           tensor, e.channel < 0 ? "token" : "channel", e.channel < 0 ? e.token : e.channel, e.head, e.value, e.value2,
           consequence));
     default:
-      ::packkv::detail::throw_error(fmt::format(
+      detail::throw_error(fmt::format(
           "{}: block placement needed page {} of a layer that owns {} (an internal accounting error; nothing was "
           "written out of bounds){}",
           where, e.value, e.value2, consequence));
@@ -129,4 +129,4 @@ void DevicePagePool::release_free() {
   free_.clear();
 }
 
-}  // namespace packkv::cuda::detail
+}  // namespace packkv::detail::cuda

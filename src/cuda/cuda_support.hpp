@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-namespace packkv::cuda::detail {
+namespace packkv::detail::cuda {
 
 /// Throws packkv::error naming the failed step and CUDA's message (out-of-memory included).
 void check_cuda(cudaError_t status, const char* what);
@@ -122,4 +122,4 @@ class DevicePagePool {
   std::vector<std::uint8_t*> free_;
 };
 
-}  // namespace packkv::cuda::detail
+}  // namespace packkv::detail::cuda

@@ -12,12 +12,12 @@
 
 namespace packkv::cuda {
 
-bool device_available(std::string* why) { return detail::device_count(why) > 0; }
+bool device_available(std::string* why) { return packkv::detail::cuda::device_count(why) > 0; }
 
 template <class T>
 void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_blocks, std::uint8_t* out,
                    std::size_t out_stride, std::uint32_t* block_sizes, void* cuda_stream) {
-  using namespace detail;
+  using namespace packkv::detail::cuda;
   PACKKV_REQUIRE(params.repack != RepackMethod::greedy, "encode_blocks: greedy repacking is not available on the GPU");
   PACKKV_REQUIRE(num_blocks >= 0, fmt::format("encode_blocks: num_blocks must be >= 0, got {}", num_blocks));
   PACKKV_REQUIRE(out_stride >= params.geometry.max_block_bytes(),

@@ -8,7 +8,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/kernels.hpp"
+#include "cpu_kernels/kernels.hpp"
 #include "packkv/codec.hpp"
 
 namespace {

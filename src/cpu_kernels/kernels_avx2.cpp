@@ -15,8 +15,8 @@
 #include <cstring>
 #include <limits>
 
-#include "cpu/kernels.hpp"
-#include "cpu/section_ops.hpp"
+#include "cpu_kernels/kernels.hpp"
+#include "cpu_kernels/section_ops.hpp"
 
 #define PACKKV_AVX2 __attribute__((target("avx2,fma,f16c")))
 

@@ -4,8 +4,8 @@
 #include <cstring>
 #include <limits>
 
-#include "cpu/kernels.hpp"
-#include "cpu/section_ops.hpp"
+#include "cpu_kernels/kernels.hpp"
+#include "cpu_kernels/section_ops.hpp"
 
 namespace packkv::detail::cpu {
 

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cpu/kernels.hpp"
+#include "cpu_kernels/kernels.hpp"
 #include "packkv/format.hpp"
 
 namespace packkv::detail::cpu {

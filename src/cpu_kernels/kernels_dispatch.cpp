@@ -1,7 +1,7 @@
 // Chooses the CPU kernels once, from what the processor reports (CPUID on x86-64).
 #include <fmt/format.h>
 
-#include "cpu/kernels.hpp"
+#include "cpu_kernels/kernels.hpp"
 #include "packkv/error.hpp"
 
 #if defined(__x86_64__)

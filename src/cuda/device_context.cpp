@@ -1,0 +1,176 @@
+#include "cuda/device_context.hpp"
+
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+namespace packkv::detail::cuda {
+
+namespace {
+constexpr std::size_t kSlotAlign = 256;
+/// Staging of one write's launch round (a worst-case slot per block).
+constexpr std::size_t kMaxStagingBytes = std::size_t{256} << 20;
+}  // namespace
+
+CudaLayerStore::~CudaLayerStore() {
+  const std::lock_guard lock(context_.mutex);
+  context_.clear(*this);
+  context_.stores.erase(this);
+}
+
+DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec_params, std::size_t value_size)
+    : codec(codec_params),
+      geometry(codec_params.geometry),
+      row_elems(static_cast<std::size_t>(config.num_kv_heads) * config.head_dim),
+      value_bytes(value_size),
+      num_q_heads(config.num_q_heads),
+      group(config.num_q_heads / config.num_kv_heads),
+      heads_per_cta(std::min(group, kMaxHeadsPerCta)),
+      subgroups((group + heads_per_cta - 1) / heads_per_cta),
+      median_repack(config.repack == RepackMethod::median),
+      strict(config.cuda_strict),
+      slot_bytes((geometry.max_block_bytes() + kSlotAlign - 1) / kSlotAlign * kSlotAlign),
+      // Eight worst-case blocks per page: the block that does not fit at a page's end wastes
+      // about half a block per page (~6%), and a layer's last page is on average half empty.
+      pool((8 * slot_bytes + 65535) / 65536 * 65536),
+      blocks_per_page_worst(pool.page_bytes() / slot_bytes) {
+  std::string why;
+  if (device_count(&why) == 0) throw_error("Device::cuda requested but " + why);
+  PACKKV_REQUIRE(config.repack != RepackMethod::greedy,
+                 "the CUDA backend does not implement greedy repacking (its sequential pack-growing search "
+                 "does not map to the GPU at an acceptable cost); use RepackMethod::median or none");
+  int device = 0, shared_optin = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device), "query SM count");
+  check_cuda(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "query shared memory");
+  const std::size_t needed = std::max(encode_shared_bytes(geometry), read_shared_bytes(geometry));
+  PACKKV_REQUIRE(needed <= static_cast<std::size_t>(shared_optin),
+                 fmt::format("block_tokens {} x head_dim {} needs {} bytes of shared memory per CUDA block, the "
+                             "device allows {}: use smaller blocks",
+                             config.block_tokens, config.head_dim, needed, shared_optin));
+  void* host = nullptr;
+  check_cuda(cudaHostAlloc(&host, sizeof(DeviceError), cudaHostAllocMapped), "the mapped error record");
+  error_host_ = static_cast<DeviceError*>(host);
+  std::memset(host, 0, sizeof(DeviceError));
+  check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), host, 0), "cudaHostGetDevicePointer");
+  error_claim_ = DeviceBuffer(sizeof(int), stream);
+  check_cuda(cudaMemsetAsync(error_claim_.data(), 0, sizeof(int), stream), "error claim initialisation");
+}
+
+DeviceContext::~DeviceContext() {
+  cudaStreamSynchronize(stream);  // kernels may still write the mapped words freed below
+  workspace = DeviceBuffer();
+  staging = DeviceBuffer();
+  error_claim_ = DeviceBuffer();
+  pool = DevicePagePool(pool.page_bytes());
+  cudaStreamSynchronize(stream);
+  if (error_host_ != nullptr) cudaFreeHost(error_host_);
+}
+
+std::int64_t DeviceContext::blocks_per_round() const {
+  return std::max<std::int64_t>(1, static_cast<std::int64_t>(kMaxStagingBytes / (slot_bytes + 4)));
+}
+
+std::size_t DeviceContext::resident_bytes() const { return pool.reserved_bytes() + owned_bytes + scratch_bytes(); }
+
+std::size_t DeviceContext::scratch_bytes() const { return staging.bytes() + workspace.bytes() + error_claim_.bytes(); }
+
+void DeviceContext::raise_device_error(ErrorOrigin origin) {
+  volatile DeviceError* record = error_host_;
+  if (record->ready == 0) return;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  DeviceError copy;
+  std::memcpy(&copy, const_cast<DeviceError*>(record), sizeof copy);
+  record->ready = 0;
+  // Re-arms reporting in stream order: kernels queued before this point may not report again.
+  check_cuda(cudaMemsetAsync(error_claim_.data(), 0, sizeof(int), stream), "error claim reset");
+  throw_device_error(copy, origin);
+}
+
+ErrorContext DeviceContext::errors_for(SeqId sequence, int layer) const {
+  return ErrorContext{error_device_, error_claim_.as<int>(), sequence, layer};
+}
+
+void DeviceContext::refresh_placement(CudaLayerStore& store) {
+  if (store.progress_word == kNoWord) return;
+  const unsigned long long word = progress.read(store.progress_word);
+  const std::uint32_t launch = progress_launch(word);
+  for (std::size_t i = 0; i < store.unseen.size(); ++i) {
+    if (store.unseen[i].launch != launch) continue;
+    store.unseen.erase(store.unseen.begin(), store.unseen.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+    store.seen_page = progress_page(word);
+    store.seen_offset = progress_offset(word);
+    return;
+  }
+}
+
+std::size_t DeviceContext::pages_bound(std::size_t blocks, std::uint32_t seen_page, std::uint32_t seen_offset,
+                                       std::int64_t pending) const {
+  if (blocks == 0) return 0;
+  const auto per_page = static_cast<std::int64_t>(blocks_per_page_worst);
+  const std::size_t left = seen_offset < pool.page_bytes() ? pool.page_bytes() - seen_offset : 0;
+  const std::int64_t rest = std::max<std::int64_t>(0, pending - static_cast<std::int64_t>(left / slot_bytes));
+  return static_cast<std::size_t>(seen_page) + 1 + static_cast<std::size_t>((rest + per_page - 1) / per_page);
+}
+
+std::size_t DeviceContext::pages_bound(const CudaLayerStore& store, std::int64_t new_blocks) const {
+  std::int64_t pending = new_blocks;
+  for (const UnseenPlacement& u : store.unseen) pending += u.blocks;
+  return pages_bound(store.live_blocks + static_cast<std::size_t>(new_blocks), store.seen_page, store.seen_offset,
+                     pending);
+}
+
+void DeviceContext::give_back_pages(CudaLayerStore& store, std::size_t keep) {
+  while (store.pages.size() > keep) {
+    pool.give(store.pages.back());
+    store.pages.pop_back();
+  }
+}
+
+void DeviceContext::publish_pointers(const std::vector<std::uint8_t*>& host, std::size_t first,
+                                     std::uint8_t** device) {
+  const std::size_t count = host.size() - first;
+  if (count == 0) return;
+  if (count <= static_cast<std::size_t>(kInlineTableEntries)) {
+    TableEntries entries{};
+    entries.count = static_cast<int>(count);
+    for (std::size_t i = 0; i < count; ++i) entries.blocks[i] = host[first + i];
+    check_cuda(launch_write_table(device, entries, stream), "pointer table kernel launch");
+  } else {
+    check_cuda(cudaMemcpyAsync(device, host.data() + first, count * sizeof(std::uint8_t*), cudaMemcpyHostToDevice, stream),
+               "pointer table upload");
+    check_cuda(cudaStreamSynchronize(stream), "pointer table upload");  // `host` is the caller's
+  }
+}
+
+void DeviceContext::clear(CudaLayerStore& store) {
+  for (std::uint8_t* page : store.pages) pool.give(page);
+  store.pages.clear();
+  // A kernel still queued may write the word; the next owner ignores launches it did not issue.
+  if (store.progress_word != kNoWord) progress.give(store.progress_word);
+  store.progress_word = kNoWord;
+  owned_bytes -= store.table.bytes() + store.page_list.bytes() + store.ring.bytes();
+  store.table = DeviceBuffer();  // freed in stream order, after the kernels that use it
+  store.table_capacity = 0;
+  store.page_list = DeviceBuffer();
+  store.page_list_capacity = 0;
+  store.ring = DeviceBuffer();
+  store.ring_capacity = 0;
+  store.seen_page = store.seen_offset = 0;
+  store.unseen.clear();
+  store.live_bytes = 0;
+  store.live_blocks = 0;
+}
+
+float* DeviceContext::workspace_floats(std::size_t floats) {
+  if (workspace.bytes() < floats * sizeof(float)) {
+    workspace = DeviceBuffer(std::max(floats * sizeof(float), 2 * workspace.bytes()), stream);
+  }
+  return workspace.as<float>();
+}
+
+}  // namespace packkv::detail::cuda

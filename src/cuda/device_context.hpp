@@ -1,0 +1,149 @@
+// What every part of the CUDA backend shares: the geometry, the stream, the device page pool,
+// the mapped error record and placement words, scratch buffers, and each layer's device storage
+// (CudaLayerStore). The write path (write_path.cpp), the read path (read_path.cpp) and the
+// backend facade (cuda_backend.cpp) work on one DeviceContext, under its mutex.
+//
+// Memory: a layer's blocks are packed tightly into device pages it owns. Only the device knows a
+// block's size once it is encoded, so the host reserves pages for the worst case of every
+// placement it has not yet seen complete, the device places blocks with their real sizes, and
+// each placement's resulting cursor comes back in a word of mapped memory that the host reads
+// without a synchronisation (docs/cuda.md).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <unordered_set>
+#include <vector>
+
+#include "core/backend.hpp"
+#include "cuda/cuda_support.hpp"
+#include "launch.hpp"
+
+namespace packkv::detail::cuda {
+
+inline constexpr std::size_t kNoWord = std::numeric_limits<std::size_t>::max();
+
+struct UnseenPlacement {
+  std::uint32_t launch;  ///< the placement's launch number (its progress word carries it)
+  int blocks;
+};
+
+class DeviceContext;
+
+/// One (sequence, layer) on the device: its blocks, where they are placed, and its tail ring.
+class CudaLayerStore final : public LayerStore {
+ public:
+  explicit CudaLayerStore(DeviceContext& context) : context_(context) {}
+  ~CudaLayerStore() override;
+  CudaLayerStore(const CudaLayerStore&) = delete;
+  CudaLayerStore& operator=(const CudaLayerStore&) = delete;
+
+  DeviceBuffer table;  ///< std::uint8_t*[table_capacity]: each block's address
+  std::size_t table_capacity = 0;
+  std::vector<std::uint8_t*> pages;  ///< pages owned, in placement order
+  DeviceBuffer page_list;            ///< PlacementCursor, then std::uint8_t*[page_list_capacity]
+  std::size_t page_list_capacity = 0;
+  std::size_t progress_word = kNoWord;  ///< index into the context's mapped words
+  std::uint32_t seen_page = 0;          ///< cursor after the last placement seen complete
+  std::uint32_t seen_offset = 0;
+  std::deque<UnseenPlacement> unseen;   ///< placements queued but not yet seen complete
+  DeviceBuffer ring;                    ///< tail ring: K rows, then V rows, ring_capacity each
+  int ring_capacity = 0;
+  std::size_t live_blocks = 0;          ///< blocks in the table
+  mutable std::size_t live_bytes = 0;   ///< their bytes, as the last memory_stats measured them
+
+  PlacementCursor* cursor() const { return page_list.as<PlacementCursor>(); }
+  std::uint8_t** page_pointers() const {
+    return reinterpret_cast<std::uint8_t**>(page_list.as<std::uint8_t>() + sizeof(PlacementCursor));
+  }
+  template <class T>
+  const T* ring_k() const {
+    return ring.as<const T>();
+  }
+  template <class T>
+  const T* ring_v(std::size_t row_elems) const {
+    return ring.data() != nullptr ? ring.as<const T>() + static_cast<std::size_t>(ring_capacity) * row_elems : nullptr;
+  }
+
+ private:
+  DeviceContext& context_;
+};
+
+inline const CudaLayerStore& store_of(const LayerRead& layer) { return static_cast<const CudaLayerStore&>(*layer.store); }
+inline CudaLayerStore& store_of(LayerStore* store) { return static_cast<CudaLayerStore&>(*store); }
+
+class DeviceContext {
+ public:
+  DeviceContext(const CacheConfig& config, const CodecParams& codec, std::size_t value_bytes);
+  ~DeviceContext();
+  DeviceContext(const DeviceContext&) = delete;
+  DeviceContext& operator=(const DeviceContext&) = delete;
+
+  // ---- fixed by the config ----
+  CodecParams codec;
+  format::BlockGeometry geometry;
+  std::size_t row_elems;      ///< values per token: num_kv_heads * head_dim
+  std::size_t value_bytes;    ///< sizeof(T)
+  int num_q_heads;
+  int group;                  ///< query heads per KV head
+  int heads_per_cta;          ///< min(group, kMaxHeadsPerCta)
+  int subgroups;              ///< ceil(group / heads_per_cta)
+  bool median_repack;
+  bool strict;                ///< CacheConfig::cuda_strict
+  std::size_t slot_bytes;     ///< a worst-case block, 256-byte aligned (staging slots)
+  int sm_count = 1;
+
+  // ---- device state ----
+  cudaStream_t stream = nullptr;
+  DevicePagePool pool;
+  std::size_t blocks_per_page_worst;
+  MappedWords progress;
+  std::uint32_t next_launch = 1;
+  DeviceBuffer staging;    ///< worst-case slots of the blocks being encoded, then their sizes
+  DeviceBuffer workspace;  ///< split-attention partials
+  std::unordered_set<CudaLayerStore*> stores;
+  std::size_t owned_bytes = 0;  ///< tables, page lists and rings of every layer
+  /// The host core runs calls on different sequences at once; the device state above is shared.
+  std::mutex mutex;
+
+  // ---- helpers ----
+  std::size_t table_bytes(std::size_t capacity) const { return capacity * sizeof(std::uint8_t*); }
+  std::size_t page_list_bytes(std::size_t capacity) const {
+    return capacity == 0 ? 0 : sizeof(PlacementCursor) + capacity * sizeof(std::uint8_t*);
+  }
+  std::size_t ring_bytes(int capacity) const { return 2 * static_cast<std::size_t>(capacity) * row_elems * value_bytes; }
+  /// Blocks encoded per launch round of one write.
+  std::int64_t blocks_per_round() const;
+  std::size_t resident_bytes() const;
+  std::size_t scratch_bytes() const;
+
+  /// Throws the first value error a kernel reported, if any (and re-arms reporting).
+  void raise_device_error(ErrorOrigin origin = ErrorOrigin::later_call);
+  ErrorContext errors_for(SeqId sequence, int layer) const;
+  /// Learns from the layer's progress word which placements completed (no synchronisation).
+  void refresh_placement(CudaLayerStore& store);
+  /// Pages a layer of `blocks` blocks may need: from the last cursor seen, what still fits in its
+  /// page at worst-case size for the `pending` blocks not yet seen placed, then whole pages.
+  std::size_t pages_bound(std::size_t blocks, std::uint32_t seen_page, std::uint32_t seen_offset,
+                          std::int64_t pending) const;
+  std::size_t pages_bound(const CudaLayerStore& store, std::int64_t new_blocks) const;
+  void give_back_pages(CudaLayerStore& store, std::size_t keep);
+  /// Writes pointer-table entries: a few as kernel parameters, a long list by a copy.
+  void publish_pointers(const std::vector<std::uint8_t*>& host, std::size_t first, std::uint8_t** device);
+  /// Frees everything a layer holds (in stream order).
+  void clear(CudaLayerStore& store);
+  float* workspace_floats(std::size_t floats);
+  void set_error_stream() { error_claim_.set_stream(stream); }
+
+ private:
+  DeviceError* error_host_ = nullptr;
+  DeviceError* error_device_ = nullptr;
+  DeviceBuffer error_claim_;  ///< device memory: the claim word of the error record
+};
+
+}  // namespace packkv::detail::cuda

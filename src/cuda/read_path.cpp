@@ -1,0 +1,233 @@
+#include "cuda/read_path.hpp"
+
+#include <cuda_runtime.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace packkv::detail::cuda {
+
+namespace {
+
+struct Split {
+  int splits;
+  int units_per_split;
+};
+
+template <class T>
+SeqView<T> view(const DeviceContext& ctx, const LayerRead& layer) {
+  const CudaLayerStore& store = store_of(layer);
+  SeqView<T> v{};
+  v.blocks = store.table.as<const std::uint8_t* const>();
+  v.tail_k = store.template ring_k<T>();
+  v.tail_v = store.template ring_v<T>(ctx.row_elems);
+  v.num_blocks = layer.num_blocks;
+  v.tail = layer.tail;
+  return v;
+}
+
+ReadShape read_shape(const DeviceContext& ctx) {
+  ReadShape s{};
+  s.geometry = ctx.geometry;
+  s.num_q_heads = ctx.num_q_heads;
+  s.group = ctx.group;
+  s.heads_per_cta = ctx.heads_per_cta;
+  s.subgroups = ctx.subgroups;
+  return s;
+}
+
+// Flash-decoding split: enough CTAs for about two waves over the SMs, never an empty split
+// range for the longest sequence.
+Split choose_split(const DeviceContext& ctx, int max_units, int ctas_per_split) {
+  max_units = std::max(max_units, 1);
+  const int target = 2 * ctx.sm_count;
+  int splits = std::clamp((target + ctas_per_split - 1) / ctas_per_split, 1, max_units);
+  const int per_split = (max_units + splits - 1) / splits;
+  splits = (max_units + per_split - 1) / per_split;
+  return Split{splits, per_split};
+}
+
+}  // namespace
+
+template <class T>
+void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float scale) {
+  ctx.raise_device_error();
+  const std::size_t q_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.geometry.head_dim;
+  for (std::size_t first = 0; first < batch.size(); first += kMaxBatchPerLaunch) {
+    const int count = static_cast<int>(std::min<std::size_t>(kMaxBatchPerLaunch, batch.size() - first));
+    AttentionParams<T> params{};
+    params.shape = read_shape(ctx);
+    params.batch = count;
+    int max_units = 0;
+    for (int b = 0; b < count; ++b) {
+      params.seqs[b] = view<T>(ctx, batch[first + static_cast<std::size_t>(b)]);
+      max_units = std::max(max_units, params.seqs[b].num_units(ctx.geometry.block_tokens));
+    }
+    const Split split = choose_split(ctx, max_units, count * ctx.geometry.num_heads * ctx.subgroups);
+    params.units_per_split = split.units_per_split;
+    params.num_splits = split.splits;
+    params.q = q + first * q_stride;
+    params.out = out + first * q_stride;
+    params.softmax_scale = scale;
+    params.partials = ctx.workspace_floats(static_cast<std::size_t>(count) * ctx.num_q_heads * split.splits * (ctx.geometry.head_dim + 2));
+    check_cuda(launch_attention(params, ctx.stream), "attention kernel launch");
+  }
+}
+
+template <class T>
+void scores(DeviceContext& ctx, const LayerRead& layer, const T* q, float* scores) {
+  ctx.raise_device_error();
+  ScoresParams<T> params{};
+  params.shape = read_shape(ctx);
+  params.seq = view<T>(ctx, layer);
+  params.q = q;
+  params.scores = scores;
+  params.length = layer.length;
+  check_cuda(launch_scores(params, ctx.stream), "scores kernel launch");
+}
+
+template <class T>
+void attn_v(DeviceContext& ctx, const LayerRead& layer, const float* weights, float* out) {
+  ctx.raise_device_error();
+  AttnVParams<T> params{};
+  params.shape = read_shape(ctx);
+  params.seq = view<T>(ctx, layer);
+  params.weights = weights;
+  params.out = out;
+  params.length = layer.length;
+  const Split split = choose_split(ctx, params.seq.num_units(ctx.geometry.block_tokens), ctx.geometry.num_heads * ctx.subgroups);
+  params.units_per_split = split.units_per_split;
+  params.num_splits = split.splits;
+  params.partials = ctx.workspace_floats(static_cast<std::size_t>(ctx.num_q_heads) * split.splits * ctx.geometry.head_dim);
+  check_cuda(launch_attn_v(params, ctx.stream), "attn_v kernel launch");
+}
+
+template <class T>
+void read_back(DeviceContext& ctx, const LayerRead& layer, float* k, float* v) {
+  ctx.raise_device_error();
+  ReadBackParams<T> params{};
+  params.geometry = ctx.geometry;
+  params.seq = view<T>(ctx, layer);
+  params.k = k;
+  params.v = v;
+  check_cuda(launch_read_back(params, ctx.stream), "read_back kernel launch");
+  // An inspection call: it waits, so that device-reported errors surface here at the latest.
+  check_cuda(cudaStreamSynchronize(ctx.stream), "read_back");
+  ctx.raise_device_error();
+}
+
+void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::span<LayerBytes> out) {
+  check_cuda(cudaStreamSynchronize(ctx.stream), "memory_stats");
+  ctx.raise_device_error();
+  // One statistics kernel per layer over its device block table, one download.
+  constexpr std::size_t kCounters = 5;  // see launch_block_stats
+  const std::size_t count = std::max<std::size_t>(1, layers.size() * kCounters);
+  std::vector<unsigned long long> counters(count, 0);
+  DeviceBuffer device_counters(count * sizeof(unsigned long long), ctx.stream);
+  check_cuda(cudaMemsetAsync(device_counters.data(), 0, device_counters.bytes(), ctx.stream), "memory_stats memset");
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    const CudaLayerStore& store = store_of(layers[i]);
+    check_cuda(launch_block_stats(ctx.geometry, store.table.as<const std::uint8_t* const>(),
+                                  layers[i].num_blocks, device_counters.as<unsigned long long>() + kCounters * i,
+                                  ctx.stream),
+               "block statistics kernel launch");
+  }
+  check_cuda(cudaMemcpyAsync(counters.data(), device_counters.data(), device_counters.bytes(), cudaMemcpyDeviceToHost,
+                             ctx.stream),
+             "memory_stats download");
+  check_cuda(cudaStreamSynchronize(ctx.stream), "memory_stats");
+  const format::SectionLayout kl = ctx.geometry.k_layout(), vl = ctx.geometry.v_layout();
+  const std::size_t params =
+      static_cast<std::size_t>(ctx.geometry.num_heads) * (kl.param_count + vl.param_count) * sizeof(format::QuantParams);
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    const CudaLayerStore& store = store_of(layers[i]);
+    const unsigned long long* c = counters.data() + kCounters * i;
+    const std::size_t n = static_cast<std::size_t>(layers[i].num_blocks);
+    BlockBytes& b = out[i].blocks;
+    b.payload = c[0];
+    b.descriptors = c[1];
+    b.params = n * params;
+    b.permutations = n * ctx.geometry.permutation_bytes();
+    b.headers = c[2] - b.payload - b.params - b.descriptors - b.permutations;
+    b.k_sections = c[3];
+    b.v_sections = c[4];
+    out[i].tables = store.table.bytes() + store.page_list.bytes();
+    out[i].tail = store.ring.bytes();
+    store.live_bytes = c[2];
+  }
+}
+
+// Downloads what export needs: the block table, once each the pages the blocks lie in (a block's
+// size is the first word of its header, checked against the page before it is read), and the
+// tail ring unrolled to token order. A transfer call: it waits for the stream.
+template <class T>
+void download(DeviceContext& ctx, const LayerRead& layer, std::vector<std::uint32_t>& sizes,
+              std::vector<std::uint8_t>& blocks, T* tail_k, T* tail_v) {
+  check_cuda(cudaStreamSynchronize(ctx.stream), "export_sequence");
+  ctx.raise_device_error();
+  const CudaLayerStore& store = store_of(layer);
+  const auto n = static_cast<std::size_t>(layer.num_blocks);
+  const std::size_t page_bytes = ctx.pool.page_bytes();
+  std::vector<std::uint8_t*> table(n);
+  if (n != 0) {
+    check_cuda(cudaMemcpy(table.data(), store.table.data(), n * sizeof(std::uint8_t*), cudaMemcpyDeviceToHost),
+               "export_sequence (block table download)");
+  }
+  std::vector<std::pair<std::uint8_t*, std::size_t>> by_address;
+  for (std::size_t i = 0; i < store.pages.size(); ++i) by_address.emplace_back(store.pages[i], i);
+  std::sort(by_address.begin(), by_address.end());
+  std::vector<std::vector<std::uint8_t>> copies(store.pages.size());
+  sizes.clear();
+  blocks.clear();
+  for (std::size_t b = 0; b < n; ++b) {
+    auto it = std::upper_bound(by_address.begin(), by_address.end(),
+                               std::pair<std::uint8_t*, std::size_t>(table[b], SIZE_MAX));
+    PACKKV_REQUIRE(it != by_address.begin() &&
+                       static_cast<std::size_t>(table[b] - std::prev(it)->first) + sizeof(format::BlockHeader) <=
+                           page_bytes,
+                   fmt::format("export_sequence: block {} is not in the layer's pages (device state corrupt)", b));
+    const std::size_t page = std::prev(it)->second;
+    std::vector<std::uint8_t>& copy = copies[page];
+    if (copy.empty()) {  // one download per page: blocks are packed back to back in it
+      copy.resize(page_bytes);
+      check_cuda(cudaMemcpy(copy.data(), store.pages[page], page_bytes, cudaMemcpyDeviceToHost),
+                 "export_sequence (page download)");
+    }
+    const std::size_t offset = static_cast<std::size_t>(table[b] - store.pages[page]);
+    const std::uint32_t size = format::block_bytes(copy.data() + offset);
+    PACKKV_REQUIRE(size >= ctx.geometry.min_block_bytes() && size <= ctx.geometry.max_block_bytes() &&
+                       offset + size <= page_bytes,
+                   fmt::format("export_sequence: block {} has impossible size {} (device state corrupt)", b, size));
+    sizes.push_back(size);
+    blocks.insert(blocks.end(), copy.data() + offset, copy.data() + offset + size);
+  }
+  if (layer.tail.len > 0) {
+    std::vector<T> ring(2 * static_cast<std::size_t>(store.ring_capacity) * ctx.row_elems);
+    check_cuda(cudaMemcpy(ring.data(), store.ring.data(), ring.size() * sizeof(T), cudaMemcpyDeviceToHost),
+               "export_sequence (tail download)");
+    const T* ring_v = ring.data() + static_cast<std::size_t>(store.ring_capacity) * ctx.row_elems;
+    for (int j = 0; j < layer.tail.len; ++j) {
+      const std::size_t row = static_cast<std::size_t>(layer.tail.row(layer.tail.begin + j)) * ctx.row_elems;
+      std::memcpy(tail_k + j * ctx.row_elems, ring.data() + row, ctx.row_elems * sizeof(T));
+      std::memcpy(tail_v + j * ctx.row_elems, ring_v + row, ctx.row_elems * sizeof(T));
+    }
+  }
+}
+
+
+#define PACKKV_INSTANTIATE_READS(T)                                                                       \
+  template void attention<T>(DeviceContext&, std::span<const LayerRead>, const T*, T*, float);           \
+  template void scores<T>(DeviceContext&, const LayerRead&, const T*, float*);                           \
+  template void attn_v<T>(DeviceContext&, const LayerRead&, const float*, float*);                       \
+  template void read_back<T>(DeviceContext&, const LayerRead&, float*, float*);                          \
+  template void download<T>(DeviceContext&, const LayerRead&, std::vector<std::uint32_t>&,              \
+                            std::vector<std::uint8_t>&, T*, T*);
+PACKKV_INSTANTIATE_READS(float)
+PACKKV_INSTANTIATE_READS(fp16_t)
+PACKKV_INSTANTIATE_READS(bf16_t)
+#undef PACKKV_INSTANTIATE_READS
+
+}  // namespace packkv::detail::cuda

@@ -1,0 +1,363 @@
+#include "cuda/write_path.hpp"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace packkv::detail::cuda {
+
+namespace {
+
+/// A write's plan for one layer: what it needs on the device, computed without changing anything.
+struct LayerPlan {
+  std::size_t pages_target = 0;     ///< pages the layer owns after the commit
+  std::size_t table_capacity = 0;   ///< after the commit
+  std::size_t page_list_capacity = 0;
+  bool ring_grows = false;
+  std::vector<std::uint32_t> adopted_page, adopted_offset;  ///< imported blocks' places
+  PlacementCursor adopted_cursor{};                         ///< after them
+  std::size_t upload_offset = 0;  ///< host tokens' place in the upload buffer (bytes)
+};
+
+template <class T>
+class CudaPrepared final : public PreparedWrite {
+ public:
+  std::size_t resident_after() const override {
+    const std::size_t free_after = ctx->pool.free_pages() + pages_returned;
+    const std::size_t fresh = pages_wanted > free_after ? pages_wanted - free_after : 0;
+    const std::size_t staging_growth = staging_bytes > ctx->staging.bytes() ? staging_bytes - ctx->staging.bytes() : 0;
+    return ctx->resident_bytes() + fresh * ctx->pool.page_bytes() + growth_bytes + staging_growth + upload_bytes;
+  }
+
+  const DeviceContext* ctx = nullptr;
+  std::vector<LayerWrite<T>> writes;
+  std::vector<LayerPlan> plans;
+  std::size_t pages_wanted = 0;    ///< new pages the layers take from the pool
+  std::size_t pages_returned = 0;  ///< pages the layers give back to the pool
+  std::size_t growth_bytes = 0;    ///< tables, page lists and rings that grow
+  std::size_t staging_bytes = 0;   ///< staging the commit needs
+  std::size_t upload_bytes = 0;    ///< host tokens travelling to the device
+};
+
+template <class T>
+TokenRows<T> rows_of(const DeviceContext& ctx, const LayerWrite<T>& w, const T* k, const T* v) {
+  const auto& store = store_of(w.store);
+  TokenRows<T> rows;
+  rows.ring_k = store.template ring_k<T>();
+  rows.ring_v = store.template ring_v<T>(ctx.row_elems);
+  rows.tail = w.plan.before;
+  rows.in_k = k;
+  rows.in_v = v;
+  rows.row_elems = static_cast<int>(ctx.row_elems);
+  return rows;
+}
+
+
+// Installs grown tables (old entries copied on the device) and the layer's new pages.
+void install_tables(DeviceContext& ctx, CudaLayerStore& store, const LayerPlan& plan, DeviceBuffer& table, DeviceBuffer& page_list,
+                    int num_blocks) {
+  if (table.bytes() != 0) {
+    if (num_blocks != 0) {
+      check_cuda(cudaMemcpyAsync(table.data(), store.table.data(), ctx.table_bytes(static_cast<std::size_t>(num_blocks)),
+                                 cudaMemcpyDeviceToDevice, ctx.stream),
+                 "block table growth");
+    }
+    ctx.owned_bytes += table.bytes() - store.table.bytes();
+    store.table = std::move(table);
+    store.table_capacity = plan.table_capacity;
+  }
+  const std::size_t first_new = store.pages.size();
+  if (page_list.bytes() != 0) {
+    if (store.page_list.bytes() != 0) {
+      check_cuda(cudaMemcpyAsync(page_list.data(), store.page_list.data(),
+                                 sizeof(PlacementCursor) + first_new * sizeof(std::uint8_t*), cudaMemcpyDeviceToDevice,
+                                 ctx.stream),
+                 "page list growth");
+    } else {
+      check_cuda(cudaMemsetAsync(page_list.data(), 0, sizeof(PlacementCursor), ctx.stream), "cursor initialisation");
+    }
+    ctx.owned_bytes += page_list.bytes() - store.page_list.bytes();
+    store.page_list = std::move(page_list);
+    store.page_list_capacity = plan.page_list_capacity;
+  }
+  while (store.pages.size() < plan.pages_target) store.pages.push_back(ctx.pool.take());
+  ctx.publish_pointers(store.pages, first_new, store.page_pointers() + first_new);
+}
+
+// Imported blocks: uploaded with one copy per page (they are back to back in the image and in a
+// page), their table entries written and the device cursor set after them.
+template <class T>
+void adopt_blocks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const LayerPlan& plan) {
+  std::vector<std::uint8_t*> table;
+  for (std::size_t b = 0; b < w.blocks.size();) {
+    std::size_t end = b + 1;
+    while (end < w.blocks.size() && plan.adopted_page[end] == plan.adopted_page[b]) ++end;
+    const std::size_t bytes =
+        static_cast<std::size_t>(w.blocks[end - 1].data() + w.blocks[end - 1].size() - w.blocks[b].data());
+    check_cuda(cudaMemcpyAsync(store.pages[plan.adopted_page[b]] + plan.adopted_offset[b], w.blocks[b].data(), bytes,
+                               cudaMemcpyHostToDevice, ctx.stream),
+               "import (block upload)");
+    b = end;
+  }
+  for (std::size_t b = 0; b < w.blocks.size(); ++b) {
+    table.push_back(store.pages[plan.adopted_page[b]] + plan.adopted_offset[b]);
+    store.live_bytes += w.blocks[b].size();
+  }
+  ctx.publish_pointers(table, 0, store.table.as<std::uint8_t*>());
+  check_cuda(cudaMemcpyAsync(store.cursor(), &plan.adopted_cursor, sizeof(PlacementCursor), cudaMemcpyHostToDevice,
+                             ctx.stream),
+             "import (cursor upload)");
+  store.seen_page = plan.adopted_cursor.page;
+  store.seen_offset = plan.adopted_cursor.offset;
+  store.unseen.clear();
+  store.live_blocks += w.blocks.size();
+}
+
+// Encodes the write's full blocks into staging, then places them tightly in the layer's pages.
+template <class T>
+void seal_blocks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v) {
+  const int block = ctx.geometry.block_tokens;
+  const std::int64_t total = w.plan.seal_blocks, per_round = ctx.blocks_per_round();
+  const detail::TokenRows<T> rows = rows_of(ctx, w, k, v);
+  int placed = w.num_blocks + static_cast<int>(w.blocks.size());
+  for (std::int64_t done = 0; done < total; done += per_round) {
+    const int count = static_cast<int>(std::min(per_round, total - done));
+    auto* sizes = reinterpret_cast<std::uint32_t*>(ctx.staging.as<std::uint8_t>() +
+                                                   static_cast<std::size_t>(std::min(per_round, total)) * ctx.slot_bytes);
+    EncodeParams<T> params{};
+    params.geometry = ctx.geometry;
+    params.k_max_code = ctx.codec.k_max_code;
+    params.v_max_code = ctx.codec.v_max_code;
+    params.median_repack = ctx.median_repack ? 1 : 0;
+    params.source = rows;
+    params.first_position = w.plan.before.begin + done * block;
+    params.out_base = ctx.staging.as<std::uint8_t>();
+    params.out_stride = ctx.slot_bytes;
+    params.block_sizes = sizes;
+    params.errors = ctx.errors_for(w.id, w.layer);
+    check_cuda(launch_encode(params, count, ctx.stream), "encode kernel launch");
+
+    PlaceParams place{};
+    place.staging = ctx.staging.as<const std::uint8_t>();
+    place.staging_stride = ctx.slot_bytes;
+    place.sizes = sizes;
+    place.num_blocks = count;
+    place.pages = store.page_pointers();
+    place.page_count = static_cast<std::uint32_t>(store.pages.size());
+    place.page_bytes = static_cast<std::uint32_t>(ctx.pool.page_bytes());
+    place.cursor = store.cursor();
+    place.table = store.table.as<std::uint8_t*>() + placed;
+    place.progress = ctx.progress.device(store.progress_word);
+    place.launch = ctx.next_launch++ & 0xFFFFFFu;
+    place.errors = ctx.errors_for(w.id, w.layer);
+    check_cuda(launch_place_blocks(place, ctx.stream), "block placement kernel launch");
+    store.unseen.push_back(UnseenPlacement{place.launch, count});
+    placed += count;
+  }
+  store.live_blocks += static_cast<std::size_t>(total);
+  // Block sizes are the device's: live_bytes is brought up to date by memory_stats (layer_bytes).
+}
+
+// The tail after the write, in its ring (a new, larger one when it grows: the tokens that stay
+// are copied over with the new ones).
+template <class T>
+void write_tail(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v, DeviceBuffer grown_ring) {
+  const AppendPlan& plan = w.plan;
+  TailWriteParams<T> tail{};
+  tail.source = rows_of(ctx, w, k, v);
+  const bool grows = grown_ring.bytes() != 0;
+  T* ring = grows ? grown_ring.as<T>() : store.ring.template as<T>();
+  tail.ring_k = ring;
+  tail.ring_v = ring + static_cast<std::size_t>(plan.after.capacity) * ctx.row_elems;
+  tail.ring_capacity = plan.after.capacity;
+  tail.first = grows ? plan.after.begin : std::max(plan.after.begin, plan.before.end());
+  tail.end = plan.after.end();
+  tail.head_dim = ctx.geometry.head_dim;
+  tail.errors = ctx.errors_for(w.id, w.layer);
+  check_cuda(launch_tail_write(tail, ctx.stream), "tail kernel launch");
+  if (grows) {
+    ctx.owned_bytes += grown_ring.bytes() - store.ring.bytes();
+    store.ring = std::move(grown_ring);  // the old ring is freed after the kernels that read it
+    store.ring_capacity = plan.after.capacity;
+  }
+}
+
+
+
+}  // namespace
+
+template <class T>
+void check_values(DeviceContext& ctx, std::span<const LayerWrite<T>> writes) {
+  ctx.raise_device_error();
+  if (!ctx.strict) return;  // the kernels check every value and a later call reports
+  check_cuda(cudaStreamSynchronize(ctx.stream), "append (strict validation)");
+  ctx.raise_device_error();  // an earlier kernel's report is not this append's
+  for (const LayerWrite<T>& w : writes) {
+    ValidateParams<T> params{};
+    params.rows = rows_of(ctx, w, w.k, w.v);
+    params.n_tokens = w.plan.n_tokens;
+    params.geometry = ctx.geometry;
+    params.k_max_code = ctx.codec.k_max_code;
+    params.v_max_code = ctx.codec.v_max_code;
+    params.errors = ctx.errors_for(w.id, w.layer);
+    check_cuda(launch_validate(params, ctx.stream), "validation kernel launch");
+  }
+  check_cuda(cudaStreamSynchronize(ctx.stream), "append (strict validation)");
+  ctx.raise_device_error(ErrorOrigin::strict_append);
+}
+
+
+
+template <class T>
+std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const LayerWrite<T>> writes) {
+  ctx.raise_device_error();
+  auto prepared = std::make_unique<CudaPrepared<T>>();
+  prepared->ctx = &ctx;
+  prepared->writes.assign(writes.begin(), writes.end());
+  const std::uint32_t page_bytes = static_cast<std::uint32_t>(ctx.pool.page_bytes());
+  std::size_t sealed_max = 0;
+  for (const LayerWrite<T>& w : writes) {
+    auto& store = store_of(w.store);
+    LayerPlan plan;
+    ctx.refresh_placement(store);  // learns what completed; changes nothing the caller can see
+    std::int64_t new_blocks = w.plan.seal_blocks;
+    std::uint32_t seen_page = store.seen_page, seen_offset = store.seen_offset;
+    std::int64_t unseen = 0;
+    for (const UnseenPlacement& u : store.unseen) unseen += u.blocks;
+    if (!w.blocks.empty()) {
+      // Imported blocks (the layer is empty): placed here with the device's rule.
+      PlacementCursor cursor{};
+      for (const auto& b : w.blocks) {
+        const auto size = static_cast<std::uint32_t>(b.size());
+        if (cursor.offset + size > page_bytes) {
+          ++cursor.page;
+          cursor.offset = 0;
+        }
+        plan.adopted_page.push_back(cursor.page);
+        plan.adopted_offset.push_back(cursor.offset);
+        cursor.offset += size;
+      }
+      plan.adopted_cursor = cursor;
+      seen_page = cursor.page;
+      seen_offset = cursor.offset;
+      unseen = 0;
+    }
+    const std::size_t blocks_after = static_cast<std::size_t>(w.num_blocks) + static_cast<int>(w.blocks.size()) + w.plan.seal_blocks;
+    plan.pages_target = ctx.pages_bound(blocks_after, seen_page, seen_offset, unseen + new_blocks);
+    if (plan.pages_target > store.pages.size()) {
+      prepared->pages_wanted += plan.pages_target - store.pages.size();
+    } else {
+      prepared->pages_returned += store.pages.size() - plan.pages_target;
+    }
+    plan.table_capacity = store.table_capacity;
+    while (plan.table_capacity < blocks_after) {
+      plan.table_capacity = std::max<std::size_t>(64, 2 * plan.table_capacity);
+    }
+    plan.page_list_capacity = store.page_list_capacity;
+    while (plan.page_list_capacity < plan.pages_target) {
+      plan.page_list_capacity = std::max<std::size_t>(16, 2 * plan.page_list_capacity);
+    }
+    plan.ring_grows = w.plan.after.capacity > store.ring_capacity;
+    prepared->growth_bytes += ctx.table_bytes(plan.table_capacity) - ctx.table_bytes(store.table_capacity) +
+                              ctx.page_list_bytes(plan.page_list_capacity) - ctx.page_list_bytes(store.page_list_capacity) +
+                              (plan.ring_grows ? ctx.ring_bytes(w.plan.after.capacity) - ctx.ring_bytes(store.ring_capacity) : 0);
+    if (w.tokens_on_host && w.plan.n_tokens > 0) {
+      plan.upload_offset = prepared->upload_bytes;
+      prepared->upload_bytes += format::align_up(
+          static_cast<std::uint32_t>(2 * static_cast<std::size_t>(w.plan.n_tokens) * ctx.row_elems * sizeof(T)), 256);
+    }
+    sealed_max = std::max(sealed_max, static_cast<std::size_t>(w.plan.seal_blocks));
+    prepared->plans.push_back(std::move(plan));
+  }
+  prepared->staging_bytes = static_cast<std::size_t>(std::min<std::int64_t>(
+                                static_cast<std::int64_t>(sealed_max), ctx.blocks_per_round())) *
+                            (ctx.slot_bytes + 4);
+  return prepared;
+}
+
+
+
+template <class T>
+void commit_write(DeviceContext& ctx, PreparedWrite& base) {
+  auto& prepared = static_cast<CudaPrepared<T>&>(base);
+  // Acquire everything new first (locals: a failure frees them and changes nothing).
+  const std::size_t pool_free_after = ctx.pool.free_pages() + prepared.pages_returned;
+  const std::size_t fresh_pages = prepared.pages_wanted > pool_free_after ? prepared.pages_wanted - pool_free_after : 0;
+  std::vector<DeviceBuffer> pages = ctx.pool.allocate(fresh_pages, ctx.stream);
+  struct Grown {
+    DeviceBuffer table, page_list, ring;
+    std::size_t progress_word = kNoWord;
+  };
+  std::vector<Grown> grown(prepared.writes.size());
+  DeviceBuffer staging, upload;
+  try {
+    for (std::size_t i = 0; i < prepared.writes.size(); ++i) {
+      const LayerWrite<T>& w = prepared.writes[i];
+      const LayerPlan& plan = prepared.plans[i];
+      const auto& store = store_of(w.store);
+      if (plan.table_capacity != store.table_capacity) grown[i].table = DeviceBuffer(ctx.table_bytes(plan.table_capacity), ctx.stream);
+      if (plan.page_list_capacity != store.page_list_capacity) {
+        grown[i].page_list = DeviceBuffer(ctx.page_list_bytes(plan.page_list_capacity), ctx.stream);
+      }
+      if (plan.ring_grows) grown[i].ring = DeviceBuffer(ctx.ring_bytes(w.plan.after.capacity), ctx.stream);
+      if (store.progress_word == kNoWord && plan.pages_target > 0) grown[i].progress_word = ctx.progress.take();
+    }
+    if (prepared.staging_bytes > ctx.staging.bytes()) staging = DeviceBuffer(prepared.staging_bytes, ctx.stream);
+    if (prepared.upload_bytes > 0) upload = DeviceBuffer(prepared.upload_bytes, ctx.stream);
+  } catch (...) {
+    for (Grown& g : grown) {
+      if (g.progress_word != kNoWord) ctx.progress.give(g.progress_word);
+    }
+    throw;
+  }
+  // Apply.
+  ctx.pool.add(std::move(pages));
+  if (staging.bytes() != 0) ctx.staging = std::move(staging);
+  bool transfers = false;
+  for (std::size_t i = 0; i < prepared.writes.size(); ++i) {
+    const LayerWrite<T>& w = prepared.writes[i];
+    auto& store = store_of(w.store);
+    if (grown[i].progress_word != kNoWord) store.progress_word = grown[i].progress_word;
+    ctx.give_back_pages(store, prepared.plans[i].pages_target);
+  }
+  for (std::size_t i = 0; i < prepared.writes.size(); ++i) {
+    const LayerWrite<T>& w = prepared.writes[i];
+    const LayerPlan& plan = prepared.plans[i];
+    auto& store = store_of(w.store);
+    install_tables(ctx, store, plan, grown[i].table, grown[i].page_list, w.num_blocks);
+    const T* k = w.k;
+    const T* v = w.v;
+    if (w.tokens_on_host && w.plan.n_tokens > 0) {
+      const std::size_t n = static_cast<std::size_t>(w.plan.n_tokens) * ctx.row_elems;
+      T* dk = reinterpret_cast<T*>(upload.as<std::uint8_t>() + plan.upload_offset);
+      T* dv = dk + n;
+      check_cuda(cudaMemcpyAsync(dk, w.k, n * sizeof(T), cudaMemcpyHostToDevice, ctx.stream), "token upload");
+      check_cuda(cudaMemcpyAsync(dv, w.v, n * sizeof(T), cudaMemcpyHostToDevice, ctx.stream), "token upload");
+      k = dk;
+      v = dv;
+      transfers = true;
+    }
+    if (!w.blocks.empty()) {
+      adopt_blocks(ctx, store, w, plan);
+      transfers = true;
+    }
+    seal_blocks<T>(ctx, store, w, k, v);
+    write_tail<T>(ctx, store, w, k, v, std::move(grown[i].ring));
+  }
+  // Imports hand the device host memory that lives only as long as the call: wait for it.
+  if (transfers) check_cuda(cudaStreamSynchronize(ctx.stream), "import (uploads)");
+}
+
+
+
+#define PACKKV_INSTANTIATE_WRITES(T)                                                                         \
+  template void check_values<T>(DeviceContext&, std::span<const LayerWrite<T>>);                            \
+  template std::unique_ptr<PreparedWrite> prepare_write<T>(DeviceContext&, std::span<const LayerWrite<T>>); \
+  template void commit_write<T>(DeviceContext&, PreparedWrite&);
+PACKKV_INSTANTIATE_WRITES(float)
+PACKKV_INSTANTIATE_WRITES(fp16_t)
+PACKKV_INSTANTIATE_WRITES(bf16_t)
+#undef PACKKV_INSTANTIATE_WRITES
+
+}  // namespace packkv::detail::cuda

@@ -1,0 +1,21 @@
+// The CUDA backend's writes: value checks (strict mode), and the two phases of a write (backend.hpp):
+// prepare_write() plans every page, table, ring, staging and upload the commit will need without
+// changing anything; commit_write() allocates all of it first, then queues the kernels (encode,
+// place, copy, tail write) and copies. Callers hold the context's mutex.
+#pragma once
+
+#include <memory>
+#include <span>
+
+#include "cuda/device_context.hpp"
+
+namespace packkv::detail::cuda {
+
+template <class T>
+void check_values(DeviceContext& ctx, std::span<const LayerWrite<T>> writes);
+template <class T>
+std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const LayerWrite<T>> writes);
+template <class T>
+void commit_write(DeviceContext& ctx, PreparedWrite& prepared);
+
+}  // namespace packkv::detail::cuda

@@ -1,0 +1,190 @@
+// The CPU kernel sets (scalar and AVX2, both in this binary) against the format's scalar
+// reference: integer paths bit for bit, exhaustively where the input space allows; dequantized
+// values bit for bit; the floating-point products within fp32 tolerance.
+#include <cstring>
+#include <tuple>
+
+#include "cpu_kernels/kernels.hpp"
+#include "test_util.hpp"
+
+namespace packkv {
+namespace {
+
+using detail::cpu::Isa;
+using detail::cpu::Kernels;
+
+std::vector<const Kernels*> kernel_sets() {
+  std::vector<const Kernels*> sets;
+  for (Isa isa : {Isa::scalar, Isa::avx2}) {
+    if (detail::cpu::supported(isa)) sets.push_back(&detail::cpu::kernels_for(isa));
+  }
+  return sets;
+}
+
+TEST(Kernels, DispatchPicksTheBestSupportedSet) {
+  EXPECT_TRUE(detail::cpu::supported(Isa::scalar));
+  EXPECT_EQ(detail::cpu::kernels().isa, detail::cpu::supported(Isa::avx2) ? Isa::avx2 : Isa::scalar);
+  if (!detail::cpu::supported(Isa::avx2)) {
+    EXPECT_THROW(detail::cpu::kernels_for(Isa::avx2), error);
+  }
+  RecordProperty("kernels", detail::cpu::to_string(detail::cpu::kernels().isa));
+}
+
+// Checks one 8-byte input at every width against format::unpack8.
+void check_unpack8(const Kernels& k, const std::uint8_t (&bytes)[8], std::uint32_t width) {
+  std::uint8_t want[8];
+  format::unpack8(bytes, width, want);
+  std::uint32_t got[8];
+  k.unpack8(bytes, width, got);
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_EQ(got[i], want[i]) << detail::cpu::to_string(k.isa) << " width " << width << " value " << i << " bytes "
+                               << std::hex << static_cast<int>(bytes[0]) << " " << static_cast<int>(bytes[1]);
+  }
+}
+
+TEST(Kernels, Unpack8MatchesTheSpecForEveryWidthAndBytePattern) {
+  synthetic::Rng rng(5);
+  for (const Kernels* k : kernel_sets()) {
+    for (std::uint32_t width = 0; width <= 8; ++width) {
+      std::uint8_t bytes[8];
+      // Bytes past the width must not matter: they are random in every case below.
+      auto randomise = [&] {
+        for (auto& b : bytes) b = static_cast<std::uint8_t>(rng.next());
+      };
+      if (width <= 2) {  // every pattern of the bytes that hold values
+        for (std::uint32_t pattern = 0; pattern < (1u << (8 * width)); ++pattern) {
+          randomise();
+          for (std::uint32_t b = 0; b < width; ++b) bytes[b] = static_cast<std::uint8_t>(pattern >> (8 * b));
+          check_unpack8(*k, bytes, width);
+        }
+      } else {  // every value of every byte, the others random, then random patterns
+        for (std::uint32_t at = 0; at < width; ++at) {
+          for (int value = 0; value < 256; ++value) {
+            randomise();
+            bytes[at] = static_cast<std::uint8_t>(value);
+            check_unpack8(*k, bytes, width);
+          }
+        }
+        for (int trial = 0; trial < 20000; ++trial) {
+          randomise();
+          check_unpack8(*k, bytes, width);
+        }
+      }
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
+TEST(Kernels, StorageTypeConversionsAreExactForEveryBitPattern) {
+  std::vector<fp16_t> halves(65536);
+  std::vector<bf16_t> brains(65536);
+  for (std::uint32_t i = 0; i < 65536; ++i) {
+    halves[i] = fp16_t::from_bits(static_cast<std::uint16_t>(i));
+    brains[i] = bf16_t::from_bits(static_cast<std::uint16_t>(i));
+  }
+  for (const Kernels* k : kernel_sets()) {
+    std::vector<float> h(65536), b(65536);
+    k->dense_f16.to_float(halves.data(), h.data(), h.size());
+    k->dense_bf16.to_float(brains.data(), b.data(), b.size());
+    for (std::uint32_t i = 0; i < 65536; ++i) {
+      const float want_h = to_float(halves[i]), want_b = to_float(brains[i]);
+      ASSERT_EQ(std::memcmp(&h[i], &want_h, 4), 0) << detail::cpu::to_string(k->isa) << " fp16 " << std::hex << i;
+      ASSERT_EQ(std::memcmp(&b[i], &want_b, 4), 0) << detail::cpu::to_string(k->isa) << " bf16 " << std::hex << i;
+    }
+  }
+}
+
+struct SectionCase {
+  int head_dim, block;
+  float rel;
+  bool per_channel;
+};
+
+// Random blocks in many geometries and code widths; both kinds of round in every section.
+TEST(Kernels, SectionCodesAndValuesAreBitExactAcrossKernelSets) {
+  const SectionCase cases[] = {{8, 16, 1.0f, false},     {16, 32, 0.5f, true},     {64, 64, 0.1f, false},
+                               {128, 64, 0.2f, false},   {128, 128, 0.02f, true},  {256, 16, 1.0f / 255, false},
+                               {96, 48, 1.0f / 60, true}, {40, 256, 0.25f, false}, {256, 256, 0.1f, true}};
+  std::uint64_t seed = 1;
+  for (const SectionCase& c : cases) {
+    CacheConfig cfg;
+    cfg.head_dim = c.head_dim;
+    cfg.block_tokens = c.block;
+    cfg.k_rel = c.rel;
+    cfg.v_rel = std::min(1.0f, 2 * c.rel);
+    cfg.k_mode = c.per_channel ? QuantMode::per_channel : QuantMode::per_token;
+    const CodecParams params = make_codec_params(cfg);
+    const format::BlockGeometry& g = params.geometry;
+    const std::size_t n = static_cast<std::size_t>(c.block) * c.head_dim;
+    const std::vector<float> k = test::mixed_rounds_values(c.block, c.head_dim, seed++, 3.0);
+    const std::vector<float> v = test::mixed_rounds_values(c.block, c.head_dim, seed++);
+    std::vector<std::uint8_t> block(g.max_block_bytes());
+    EncodeScratch scratch;
+    encode_block(params, k.data(), v.data(), c.head_dim, block.data(), scratch);
+    for (format::Side side : {format::Side::k, format::Side::v}) {
+      const format::SectionLayout layout = g.layout(side);
+      const std::uint8_t* section = format::section(block.data(), g, 0, side);
+      std::vector<std::uint8_t> ref(n);
+      unpack_section_codes(layout, section, ref.data());  // the reference unpacker
+      const format::QuantParams* qp = format::section_params(section);
+      for (const Kernels* kern : kernel_sets()) {
+        std::vector<std::uint8_t> codes(n);
+        std::vector<float> values(n);
+        kern->unpack_section(layout, section, codes.data());
+        ASSERT_EQ(codes, ref) << detail::cpu::to_string(kern->isa) << " dim " << c.head_dim << " block " << c.block;
+        kern->decode_section(layout, g.per_channel(side), section, values.data());
+        for (std::size_t i = 0; i < n; ++i) {
+          const std::size_t t = i / c.head_dim, ch = i % c.head_dim;
+          const format::QuantParams& p = qp[g.per_channel(side) ? ch : t];
+          const float want = format::dequantize(ref[i], to_float(p.step), to_float(p.min));
+          ASSERT_EQ(std::memcmp(&values[i], &want, 4), 0)
+              << detail::cpu::to_string(kern->isa) << " element " << i << ": " << values[i] << " vs " << want;
+        }
+      }
+    }
+  }
+}
+
+// The floating-point products agree within fp32 rounding (they sum in different orders).
+TEST(Kernels, DenseProductsAgreeAcrossKernelSets) {
+  const int dim = 128, tokens = 37, groups = 4;
+  const std::vector<float> rows = test::random_values(static_cast<std::size_t>(tokens) * dim, 3);
+  const std::vector<fp16_t> half_rows = test::convert<fp16_t>(rows);
+  const std::vector<float> q = test::random_values(static_cast<std::size_t>(groups) * dim, 4);
+  const std::vector<float> w = test::random_values(static_cast<std::size_t>(groups) * tokens, 5);
+  std::vector<std::vector<float>> scores, values;
+  for (const Kernels* kern : kernel_sets()) {
+    std::vector<float> s(static_cast<std::size_t>(groups) * tokens);
+    kern->dense_f16.scores(half_rows.data(), dim, tokens, dim, q.data(), groups, s.data(), tokens);
+    detail::cpu::AlignedFloats acc(static_cast<std::size_t>(groups) * dim * 8, 0.0f);
+    kern->dense_f16.accumulate_v(half_rows.data(), dim, tokens, dim, w.data(), tokens, groups, acc.data());
+    scores.push_back(s);
+    values.emplace_back(acc.begin(), acc.end());
+  }
+  for (std::size_t set = 1; set < scores.size(); ++set) {
+    for (std::size_t i = 0; i < scores[0].size(); ++i) EXPECT_NEAR(scores[set][i], scores[0][i], 1e-4);
+    for (std::size_t i = 0; i < values[0].size(); ++i) EXPECT_NEAR(values[set][i], values[0][i], 1e-4);
+  }
+}
+
+TEST(Kernels, SoftmaxRowsAgreeAcrossKernelSets) {
+  const int n = 203;
+  const std::vector<float> scores = test::random_values(2 * static_cast<std::size_t>(n), 8, 4.0);
+  std::vector<std::vector<float>> rows;
+  std::vector<std::pair<float, float>> stats;
+  for (const Kernels* kern : kernel_sets()) {
+    std::vector<float> s = scores;
+    float max[2], sum[2];
+    kern->softmax_rows(s.data(), n, n, 2, max, sum);
+    rows.push_back(s);
+    stats.emplace_back(max[1], sum[1]);
+  }
+  for (std::size_t set = 1; set < rows.size(); ++set) {
+    EXPECT_EQ(stats[set].first, stats[0].first);
+    EXPECT_NEAR(stats[set].second, stats[0].second, 2e-6 * stats[0].second);
+    for (std::size_t i = 0; i < rows[0].size(); ++i) EXPECT_NEAR(rows[set][i], rows[0][i], 2e-7 * rows[0][i] + 1e-30);
+  }
+}
+
+}  // namespace
+}  // namespace packkv
