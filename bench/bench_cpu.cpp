@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <thread>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 
@@ -180,19 +181,25 @@ BENCHMARK(BM_Encode<fp16_t>)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealT
 BENCHMARK(BM_Encode<float>)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_DecodeStep)->ArgName("concurrent_prefill")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-// Records each run's time so the closing table can give ratios from this very run.
+// Records each run's time so the closing tables can give ratios from this very run: the median of
+// the repetitions when --benchmark_repetitions is given (these machines are noisy), else the run.
 class RatioReporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
     for (const Run& run : runs) {
-      if (run.run_type == Run::RT_Iteration && !run.error_occurred) {
-        times[run.benchmark_name()] = run.GetAdjustedRealTime();
-        if (run.counters.count("ratio_vs_fp16")) ratios[run.benchmark_name()] = run.counters.at("ratio_vs_fp16");
-      }
+      if (run.error_occurred) continue;
+      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
+      const std::string name = run.run_name.str();
+      if (!median && (run.run_type != Run::RT_Iteration || medians.count(name))) continue;
+      if (median) medians.insert(name);
+      times[name] = run.GetAdjustedRealTime();
+      if (run.counters.count("ratio_vs_fp16")) ratios[name] = run.counters.at("ratio_vs_fp16");
+      if (run.counters.count("bytes_per_second")) rates[name] = run.counters.at("bytes_per_second");
     }
   }
-  std::map<std::string, double> times, ratios;
+  std::map<std::string, double> times, ratios, rates;
+  std::set<std::string> medians;
 };
 
 }  // namespace
@@ -211,6 +218,9 @@ int main(int argc, char** argv) {
     if (p == reporter.times.end() || d == reporter.times.end()) continue;
     std::printf("%10lld %12.3f %12.3f %9.2fx %14.2f\n", static_cast<long long>(len), p->second, d->second,
                 d->second / p->second, reporter.ratios["BM_PackedAttention" + suffix]);
+  }
+  for (const auto& [name, rate] : reporter.rates) {
+    if (name.rfind("BM_Encode", 0) == 0) std::printf("%s: %.0f MB/s of input\n", name.c_str(), rate / 1e6);
   }
   const auto alone = reporter.times.find("BM_DecodeStep/concurrent_prefill:0/real_time");
   const auto beside = reporter.times.find("BM_DecodeStep/concurrent_prefill:1/real_time");

@@ -18,7 +18,7 @@ if [[ " $* " != *" --synthetic "* && ! -f "$model_dir/smollm2-135m.pkvllama" ]];
 fi
 echo "== building packkv_demo in $build"
 # The demo runs on the CPU backend: a build without CUDA, tests or benchmarks configures and builds fastest.
-cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPACKKV_CUDA=OFF -DPACKKV_BUILD_TESTS=OFF \
+cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPACKKV_CUDA=OFF -DPACKKV_NATIVE=ON -DPACKKV_BUILD_TESTS=OFF \
   -DPACKKV_BUILD_BENCH=OFF -DPACKKV_INSTALL=OFF > /dev/null
 cmake --build "$build" --target packkv_demo -j "${PACKKV_JOBS:-2}" > /dev/null
 exec "$build/examples/packkv_demo" --model-dir "$model_dir" "$@"

@@ -145,6 +145,65 @@ TEST(Kernels, SectionCodesAndValuesAreBitExactAcrossKernelSets) {
   }
 }
 
+// The encoder's row operations give format::quantize's codes and Range's bits on every kernel set,
+// zeros of both signs, exact ties and values at the fp16 limit included.
+TEST(Kernels, EncoderRowOperationsAreBitExactAcrossKernelSets) {
+  synthetic::Rng rng(21);
+  for (int trial = 0; trial < 400; ++trial) {
+    const std::size_t n = 8 * (1 + rng.next() % 32);
+    std::vector<float> x(n);
+    for (float& v : x) {
+      switch (rng.next() % 6) {
+        case 0: v = 0.0f; break;
+        case 1: v = -0.0f; break;
+        case 2: v = static_cast<float>(static_cast<int>(rng.next() % 21) - 10) * 0.5f; break;  // ties
+        case 3: v = trial % 7 == 0 ? 65504.0f : 1.0f; break;
+        default: v = static_cast<float>(rng.normal() * 3.0);
+      }
+    }
+    if (trial % 50 == 49) x[rng.next() % n] = NAN;  // not storable
+    format::Range want;
+    bool want_ok = true;
+    for (float v : x) {
+      want_ok &= format::storable(v);
+      want.extend(v);
+    }
+    const int max_code = 1 + static_cast<int>(rng.next() % 255);
+    const format::Quantizer q = format::make_quantizer(want.lo, want.hi, max_code);
+    std::vector<float> lo0(n), hi0(n), mins(n), invs(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      lo0[i] = static_cast<float>(rng.normal());
+      hi0[i] = lo0[i] + 1.0f;
+      mins[i] = static_cast<float>(-4.0 + rng.uniform());
+      invs[i] = static_cast<float>(rng.uniform() * 4.0);
+    }
+    for (const Kernels* kern : kernel_sets()) {
+      format::Range got;
+      const bool ok = kern->row_range(x.data(), n, got);
+      ASSERT_EQ(ok, want_ok);
+      if (!want_ok) continue;
+      ASSERT_EQ(std::memcmp(&got.lo, &want.lo, 4), 0) << got.lo << " " << want.lo;
+      ASSERT_EQ(std::memcmp(&got.hi, &want.hi, 4), 0) << got.hi << " " << want.hi;
+      std::vector<float> lo = lo0, hi = hi0;
+      ASSERT_TRUE(kern->extend_ranges(x.data(), n, lo.data(), hi.data()));
+      std::vector<std::uint8_t> codes(n), codes_pc(n);
+      if (q.ok) kern->quantize_row(x.data(), n, q, max_code, codes.data());
+      kern->quantize_row_per_channel(x.data(), n, mins.data(), invs.data(), max_code, codes_pc.data());
+      for (std::size_t i = 0; i < n; ++i) {
+        format::Range r{lo0[i], hi0[i]};
+        r.extend(x[i]);
+        ASSERT_EQ(std::memcmp(&lo[i], &r.lo, 4), 0);
+        ASSERT_EQ(std::memcmp(&hi[i], &r.hi, 4), 0);
+        if (q.ok) ASSERT_EQ(codes[i], format::quantize(x[i], q, max_code)) << x[i];
+        format::Quantizer qc{};
+        qc.min = mins[i];
+        qc.inv_step = invs[i];
+        ASSERT_EQ(codes_pc[i], format::quantize(x[i], qc, max_code)) << x[i];
+      }
+    }
+  }
+}
+
 // The floating-point products agree within fp32 rounding (they sum in different orders).
 TEST(Kernels, DenseProductsAgreeAcrossKernelSets) {
   const int dim = 128, tokens = 37, groups = 4;

@@ -84,15 +84,11 @@ void gather_head(const T* x, std::size_t row_stride, int head, int tokens, int d
 // Per-token quantization of one head: codes[t][c] (arrival order), params[t].
 void quantize_per_token(const float* x, int head, int tokens, int dim, int max_code, Side side,
                         std::uint8_t* codes, QuantParams* params) {
+  const detail::cpu::Kernels& kern = detail::cpu::kernels();
   for (int t = 0; t < tokens; ++t) {
     const float* row = x + static_cast<std::size_t>(t) * dim;
     format::Range range;
-    bool all_storable = true;
-    for (int c = 0; c < dim; ++c) {
-      all_storable &= format::storable(row[c]);
-      range.extend(row[c]);
-    }
-    if (!all_storable) {
+    if (!kern.row_range(row, static_cast<std::size_t>(dim), range)) {
       for (int c = 0; c < dim; ++c) {
         if (!format::storable(row[c])) throw_bad_value(side, t, head, c, row[c]);
       }
@@ -100,27 +96,36 @@ void quantize_per_token(const float* x, int head, int tokens, int dim, int max_c
     const format::Quantizer q = format::make_quantizer(range.lo, range.hi, max_code);
     if (!q.ok) throw_range(side, "token", t, head, range);
     params[t] = q.stored;
-    std::uint8_t* out = codes + static_cast<std::size_t>(t) * dim;
-    for (int c = 0; c < dim; ++c) out[c] = format::quantize(row[c], q, max_code);
+    kern.quantize_row(row, static_cast<std::size_t>(dim), q, max_code, codes + static_cast<std::size_t>(t) * dim);
   }
 }
 
-// Per-channel quantization of one head over the block (KIVI-style K): params[c].
+// Per-channel quantization of one head over the block (KIVI-style K): params[c]. Row by row, so
+// every channel's range and codes come from vector operations over a token's values.
 void quantize_per_channel(const float* x, int head, int tokens, int dim, int max_code, std::uint8_t* codes,
                           QuantParams* params) {
+  const detail::cpu::Kernels& kern = detail::cpu::kernels();
+  float lo[256], hi[256], mins[256], inv_steps[256];
+  std::fill(lo, lo + dim, INFINITY);
+  std::fill(hi, hi + dim, -INFINITY);
+  for (int t = 0; t < tokens; ++t) {
+    const float* row = x + static_cast<std::size_t>(t) * dim;
+    if (!kern.extend_ranges(row, static_cast<std::size_t>(dim), lo, hi)) {
+      for (int c = 0; c < dim; ++c) {
+        if (!format::storable(row[c])) throw_bad_value(Side::k, t, head, c, row[c]);
+      }
+    }
+  }
   for (int c = 0; c < dim; ++c) {
-    format::Range range;
-    for (int t = 0; t < tokens; ++t) {
-      const float f = x[static_cast<std::size_t>(t) * dim + c];
-      if (!format::storable(f)) throw_bad_value(Side::k, t, head, c, f);
-      range.extend(f);
-    }
-    const format::Quantizer q = format::make_quantizer(range.lo, range.hi, max_code);
-    if (!q.ok) throw_range(Side::k, "channel", c, head, range);
+    const format::Quantizer q = format::make_quantizer(lo[c], hi[c], max_code);
+    if (!q.ok) throw_range(Side::k, "channel", c, head, format::Range{lo[c], hi[c]});
     params[c] = q.stored;
-    for (int t = 0; t < tokens; ++t) {
-      codes[static_cast<std::size_t>(t) * dim + c] = format::quantize(x[static_cast<std::size_t>(t) * dim + c], q, max_code);
-    }
+    mins[c] = q.min;
+    inv_steps[c] = q.inv_step;
+  }
+  for (int t = 0; t < tokens; ++t) {
+    kern.quantize_row_per_channel(x + static_cast<std::size_t>(t) * dim, static_cast<std::size_t>(dim), mins, inv_steps,
+                                  max_code, codes + static_cast<std::size_t>(t) * dim);
   }
 }
 

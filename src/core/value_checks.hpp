@@ -20,11 +20,21 @@ namespace packkv::detail {
 /// Index of the first value that cannot be stored, or n when all can.
 template <class T>
 std::size_t first_unstorable(const T* x, std::size_t n) {
+  // Branch-free passes the compiler vectorises; the exact place is searched only on failure.
   bool ok = true;
   if constexpr (std::is_same_v<T, fp16_t>) {
-    for (std::size_t i = 0; i < n; ++i) ok &= (x[i].bits & 0x7C00u) != 0x7C00u;  // every finite fp16 fits
+    // Every finite fp16 fits; Inf and NaN have all exponent bits set (an exponent field below
+    // 0x7C00 keeps the maximum below it).
+    std::int16_t exponent = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto e = static_cast<std::int16_t>(x[i].bits & 0x7C00u);
+      exponent = e > exponent ? e : exponent;
+    }
+    ok = exponent != 0x7C00;
   } else {
-    for (std::size_t i = 0; i < n; ++i) ok &= format::storable(to_float(x[i]));  // branch-free: vectorises
+    unsigned bad = 0;
+    for (std::size_t i = 0; i < n; ++i) bad |= static_cast<unsigned>(!format::storable(to_float(x[i])));
+    ok = bad == 0;
   }
   if (ok) return n;
   for (std::size_t i = 0; i < n; ++i) {

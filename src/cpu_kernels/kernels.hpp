@@ -77,6 +77,17 @@ struct Kernels {
                          float* out);
   /// 8 values of `width` bits at p (the format's pack8 groups); reads 8 bytes (the slack allows it).
   void (*unpack8)(const std::uint8_t* p, std::uint32_t width, std::uint32_t* values);
+  /// The encoder's row operations, bit for bit the spec's (format/quant.hpp):
+  /// range of x[0..n) over canonical values; false when a value is not storable.
+  bool (*row_range)(const float* x, std::size_t n, format::Range& range);
+  /// lo[i] = min(lo[i], canonical(x[i])), hi[i] likewise, over one row (per-channel ranges); false
+  /// when a value is not storable.
+  bool (*extend_ranges)(const float* x, std::size_t n, float* lo, float* hi);
+  /// codes[i] = format::quantize(x[i], q, max_code) for one quantizer (per-token) ...
+  void (*quantize_row)(const float* x, std::size_t n, const format::Quantizer& q, int max_code, std::uint8_t* codes);
+  /// ... or one quantizer per element (per-channel: mins[i], inv_steps[i]).
+  void (*quantize_row_per_channel)(const float* x, std::size_t n, const float* mins, const float* inv_steps,
+                                   int max_code, std::uint8_t* codes);
   DenseKernels<float> dense_f32;
   DenseKernels<fp16_t> dense_f16;
   DenseKernels<bf16_t> dense_bf16;

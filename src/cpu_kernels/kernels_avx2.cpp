@@ -92,6 +92,14 @@ PACKKV_AVX2 inline const std::uint8_t* load_round_descriptors(const SectionLayou
 }
 
 struct Avx2Ops {
+  PACKKV_AVX2 static void convert_halves(const fp16_t* x, float* out, std::size_t n) {
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+    }
+    for (; i < n; ++i) out[i] = to_float(x[i]);
+  }
+
   template <int G>
   PACKKV_AVX2 static void round_scores(const SectionLayout& L, const std::uint8_t* section, const float* q,
                                        float raw[][16], std::uint32_t round) {
@@ -228,11 +236,77 @@ PACKKV_AVX2 void dequantize_row(const std::uint8_t* row, std::uint32_t dim, cons
 void decode_section(const SectionLayout& layout, bool per_channel, const std::uint8_t* section, float* out) {
   alignas(32) std::uint8_t codes[256 * 256];
   unpack_section(layout, section, codes);
-  decode_from_codes(layout, per_channel, section, codes, out, &dequantize_row);
+  decode_from_codes<Avx2Ops>(layout, per_channel, section, codes, out, &dequantize_row);
 }
 
 PACKKV_AVX2 void unpack8(const std::uint8_t* p, std::uint32_t width, std::uint32_t* values) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(values), unpack8_epi32(p, width));
+}
+
+// ---- the encoder's row operations (n is a multiple of 8: head_dim is) ----
+
+PACKKV_AVX2 inline __m256 canonical8(__m256 x) { return _mm256_add_ps(x, _mm256_setzero_ps()); }  // -0 -> +0
+
+/// All-ones lanes where |x| <= 65504 (NaN fails).
+PACKKV_AVX2 inline __m256 storable8(__m256 x) {
+  const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  return _mm256_cmp_ps(magnitude, _mm256_set1_ps(kFp16Max), _CMP_LE_OQ);
+}
+
+PACKKV_AVX2 bool row_range(const float* x, std::size_t n, format::Range& range) {
+  __m256 lo = _mm256_set1_ps(range.lo), hi = _mm256_set1_ps(range.hi), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (std::size_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    ok = _mm256_and_ps(ok, storable8(v));
+    const __m256 c = canonical8(v);
+    lo = _mm256_min_ps(c, lo);  // (a < b ? a : b) with c first: what Range::extend computes
+    hi = _mm256_max_ps(c, hi);
+  }
+  alignas(32) float l[8], h[8];
+  _mm256_store_ps(l, lo);
+  _mm256_store_ps(h, hi);
+  for (int i = 0; i < 8; ++i) {
+    range.lo = l[i] < range.lo ? l[i] : range.lo;
+    range.hi = h[i] > range.hi ? h[i] : range.hi;
+  }
+  return _mm256_movemask_ps(ok) == 0xFF;
+}
+
+PACKKV_AVX2 bool extend_ranges(const float* x, std::size_t n, float* lo, float* hi) {
+  __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (std::size_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    ok = _mm256_and_ps(ok, storable8(v));
+    const __m256 c = canonical8(v);
+    _mm256_storeu_ps(lo + i, _mm256_min_ps(c, _mm256_loadu_ps(lo + i)));
+    _mm256_storeu_ps(hi + i, _mm256_max_ps(c, _mm256_loadu_ps(hi + i)));
+  }
+  return _mm256_movemask_ps(ok) == 0xFF;
+}
+
+// round((x - min) * inv_step) to nearest even, clamped to [0, max_code], as bytes: the same
+// operations in the same order as format::quantize.
+PACKKV_AVX2 inline void store_codes8(__m256 x, __m256 min, __m256 inv, __m256i max_code, std::uint8_t* out) {
+  const __m256 scaled = _mm256_mul_ps(_mm256_sub_ps(x, min), inv);
+  __m256i code = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  code = _mm256_min_epi32(_mm256_max_epi32(code, _mm256_setzero_si256()), max_code);
+  const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(words, words));
+}
+
+PACKKV_AVX2 void quantize_row(const float* x, std::size_t n, const format::Quantizer& q, int max_code,
+                              std::uint8_t* codes) {
+  const __m256 min = _mm256_set1_ps(q.min), inv = _mm256_set1_ps(q.inv_step);
+  const __m256i top = _mm256_set1_epi32(max_code);
+  for (std::size_t i = 0; i < n; i += 8) store_codes8(_mm256_loadu_ps(x + i), min, inv, top, codes + i);
+}
+
+PACKKV_AVX2 void quantize_row_per_channel(const float* x, std::size_t n, const float* mins, const float* inv_steps,
+                                          int max_code, std::uint8_t* codes) {
+  const __m256i top = _mm256_set1_epi32(max_code);
+  for (std::size_t i = 0; i < n; i += 8) {
+    store_codes8(_mm256_loadu_ps(x + i), _mm256_loadu_ps(mins + i), _mm256_loadu_ps(inv_steps + i), top, codes + i);
+  }
 }
 
 PACKKV_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -296,6 +370,10 @@ const Kernels kAvx2Kernels = {
     &unpack_section,
     &decode_section,
     &unpack8,
+    &row_range,
+    &extend_ranges,
+    &quantize_row,
+    &quantize_row_per_channel,
     dense_kernels<float>(),
     dense_kernels<fp16_t>(),
     dense_kernels<bf16_t>(),

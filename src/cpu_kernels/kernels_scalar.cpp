@@ -12,6 +12,10 @@ namespace packkv::detail::cpu {
 namespace {
 
 struct ScalarOps {
+  static void convert_halves(const fp16_t* x, float* out, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) out[i] = to_float(x[i]);
+  }
+
   // raw[g][i] = sum_c q[g][c] * code_ic for the 16 tokens of one round.
   template <int G>
   static void round_scores(const format::SectionLayout& L, const std::uint8_t* section, const float* q, float raw[][16],
@@ -82,7 +86,7 @@ void unpack_section(const format::SectionLayout& layout, const std::uint8_t* sec
 void decode_section(const format::SectionLayout& layout, bool per_channel, const std::uint8_t* section, float* out) {
   std::uint8_t codes[256 * 256];
   unpack_section(layout, section, codes);
-  decode_from_codes(layout, per_channel, section, codes, out,
+  decode_from_codes<ScalarOps>(layout, per_channel, section, codes, out,
                     [](const std::uint8_t* row, std::uint32_t dim, const float* steps, const float* mins, float step,
                        float min, float* dst) {
                       for (std::uint32_t c = 0; c < dim; ++c) {
@@ -96,6 +100,40 @@ void unpack8(const std::uint8_t* p, std::uint32_t width, std::uint32_t* values) 
   std::uint8_t v[8];
   format::unpack8(p, width, v);
   for (int i = 0; i < 8; ++i) values[i] = v[i];
+}
+
+bool row_range(const float* x, std::size_t n, format::Range& range) {
+  bool ok = true;
+  for (std::size_t i = 0; i < n; ++i) {
+    ok &= format::storable(x[i]);
+    range.extend(x[i]);
+  }
+  return ok;
+}
+
+bool extend_ranges(const float* x, std::size_t n, float* lo, float* hi) {
+  bool ok = true;
+  for (std::size_t i = 0; i < n; ++i) {
+    ok &= format::storable(x[i]);
+    const float c = format::canonical(x[i]);
+    lo[i] = c < lo[i] ? c : lo[i];
+    hi[i] = c > hi[i] ? c : hi[i];
+  }
+  return ok;
+}
+
+void quantize_row(const float* x, std::size_t n, const format::Quantizer& q, int max_code, std::uint8_t* codes) {
+  for (std::size_t i = 0; i < n; ++i) codes[i] = format::quantize(x[i], q, max_code);
+}
+
+void quantize_row_per_channel(const float* x, std::size_t n, const float* mins, const float* inv_steps, int max_code,
+                              std::uint8_t* codes) {
+  for (std::size_t i = 0; i < n; ++i) {
+    format::Quantizer q{};
+    q.min = mins[i];
+    q.inv_step = inv_steps[i];
+    codes[i] = format::quantize(x[i], q, max_code);
+  }
 }
 
 template <class T>
@@ -145,6 +183,10 @@ const Kernels kScalarKernels = {
     &unpack_section,
     &decode_section,
     &unpack8,
+    &row_range,
+    &extend_ranges,
+    &quantize_row,
+    &quantize_row_per_channel,
     dense_kernels<float>(),
     dense_kernels<fp16_t>(),
     dense_kernels<bf16_t>(),

@@ -6,6 +6,7 @@
 // An instruction set supplies the inner loops over one round (`Ops`, see kernels_scalar.cpp):
 //   Ops::round_scores<G>(layout, section, q, raw, r)   raw[g][i] = q_g . codes_i for round r
 //   Ops::accumulate_rounds<G>(layout, section, wstep, ws, acc)
+//   Ops::convert_halves(halves, floats, n)
 #pragma once
 
 #include <cstddef>
@@ -17,11 +18,14 @@
 
 namespace packkv::detail::cpu {
 
-inline void load_params(const std::uint8_t* section, std::uint32_t count, float* step, float* min) {
-  const format::QuantParams* params = format::section_params(section);
+/// A section's (step, min) pairs as floats; Ops::convert_halves turns n fp16 values into floats.
+template <class Ops>
+void load_params(const std::uint8_t* section, std::uint32_t count, float* step, float* min) {
+  alignas(32) float pairs[2 * 256];
+  Ops::convert_halves(reinterpret_cast<const fp16_t*>(format::section_params(section)), pairs, 2 * count);
   for (std::uint32_t i = 0; i < count; ++i) {
-    step[i] = to_float(params[i].step);
-    min[i] = to_float(params[i].min);
+    step[i] = pairs[2 * i];
+    min[i] = pairs[2 * i + 1];
   }
 }
 
@@ -30,7 +34,7 @@ void section_scores_group(const format::SectionLayout& L, bool per_channel, cons
                           float* out, std::size_t out_stride) {
   const std::uint32_t dim = L.head_dim;
   alignas(32) float step[256], min[256];
-  load_params(section, L.param_count, step, min);
+  load_params<Ops>(section, L.param_count, step, min);
   alignas(32) float qs[G * 256];
   float bias[G];
   const float* qk = q;
@@ -71,7 +75,7 @@ void section_accumulate_v_group(const format::SectionLayout& L, const std::uint8
                                 std::size_t w_stride, float* acc, float* min_term) {
   const std::uint32_t tokens = L.rounds * 16;
   alignas(32) float step[256], min[256];
-  load_params(section, L.param_count, step, min);
+  load_params<Ops>(section, L.param_count, step, min);
   // Fold each token's step into its weight: sum_i w_i (min_i + step_i code_i).
   alignas(32) float wstep[G * 256];
   for (int g = 0; g < G; ++g) {
@@ -117,11 +121,11 @@ void section_accumulate_v(const format::SectionLayout& layout, const std::uint8_
 }
 
 /// Dequantizes a section from its unpacked codes: out[i][c] = dequantize(code, step, min).
-template <class DequantizeRow>
+template <class Ops, class DequantizeRow>
 void decode_from_codes(const format::SectionLayout& L, bool per_channel, const std::uint8_t* section,
                        const std::uint8_t* codes, float* out, DequantizeRow&& row) {
   alignas(32) float step[256], min[256];
-  load_params(section, L.param_count, step, min);
+  load_params<Ops>(section, L.param_count, step, min);
   const std::uint32_t dim = L.head_dim, tokens = L.rounds * 16;
   for (std::uint32_t i = 0; i < tokens; ++i) {
     row(codes + static_cast<std::size_t>(i) * dim, dim, per_channel ? step : nullptr, per_channel ? min : nullptr,

@@ -141,9 +141,9 @@ void DeviceContext::publish_pointers(const std::vector<std::uint8_t*>& host, std
     for (std::size_t i = 0; i < count; ++i) entries.blocks[i] = host[first + i];
     check_cuda(launch_write_table(device, entries, stream), "pointer table kernel launch");
   } else {
+    // From pageable memory: the call returns once the driver has taken the bytes (docs/cuda.md).
     check_cuda(cudaMemcpyAsync(device, host.data() + first, count * sizeof(std::uint8_t*), cudaMemcpyHostToDevice, stream),
                "pointer table upload");
-    check_cuda(cudaStreamSynchronize(stream), "pointer table upload");  // `host` is the caller's
   }
 }
 

@@ -10,6 +10,7 @@
 
 #include "cpu_kernels/kernels.hpp"
 #include "packkv/codec.hpp"
+#include "packkv/error.hpp"
 
 namespace {
 
