@@ -15,10 +15,11 @@
 #include <cstring>
 #include <limits>
 
+#define PACKKV_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define PACKKV_KERNEL_TARGET PACKKV_AVX2
+
 #include "cpu_kernels/kernels.hpp"
 #include "cpu_kernels/section_ops.hpp"
-
-#define PACKKV_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 namespace packkv::detail::cpu {
 

@@ -16,11 +16,18 @@
 #include "cpu_kernels/kernels.hpp"
 #include "packkv/format.hpp"
 
+// Each kernel translation unit compiles its own copy (an anonymous namespace), for its instruction
+// set: kernels_avx2.cpp defines PACKKV_KERNEL_TARGET before including this header.
+#ifndef PACKKV_KERNEL_TARGET
+#define PACKKV_KERNEL_TARGET
+#endif
+
 namespace packkv::detail::cpu {
+namespace {
 
 /// A section's (step, min) pairs as floats; Ops::convert_halves turns n fp16 values into floats.
 template <class Ops>
-void load_params(const std::uint8_t* section, std::uint32_t count, float* step, float* min) {
+PACKKV_KERNEL_TARGET void load_params(const std::uint8_t* section, std::uint32_t count, float* step, float* min) {
   alignas(32) float pairs[2 * 256];
   Ops::convert_halves(reinterpret_cast<const fp16_t*>(format::section_params(section)), pairs, 2 * count);
   for (std::uint32_t i = 0; i < count; ++i) {
@@ -30,7 +37,7 @@ void load_params(const std::uint8_t* section, std::uint32_t count, float* step, 
 }
 
 template <class Ops, int G>
-void section_scores_group(const format::SectionLayout& L, bool per_channel, const std::uint8_t* section, const float* q,
+PACKKV_KERNEL_TARGET void section_scores_group(const format::SectionLayout& L, bool per_channel, const std::uint8_t* section, const float* q,
                           float* out, std::size_t out_stride) {
   const std::uint32_t dim = L.head_dim;
   alignas(32) float step[256], min[256];
@@ -71,7 +78,7 @@ void section_scores_group(const format::SectionLayout& L, bool per_channel, cons
 }
 
 template <class Ops, int G>
-void section_accumulate_v_group(const format::SectionLayout& L, const std::uint8_t* section, const float* w,
+PACKKV_KERNEL_TARGET void section_accumulate_v_group(const format::SectionLayout& L, const std::uint8_t* section, const float* w,
                                 std::size_t w_stride, float* acc, float* min_term) {
   const std::uint32_t tokens = L.rounds * 16;
   alignas(32) float step[256], min[256];
@@ -122,7 +129,7 @@ void section_accumulate_v(const format::SectionLayout& layout, const std::uint8_
 
 /// Dequantizes a section from its unpacked codes: out[i][c] = dequantize(code, step, min).
 template <class Ops, class DequantizeRow>
-void decode_from_codes(const format::SectionLayout& L, bool per_channel, const std::uint8_t* section,
+PACKKV_KERNEL_TARGET void decode_from_codes(const format::SectionLayout& L, bool per_channel, const std::uint8_t* section,
                        const std::uint8_t* codes, float* out, DequantizeRow&& row) {
   alignas(32) float step[256], min[256];
   load_params<Ops>(section, L.param_count, step, min);
@@ -133,4 +140,5 @@ void decode_from_codes(const format::SectionLayout& L, bool per_channel, const s
   }
 }
 
+}  // namespace
 }  // namespace packkv::detail::cpu
