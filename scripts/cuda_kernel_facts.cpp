@@ -1,0 +1,65 @@
+// Prints, as JSON, the launch facts of the CUDA kernels that are runtime values rather than
+// properties of the compiled code: the benchmark geometry and the dynamic shared memory the
+// launchers of kernels/launch.hpp request for it. scripts/cuda_cost.sh builds this tool against
+// the sm_90 objects it compiles and passes its output to scripts/cuda_cost.py.
+//
+// Nothing here touches a GPU: the sizing functions are plain host code.
+//
+// The benchmark geometry: Llama-3-8B attention (head_dim 128, 8 KV heads, 32 query heads), blocks
+// of 64 tokens, everything else (code bits, repacking, K mode) from the default CacheConfig.
+#include <algorithm>
+#include <cstdio>
+
+#include "launch.hpp"
+#include "packkv/config.hpp"
+
+namespace {
+
+using packkv::detail::cuda::kMaxHeadsPerCta;
+
+packkv::CacheConfig benchmark_config() {
+  packkv::CacheConfig config;
+  config.num_kv_heads = 8;
+  config.num_q_heads = 32;
+  config.head_dim = 128;
+  config.block_tokens = 64;
+  packkv::validate(config);
+  return config;
+}
+
+}  // namespace
+
+int main() {
+  const packkv::CacheConfig config = benchmark_config();
+  const int k_max_code = packkv::max_code_for_rel(config.k_rel);
+  const int v_max_code = packkv::max_code_for_rel(config.v_rel);
+  // The same fields, derived the same way, as make_codec_params (src/codec/encode.cpp).
+  packkv::format::BlockGeometry g{};
+  g.block_tokens = config.block_tokens;
+  g.head_dim = config.head_dim;
+  g.num_heads = config.num_kv_heads;
+  g.k_bits = packkv::bits_for_max_code(k_max_code);
+  g.v_bits = packkv::bits_for_max_code(v_max_code);
+  g.permuted = config.repack != packkv::RepackMethod::none;
+  g.k_per_channel = config.k_mode == packkv::QuantMode::per_channel;
+
+  // As DeviceContext (src/cuda/device_context.cpp) shapes the read path.
+  const int group = config.num_q_heads / config.num_kv_heads;
+  const int heads_per_cta = std::min(group, kMaxHeadsPerCta);
+  const int subgroups = (group + heads_per_cta - 1) / heads_per_cta;
+
+  std::printf("{\n");
+  std::printf("  \"config\": \"%s\",\n", packkv::describe(config).c_str());
+  std::printf("  \"geometry\": {\"block_tokens\": %d, \"head_dim\": %d, \"num_kv_heads\": %d, \"num_q_heads\": %d,\n",
+              g.block_tokens, g.head_dim, g.num_heads, config.num_q_heads);
+  std::printf("               \"k_bits\": %d, \"v_bits\": %d, \"k_max_code\": %d, \"v_max_code\": %d,\n", g.k_bits,
+              g.v_bits, k_max_code, v_max_code);
+  std::printf("               \"permuted\": %s, \"k_per_channel\": %s,\n", g.permuted ? "true" : "false",
+              g.k_per_channel ? "true" : "false");
+  std::printf("               \"group\": %d, \"heads_per_cta\": %d, \"subgroups\": %d},\n", group, heads_per_cta,
+              subgroups);
+  std::printf("  \"dynamic_shared_bytes\": {\"read\": %zu, \"encode\": %zu}\n",
+              packkv::detail::cuda::read_shared_bytes(g), packkv::detail::cuda::encode_shared_bytes(g));
+  std::printf("}\n");
+  return 0;
+}
