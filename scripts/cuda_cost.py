@@ -14,7 +14,6 @@ Standard library only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -43,12 +42,17 @@ from typing import Callable, Optional
 #
 # Kernels that match no spec: no dynamic shared memory, threads from __launch_bounds__, no per-code
 # count.
+#
 # A per-code count is 32 * sum(loop instructions * runs) / codes: each Term selects loops of the
-# kernel's SASS and says how many times they run (warp iterations, all warps of the CTA together)
-# during the work in which `codes` codes are decoded. For a kernel built around one unrolled main
-# loop, main_loop(selector, codes per warp iteration) is all it takes. `g` below holds the launch
-# facts' geometry (block_tokens, head_dim, num_kv_heads, num_q_heads, k_bits, v_bits, group,
-# heads_per_cta) plus `warps`, the kernel's warps per CTA.
+# kernel's SASS and says how often they run (warp iterations, all warps of the CTA together) during
+# the work in which `codes` codes are decoded. For a kernel built around one unrolled main loop one
+# line is enough, for example
+#     Spec(r"^decode_attention_kernel\b", dynamic_smem="read", targets=True,
+#          per_code=main_loop(innermost_with("HMMA"), lambda g: 2 * 16 * g.head_dim)),
+# (the codes one warp decodes per iteration of its main loop: here K and V of 16 tokens). In the
+# callables, `g` holds the launch facts' geometry (block_tokens, head_dim, num_kv_heads,
+# num_q_heads, k_bits, v_bits, k_per_channel, group, heads_per_cta) plus `warps`, the kernel's
+# warps per CTA.
 # =====================================================================================================
 
 READ_PATH = r"attention|scores|attn_v"  # kernels on the read path: no byte-wide global loads
@@ -60,7 +64,7 @@ TARGET_CTAS_PER_SM = 4
 class Selector:
     """Selects loops: `anchors` are source texts whose lines must all appear in the location chain
     (innermost line and the inlined-at call sites) of the loop's back-edge branch; `opcode` is a
-    regular expression one of the loop's own instructions must match; `innermost` keeps loops that
+    regular expression one of the loop's instructions must match; `innermost` keeps loops that
     contain no other loop."""
 
     anchors: tuple[str, ...] = ()
@@ -168,7 +172,9 @@ def _unpack_terms(side, caller):
 
 
 def _scores_terms(caller):
-    items = lambda g: g.heads_per_cta * g.block_tokens  # noqa: E731 (4 lanes per 4 tokens and head)
+    def items(g):  # (head, token) pairs: 4 lanes per 4 tokens of one head
+        return g.heads_per_cta * g.block_tokens
+
     return (
         Term(loop_at("for (int base = 0; base < items; base += kThreads)", caller),
              lambda g: g.warps, lambda g: math.ceil(items(g) / (32 * g.warps)), why="K.q: one lane per (head, token)"),
@@ -198,7 +204,9 @@ def _values_terms(caller):
 
 
 def _accumulate_terms(caller):
-    pairs = lambda g: math.ceil(g.heads_per_cta * g.head_dim / (32 * g.warps))  # noqa: E731
+    def pairs(g):  # (head, channel) pairs per thread
+        return math.ceil(g.heads_per_cta * g.head_dim / (32 * g.warps))
+
     return (
         Term(loop_at("for (int pair = threadIdx.x; pair < heads.count * dim; pair += kThreads) {",
                      "accumulate_packed_values(g, heads"),
