@@ -1,135 +1,250 @@
 #!/usr/bin/env bash
-# The device check: verifies packkv's CUDA path on a machine with a GPU, in well under 10 minutes.
+# The device check: packkv's CUDA tests, compute-sanitizer and benchmark on a GPU, in one run of
+# well under 10 minutes, with a results table printed last (docs/cuda.md, "Device check").
 #
-#   scripts/gpu_check.sh                  configure (gpu-native preset), build the CUDA test and
-#                                         benchmark with all cores, run both, print the table last
-#   scripts/gpu_check.sh --package DIR    on a build machine without a GPU: build for sm_80/sm_90
-#                                         and put the two binaries and the non-CUDA shared
-#                                         libraries they need into DIR
-#   scripts/gpu_check.sh --prebuilt DIR   on the GPU machine: run binaries made by --package
-#                                         (for machines that lack fmt, googletest or benchmark)
+#   scripts/gpu_check.sh [--out RESULTS]
+#       on a GPU machine that has the build dependencies (fmt, googletest, Google Benchmark):
+#       configure (gpu-native preset), build the CUDA test and benchmark, run the check
+#   scripts/gpu_check.sh --package DIR [--build BUILD] [--dry-run [--out RESULTS]]
+#       on a build machine, no GPU needed: build test_cuda_backend and bench_cuda for sm_80 and
+#       sm_90 in BUILD (default build-gpu-package; an existing build folder is reused as it is
+#       configured) and put into DIR the binaries, the runner (DIR/run.sh), the torch SDPA peer and
+#       every shared library they need except the NVIDIA driver, cuBLAS/cuBLASLt (about 600 MB:
+#       the GPU machine's own CUDA 13 copy is found at run time) and the C/C++ runtime.
+#       --dry-run then runs DIR/run.sh --dry-run: what CI can check without a GPU
+#   scripts/gpu_check.sh --prebuilt DIR [--out RESULTS]
+#       on the GPU machine: run the package in DIR (the same as DIR/run.sh --out RESULTS)
 #
-# Environment: PACKKV_BENCH_FILTER (a --benchmark_filter regex; default: everything),
-# PACKKV_BENCH_TIMEOUT (seconds, default 420).
+# RESULTS defaults to gpu-check-<UTC date and time> under the current directory. The step
+# timeouts and filters are environment variables of the runner (scripts/gpu_run.sh --help);
+# PACKKV_JOBS sets the build's parallelism (default: all cores), PACKKV_PACKAGE_ARCHS the CUDA
+# architectures of a new package build (default 80-real;90-real), PACKKV_PACKAGE_LIMIT_MB the
+# size above which the binaries are stripped (default 60).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 mode=build
 dir=""
-case "${1:-}" in
-  --package) mode=package; dir=${2:?"--package needs a directory"} ;;
-  --prebuilt) mode=prebuilt; dir=${2:?"--prebuilt needs a directory"} ;;
-  "") ;;
-  *) echo "usage: $0 [--package DIR | --prebuilt DIR]" >&2; exit 2 ;;
-esac
+build=""
+out=""
+dry_run=0
+while (($#)); do
+  case "$1" in
+    --package) mode=package; dir=${2:?"--package needs a directory"}; shift ;;
+    --prebuilt) mode=prebuilt; dir=${2:?"--prebuilt needs a directory"}; shift ;;
+    --build) build=${2:?"--build needs a directory"}; shift ;;
+    --out) out=${2:?"--out needs a directory"}; shift ;;
+    --dry-run) dry_run=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "usage: $0 [--out RESULTS] | --package DIR [--build BUILD] [--dry-run [--out RESULTS]] |" \
+         "--prebuilt DIR [--out RESULTS]" >&2; exit 2 ;;
+  esac
+  shift
+done
+if ((dry_run)) && [ "$mode" != package ]; then
+  echo "gpu_check: --dry-run goes with --package" >&2
+  exit 2
+fi
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
   export PATH=/usr/local/cuda/bin:$PATH
 fi
-jobs=$(nproc)
-log_dir=${TMPDIR:-/tmp}/packkv_gpu_check
-mkdir -p "$log_dir"
+jobs=${PACKKV_JOBS:-$(nproc)}
+targets=(test_cuda_backend bench_cuda)
 
-have_header() { [ -e "/usr/include/$1" ] || [ -e "/usr/local/include/$1" ]; }
+# ---- --prebuilt: the package's own runner ---------------------------------------------------------
 
-# The library itself needs cmake, nvcc and fmt; the test needs googletest and the benchmark Google
-# Benchmark. Whatever is missing is skipped (and said), or the run stops if the library cannot build.
-build_tests=ON
-build_bench=ON
-missing_for_library() {
-  local missing=()
-  command -v cmake >/dev/null || missing+=(cmake)
-  command -v nvcc >/dev/null || missing+=(nvcc)
-  have_header fmt/format.h || missing+=(libfmt-dev)
-  echo "${missing[*]:-}"
+if [ "$mode" = prebuilt ]; then
+  [ -x "$dir/run.sh" ] || { echo "gpu_check: $dir/run.sh not found: make DIR with --package" >&2; exit 2; }
+  exec "$dir/run.sh" ${out:+--out "$out"}
+fi
+
+# ---- --package ------------------------------------------------------------------------------------
+
+# Libraries a package leaves to the machine: the driver, the C/C++ runtime every Linux has, and
+# cuBLAS/cuBLASLt (54 + 540 MB in CUDA 13.0: far over what is worth carrying, and the GPU machine
+# has CUDA 13 itself). The C++ runtime goes into lib/compat, for a machine whose own is older.
+left_to_machine() {
+  case "$1" in
+    linux-vdso.so*|ld-linux*|libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*|libresolv.so*|libutil.so*) return 0 ;;
+    libcuda.so*|libnvidia-*) return 0 ;;
+    libcublas.so*|libcublasLt.so*) return 0 ;;
+    libstdc++.so*|libgcc_s.so*) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+# ldd of the arguments -> "name path" per library, also for those named by path ("/lib64/ld-...").
+libraries_of() {
+  ldd "$@" 2>/dev/null | awk '
+    $2 == "=>" && $3 ~ /^\// { print $1, $3; next }
+    $2 == "=>" && $3 == "not" { print $1, "NOT-FOUND"; next }
+    $1 ~ /^\// && $2 ~ /^\(0x/ { n = split($1, parts, "/"); print parts[n], $1 }' | sort -u
+}
+
+# Libraries named in the objects' strings (opened with dlopen) that this machine's loader knows,
+# as "name path"; such names that it does not know are only listed in the manifest.
+dlopened_by() {
+  local name path
+  strings -a "$@" 2>/dev/null | grep -oE '(^|/)lib[A-Za-z0-9_+.-]+\.so(\.[0-9]+)*$' | sed 's#^/##' | sort -u |
+    while read -r name; do
+      path=$(ldconfig -p 2>/dev/null | awk -v n="$name" '$1 == n && $NF ~ /^\// {print $NF; exit}')
+      if [ -n "$path" ]; then echo "$name $path"; else echo "$name" >> "$named_not_found"; fi
+    done
+}
+
+package() {
+  local t0 pkg lib name path size limit_mb found cache
+  t0=$(date +%s)
+  command -v cmake >/dev/null || { echo "gpu_check: cmake not found" >&2; exit 3; }
+  command -v nvcc >/dev/null || { echo "gpu_check: nvcc not found (CUDA toolkit)" >&2; exit 3; }
+  [ -n "$build" ] || build=$root/build-gpu-package
+  cache=$build/CMakeCache.txt
+  if [ -f "$cache" ]; then
+    # Reused as it is configured (CI reuses its test build: nothing to compile).
+    grep -q '^CMAKE_CUDA_COMPILER:' "$cache" ||
+      { echo "gpu_check: $build is configured without CUDA" >&2; exit 3; }
+  else
+    local generator=()
+    command -v ninja >/dev/null && generator=(-G Ninja)
+    cmake -S "$root" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DPACKKV_CUDA=ON \
+      -DPACKKV_NATIVE=OFF -DPACKKV_BUILD_EXAMPLES=OFF \
+      -DCMAKE_CUDA_ARCHITECTURES="${PACKKV_PACKAGE_ARCHS:-80-real;90-real}"
+  fi
+  cmake --build "$build" -j"$jobs" --target "${targets[@]}"
+  local test_bin=$build/tests/cuda/test_cuda_backend bench_bin=$build/bench/cuda/bench_cuda
+  # The targets nvcc compiles for, as the build files name them ("sm_80 sm_90 compute_90").
+  local archs
+  archs=$(cat "$build/build.ninja" "$build/kernels/CMakeFiles/packkv_cuda.dir/flags.make" 2>/dev/null |
+    grep -oE -- '--generate-code=arch=compute_[0-9a-z]+,code=\[?[a-z]+_[0-9a-z]+' | sed 's/.*code=\[*//' |
+    sort -u | tr '\n' ' ' || true)
+  case " $archs" in
+    *" sm_90 "*|*" sm_90a "*) ;;
+    *) echo "gpu_check: warning: $build compiles no sm_90 code (${archs:-unknown targets}): H100/H200 would JIT" >&2 ;;
+  esac
+  for lib in "$test_bin" "$bench_bin"; do
+    [ -x "$lib" ] || { echo "gpu_check: $lib was not built" >&2; exit 3; }
+  done
+
+  # A package folder is replaced whole; any other non-empty folder is left alone.
+  if [ -e "$dir" ]; then
+    if [ -f "$dir/MANIFEST" ] && head -1 "$dir/MANIFEST" | grep -q '^packkv device check package'; then
+      rm -rf "$dir"
+    elif [ -n "$(ls -A "$dir" 2>/dev/null)" ]; then
+      echo "gpu_check: $dir exists and is not a package: choose another folder" >&2
+      exit 2
+    fi
+  fi
+  mkdir -p "$dir/bin" "$dir/lib/compat"
+  pkg=$(cd "$dir" && pwd)
+  cp "$test_bin" "$bench_bin" "$pkg/bin/"
+  cp "$root/scripts/gpu_run.sh" "$pkg/run.sh"
+  chmod +x "$pkg/run.sh"
+  [ -f "$root/bench/cuda/sdpa_peer.py" ] && cp "$root/bench/cuda/sdpa_peer.py" "$pkg/"
+
+  local manifest=$pkg/MANIFEST left=() unresolved=()
+  named_not_found=$build/gpu-package-named.txt
+  : > "$named_not_found"
+  # Linked libraries, then the libraries those load by name, until nothing new turns up.
+  local objects=("$pkg/bin/test_cuda_backend" "$pkg/bin/bench_cuda") pass
+  for pass in 1 2 3; do
+    found=0
+    while read -r name path; do
+      [ -n "$name" ] || continue
+      if [ "$path" = NOT-FOUND ]; then
+        left_to_machine "$name" || unresolved+=("$name")
+        continue
+      fi
+      if left_to_machine "$name"; then
+        case "$name" in
+          libstdc++.so*|libgcc_s.so*) [ -e "$pkg/lib/compat/$name" ] || cp -L "$path" "$pkg/lib/compat/$name" ;;
+        esac
+        continue
+      fi
+      [ -e "$pkg/lib/$name" ] && continue
+      cp -L "$path" "$pkg/lib/$name"
+      chmod u+w "$pkg/lib/$name"
+      found=1
+    done < <(libraries_of "${objects[@]}"; dlopened_by "${objects[@]}")
+    objects=("$pkg/bin/test_cuda_backend" "$pkg/bin/bench_cuda")
+    for lib in "$pkg"/lib/*.so*; do [ -f "$lib" ] && objects+=("$lib"); done
+    ((found)) || break
+  done
+  if ((${#unresolved[@]})); then
+    echo "gpu_check: libraries not found on this machine: $(printf '%s\n' "${unresolved[@]}" | sort -u | tr '\n' ' ')" >&2
+    exit 3
+  fi
+  for name in $(libraries_of "${objects[@]}" | awk '{print $1}'; dlopened_by "${objects[@]}" | awk '{print $1}'); do
+    left_to_machine "$name" && left+=("$name")
+  done
+
+  git -C "$root" describe --always --dirty --abbrev=12 > "$pkg/COMMIT" 2>/dev/null || echo unknown > "$pkg/COMMIT"
+  limit_mb=${PACKKV_PACKAGE_LIMIT_MB:-60}
+  size=$(du -sb "$pkg" | awk '{print $1}')
+  local stripped=no
+  if ((size > limit_mb * 1024 * 1024)); then
+    # Host symbols only: the device code (.nv_fatbin, with its line info) stays.
+    strip --strip-unneeded "$pkg"/bin/* "$pkg"/lib/*.so* 2>/dev/null || true
+    stripped=yes
+    size=$(du -sb "$pkg" | awk '{print $1}')
+  fi
+  {
+    echo "packkv device check package"
+    echo "commit: $(cat "$pkg/COMMIT")"
+    echo "made: $(date -u '+%Y-%m-%d %H:%M UTC') on $(uname -m), $(ldd --version 2>&1 | head -1)"
+    echo "cuda code: $archs"
+    echo "nvcc: $(nvcc --version | grep -o 'release [0-9.]*')"
+    echo "stripped: $stripped"
+    echo "left to the machine: $(printf '%s\n' "${left[@]}" | sort -u | tr '\n' ' ')"
+    echo "named in the binaries but not found here (not packaged): $(sort -u "$named_not_found" | tr '\n' ' ')"
+    echo "files:"
+    (cd "$pkg" && find . -type f -printf '%P %s\n' | sort)
+  } > "$manifest"
+  if ((size > limit_mb * 1024 * 1024)); then
+    echo "gpu_check: the package is $((size / 1048576)) MiB, over ${limit_mb} MiB even stripped" >&2
+    exit 4
+  fi
+  echo "gpu_check: packaged $(cat "$pkg/COMMIT") into $dir: $(du -sh "$pkg" | cut -f1)" \
+    "($(ls "$pkg/lib" | grep -c '\.so') libraries; $(($(date +%s) - t0)) s)"
+  echo "gpu_check: on the GPU machine: scripts/gpu_check.sh --prebuilt $dir --out RESULTS  (or $dir/run.sh --out RESULTS)"
 }
 
 if [ "$mode" = package ]; then
-  build=$root/build-gpu-package
-  cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DPACKKV_CUDA=ON -DPACKKV_NATIVE=OFF \
-    -DPACKKV_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_ARCHITECTURES="80-real;90-real"
-  cmake --build "$build" -j"$jobs" --target test_cuda_backend bench_cuda
-  mkdir -p "$dir"
-  cp "$build/tests/cuda/test_cuda_backend" "$build/bench/cuda/bench_cuda" "$dir/"
-  # Everything but the CUDA runtime and the C library, which the GPU machine has.
-  for lib in $(ldd "$dir/test_cuda_backend" "$dir/bench_cuda" | awk '/=> \//{print $3}' | sort -u); do
-    case "$(basename "$lib")" in
-      libcuda*|libcublas*|libc.so*|libm.so*|libstdc++*|libgcc_s*|ld-linux*|libpthread*|libdl*|librt*) ;;
-      *) cp -L "$lib" "$dir/" ;;
-    esac
-  done
-  git -C "$root" rev-parse HEAD > "$dir/COMMIT" 2>/dev/null || true
-  echo "packaged into $dir: $(ls "$dir" | tr '\n' ' ')"
+  package
+  if ((dry_run)); then
+    [ -n "$out" ] || out=$build/gpu-check-dry-run
+    exec "$dir/run.sh" --dry-run --out "$out"
+  fi
   exit 0
 fi
 
-gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1 || true)
-[ -n "$gpu" ] || gpu="(nvidia-smi unavailable)"
-if [ "$mode" = prebuilt ] && [ -f "$dir/COMMIT" ]; then
-  commit=$(cut -c1-12 "$dir/COMMIT")
-else
-  commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
-fi
+# ---- build here, then run -------------------------------------------------------------------------
 
-if [ "$mode" = prebuilt ]; then
-  bin_test=$dir/test_cuda_backend
-  bin_bench=$dir/bench_cuda
-  export LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-else
-  missing=$(missing_for_library)
-  if [ -n "$missing" ]; then
-    echo "gpu_check: cannot build here, missing: $missing" >&2
-    echo "gpu_check: build elsewhere with '$0 --package DIR', bring DIR here and run '$0 --prebuilt DIR'" >&2
-    exit 3
-  fi
-  have_header gtest/gtest.h || { build_tests=OFF; echo "gpu_check: googletest missing: GPU tests skipped" >&2; }
-  have_header benchmark/benchmark.h || { build_bench=OFF; echo "gpu_check: Google Benchmark missing: bench skipped" >&2; }
-  build=$root/build-gpu
-  start=$(date +%s)
-  (cd "$root" && cmake --preset gpu-native -DPACKKV_BUILD_TESTS=$build_tests -DPACKKV_BUILD_BENCH=$build_bench) \
-    > "$log_dir/configure.log" 2>&1 || { cat "$log_dir/configure.log"; exit 1; }
-  targets=()
-  [ "$build_tests" = ON ] && targets+=(test_cuda_backend)
-  [ "$build_bench" = ON ] && targets+=(bench_cuda)
-  if ((${#targets[@]})); then
-    cmake --build "$build" -j"$jobs" --target "${targets[@]}" > "$log_dir/build.log" 2>&1 ||
-      { tail -50 "$log_dir/build.log"; exit 1; }
-  fi
-  echo "gpu_check: built in $(( $(date +%s) - start )) s"
-  bin_test=$build/tests/cuda/test_cuda_backend
-  bin_bench=$build/bench/cuda/bench_cuda
+have_header() { [ -e "/usr/include/$1" ] || [ -e "/usr/local/include/$1" ]; }
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v nvcc >/dev/null || missing+=(nvcc)
+have_header fmt/format.h || missing+=(libfmt-dev)
+if ((${#missing[@]})); then
+  echo "gpu_check: cannot build here, missing: ${missing[*]}" >&2
+  echo "gpu_check: build elsewhere with '$0 --package DIR', bring DIR here and run '$0 --prebuilt DIR'" >&2
+  exit 3
 fi
-
-test_status=127
-tests_line="not run"
-: > "$log_dir/tests.log"
-if [ -x "$bin_test" ]; then
-  test_status=0
-  timeout 240 "$bin_test" --gtest_brief=1 > "$log_dir/tests.log" 2>&1 || test_status=$?
-  cat "$log_dir/tests.log"
-  tests_line=$(grep -E '^\[ +(PASSED|FAILED|SKIPPED) +\]' "$log_dir/tests.log" | tr '\n' ' ' || true)
-  # On a GPU machine a skipped CUDA test means the device was not usable: that is a failure here.
-  if [ "$gpu" != "(nvidia-smi unavailable)" ] && grep -q 'CUDA tests skipped' "$log_dir/tests.log"; then
-    test_status=4
-    tests_line="$tests_line -- tests SKIPPED although a GPU is listed"
-  fi
+build_tests=ON
+build_bench=ON
+have_header gtest/gtest.h || { build_tests=OFF; echo "gpu_check: googletest missing: GPU tests not built" >&2; }
+have_header benchmark/benchmark.h || { build_bench=OFF; echo "gpu_check: Google Benchmark missing: bench not built" >&2; }
+[ -n "$out" ] || out=gpu-check-$(date -u +%Y%m%d-%H%M%S)
+mkdir -p "$out"
+build=$root/build-gpu
+start=$(date +%s)
+(cd "$root" && cmake --preset gpu-native -DPACKKV_BUILD_TESTS=$build_tests -DPACKKV_BUILD_BENCH=$build_bench) \
+  > "$out/configure.log" 2>&1 || { tail -50 "$out/configure.log"; exit 1; }
+built=()
+[ "$build_tests" = ON ] && built+=(test_cuda_backend)
+[ "$build_bench" = ON ] && built+=(bench_cuda)
+if ((${#built[@]})); then
+  cmake --build "$build" -j"$jobs" --target "${built[@]}" > "$out/build.log" 2>&1 ||
+    { tail -50 "$out/build.log"; exit 1; }
 fi
-
-bench_status=0
-: > "$log_dir/bench.log"
-if [ -x "$bin_bench" ]; then
-  timeout "${PACKKV_BENCH_TIMEOUT:-420}" "$bin_bench" --benchmark_filter="${PACKKV_BENCH_FILTER:-.}" \
-    --benchmark_counters_tabular=true --benchmark_out="$log_dir/bench.json" --benchmark_out_format=json \
-    > "$log_dir/bench.log" 2>&1 || bench_status=$?
-  sed '/^== packkv CUDA results/,$d' "$log_dir/bench.log" | tail -40
-else
-  bench_status=127
-fi
-
-echo
-echo "=================== packkv device check ==================="
-echo "date:   $(date -u '+%Y-%m-%d %H:%M UTC')"
-echo "gpu:    $gpu"
-echo "commit: $commit"
-echo "tests:  exit $test_status; $tests_line (127: not built)"
-echo "bench:  exit $bench_status (full output: $log_dir/bench.log, $log_dir/bench.json; 127: not built)"
-sed -n '/^== packkv CUDA results/,$p' "$log_dir/bench.log"
-[ "$test_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+echo "gpu_check: built in $(($(date +%s) - start)) s"
+exec "$root/scripts/gpu_run.sh" --out "$out" --test "$build/tests/cuda/test_cuda_backend" \
+  --bench "$build/bench/cuda/bench_cuda" --peer "$root/bench/cuda/sdpa_peer.py"
