@@ -16,6 +16,12 @@ namespace {
 constexpr int kFillThreads = 256;
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
+// Two floats rounded to fp16, as one word (the first in the low half, as memory order wants).
+__device__ __forceinline__ unsigned pack_half2_bits(float lo, float hi) {
+  return static_cast<unsigned>(__half_as_ushort(__float2half_rn(lo))) |
+         (static_cast<unsigned>(__half_as_ushort(__float2half_rn(hi))) << 16);
+}
+
 __device__ __forceinline__ std::uint64_t mix(std::uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -142,11 +148,9 @@ __global__ void __launch_bounds__(kSoftmaxThreads) softmax_rows_kernel(const flo
     uint2* out4 = reinterpret_cast<uint2*>(out);
     for (std::int64_t i = threadIdx.x; i < len / 4; i += kSoftmaxThreads) {
       const float4 x = in4[i];
-      const __half2 a = __floats2half2_rn(exp2f(x.x * scale_log2 - mx) * inv, exp2f(x.y * scale_log2 - mx) * inv);
-      const __half2 b = __floats2half2_rn(exp2f(x.z * scale_log2 - mx) * inv, exp2f(x.w * scale_log2 - mx) * inv);
       uint2 w;
-      w.x = *reinterpret_cast<const unsigned*>(&a);
-      w.y = *reinterpret_cast<const unsigned*>(&b);
+      w.x = pack_half2_bits(exp2f(x.x * scale_log2 - mx) * inv, exp2f(x.y * scale_log2 - mx) * inv);
+      w.y = pack_half2_bits(exp2f(x.z * scale_log2 - mx) * inv, exp2f(x.w * scale_log2 - mx) * inv);
       out4[i] = w;
     }
   } else {
@@ -199,13 +203,20 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// fp16 bit patterns to float through the intrinsics (no type punning of registers).
+__device__ __forceinline__ float low_half_to_float(unsigned w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xFFFFu)));
+}
+__device__ __forceinline__ float high_half_to_float(unsigned w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+
 __device__ __forceinline__ void to_float8(const uint4& u, float (&f)[8]) {
   const unsigned words[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
-    f[2 * i] = x.x;
-    f[2 * i + 1] = x.y;
+    f[2 * i] = low_half_to_float(words[i]);
+    f[2 * i + 1] = high_half_to_float(words[i]);
   }
 }
 
@@ -446,10 +457,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) dense_decode_kernel(c
     sum.w = fmaf(weight, x.w, sum.w);
   }
   const float inv = 1.0f / total;
-  const __half2 lo = __floats2half2_rn(sum.x * inv, sum.y * inv), hi = __floats2half2_rn(sum.z * inv, sum.w * inv);
   uint2 packed;
-  packed.x = *reinterpret_cast<const unsigned*>(&lo);
-  packed.y = *reinterpret_cast<const unsigned*>(&hi);
+  packed.x = pack_half2_bits(sum.x * inv, sum.y * inv);
+  packed.y = pack_half2_bits(sum.z * inv, sum.w * inv);
   reinterpret_cast<uint2*>(a.out + (q_row0 + g) * kDim)[lane] = packed;
   if (threadIdx.x == 0) a.counters[seq_head] = 0;  // ready for the next launch
 }
