@@ -265,6 +265,7 @@ __device__ void online_softmax_step(const HeadGroup& heads, int tokens, int coun
       sum += p;
     }
     sum = warp_sum(sum);
+    __syncwarp();  // every lane has read running_max[h] before lane 0 rewrites it
     if (lane == 0) {
       const float rescale = old_max == -INFINITY ? 0.0f : expf(old_max - new_max);
       s.rescale[h] = rescale;
@@ -474,7 +475,8 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
 // bytes. Each round's size is in its section's round table; its kind follows from the size.
 __global__ void __launch_bounds__(kThreads)
     block_stats_kernel(format::BlockGeometry g, const std::uint8_t* const* blocks, unsigned long long* counters) {
-  __shared__ unsigned long long warp_sums[4][kWarps];
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
+  auto* warp_sums = reinterpret_cast<unsigned long long(*)[kWarps]>(shared_bytes);  // [4][kWarps]
   const std::uint8_t* block = blocks[blockIdx.x];
   const SectionLayout layouts[2] = {g.k_layout(), g.v_layout()};
   // 0: payload, 1: descriptors, 2: K sections, 3: V sections.
@@ -576,7 +578,8 @@ cudaError_t launch_read_back(const ReadBackParams<T>& p, cudaStream_t stream) {
 cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_t* const* blocks, int count,
                                unsigned long long* counters, cudaStream_t stream) {
   if (count <= 0) return cudaSuccess;
-  PACKKV_LAUNCH(block_stats_kernel, static_cast<unsigned>(count), kThreads, 0, stream, g, blocks, counters);
+  PACKKV_LAUNCH(block_stats_kernel, static_cast<unsigned>(count), kThreads, 4 * kWarps * sizeof(unsigned long long),
+                stream, g, blocks, counters);
   return cudaGetLastError();
 }
 
