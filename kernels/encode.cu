@@ -224,13 +224,11 @@ __device__ std::uint32_t write_section(const SectionLayout& layout, const std::u
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeParams<T> p) {
-  PACKKV_DYNAMIC_SHARED(shared_bytes);
+__device__ void encode_block(const EncodeParams<T>& p, int block, unsigned char* shared_bytes) {
   EncoderShared s;
   encoder_shared_layout(p.geometry, shared_bytes, &s);
 
   const format::BlockGeometry& g = p.geometry;
-  const int block = blockIdx.x;
   std::uint8_t* out = p.out_table != nullptr ? p.out_table[block] : p.out_base + block * p.out_stride;
   const std::int64_t first = p.first_position + static_cast<std::int64_t>(block) * g.block_tokens;
 
@@ -272,7 +270,22 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeParams<T> 
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) tail_write_kernel(const TailWriteParams<T> p) {
+__global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeParams<T> p) {
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
+  encode_block(p, blockIdx.x, shared_bytes);
+}
+
+// A batch of writes: y selects the write, x its block (CTAs past its blocks have nothing to do).
+template <class T>
+__global__ void __launch_bounds__(kThreads) encode_batch_kernel(const EncodeParams<T>* batch) {
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
+  const EncodeParams<T> p = batch[blockIdx.y];
+  if (static_cast<int>(blockIdx.x) >= p.num_blocks) return;
+  encode_block(p, blockIdx.x, shared_bytes);
+}
+
+template <class T>
+__device__ void write_tail_rows(const TailWriteParams<T>& p) {
   const int row_elems = p.source.row_elems;
   const std::int64_t count = (p.end - p.first) * row_elems;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(kThreads) + threadIdx.x; i < count;
@@ -292,6 +305,17 @@ __global__ void __launch_bounds__(kThreads) tail_write_kernel(const TailWritePar
     p.ring_k[row * row_elems + element] = k;
     p.ring_v[row * row_elems + element] = v;
   }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) tail_write_kernel(const TailWriteParams<T> p) {
+  write_tail_rows(p);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) tail_write_batch_kernel(const TailWriteParams<T>* batch) {
+  const TailWriteParams<T> p = batch[blockIdx.y];
+  write_tail_rows(p);
 }
 
 // Strict mode, the host's checks (core/value_checks.hpp) on the device. Rows r < 2 * n * heads:
@@ -345,9 +369,11 @@ __global__ void __launch_bounds__(kThreads) validate_kernel(const ValidateParams
 // and outputs need not be: one warp loads 32 sizes at once, lane 0 walks them in shared memory,
 // and every lane writes its block's table entry. A prefill of thousands of blocks then costs a
 // few global round trips per 32 blocks instead of per block.
-__global__ void place_kernel(const PlaceParams p) {
-  __shared__ std::uint32_t sizes[32], pages[32], offsets[32];
-  __shared__ PlacementCursor cursor;
+__device__ void place_blocks(const PlaceParams& p, unsigned char* shared_bytes) {
+  auto* sizes = reinterpret_cast<std::uint32_t*>(shared_bytes);  // [32] each
+  std::uint32_t* pages = sizes + 32;
+  std::uint32_t* offsets = sizes + 64;
+  PlacementCursor& cursor = *reinterpret_cast<PlacementCursor*>(sizes + 96);
   const int lane = threadIdx.x;
   if (lane == 0) cursor = *p.cursor;
   for (int first = 0; first < p.num_blocks; first += 32) {
@@ -384,14 +410,34 @@ __global__ void place_kernel(const PlaceParams p) {
   }
 }
 
+__global__ void place_kernel(const PlaceParams p) {
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
+  place_blocks(p, shared_bytes);
+}
+// One warp per write of a batch: the writes' layers have their own pages and cursors.
+__global__ void place_batch_kernel(const PlaceParams* batch) {
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
+  const PlaceParams p = batch[blockIdx.x];
+  place_blocks(p, shared_bytes);
+}
+
 // Sizes and offsets are multiples of 16 and staging slots and pages 256-byte aligned: 16-byte copies.
-__global__ void __launch_bounds__(kThreads) copy_placed_kernel(const PlaceParams p) {
-  const int block = blockIdx.x;
+__device__ void copy_placed_block(const PlaceParams& p, int block) {
   auto* to = reinterpret_cast<uint4*>(p.table[block]);
   if (to == nullptr) return;
   const auto* from = reinterpret_cast<const uint4*>(p.staging + block * p.staging_stride);
   const std::uint32_t words = p.sizes[block] / 16u;
   for (std::uint32_t i = threadIdx.x; i < words; i += kThreads) to[i] = from[i];
+}
+__global__ void __launch_bounds__(kThreads) copy_placed_kernel(const PlaceParams p) { copy_placed_block(p, blockIdx.x); }
+__global__ void __launch_bounds__(kThreads) copy_placed_batch_kernel(const PlaceParams* batch) {
+  const PlaceParams p = batch[blockIdx.y];
+  if (static_cast<int>(blockIdx.x) < p.num_blocks) copy_placed_block(p, blockIdx.x);
+}
+
+__global__ void __launch_bounds__(kThreads) write_pointers_kernel(const PointerWrite* writes, int count) {
+  const int i = static_cast<int>(blockIdx.x * kThreads + threadIdx.x);
+  if (i < count) *writes[i].at = writes[i].value;
 }
 
 __global__ void write_table_kernel(std::uint8_t** table, TableEntries entries) {
@@ -434,10 +480,46 @@ cudaError_t launch_validate(const ValidateParams<T>& params, cudaStream_t stream
 
 cudaError_t launch_place_blocks(const PlaceParams& params, cudaStream_t stream) {
   if (params.num_blocks <= 0) return cudaSuccess;
-  PACKKV_LAUNCH(place_kernel, 1, 32, 0, stream, params);
+  PACKKV_LAUNCH(place_kernel, 1, 32, 96 * sizeof(std::uint32_t) + sizeof(PlacementCursor), stream, params);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   PACKKV_LAUNCH(copy_placed_kernel, params.num_blocks, kThreads, 0, stream, params);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_encode_batch(const EncodeParams<T>* batch, int count, int max_blocks, const format::BlockGeometry& g,
+                                cudaStream_t stream) {
+  if (count <= 0 || max_blocks <= 0) return cudaSuccess;
+  static const cudaError_t opt_in = opt_in_shared_memory(encode_batch_kernel<T>);
+  if (opt_in != cudaSuccess) return opt_in;
+  const dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>(count));
+  PACKKV_LAUNCH(encode_batch_kernel<T>, grid, kThreads, encode_shared_bytes(g), stream, batch);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_tail_write_batch(const TailWriteParams<T>* batch, int count, std::int64_t max_elements,
+                                    cudaStream_t stream) {
+  if (count <= 0 || max_elements <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(grid_for(max_elements)), static_cast<unsigned>(count));
+  PACKKV_LAUNCH(tail_write_batch_kernel<T>, grid, kThreads, 0, stream, batch);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_place_batch(const PlaceParams* batch, int count, int max_blocks, cudaStream_t stream) {
+  if (count <= 0 || max_blocks <= 0) return cudaSuccess;
+  PACKKV_LAUNCH(place_batch_kernel, count, 32, 96 * sizeof(std::uint32_t) + sizeof(PlacementCursor), stream, batch);
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>(count));
+  PACKKV_LAUNCH(copy_placed_batch_kernel, grid, kThreads, 0, stream, batch);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_write_pointers(const PointerWrite* writes, int count, cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  PACKKV_LAUNCH(write_pointers_kernel, (count + kThreads - 1) / kThreads, kThreads, 0, stream, writes, count);
   return cudaGetLastError();
 }
 
@@ -447,9 +529,12 @@ cudaError_t launch_write_table(std::uint8_t** table, TableEntries entries, cudaS
   return cudaGetLastError();
 }
 
-#define PACKKV_INSTANTIATE_ENCODE(T)                                                  \
-  template cudaError_t launch_encode<T>(const EncodeParams<T>&, int, cudaStream_t);   \
-  template cudaError_t launch_tail_write<T>(const TailWriteParams<T>&, cudaStream_t); \
+#define PACKKV_INSTANTIATE_ENCODE(T)                                                                           \
+  template cudaError_t launch_encode<T>(const EncodeParams<T>&, int, cudaStream_t);                            \
+  template cudaError_t launch_encode_batch<T>(const EncodeParams<T>*, int, int, const format::BlockGeometry&,  \
+                                              cudaStream_t);                                                   \
+  template cudaError_t launch_tail_write<T>(const TailWriteParams<T>&, cudaStream_t);                          \
+  template cudaError_t launch_tail_write_batch<T>(const TailWriteParams<T>*, int, std::int64_t, cudaStream_t); \
   template cudaError_t launch_validate<T>(const ValidateParams<T>&, cudaStream_t);
 PACKKV_INSTANTIATE_ENCODE(float)
 PACKKV_INSTANTIATE_ENCODE(fp16_t)

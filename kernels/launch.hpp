@@ -35,7 +35,7 @@ struct DeviceError {
   float value;
   float value2;
 };
-enum ErrorKind : int { kBadValue = 1, kRangeTooWide = 2, kPlacementOverflow = 3 };
+enum ErrorKind : int { kBadValue = 1, kRangeTooWide = 2, kPlacementOverflow = 3, kBadQuery = 4 };
 
 struct ErrorContext {
   DeviceError* error;  ///< may be null (then invalid values are not reported)
@@ -59,6 +59,7 @@ struct EncodeParams {
   std::size_t out_stride;
   std::uint32_t* block_sizes;       ///< optional: receives each block's size
   ErrorContext errors;
+  int num_blocks;                   ///< blocks of this write (batched launches)
 };
 
 /// Shared memory the encoder needs; the launcher refuses geometries beyond the device's limit.
@@ -66,6 +67,11 @@ std::size_t encode_shared_bytes(const format::BlockGeometry& g);
 
 template <class T>
 cudaError_t launch_encode(const EncodeParams<T>& params, int num_blocks, cudaStream_t stream);
+/// One launch for the blocks of many writes: `batch` (device memory) holds each write's params,
+/// `max_blocks` the most blocks of one write.
+template <class T>
+cudaError_t launch_encode_batch(const EncodeParams<T>* batch, int count, int max_blocks, const format::BlockGeometry& g,
+                                cudaStream_t stream);
 
 /// Copies positions [first, end) of `source` into a tail ring of `ring_capacity` rows (position p
 /// to row p % ring_capacity), checking every value.
@@ -83,6 +89,10 @@ struct TailWriteParams {
 
 template <class T>
 cudaError_t launch_tail_write(const TailWriteParams<T>& params, cudaStream_t stream);
+/// One launch for many tails (`batch` in device memory; `max_elements`: the most values of one).
+template <class T>
+cudaError_t launch_tail_write_batch(const TailWriteParams<T>* batch, int count, std::int64_t max_elements,
+                                    cudaStream_t stream);
 
 /// Strict mode: checks the n new tokens of `rows` (positions [rows.tail.end(), + n)) as the host
 /// checks do (core/value_checks.hpp) before anything is changed; the host synchronises and throws
@@ -142,6 +152,8 @@ struct PlaceParams {
   ErrorContext errors;
 };
 cudaError_t launch_place_blocks(const PlaceParams& params, cudaStream_t stream);
+/// Placement and copies for many writes in two launches (`batch` in device memory).
+cudaError_t launch_place_batch(const PlaceParams* batch, int count, int max_blocks, cudaStream_t stream);
 
 /// Up to kInlineTableEntries new pointer-table entries, written by one tiny kernel.
 inline constexpr int kInlineTableEntries = 32;
@@ -150,6 +162,13 @@ struct TableEntries {
   int count;
 };
 cudaError_t launch_write_table(std::uint8_t** table, TableEntries entries, cudaStream_t stream);
+
+/// One pointer to store in device memory (batched launches: new page-list entries of many layers).
+struct PointerWrite {
+  std::uint8_t** at;
+  std::uint8_t* value;
+};
+cudaError_t launch_write_pointers(const PointerWrite* writes, int count, cudaStream_t stream);
 
 // ---- reading packed sequences --------------------------------------------------------------
 
@@ -193,10 +212,43 @@ struct AttentionParams {
   int units_per_split;
   int num_splits;
   float* partials;  ///< [batch][num_q_heads][num_splits][head_dim + 2]: acc, max, sum
+  // The fast read path (decode_attention.cu) only:
+  int stages;         ///< blocks staged at once (FastPlan::stages)
+  unsigned* tickets;  ///< [batch][num_kv_heads * subgroups], zero between launches
+  ErrorContext errors;  ///< where a NaN or Inf in q is reported (sequence: the batch index)
 };
 
+/// The kernels of attention.cu: any geometry, 256-thread CTAs, a separate merge launch.
 template <class T>
 cudaError_t launch_attention(const AttentionParams<T>& params, cudaStream_t stream);
+
+// ---- the fast read path (decode_attention.cu) ------------------------------------------------
+
+/// Packed blocks one CTA of the fast path may own (their spans are kept in shared memory).
+inline constexpr int kFastMaxBlocksPerCta = 512;
+
+/// Shared memory of one staged (K, V) span of a head: the worst case of the geometry, plus slack
+/// for the 12-byte reads a decoder makes at a pack's start.
+PACKKV_HOST_DEVICE std::size_t fast_stage_bytes(const format::BlockGeometry& g) {
+  return format::align_up(g.k_layout().max_section_bytes() + g.v_layout().max_section_bytes() + 16u, format::kAlign);
+}
+
+/// Whether the fast path serves a geometry, and how: its query heads per CTA, stages, shared
+/// memory and resident CTAs per SM (from shared memory; one-warp CTAs).
+struct FastPlan {
+  bool usable;
+  int heads_per_cta;
+  int subgroups;
+  int stages;
+  std::size_t shared_bytes;
+  int ctas_per_sm;
+};
+FastPlan plan_fast_attention(const ReadShape& shape, int shared_limit);
+
+/// One launch: split attention and, in the last CTA of each (sequence, KV head, subgroup), the
+/// merge. `params.shape` carries the plan's heads_per_cta and subgroups.
+template <class T>
+cudaError_t launch_fast_attention(const AttentionParams<T>& params, std::size_t shared_bytes, cudaStream_t stream);
 
 template <class T>
 struct ScoresParams {

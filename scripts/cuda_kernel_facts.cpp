@@ -58,8 +58,18 @@ int main() {
               g.k_per_channel ? "true" : "false");
   std::printf("               \"group\": %d, \"heads_per_cta\": %d, \"subgroups\": %d},\n", group, heads_per_cta,
               subgroups);
-  std::printf("  \"dynamic_shared_bytes\": {\"read\": %zu, \"encode\": %zu}\n",
-              packkv::detail::cuda::read_shared_bytes(g), packkv::detail::cuda::encode_shared_bytes(g));
+  packkv::detail::cuda::ReadShape shape{};
+  shape.geometry = g;
+  shape.num_q_heads = config.num_q_heads;
+  shape.group = group;
+  shape.heads_per_cta = heads_per_cta;
+  shape.subgroups = subgroups;
+  const packkv::detail::cuda::FastPlan fast = packkv::detail::cuda::plan_fast_attention(shape, 227 * 1024);
+  std::printf("  \"fast_plan\": {\"usable\": %s, \"heads_per_cta\": %d, \"stages\": %d, \"ctas_per_sm\": %d},\n",
+              fast.usable ? "true" : "false", fast.heads_per_cta, fast.stages, fast.ctas_per_sm);
+  std::printf("  \"dynamic_shared_bytes\": {\"read\": %zu, \"encode\": %zu, \"fast\": %zu}\n",
+              packkv::detail::cuda::read_shared_bytes(g), packkv::detail::cuda::encode_shared_bytes(g),
+              fast.shared_bytes);
   std::printf("}\n");
   return 0;
 }

@@ -69,6 +69,13 @@ class PackedKVCache {
   /// the rest stays in the uncompressed tail. All-or-nothing: on error nothing is appended.
   /// Rejects NaN, Inf and |x| > 65504 (the per-token parameters are stored as fp16).
   void append(SeqId id, int layer, const T* k, const T* v, int n_tokens);
+  /// Appends n_tokens[i] tokens to sequence ids[i] at one layer, for every i, in one call: a
+  /// continuous-batching decode step (n_tokens[i] = 1) or a batch of prefill chunks. k and v hold
+  /// the tokens of ids[0], then of ids[1], ...: [sum of n_tokens][num_kv_heads][head_dim]. The same
+  /// bytes as the per-sequence calls, all-or-nothing for the whole batch (a refusal names the entry
+  /// and changes no sequence); ids must be distinct. On CUDA the batch is one tail-write launch and
+  /// one encoder launch whatever its size.
+  void append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v, std::span<const int> n_tokens);
 
   // ---- attention ----
   /// Decode attention for one query per sequence: out[b] = softmax(scale * K q[b]) V.

@@ -55,6 +55,11 @@ void PackedKVCache<T>::append(SeqId id, int layer, const T* k, const T* v, int n
   core("append").append(id, layer, k, v, n_tokens);
 }
 template <class T>
+void PackedKVCache<T>::append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v,
+                                    std::span<const int> n_tokens) {
+  core("append_batch").append_batch(ids, layer, k, v, n_tokens);
+}
+template <class T>
 void PackedKVCache<T>::attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float scale) const {
   core("attention").attention(ids, layer, q, out, scale);
 }

@@ -15,31 +15,39 @@ namespace packkv::detail {
 
 namespace {
 
-/// Shared locks on several sequences, taken in increasing id order (each once).
-class SharedLocks {
+/// Locks on several sequences (shared for reads, exclusive for writes), taken in increasing id
+/// order (each once), so that two batched calls never wait for each other in a cycle.
+template <bool kExclusive>
+class SequenceLocks {
  public:
-  void add(SeqId id, const RwLock& lock) { entries_.push_back({id, &lock}); }
+  void add(SeqId id, const RwLock& lock) { entries_.push_back({id, const_cast<RwLock*>(&lock)}); }
   void lock() {
     std::sort(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) { return a.id < b.id; });
     entries_.erase(std::unique(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) { return a.id == b.id; }),
                    entries_.end());
     for (Entry& e : entries_) {
-      const_cast<RwLock*>(e.lock)->lock_shared();
+      if constexpr (kExclusive) e.lock->lock();
+      else e.lock->lock_shared();
       ++held_;
     }
   }
-  ~SharedLocks() {
-    for (std::size_t i = 0; i < held_; ++i) const_cast<RwLock*>(entries_[i].lock)->unlock_shared();
+  ~SequenceLocks() {
+    for (std::size_t i = 0; i < held_; ++i) {
+      if constexpr (kExclusive) entries_[i].lock->unlock();
+      else entries_[i].lock->unlock_shared();
+    }
   }
 
  private:
   struct Entry {
     SeqId id;
-    const RwLock* lock;
+    RwLock* lock;
   };
   std::vector<Entry> entries_;
   std::size_t held_ = 0;
 };
+using SharedLocks = SequenceLocks<false>;
+using ExclusiveLocks = SequenceLocks<true>;
 
 }  // namespace
 
@@ -229,6 +237,64 @@ void CacheCore<T>::append(SeqId id, int layer_index, const T* k, const T* v, int
     backend_->check_values(writes);
     const Attempt result = write_under_budget(writes, 0, may_reclaim, where);
     if (result == Attempt::committed) apply(layer, write);
+    return result;
+  });
+}
+
+template <class T>
+void CacheCore<T>::append_batch(std::span<const SeqId> ids, int layer_index, const T* k, const T* v,
+                                std::span<const int> n_tokens) {
+  PACKKV_REQUIRE(!ids.empty(), "append_batch: the batch of sequence ids is empty");
+  PACKKV_REQUIRE(n_tokens.size() == ids.size(),
+                 fmt::format("append_batch: {} token counts for {} sequence ids", n_tokens.size(), ids.size()));
+  PACKKV_REQUIRE(k != nullptr && v != nullptr, "append_batch: k and v must not be null");
+  check_layer(layer_index, "append_batch");
+  std::int64_t total = 0;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    PACKKV_REQUIRE(n_tokens[i] >= 1 && n_tokens[i] <= (1 << 24),
+                   fmt::format("append_batch: n_tokens[{}] (sequence {}) must be in [1, 2^24], got {}", i, ids[i],
+                               n_tokens[i]));
+    total += n_tokens[i];
+  }
+  PACKKV_REQUIRE(total <= (std::int64_t{1} << 31), fmt::format("append_batch: {} tokens in one call, at most 2^31", total));
+  {
+    std::vector<SeqId> sorted(ids.begin(), ids.end());
+    std::sort(sorted.begin(), sorted.end());
+    const auto twice = std::adjacent_find(sorted.begin(), sorted.end());
+    PACKKV_REQUIRE(twice == sorted.end(), fmt::format("append_batch: sequence {} appears twice in the batch", *twice));
+  }
+  const std::string where = fmt::format("append_batch of {} sequences at layer {}", ids.size(), layer_index);
+  with_reclaim([&](bool may_reclaim) {
+    const std::shared_lock table(table_lock_);
+    ExclusiveLocks locks;
+    std::vector<Sequence*> seqs;
+    seqs.reserve(ids.size());
+    for (SeqId id : ids) {
+      seqs.push_back(&sequence(id, "append_batch"));
+      locks.add(id, seqs.back()->lock);
+    }
+    locks.lock();
+    std::vector<LayerWrite<T>> writes(ids.size());
+    std::int64_t offset = 0;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      Layer& layer = seqs[i]->layers[static_cast<std::size_t>(layer_index)];
+      PACKKV_REQUIRE(layer.length + n_tokens[i] <= (std::int64_t{1} << 31),
+                     fmt::format("append_batch: sequence {} would exceed 2^31 tokens", ids[i]));
+      LayerWrite<T>& w = writes[i];
+      w.store = layer.store.get();
+      w.num_blocks = layer.num_blocks;
+      w.plan = tails_.plan(layer.tail, n_tokens[i]);
+      w.k = k + static_cast<std::size_t>(offset) * row_;
+      w.v = v + static_cast<std::size_t>(offset) * row_;
+      w.id = ids[i];
+      w.layer = layer_index;
+      offset += n_tokens[i];
+    }
+    backend_->check_values(writes);
+    const Attempt result = write_under_budget(writes, 0, may_reclaim, where);
+    if (result == Attempt::committed) {
+      for (std::size_t i = 0; i < ids.size(); ++i) apply(seqs[i]->layers[static_cast<std::size_t>(layer_index)], writes[i]);
+    }
     return result;
   });
 }

@@ -33,6 +33,12 @@ int device_count(std::string* why) {
 }
 
 void throw_device_error(const DeviceError& e, ErrorOrigin origin) {
+  if (e.kind == kBadQuery) {
+    detail::throw_error(fmt::format(
+        "attention: q value {} of batch entry {} (query head {}, channel {}) is NaN or Inf; the CUDA backend found "
+        "it on the device after that call returned, and its output is undefined",
+        e.value, e.sequence, e.head, e.channel));
+  }
   const char* tensor = e.tensor == 0 ? "K" : "V";
   const std::string where = origin == ErrorOrigin::encode_blocks
                                 ? std::string("encode_blocks")

@@ -47,6 +47,13 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
   check_cuda(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device), "query SM count");
   check_cuda(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "query shared memory");
+  ReadShape shape{};
+  shape.geometry = geometry;
+  shape.num_q_heads = num_q_heads;
+  shape.group = group;
+  shape.heads_per_cta = heads_per_cta;
+  shape.subgroups = subgroups;
+  fast = plan_fast_attention(shape, shared_optin);
   const std::size_t needed = std::max(encode_shared_bytes(geometry), read_shared_bytes(geometry));
   PACKKV_REQUIRE(needed <= static_cast<std::size_t>(shared_optin),
                  fmt::format("block_tokens {} x head_dim {} needs {} bytes of shared memory per CUDA block, the "
@@ -64,6 +71,8 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
 DeviceContext::~DeviceContext() {
   cudaStreamSynchronize(stream);  // kernels may still write the mapped words freed below
   workspace = DeviceBuffer();
+  tickets = DeviceBuffer();
+  launch_params = DeviceBuffer();
   staging = DeviceBuffer();
   error_claim_ = DeviceBuffer();
   pool = DevicePagePool(pool.page_bytes());
@@ -77,7 +86,9 @@ std::int64_t DeviceContext::blocks_per_round() const {
 
 std::size_t DeviceContext::resident_bytes() const { return pool.reserved_bytes() + owned_bytes + scratch_bytes(); }
 
-std::size_t DeviceContext::scratch_bytes() const { return staging.bytes() + workspace.bytes() + error_claim_.bytes(); }
+std::size_t DeviceContext::scratch_bytes() const {
+  return staging.bytes() + workspace.bytes() + tickets.bytes() + launch_params.bytes() + error_claim_.bytes();
+}
 
 void DeviceContext::raise_device_error(ErrorOrigin origin) {
   volatile DeviceError* record = error_host_;
@@ -164,6 +175,16 @@ void DeviceContext::clear(CudaLayerStore& store) {
   store.unseen.clear();
   store.live_bytes = 0;
   store.live_blocks = 0;
+}
+
+unsigned* DeviceContext::ticket_words(std::size_t count) {
+  if (tickets.bytes() < count * sizeof(unsigned)) {
+    // The old counters are all zero (every launch's last CTA resets its own), so a new, larger
+    // buffer only needs clearing once; the old one is freed in stream order.
+    tickets = DeviceBuffer(count * sizeof(unsigned), stream);
+    check_cuda(cudaMemsetAsync(tickets.data(), 0, tickets.bytes(), stream), "merge counters initialisation");
+  }
+  return tickets.as<unsigned>();
 }
 
 float* DeviceContext::workspace_floats(std::size_t floats) {

@@ -97,6 +97,7 @@ class DeviceContext {
   bool strict;                ///< CacheConfig::cuda_strict
   std::size_t slot_bytes;     ///< a worst-case block, 256-byte aligned (staging slots)
   int sm_count = 1;
+  FastPlan fast{};            ///< the fast read path's plan for this geometry (usable or not)
 
   // ---- device state ----
   cudaStream_t stream = nullptr;
@@ -106,6 +107,8 @@ class DeviceContext {
   std::uint32_t next_launch = 1;
   DeviceBuffer staging;    ///< worst-case slots of the blocks being encoded, then their sizes
   DeviceBuffer workspace;  ///< split-attention partials
+  DeviceBuffer tickets;    ///< the fast path's merge counters, zero between launches
+  DeviceBuffer launch_params;  ///< parameter arrays of batched launches (uploaded per write)
   std::unordered_set<CudaLayerStore*> stores;
   std::size_t owned_bytes = 0;  ///< tables, page lists and rings of every layer
   /// The host core runs calls on different sequences at once; the device state above is shared.
@@ -138,6 +141,8 @@ class DeviceContext {
   /// Frees everything a layer holds (in stream order).
   void clear(CudaLayerStore& store);
   float* workspace_floats(std::size_t floats);
+  /// At least `count` merge counters, all zero (new ones are cleared in stream order).
+  unsigned* ticket_words(std::size_t count);
   void set_error_stream() { error_claim_.set_stream(stream); }
 
  private:

@@ -50,30 +50,55 @@ Split choose_split(const DeviceContext& ctx, int max_units, int ctas_per_split) 
   return Split{splits, per_split};
 }
 
+// The fast path's split: enough one-warp CTAs to fill every SM with the resident CTAs its shared
+// memory allows, and no more packed blocks per CTA than it keeps spans for.
+Split choose_fast_split(const DeviceContext& ctx, int max_units, int ctas_per_split) {
+  max_units = std::max(max_units, 1);
+  const int target = ctx.sm_count * ctx.fast.ctas_per_sm;
+  int splits = std::clamp((target + ctas_per_split - 1) / ctas_per_split, 1, max_units);
+  splits = std::max(splits, (max_units + kFastMaxBlocksPerCta - 1) / kFastMaxBlocksPerCta);
+  const int per_split = (max_units + splits - 1) / splits;
+  splits = (max_units + per_split - 1) / per_split;
+  return Split{splits, per_split};
+}
+
 }  // namespace
 
 template <class T>
 void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float scale) {
   ctx.raise_device_error();
   const std::size_t q_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.geometry.head_dim;
+  const bool fast = ctx.fast.usable;
   for (std::size_t first = 0; first < batch.size(); first += kMaxBatchPerLaunch) {
     const int count = static_cast<int>(std::min<std::size_t>(kMaxBatchPerLaunch, batch.size() - first));
     AttentionParams<T> params{};
     params.shape = read_shape(ctx);
+    if (fast) {
+      params.shape.heads_per_cta = ctx.fast.heads_per_cta;
+      params.shape.subgroups = ctx.fast.subgroups;
+    }
     params.batch = count;
     int max_units = 0;
     for (int b = 0; b < count; ++b) {
       params.seqs[b] = view<T>(ctx, batch[first + static_cast<std::size_t>(b)]);
       max_units = std::max(max_units, params.seqs[b].num_units(ctx.geometry.block_tokens));
     }
-    const Split split = choose_split(ctx, max_units, count * ctx.geometry.num_heads * ctx.subgroups);
+    const int ctas_per_split = count * ctx.geometry.num_heads * params.shape.subgroups;
+    const Split split = fast ? choose_fast_split(ctx, max_units, ctas_per_split) : choose_split(ctx, max_units, ctas_per_split);
     params.units_per_split = split.units_per_split;
     params.num_splits = split.splits;
     params.q = q + first * q_stride;
     params.out = out + first * q_stride;
     params.softmax_scale = scale;
     params.partials = ctx.workspace_floats(static_cast<std::size_t>(count) * ctx.num_q_heads * split.splits * (ctx.geometry.head_dim + 2));
-    check_cuda(launch_attention(params, ctx.stream), "attention kernel launch");
+    if (fast) {
+      params.stages = ctx.fast.stages;
+      params.tickets = ctx.ticket_words(static_cast<std::size_t>(count) * ctx.geometry.num_heads * params.shape.subgroups);
+      params.errors = ctx.errors_for(first, 0);  // the kernel adds its batch index
+      check_cuda(launch_fast_attention(params, ctx.fast.shared_bytes, ctx.stream), "attention kernel launch");
+    } else {
+      check_cuda(launch_attention(params, ctx.stream), "attention kernel launch");
+    }
   }
 }
 

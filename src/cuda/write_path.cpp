@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace packkv::detail::cuda {
@@ -38,6 +39,27 @@ class CudaPrepared final : public PreparedWrite {
   std::size_t growth_bytes = 0;    ///< tables, page lists and rings that grow
   std::size_t staging_bytes = 0;   ///< staging the commit needs
   std::size_t upload_bytes = 0;    ///< host tokens travelling to the device
+  /// Several writes whose new blocks fit one staging round: a fixed number of launches for all
+  /// of them (parameter arrays of params_bytes uploaded once), not a few per write.
+  bool batched = false;
+  std::size_t params_bytes = 0;
+};
+
+/// The parameter arrays of a batched commit, back to back in one upload.
+template <class T>
+struct BatchParams {
+  std::vector<PointerWrite> pointers;  ///< new page-list entries
+  std::vector<TailWriteParams<T>> tails;
+  std::vector<EncodeParams<T>> encodes;
+  std::vector<PlaceParams> places;
+  std::int64_t max_tail_elements = 0;
+  int max_blocks = 0;
+
+  static std::size_t bytes_for(std::size_t writes, std::size_t new_pages) {
+    return align(new_pages * sizeof(PointerWrite)) + align(writes * sizeof(TailWriteParams<T>)) +
+           align(writes * sizeof(EncodeParams<T>)) + align(writes * sizeof(PlaceParams));
+  }
+  static std::size_t align(std::size_t n) { return (n + 255) / 256 * 256; }
 };
 
 template <class T>
@@ -55,8 +77,9 @@ TokenRows<T> rows_of(const DeviceContext& ctx, const LayerWrite<T>& w, const T* 
 
 
 // Installs grown tables (old entries copied on the device) and the layer's new pages.
+// New page pointers are written at once, or added to `deferred` (a batch writes them all in one launch).
 void install_tables(DeviceContext& ctx, CudaLayerStore& store, const LayerPlan& plan, DeviceBuffer& table, DeviceBuffer& page_list,
-                    int num_blocks) {
+                    int num_blocks, std::vector<PointerWrite>* deferred) {
   if (table.bytes() != 0) {
     if (num_blocks != 0) {
       check_cuda(cudaMemcpyAsync(table.data(), store.table.data(), ctx.table_bytes(static_cast<std::size_t>(num_blocks)),
@@ -82,7 +105,11 @@ void install_tables(DeviceContext& ctx, CudaLayerStore& store, const LayerPlan& 
     store.page_list_capacity = plan.page_list_capacity;
   }
   while (store.pages.size() < plan.pages_target) store.pages.push_back(ctx.pool.take());
-  ctx.publish_pointers(store.pages, first_new, store.page_pointers() + first_new);
+  if (deferred == nullptr) {
+    ctx.publish_pointers(store.pages, first_new, store.page_pointers() + first_new);
+    return;
+  }
+  for (std::size_t p = first_new; p < store.pages.size(); ++p) deferred->push_back({store.page_pointers() + p, store.pages[p]});
 }
 
 // Imported blocks: uploaded with one copy per page (they are back to back in the image and in a
@@ -162,7 +189,8 @@ void seal_blocks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>&
 // The tail after the write, in its ring (a new, larger one when it grows: the tokens that stay
 // are copied over with the new ones).
 template <class T>
-void write_tail(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v, DeviceBuffer grown_ring) {
+TailWriteParams<T> tail_params(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v,
+                               const DeviceBuffer& grown_ring) {
   const AppendPlan& plan = w.plan;
   TailWriteParams<T> tail{};
   tail.source = rows_of(ctx, w, k, v);
@@ -175,12 +203,95 @@ void write_tail(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& 
   tail.end = plan.after.end();
   tail.head_dim = ctx.geometry.head_dim;
   tail.errors = ctx.errors_for(w.id, w.layer);
-  check_cuda(launch_tail_write(tail, ctx.stream), "tail kernel launch");
-  if (grows) {
-    ctx.owned_bytes += grown_ring.bytes() - store.ring.bytes();
-    store.ring = std::move(grown_ring);  // the old ring is freed after the kernels that read it
-    store.ring_capacity = plan.after.capacity;
-  }
+  return tail;
+}
+
+/// After the tail kernel is queued: a grown ring replaces the old one (freed in stream order,
+/// after the kernels that read it).
+void adopt_ring(DeviceContext& ctx, CudaLayerStore& store, int capacity, DeviceBuffer grown_ring) {
+  if (grown_ring.bytes() == 0) return;
+  ctx.owned_bytes += grown_ring.bytes() - store.ring.bytes();
+  store.ring = std::move(grown_ring);
+  store.ring_capacity = capacity;
+}
+
+template <class T>
+void write_tail(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v, DeviceBuffer grown_ring) {
+  check_cuda(launch_tail_write(tail_params(ctx, store, w, k, v, grown_ring), ctx.stream), "tail kernel launch");
+  adopt_ring(ctx, store, w.plan.after.capacity, std::move(grown_ring));
+}
+
+// A batch's new blocks in one staging round: block j of write i in slot first_slot[i] + j.
+template <class T>
+void batch_seal_params(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v,
+                       std::size_t first_slot, std::size_t total_slots, BatchParams<T>& batch) {
+  const int count = w.plan.seal_blocks;
+  if (count == 0) return;
+  auto* sizes = reinterpret_cast<std::uint32_t*>(ctx.staging.as<std::uint8_t>() + total_slots * ctx.slot_bytes) + first_slot;
+  std::uint8_t* slots = ctx.staging.as<std::uint8_t>() + first_slot * ctx.slot_bytes;
+  EncodeParams<T> e{};
+  e.geometry = ctx.geometry;
+  e.k_max_code = ctx.codec.k_max_code;
+  e.v_max_code = ctx.codec.v_max_code;
+  e.median_repack = ctx.median_repack ? 1 : 0;
+  e.source = rows_of(ctx, w, k, v);
+  e.first_position = w.plan.before.begin;
+  e.out_base = slots;
+  e.out_stride = ctx.slot_bytes;
+  e.block_sizes = sizes;
+  e.errors = ctx.errors_for(w.id, w.layer);
+  e.num_blocks = count;
+  batch.encodes.push_back(e);
+
+  PlaceParams place{};
+  place.staging = slots;
+  place.staging_stride = ctx.slot_bytes;
+  place.sizes = sizes;
+  place.num_blocks = count;
+  place.pages = store.page_pointers();
+  place.page_count = static_cast<std::uint32_t>(store.pages.size());
+  place.page_bytes = static_cast<std::uint32_t>(ctx.pool.page_bytes());
+  place.cursor = store.cursor();
+  place.table = store.table.as<std::uint8_t*>() + w.num_blocks + static_cast<int>(w.blocks.size());
+  place.progress = ctx.progress.device(store.progress_word);
+  place.launch = ctx.next_launch++ & 0xFFFFFFu;
+  place.errors = ctx.errors_for(w.id, w.layer);
+  batch.places.push_back(place);
+  batch.max_blocks = std::max(batch.max_blocks, count);
+  store.unseen.push_back(UnseenPlacement{place.launch, count});
+  store.live_blocks += static_cast<std::size_t>(count);
+}
+
+// Uploads the batch's parameter arrays (one copy) and queues its launches: the encoder before the
+// tail writes, which may overwrite ring rows the encoder reads.
+template <class T>
+void launch_batch(DeviceContext& ctx, BatchParams<T>& batch) {
+  const std::size_t pointers = BatchParams<T>::align(batch.pointers.size() * sizeof(PointerWrite));
+  const std::size_t tails = BatchParams<T>::align(batch.tails.size() * sizeof(TailWriteParams<T>));
+  const std::size_t encodes = BatchParams<T>::align(batch.encodes.size() * sizeof(EncodeParams<T>));
+  const std::size_t places = BatchParams<T>::align(batch.places.size() * sizeof(PlaceParams));
+  std::vector<std::uint8_t> host(pointers + tails + encodes + places);
+  std::memcpy(host.data(), batch.pointers.data(), batch.pointers.size() * sizeof(PointerWrite));
+  std::memcpy(host.data() + pointers, batch.tails.data(), batch.tails.size() * sizeof(TailWriteParams<T>));
+  std::memcpy(host.data() + pointers + tails, batch.encodes.data(), batch.encodes.size() * sizeof(EncodeParams<T>));
+  std::memcpy(host.data() + pointers + tails + encodes, batch.places.data(), batch.places.size() * sizeof(PlaceParams));
+  std::uint8_t* base = ctx.launch_params.as<std::uint8_t>();
+  // From pageable memory: the call returns once the driver has taken the bytes.
+  check_cuda(cudaMemcpyAsync(base, host.data(), host.size(), cudaMemcpyHostToDevice, ctx.stream), "batch parameters upload");
+  check_cuda(launch_write_pointers(reinterpret_cast<const PointerWrite*>(base), static_cast<int>(batch.pointers.size()),
+                                   ctx.stream),
+             "page list kernel launch");
+  std::uint8_t* device = base + pointers;
+  const int n_encodes = static_cast<int>(batch.encodes.size());
+  check_cuda(launch_encode_batch(reinterpret_cast<const EncodeParams<T>*>(device + tails), n_encodes, batch.max_blocks,
+                                 ctx.geometry, ctx.stream),
+             "encode kernel launch");
+  check_cuda(launch_place_batch(reinterpret_cast<const PlaceParams*>(device + tails + encodes), n_encodes,
+                                batch.max_blocks, ctx.stream),
+             "block placement kernel launch");
+  check_cuda(launch_tail_write_batch(reinterpret_cast<const TailWriteParams<T>*>(device),
+                                     static_cast<int>(batch.tails.size()), batch.max_tail_elements, ctx.stream),
+             "tail kernel launch");
 }
 
 
@@ -270,9 +381,27 @@ std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const
     sealed_max = std::max(sealed_max, static_cast<std::size_t>(w.plan.seal_blocks));
     prepared->plans.push_back(std::move(plan));
   }
-  prepared->staging_bytes = static_cast<std::size_t>(std::min<std::int64_t>(
-                                static_cast<std::int64_t>(sealed_max), ctx.blocks_per_round())) *
-                            (ctx.slot_bytes + 4);
+  std::size_t sealed_total = 0, with_host_tokens = 0;
+  for (const LayerWrite<T>& w : writes) {
+    sealed_total += static_cast<std::size_t>(w.plan.seal_blocks);
+    with_host_tokens += w.tokens_on_host || !w.blocks.empty() ? 1 : 0;
+  }
+  // Batched: several device-token appends (a decode step, a batch of prefill chunks) whose new
+  // blocks fit one staging round. Imports keep the per-layer path (they wait for their uploads).
+  prepared->batched = writes.size() > 1 && with_host_tokens == 0 &&
+                      sealed_total <= static_cast<std::size_t>(ctx.blocks_per_round());
+  const std::size_t slots = prepared->batched ? sealed_total
+                                              : static_cast<std::size_t>(std::min<std::int64_t>(
+                                                    static_cast<std::int64_t>(sealed_max), ctx.blocks_per_round()));
+  prepared->staging_bytes = slots * (ctx.slot_bytes + 4);
+  if (prepared->batched) {
+    std::size_t new_pages = 0;
+    for (std::size_t i = 0; i < writes.size(); ++i) {
+      const std::size_t have = store_of(writes[i].store).pages.size();
+      new_pages += prepared->plans[i].pages_target > have ? prepared->plans[i].pages_target - have : 0;
+    }
+    prepared->params_bytes = BatchParams<T>::bytes_for(writes.size(), new_pages);
+  }
   return prepared;
 }
 
@@ -290,7 +419,7 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
     std::size_t progress_word = kNoWord;
   };
   std::vector<Grown> grown(prepared.writes.size());
-  DeviceBuffer staging, upload;
+  DeviceBuffer staging, upload, params;
   try {
     for (std::size_t i = 0; i < prepared.writes.size(); ++i) {
       const LayerWrite<T>& w = prepared.writes[i];
@@ -305,6 +434,7 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
     }
     if (prepared.staging_bytes > ctx.staging.bytes()) staging = DeviceBuffer(prepared.staging_bytes, ctx.stream);
     if (prepared.upload_bytes > 0) upload = DeviceBuffer(prepared.upload_bytes, ctx.stream);
+    if (prepared.params_bytes > ctx.launch_params.bytes()) params = DeviceBuffer(prepared.params_bytes, ctx.stream);
   } catch (...) {
     for (Grown& g : grown) {
       if (g.progress_word != kNoWord) ctx.progress.give(g.progress_word);
@@ -314,7 +444,9 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
   // Apply.
   ctx.pool.add(std::move(pages));
   if (staging.bytes() != 0) ctx.staging = std::move(staging);
+  if (params.bytes() != 0) ctx.launch_params = std::move(params);
   bool transfers = false;
+  BatchParams<T> batch;
   for (std::size_t i = 0; i < prepared.writes.size(); ++i) {
     const LayerWrite<T>& w = prepared.writes[i];
     auto& store = store_of(w.store);
@@ -325,7 +457,8 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
     const LayerWrite<T>& w = prepared.writes[i];
     const LayerPlan& plan = prepared.plans[i];
     auto& store = store_of(w.store);
-    install_tables(ctx, store, plan, grown[i].table, grown[i].page_list, w.num_blocks);
+    install_tables(ctx, store, plan, grown[i].table, grown[i].page_list, w.num_blocks,
+                   prepared.batched ? &batch.pointers : nullptr);
     const T* k = w.k;
     const T* v = w.v;
     if (w.tokens_on_host && w.plan.n_tokens > 0) {
@@ -342,8 +475,26 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
       adopt_blocks(ctx, store, w, plan);
       transfers = true;
     }
+    if (prepared.batched) continue;  // queued below, for all writes at once
     seal_blocks<T>(ctx, store, w, k, v);
     write_tail<T>(ctx, store, w, k, v, std::move(grown[i].ring));
+  }
+  if (prepared.batched) {
+    std::size_t slot = 0, total_slots = 0;
+    for (const LayerWrite<T>& w : prepared.writes) total_slots += static_cast<std::size_t>(w.plan.seal_blocks);
+    for (std::size_t i = 0; i < prepared.writes.size(); ++i) {
+      const LayerWrite<T>& w = prepared.writes[i];
+      auto& store = store_of(w.store);
+      batch_seal_params<T>(ctx, store, w, w.k, w.v, slot, total_slots, batch);
+      slot += static_cast<std::size_t>(w.plan.seal_blocks);
+      const TailWriteParams<T> tail = tail_params(ctx, store, w, w.k, w.v, grown[i].ring);
+      batch.max_tail_elements = std::max<std::int64_t>(batch.max_tail_elements, (tail.end - tail.first) * tail.source.row_elems);
+      batch.tails.push_back(tail);
+    }
+    launch_batch(ctx, batch);
+    for (std::size_t i = 0; i < prepared.writes.size(); ++i) {
+      adopt_ring(ctx, store_of(prepared.writes[i].store), prepared.writes[i].plan.after.capacity, std::move(grown[i].ring));
+    }
   }
   // Imports hand the device host memory that lives only as long as the call: wait for it.
   if (transfers) check_cuda(cudaStreamSynchronize(ctx.stream), "import (uploads)");

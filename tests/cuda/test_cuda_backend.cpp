@@ -4,12 +4,14 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <numeric>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "launch.hpp"
 #include "packkv/cuda/device_codec.hpp"
 #include "test_util.hpp"
 
@@ -361,6 +363,169 @@ TEST(Cuda, ExtremeHeadDimsAndBlockSizesMatchCpu) {
     }
   }
 }
+
+// Code widths 1 to 8 bits for K and V (the fast path's spreading and minimum additions for every
+// width, and plain rounds, which every width gives for noise-like values).
+TEST(Cuda, EveryCodeWidthMatchesCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  std::uint64_t seed = 1200;
+  for (int bits = 1; bits <= 8; ++bits) {
+    CacheConfig c = base_config();
+    c.num_layers = 1;
+    c.k_rel = 1.0f / static_cast<float>((1 << bits) - 1);
+    c.v_rel = 1.0f / static_cast<float>((1 << (9 - bits)) - 1);
+    ASSERT_EQ(bits_for_max_code(max_code_for_rel(c.k_rel)), bits);
+    CachePair<float> pair(c);
+    pair.add(1);
+    pair.add(2);
+    pair.append(1, 0, 64 * 4 + 11, seed++);
+    pair.append(2, 0, 64 * 2, seed++);
+    compare_everything(pair, {1, 2}, 0, seed++, "K bits " + std::to_string(bits));
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+// Which geometries the fast read path (kernels/decode_attention.cu) serves, with what shape; the
+// others take the kernels of attention.cu (the tests above compare both paths with the CPU).
+TEST(CudaFastPath, ServesTheCommonGeometriesAndFillsTheSms) {
+  auto plan = [](int dim, int group, bool per_channel, int block = 64) {
+    detail::cuda::ReadShape shape{};
+    shape.geometry.block_tokens = block;
+    shape.geometry.head_dim = dim;
+    shape.geometry.num_heads = 8;
+    shape.geometry.k_bits = 4;
+    shape.geometry.v_bits = 3;
+    shape.geometry.permuted = true;
+    shape.geometry.k_per_channel = per_channel;
+    shape.num_q_heads = 8 * group;
+    shape.group = group;
+    shape.heads_per_cta = std::min(group, detail::cuda::kMaxHeadsPerCta);
+    shape.subgroups = (group + shape.heads_per_cta - 1) / shape.heads_per_cta;
+    return detail::cuda::plan_fast_attention(shape, 227 * 1024);
+  };
+  const detail::cuda::FastPlan llama = plan(128, 4, false);
+  ASSERT_TRUE(llama.usable);
+  EXPECT_EQ(llama.heads_per_cta, 4);
+  EXPECT_EQ(llama.stages, 3);
+  EXPECT_GE(llama.ctas_per_sm, 4) << "the design target: at least 4 resident CTAs per SM at Llama-3-8B shapes";
+  EXPECT_EQ(plan(128, 8, false).heads_per_cta, 8);
+  EXPECT_EQ(plan(256, 8, false).heads_per_cta, 4);  // registers: one n-tile at head_dim 256
+  EXPECT_EQ(plan(256, 8, false).subgroups, 2);
+  EXPECT_TRUE(plan(64, 1, false).usable);
+  EXPECT_TRUE(plan(256, 4, false, 256).usable);
+  EXPECT_FALSE(plan(96, 4, false).usable);
+  EXPECT_FALSE(plan(40, 4, false).usable);
+  EXPECT_FALSE(plan(128, 4, true).usable);  // per-channel K
+}
+
+TEST(Cuda, NonFiniteQueriesAreReportedByTheNextCall) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  PackedKVCache<float> cache(c);
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  std::vector<float> k(100 * row, 0.5f), v(100 * row, 0.25f);
+  DeviceArray<float> dk(k), dv(v);
+  for (SeqId id : {1, 2}) {
+    cache.add_sequence(id);
+    cache.append(id, 0, dk.get(), dv.get(), 100);
+  }
+  const std::vector<SeqId> ids = {1, 2};
+  const std::size_t q_count = 2 * static_cast<std::size_t>(c.num_q_heads) * c.head_dim;
+  std::vector<float> q(q_count, 0.1f);
+  q[static_cast<std::size_t>(c.num_q_heads) * c.head_dim + 3 * c.head_dim + 7] = NAN;  // entry 1, head 3
+  DeviceArray<float> dq(q), dout(q_count);
+  cache.attention(ids, 0, dq.get(), dout.get(), 0.1f);  // does not wait for the device
+  test::expect_error([&] { cache.memory_stats(); }, "q value nan of batch entry 1 (query head 3, channel 7)");
+  q[static_cast<std::size_t>(c.num_q_heads) * c.head_dim + 3 * c.head_dim + 7] = 0.1f;
+  dq.upload(q);
+  cache.attention(ids, 0, dq.get(), dout.get(), 0.1f);
+  EXPECT_NO_THROW(cache.memory_stats());
+}
+
+// append_batch on the GPU against per-sequence appends on the CPU: the same bytes, the same reads.
+TEST(Cuda, BatchedAppendsMatchPerSequenceCallsOnTheCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.residual_tokens = 16;
+  CachePair<float> pair(c);
+  const std::vector<SeqId> ids = {3, 8, 1, 12};
+  for (SeqId id : ids) pair.add(id);
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  std::uint64_t seed = 4000;
+  auto step = [&](int layer, const std::vector<int>& counts) {
+    const int total = std::accumulate(counts.begin(), counts.end(), 0);
+    const auto k = random_values(static_cast<std::size_t>(total) * row, seed++, 1.2);
+    const auto v = random_values(static_cast<std::size_t>(total) * row, seed++, 0.7);
+    std::size_t offset = 0;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      pair.cpu.append(ids[i], layer, k.data() + offset * row, v.data() + offset * row, counts[i]);
+      offset += static_cast<std::size_t>(counts[i]);
+    }
+    DeviceArray<float> dk(k), dv(v);
+    pair.gpu.append_batch(ids, layer, dk.get(), dv.get(), counts);
+  };
+  for (int layer = 0; layer < 2; ++layer) {
+    step(layer, {70, 1, 130, 64});  // ragged prefill chunks: blocks of several sequences in one launch
+    for (int t = 0; t < 70; ++t) step(layer, {1, 1, 1, 1});  // decode steps crossing block boundaries
+  }
+  for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << "sequence " << id;
+  compare_everything(pair, ids, 1, 11, "batched appends");
+}
+
+TEST(Cuda, StrictBatchedAppendRefusesABadLastEntryWholesale) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  c.cuda_strict = true;
+  PackedKVCache<float> cache(c);
+  const std::vector<SeqId> ids = {1, 2, 3};
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  std::vector<float> k = random_values(200 * row, 1), v = random_values(200 * row, 2);
+  DeviceArray<float> dk(k), dv(v);
+  for (SeqId id : ids) {
+    cache.add_sequence(id);
+    cache.append(id, 0, dk.get(), dv.get(), 50);
+  }
+  std::vector<std::vector<std::uint8_t>> before;
+  for (SeqId id : ids) before.push_back(cache.export_sequence(id));
+  const std::vector<int> counts = {64, 70, 66};
+  v[(64 + 70 + 60) * row + 9] = INFINITY;
+  dv.upload(v);
+  test::expect_error([&] { cache.append_batch(ids, 0, dk.get(), dv.get(), counts); }, "sequence 3 layer 0");
+  for (std::size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(cache.export_sequence(ids[i]), before[i]);
+}
+
+#if defined(PACKKV_CUDA_EMULATION)
+// What a batched step launches does not grow with the batch (the emulator counts launches).
+TEST(CudaEmulated, BatchedAppendLaunchesDoNotGrowWithTheBatch) {
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  c.num_layers = 1;
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  auto launches = [&](int batch, int tokens) {
+    PackedKVCache<float> cache(c);
+    std::vector<SeqId> ids;
+    std::vector<float> k = random_values(static_cast<std::size_t>(batch) * 64 * row, 5);
+    DeviceArray<float> dk(k);
+    for (int i = 0; i < batch; ++i) {
+      ids.push_back(static_cast<SeqId>(i));
+      cache.add_sequence(static_cast<SeqId>(i));
+      cache.append(static_cast<SeqId>(i), 0, dk.get(), dk.get(), 64 - tokens);  // the next step fills a block
+    }
+    const std::vector<int> counts(static_cast<std::size_t>(batch), tokens);
+    const std::uint64_t start = packkv_emulator::launch_count();
+    cache.append_batch(ids, 0, dk.get(), dk.get(), counts);
+    return packkv_emulator::launch_count() - start;
+  };
+  // A step that seals one block in every sequence: at most the new page pointers, encode, place,
+  // copy and the tail write, whatever the batch size (the per-sequence calls make 4 or 5 each).
+  const std::uint64_t small = launches(4, 1), large = launches(32, 1);
+  EXPECT_LE(small, 5u);
+  EXPECT_EQ(large, small);
+  EXPECT_LE(launches(32, 9), 5u);  // prefill chunks
+}
+#endif
 
 TEST(Cuda, PerChannelKAndNoRepackMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();

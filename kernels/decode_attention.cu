@@ -1,0 +1,642 @@
+// The read path built for the bandwidth: fused decode attention straight from packed blocks, one
+// warp per CTA, head_dim 64, 128 or 256 (up to 8 query heads of a KV head per CTA; 4 at 256), K
+// quantized per token. Other geometries and per-channel K use the kernels of attention.cu.
+//
+// Each CTA owns one (sequence, KV head, query subgroup) and a range of units (packed blocks, then
+// block-sized chunks of the tail). Per packed block:
+//   1. cp.async stages the head's K and V sections (one contiguous span) into shared memory,
+//      kStages - 1 blocks ahead; block pointers and directory entries are loaded once per CTA.
+//   2. A round (16 tokens) of a section is decoded by the whole warp: lane l owns channels
+//      [l * D/32, (l + 1) * D/32) and finds its packs' offsets with one warp scan of the widths;
+//      each 8-value group is spread from w-bit fields to bytes with shifts and byte permutes, the
+//      pack minimum added bytewise, and a channel's 16 codes stored as one 16-byte row of a byte
+//      tile (rows swizzled so that stores and ldmatrix reads are free of bank conflicts).
+//   3. ldmatrix moves four 8x16-byte tiles into mma fragments; a byte permute with 0x64 and one
+//      fp16 subtraction turn code bytes into exact fp16 integers (no I2F); mma.m16n8k16 multiplies
+//      with q (K.q) or with the softmax weights (P.V). q and the weights are split into two fp16
+//      halves (hi + lo: 22 significant bits) and accumulate in fp32.
+//   4. The online softmax works per chunk of up to 4 rounds; the weights of a chunk are scaled by a
+//      power of two chosen from the chunk's largest V step, so that their fp16 halves stay normal.
+// The CTA's partial result goes to a workspace; the last CTA of a (sequence, KV head, subgroup) to
+// finish merges the partials (a ticket counter, reset by the merger), so one launch does all.
+//
+// Where the result differs from the CPU backend: every product and sum is fp32 and exact up to
+// rounding, q and the weights carry 22 significant bits instead of 24; the tests compare within
+// the fp32 tolerance of the storage type.
+#include <algorithm>
+#include <cstdint>
+
+#include "core/softmax_merge.hpp"
+#include "detail/packed_block.cuh"
+#include "detail/primitives.cuh"
+#include "launch.hpp"
+
+namespace packkv::detail::cuda {
+
+namespace {
+
+using format::SectionLayout;
+
+constexpr int kStagesMax = 3;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+/// Byte offset of the 16-byte row of channel c in a byte tile: rows move within their aligned group
+/// of 8 (xor with the decoding lane's index), so that 8 lanes storing rows, or ldmatrix reading 8
+/// consecutive rows, touch 8 different bank quads.
+template <int D>
+__device__ __forceinline__ int tile_row(int c) {
+  return 16 * (c ^ ((c / (D / 32)) & 7));
+}
+
+__device__ __forceinline__ std::uint32_t lds32(const std::uint8_t* p) { return *reinterpret_cast<const std::uint32_t*>(p); }
+__device__ __forceinline__ std::uint64_t lds64(const std::uint8_t* p) { return *reinterpret_cast<const std::uint64_t*>(p); }
+
+/// 32 bits of a byte stream starting at bit `bit`; `base` is 4-byte aligned.
+__device__ __forceinline__ std::uint32_t bits32(const std::uint8_t* base, std::uint32_t bit) {
+  const std::uint8_t* w = base + (bit >> 5) * 4;
+  return __funnelshift_r(lds32(w), lds32(w + 4), bit & 31u);
+}
+
+/// Four values of w bits (w <= 8), value i at bit i * w of `t`, spread to bytes (unmasked): values
+/// 2 and 3 move to the upper half, then the second value of each half to its second byte.
+__device__ __forceinline__ std::uint32_t spread4(std::uint32_t t, std::uint32_t shift_pair, std::uint32_t shift_one) {
+  const std::uint32_t y = __byte_perm(t, t << shift_pair, 0x7610);
+  return __byte_perm(y, y << shift_one, 0x7250);
+}
+
+/// Decodes one pack (16 codes of width w at byte `offset` of the staged section) into a tile row:
+/// byte i is code i (pack minimum added: codes and minimum sum to at most 255, so bytes never carry).
+__device__ __forceinline__ void decode_pack(const std::uint8_t* section, std::uint32_t offset, std::uint32_t w,
+                                            std::uint32_t pack_min, std::uint8_t* row) {
+  const std::uint32_t mask = ((1u << w) - 1u) * 0x01010101u;
+  const std::uint32_t add = pack_min * 0x01010101u;
+  const std::uint32_t shift_pair = 16u - 2u * w, shift_one = 8u - w;
+  std::uint32_t out[4];
+#pragma unroll
+  for (int group = 0; group < 2; ++group) {
+    const std::uint32_t p = offset + static_cast<std::uint32_t>(group) * w;
+    const std::uint8_t* a = section + (p & ~3u);
+    const std::uint32_t w0 = lds32(a), w1 = lds32(a + 4), w2 = lds32(a + 8);
+    // The funnel shift takes its amount modulo 32: 8 * p shifts by the byte offset in the word.
+    const std::uint32_t lo = __funnelshift_r(w0, w1, 8u * p), hi = __funnelshift_r(w1, w2, 8u * p);
+    const std::uint32_t upper = __funnelshift_rc(lo, hi, 4u * w);
+    out[2 * group] = (spread4(lo, shift_pair, shift_one) & mask) + add;
+    out[2 * group + 1] = (spread4(upper, shift_pair, shift_one) & mask) + add;
+  }
+  *reinterpret_cast<uint4*>(row) = uint4{out[0], out[1], out[2], out[3]};
+}
+
+/// Decodes round r of a staged section into a byte tile (format/rounds.hpp: plain, or frame of
+/// reference with 4-bit widths and `bits`-bit minimums per channel).
+template <int D>
+__device__ __forceinline__ void decode_round(const std::uint8_t* section, const SectionLayout& layout, int r,
+                                             std::uint8_t* tile) {
+  constexpr int P = D / 32;
+  const int lane = threadIdx.x & 31, c0 = lane * P;
+  const std::uint8_t* ends = section + layout.round_end_offset;
+  const std::uint32_t begin = r == 0 ? 0u : lds32(ends + 4 * (r - 1));
+  const std::uint32_t end = lds32(ends + 4 * r);
+  const std::uint32_t start = layout.rounds_offset + begin;
+  // One path for both kinds of round (no branch): a plain round reads as if every pack had width
+  // `bits` and minimum 0 and no descriptors.
+  const bool plain = end - begin == layout.plain_round_bytes;
+  const std::uint32_t widths = bits32(section, 8u * start + 4u * static_cast<std::uint32_t>(c0));
+  const std::uint32_t min_bit = 8u * (start + layout.widths_bytes) + layout.bits * static_cast<std::uint32_t>(c0);
+  std::uint64_t mins = bits32(section, min_bit);
+  if (P * 8 > 32) mins |= static_cast<std::uint64_t>(bits32(section, min_bit + 32)) << 32;
+  const std::uint32_t min_mask = plain ? 0u : (1u << layout.bits) - 1u;
+  std::uint32_t width[P], pack_min[P], offset[P], mine = 0;
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    width[j] = plain ? layout.bits : (widths >> (4 * j)) & 15u;
+    pack_min[j] = static_cast<std::uint32_t>(mins >> (layout.bits * static_cast<std::uint32_t>(j))) & min_mask;
+    offset[j] = mine;
+    mine += 2u * width[j];
+  }
+  std::uint32_t inclusive = mine;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const std::uint32_t below = __shfl_up_sync(kFullMask, inclusive, d);
+    if (lane >= d) inclusive += below;
+  }
+  const std::uint32_t base = start + (plain ? 0u : layout.descriptor_bytes) + inclusive - mine;
+#pragma unroll
+  for (int j = 0; j < P; ++j) offset[j] += base;
+#pragma unroll
+  for (int j = 0; j < P; ++j) decode_pack(section, offset[j], width[j], pack_min[j], tile + tile_row<D>(c0 + j));
+}
+
+/// 0x64 | code in both fp16 halves of a word holds 1024 + code; subtracting 1024 leaves the code.
+__device__ __forceinline__ std::uint32_t codes_to_half2(std::uint32_t bytes, std::uint32_t selector) {
+  return hsub2_bits(__byte_perm(bytes, 0x64u, selector), kHalf2Magic);
+}
+
+/// fp16 hi and lo halves of x (hi + lo carries 22 significant bits).
+struct Split2 {
+  float hi, lo;
+};
+__device__ __forceinline__ Split2 split_half(float x) {
+  const float hi = __half2float(__float2half_rn(x));
+  return Split2{hi, __half2float(__float2half_rn(x - hi))};
+}
+
+/// 2^e as a float, for e in [-126, 127].
+__device__ __forceinline__ float exp2_int(int e) { return __uint_as_float(static_cast<std::uint32_t>(e + 127) << 23); }
+/// The power of two that scales x > 0 into [2^14, 2^15) (x = 0: 1).
+__device__ __forceinline__ int scale_exponent(float x) {
+  if (!(x > 0.0f)) return 0;
+  const int e = static_cast<int>((__float_as_uint(x) >> 23) & 0xFFu) - 127;
+  const int s = 14 - e;
+  return s < -100 ? -100 : (s > 100 ? 100 : s);
+}
+
+/// A read-only global load (the non-coherent path: what the read path reads is not written while
+/// the kernel runs).
+template <class U>
+__device__ __forceinline__ U load_global(const U* p) {
+#if defined(PACKKV_CUDA_EMULATION)
+  return *p;
+#else
+  return __ldg(p);
+#endif
+}
+template <class U>
+__device__ __forceinline__ U* load_global(U* const* p) {
+  return reinterpret_cast<U*>(load_global(reinterpret_cast<const unsigned long long*>(p)));
+}
+__device__ __forceinline__ float load_global_float(const float* p) { return load_global(p); }
+__device__ __forceinline__ float load_global_float(const fp16_t* p) {
+  return fp16_bits_to_float(load_global(reinterpret_cast<const unsigned short*>(p)));
+}
+__device__ __forceinline__ float load_global_float(const bf16_t* p) {
+  return __bfloat162float(__ushort_as_bfloat16(load_global(reinterpret_cast<const unsigned short*>(p))));
+}
+
+__device__ __forceinline__ float load_coherent(const float* p) {
+#if defined(PACKKV_CUDA_EMULATION)
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
+
+/// What a CTA keeps about each block of its range: where its head's span starts, its length, and
+/// where the V section starts in it.
+struct BlockSpan {
+  const std::uint8_t* k_section;
+  std::uint32_t bytes;
+  std::uint32_t v_offset;
+};
+
+struct FastShared {
+  BlockSpan* spans;       // [kFastMaxBlocksPerCta]
+  std::uint8_t* stages;   // [stages][stage_bytes]
+  std::uint8_t* tiles;    // [2][D][16]
+  float* q;               // [heads][D]
+};
+
+__host__ __device__ std::size_t fast_shared_layout(const format::BlockGeometry& g, int stages, int heads,
+                                                   unsigned char* base, FastShared* out) {
+  SharedCarver carve{base};
+  FastShared s{};
+  s.spans = carve.take_array<BlockSpan>(kFastMaxBlocksPerCta);
+  s.stages = carve.take(static_cast<std::size_t>(stages) * fast_stage_bytes(g));
+  s.tiles = carve.take(2u * 16u * static_cast<std::size_t>(g.head_dim));
+  s.q = carve.take_array<float>(static_cast<std::size_t>(heads) * g.head_dim);
+  if (out != nullptr) *out = s;
+  return carve.used;
+}
+
+__device__ void report_bad_query(const ErrorContext& ctx, int batch_index, int head, int channel, float value) {
+  DeviceError* e = ctx.error;
+  if (e == nullptr) return;
+  if (atomicCAS(ctx.claim, 0, 1) != 0) return;
+  e->kind = kBadQuery;
+  e->tensor = 2;
+  e->layer = ctx.layer;
+  e->head = head;
+  e->channel = channel;
+  e->sequence = ctx.sequence + static_cast<std::uint64_t>(batch_index);  // the call's batch entry
+  e->token = -1;
+  e->value = value;
+  e->value2 = 0.0f;
+  __threadfence_system();
+  e->ready = 1;
+  __threadfence_system();
+}
+
+/// The fused attention kernel. NT n-tiles of 8 columns: 4 query heads (hi and lo halves) each.
+template <class T, int D, int NT>
+__global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionParams<T> p) {
+  constexpr int kSteps = D / 16;    // k-steps of K.q and m-tiles of P.V
+  constexpr int kGroups = D / 32;   // ldmatrix.x4 loads per round
+  constexpr int kHeads = 4 * NT;
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
+  const format::BlockGeometry& g = p.shape.geometry;
+  FastShared s;
+  fast_shared_layout(g, p.stages, p.shape.heads_per_cta, shared_bytes, &s);
+  const int lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  const int batch_index = blockIdx.z, split = blockIdx.x;
+  const SeqView<T>& seq = p.seqs[batch_index];
+  const int kv_head = blockIdx.y / p.shape.subgroups, sub = blockIdx.y % p.shape.subgroups;
+  const int first_q_head = kv_head * p.shape.group + sub * p.shape.heads_per_cta;
+  const int head_count = min(p.shape.heads_per_cta, p.shape.group - sub * p.shape.heads_per_cta);
+  const SectionLayout kl = g.k_layout(), vl = g.v_layout();
+  const int rounds = g.block_tokens / format::kPackTokens;
+  const std::size_t stage_bytes = fast_stage_bytes(g);
+
+  // ---- the CTA's units: packed blocks [block_begin, block_end), then tail tokens --------------
+  const int units = seq.num_units(g.block_tokens);
+  const int unit_begin = split * p.units_per_split;
+  const int unit_end = min(unit_begin + p.units_per_split, units);
+  const int block_begin = min(unit_begin, seq.num_blocks), block_end = min(unit_end, seq.num_blocks);
+  const int blocks = block_end - block_begin;
+  const int tail_begin = max(unit_begin, seq.num_blocks) - seq.num_blocks;  // in units
+  const int tail_first = tail_begin * g.block_tokens;
+  const int tail_end_token = min((unit_end - seq.num_blocks) * g.block_tokens, seq.tail.len);
+
+  // Block spans: two dependent loads per block, all blocks of the CTA at once.
+  for (int i = lane; i < blocks; i += 32) {
+    const std::uint8_t* block = load_global(seq.blocks + block_begin + i);
+    // Entries h and h + 1 (the next K section ends this head's span), or the header's block size.
+    const auto* directory = reinterpret_cast<const std::uint32_t*>(block + g.directory_offset());
+    const std::uint32_t k_offset = load_global(directory + 2 * kv_head), v_offset = load_global(directory + 2 * kv_head + 1);
+    const std::uint32_t end = kv_head + 1 < g.num_heads
+                                  ? load_global(directory + 2 * kv_head + 2)
+                                  : load_global(reinterpret_cast<const std::uint32_t*>(block)) - format::kTrailingSlack;
+    s.spans[i] = BlockSpan{block + k_offset, end - k_offset, v_offset - k_offset};
+  }
+
+  // Queries: as float in shared memory (the tail path), and as mma fragments scaled by 2^qs.
+  const T* q_in = p.q + (static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + first_q_head) * D;
+  float q_abs = 0.0f;
+  for (int i = lane; i < head_count * D; i += 32) {
+    const float x = load_global_float(q_in + i);
+    if (!isfinite(x)) report_bad_query(p.errors, batch_index, first_q_head + i / D, i % D, x);
+    s.q[i] = x;
+    q_abs = fmaxf(q_abs, fabsf(x));
+  }
+  q_abs = warp_max(q_abs);
+  __syncwarp();
+  const int q_exp = scale_exponent(q_abs);
+  const float q_scale = exp2_int(q_exp), q_unscale = exp2_int(-q_exp);
+  // B fragment of K.q: b0 = (channels 2t4, 2t4+1 of k-step ks; column gq), b1 = channels + 8.
+  // Column n = 2 * head + part: part 0 holds the hi half of q * 2^qs, part 1 the lo half.
+  std::uint32_t qf[kSteps][NT][2];
+  float sum_q[NT];  // sum of q over channels, of this lane's score head (t4 + 4 nt)
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int head = 4 * nt + gq / 2, part = gq & 1;
+    const bool live = head < head_count;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int c = 16 * ks + 2 * t4 + 8 * b;
+        float x0 = live ? s.q[head * D + c] * q_scale : 0.0f, x1 = live ? s.q[head * D + c + 1] * q_scale : 0.0f;
+        const Split2 s0 = split_half(x0), s1 = split_half(x1);
+        qf[ks][nt][b] = part == 0 ? half2_bits(s0.hi, s1.hi) : half2_bits(s0.lo, s1.lo);
+      }
+    }
+    const int score_head = 4 * nt + t4;
+    float sum = 0.0f;
+    if (score_head < head_count) {
+      for (int c = 0; c < D; ++c) sum += s.q[score_head * D + c];
+    }
+    sum_q[nt] = sum;
+  }
+
+  // ---- running state ----------------------------------------------------------------------
+  float acc[NT][kSteps][4];  // P.V: (channel 16 mt + gq (+8), head t4 + 4 nt hi | lo) in units 2^-v_exp
+  float run_max[NT], run_sum[NT], run_min[NT];  // log2-domain max; per-lane partial sums
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    run_max[nt] = -INFINITY;
+    run_sum[nt] = 0.0f;
+    run_min[nt] = 0.0f;
+#pragma unroll
+    for (int mt = 0; mt < kSteps; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.0f;
+  }
+  int v_exp = 0;
+  const float score_scale = p.softmax_scale * kLog2e;
+  __syncwarp();  // spans
+
+  // ---- packed blocks -------------------------------------------------------------------------
+  auto issue = [&](int i, int into) {
+    if (i < blocks) {
+      const BlockSpan span = s.spans[i];
+      // Lane l copies 16-byte chunks l, l + 32, ...: one LDGSTS and immediate offsets per chunk.
+      const int chunks = static_cast<int>(span.bytes / 16u), mine = (chunks - lane + 31) / 32;
+      std::uint8_t* dst = s.stages + static_cast<std::size_t>(into) * stage_bytes + 16 * lane;
+      const std::uint8_t* src = span.k_section + 16 * lane;
+#pragma unroll 4
+      for (int k = 0; k < mine; ++k) cp_async_16(dst + 512 * k, src + 512 * k);
+    }
+    cp_async_commit();  // one group per block, empty past the end: the wait counts stay uniform
+  };
+  for (int i = 0; i < p.stages - 1; ++i) issue(i, i);
+
+  int stage = 0;  // i % stages, kept without a division
+  for (int i = 0; i < blocks; ++i) {
+    issue(i + p.stages - 1, stage == 0 ? p.stages - 1 : stage - 1);
+    // Everything but the newest stages - 1 groups has landed: block i is here.
+    if (p.stages == 3) cp_async_wait<2>();
+    else cp_async_wait<1>();
+    __syncwarp();
+    const std::uint8_t* k_sec = s.stages + static_cast<std::size_t>(stage) * stage_bytes;
+    stage = stage + 1 == p.stages ? 0 : stage + 1;
+    const std::uint8_t* v_sec = k_sec + s.spans[i].v_offset;
+
+
+    for (int r0 = 0; r0 < rounds; r0 += 4) {
+      const int chunk = min(4, rounds - r0);
+      // K.q: scores of tokens 2 gq and 2 gq + 1 of each round, head t4 + 4 nt (log2 domain).
+      float score[4][2][NT];
+#pragma unroll
+      for (int rr = 0; rr < 4; ++rr) {
+        if (rr >= chunk) break;
+        const int r = r0 + rr;
+        std::uint8_t* tile = s.tiles + (r & 1) * 16 * D;
+        decode_round<D>(k_sec, kl, r, tile);
+        __syncwarp();
+        float c[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) c[nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < kGroups; ++kk) {
+          std::uint32_t m[4];
+          ldmatrix_x4_trans(m, tile + tile_row<D>(32 * kk + lane));
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const std::uint32_t a[4] = {codes_to_half2(m[2 * h], 0x4240), codes_to_half2(m[2 * h], 0x4341),
+                                        codes_to_half2(m[2 * h + 1], 0x4240), codes_to_half2(m[2 * h + 1], 0x4341)};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma_16816(c[nt], a, qf[2 * kk + h][nt]);
+          }
+        }
+        // Per-token K: q . k_t = step_t * (q . codes_t) + min_t * sum(q).
+        const std::uint64_t kp = lds64(k_sec + 4 * (16 * r + 2 * gq));
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float dot = (c[nt][2 * j] + c[nt][2 * j + 1]) * q_unscale;
+            const std::uint32_t pair = static_cast<std::uint32_t>(kp >> (32 * j));
+            const float sc = fp16_bits_to_float(static_cast<std::uint16_t>(pair)) * dot +
+                             fp16_bits_to_float(static_cast<std::uint16_t>(pair >> 16)) * sum_q[nt];
+            score[rr][j][nt] = sc * score_scale;
+          }
+        }
+      }
+      // Online softmax over the chunk; the V steps of the chunk's tokens choose the weight scale.
+      std::uint64_t vp[4];
+      float v_max = 0.0f;
+#pragma unroll
+      for (int rr = 0; rr < 4; ++rr) {
+        if (rr >= chunk) break;
+        vp[rr] = lds64(v_sec + 4 * (16 * (r0 + rr) + 2 * gq));
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          v_max = fmaxf(v_max, fp16_bits_to_float(static_cast<std::uint16_t>(vp[rr] >> (32 * j))));
+      }
+      const int chunk_exp = scale_exponent(warp_max(v_max));
+      const float weight_scale = exp2_int(chunk_exp);
+      float factor[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float m = -INFINITY;
+#pragma unroll
+        for (int rr = 0; rr < 4; ++rr) {
+          if (rr >= chunk) break;
+          m = fmaxf(m, fmaxf(score[rr][0][nt], score[rr][1][nt]));
+        }
+        m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 4));
+        m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 8));
+        m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 16));
+        const float new_max = fmaxf(run_max[nt], m);
+        const float rescale = exp2f(run_max[nt] - new_max);  // 0 for the first keys (-inf)
+        float sum = 0.0f, weighted_min = 0.0f;
+#pragma unroll
+        for (int rr = 0; rr < 4; ++rr) {
+          if (rr >= chunk) break;
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float w = exp2f(score[rr][j][nt] - new_max);
+            score[rr][j][nt] = w;
+            sum += w;
+            weighted_min += w * fp16_bits_to_float(static_cast<std::uint16_t>(vp[rr] >> (32 * j + 16)));
+          }
+        }
+        run_sum[nt] = run_sum[nt] * rescale + sum;
+        run_min[nt] = run_min[nt] * rescale + weighted_min;
+        run_max[nt] = new_max;
+        factor[nt] = rescale * exp2_int(chunk_exp - v_exp);
+      }
+      v_exp = chunk_exp;
+      // The accumulator holds head t4 + 4 nt: one factor per lane and n-tile.
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int mt = 0; mt < kSteps; ++mt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[nt][mt][e] *= factor[nt];
+      __syncwarp();  // with one round per chunk, V's decode reuses the tile K.q just read
+      // P.V over the chunk's rounds.
+#pragma unroll
+      for (int rr = 0; rr < 4; ++rr) {
+        if (rr >= chunk) break;
+        const int r = r0 + rr;
+        std::uint8_t* tile = s.tiles + (r & 1) * 16 * D;
+        decode_round<D>(v_sec, vl, r, tile);
+        __syncwarp();
+        // B fragment: b0 = weights of tokens 4 t4, 4 t4 + 1 for column gq, b1 = tokens + 2; the
+        // lane holding tokens 2 g', 2 g' + 1 of head t4' is lane 4 g' + t4'.
+        std::uint32_t b[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          float w[2];
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            w[j] = score[rr][j][nt] * fp16_bits_to_float(static_cast<std::uint16_t>(vp[rr] >> (32 * j))) * weight_scale;
+          const Split2 w0 = split_half(w[0]), w1 = split_half(w[1]);
+          const std::uint32_t hi = half2_bits(w0.hi, w1.hi), lo = half2_bits(w0.lo, w1.lo);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int source = 4 * (2 * t4 + e) + gq / 2;
+            const std::uint32_t from_hi = __shfl_sync(kFullMask, hi, source);
+            const std::uint32_t from_lo = __shfl_sync(kFullMask, lo, source);
+            b[nt][e] = (gq & 1) ? from_lo : from_hi;
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < kGroups; ++kk) {
+          std::uint32_t m[4];
+          ldmatrix_x4(m, tile + tile_row<D>(32 * kk + lane));
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const std::uint32_t a[4] = {codes_to_half2(m[2 * h], 0x4140), codes_to_half2(m[2 * h + 1], 0x4140),
+                                        codes_to_half2(m[2 * h], 0x4342), codes_to_half2(m[2 * h + 1], 0x4342)};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma_16816(acc[nt][2 * kk + h], a, b[nt]);
+          }
+        }
+      }
+    }
+    __syncwarp();  // the stage is refilled by the next iteration's copies
+  }
+  cp_async_wait<0>();
+
+  // ---- tail tokens -------------------------------------------------------------------------
+  const float v_scale = exp2_int(v_exp);
+  const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * D;
+  for (int t = tail_first; t < tail_end_token; ++t) {
+    const std::size_t row = static_cast<std::size_t>(seq.tail_row(t)) * row_elems + static_cast<std::size_t>(kv_head) * D;
+    float k[D / 32];
+#pragma unroll
+    for (int i = 0; i < D / 32; ++i) k[i] = load_global_float(seq.tail_k + row + lane + 32 * i);
+    float mine[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mine[nt] = 0.0f;
+    for (int h = 0; h < head_count; ++h) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < D / 32; ++i) dot += s.q[h * D + lane + 32 * i] * k[i];
+      dot = warp_sum(dot);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mine[nt] = h == 4 * nt + t4 ? dot : mine[nt];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float sc = mine[nt] * score_scale;
+      const float new_max = fmaxf(run_max[nt], sc);
+      const float rescale = exp2f(run_max[nt] - new_max), w = exp2f(sc - new_max);
+      run_sum[nt] = run_sum[nt] * rescale + (gq == 0 ? w : 0.0f);
+      run_min[nt] *= rescale;
+      run_max[nt] = new_max;
+      const float wv = w * v_scale;
+#pragma unroll
+      for (int mt = 0; mt < kSteps; ++mt) {
+        const float v0 = load_global_float(seq.tail_v + row + 16 * mt + gq);
+        const float v1 = load_global_float(seq.tail_v + row + 16 * mt + gq + 8);
+        acc[nt][mt][0] = acc[nt][mt][0] * rescale + wv * v0;
+        acc[nt][mt][1] *= rescale;
+        acc[nt][mt][2] = acc[nt][mt][2] * rescale + wv * v1;
+        acc[nt][mt][3] *= rescale;
+      }
+    }
+  }
+
+  // ---- partial result, then the merge by the last CTA -----------------------------------------
+  const int stride = D + 2;
+  const float v_unscale = exp2_int(-v_exp);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float l = run_sum[nt], wmin = run_min[nt];
+#pragma unroll
+    for (int x = 4; x < 32; x <<= 1) {
+      l += __shfl_xor_sync(kFullMask, l, x);
+      wmin += __shfl_xor_sync(kFullMask, wmin, x);
+    }
+    const int head = 4 * nt + t4;
+    if (head < head_count) {
+      const std::size_t base =
+          ((static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + first_q_head + head) * p.num_splits + split) *
+          stride;
+#pragma unroll
+      for (int mt = 0; mt < kSteps; ++mt) {
+        p.partials[base + 16 * mt + gq] = (acc[nt][mt][0] + acc[nt][mt][1]) * v_unscale + wmin;
+        p.partials[base + 16 * mt + gq + 8] = (acc[nt][mt][2] + acc[nt][mt][3]) * v_unscale + wmin;
+      }
+      if (gq == 0) {
+        p.partials[base + D] = run_max[nt] * kLn2;  // natural-log units, as SoftmaxMerge expects
+        p.partials[base + D + 1] = l;
+      }
+    }
+  }
+  __threadfence();
+  __syncwarp();
+  unsigned ticket = 0;
+  unsigned* counter = p.tickets + (static_cast<std::size_t>(batch_index) * gridDim.y + blockIdx.y);
+  if (lane == 0) ticket = atomicAdd(counter, 1u);
+  ticket = __shfl_sync(kFullMask, ticket, 0);
+  if (ticket != static_cast<unsigned>(p.num_splits) - 1u) return;
+  // The shuffle only moves the ticket: lane 0's atomic ordered the other CTAs' partials before
+  // lane 0, and this barrier orders them before every lane's reads.
+  __syncwarp();
+  __threadfence();
+  T* out = p.out + (static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + first_q_head) * D;
+  for (int h = 0; h < head_count; ++h) {
+    const float* parts =
+        p.partials + (static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + first_q_head + h) * p.num_splits * stride;
+    SoftmaxMerge merge;
+    for (int sp = 0; sp < p.num_splits; ++sp) merge.observe(load_coherent(parts + sp * stride + D));
+    for (int sp = 0; sp < p.num_splits; ++sp)
+      merge.add(load_coherent(parts + sp * stride + D), load_coherent(parts + sp * stride + D + 1));
+    for (int c = lane; c < D; c += 32) {
+      float sum = 0.0f;
+      for (int sp = 0; sp < p.num_splits; ++sp) {
+        const float w = merge.weight(load_coherent(parts + sp * stride + D));
+        if (w != 0.0f) sum += load_coherent(parts + sp * stride + c) * w;
+      }
+      out[h * D + c] = from_float<T>(sum / merge.sum);
+    }
+  }
+  if (lane == 0) atomicExch(reinterpret_cast<int*>(counter), 0);  // ready for the next launch
+}
+
+template <class T, int D, int NT>
+cudaError_t launch_fast_kind(const AttentionParams<T>& p, std::size_t shared, cudaStream_t stream) {
+  static const cudaError_t attribute = opt_in_shared_memory(fast_attention_kernel<T, D, NT>);
+  if (attribute != cudaSuccess) return attribute;
+  const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups),
+                  static_cast<unsigned>(p.batch));
+  PACKKV_LAUNCH((fast_attention_kernel<T, D, NT>), grid, 32, shared, stream, p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+FastPlan plan_fast_attention(const ReadShape& shape, int shared_limit) {
+  FastPlan plan{};
+  const format::BlockGeometry& g = shape.geometry;
+  if (g.head_dim != 64 && g.head_dim != 128 && g.head_dim != 256) return plan;
+  if (g.k_per_channel) return plan;
+  // Two n-tiles (8 heads) would not fit the registers at head_dim 256.
+  plan.heads_per_cta = std::min(shape.group, g.head_dim == 256 ? 4 : 8);
+  plan.subgroups = (shape.group + plan.heads_per_cta - 1) / plan.heads_per_cta;
+  for (int stages = kStagesMax; stages >= 2; --stages) {
+    const std::size_t bytes = fast_shared_layout(g, stages, plan.heads_per_cta, nullptr, nullptr);
+    if (bytes <= static_cast<std::size_t>(shared_limit)) {
+      plan.usable = true;
+      plan.stages = stages;
+      plan.shared_bytes = bytes;
+      // Resident CTAs per SM from shared memory (228 KiB per SM, 1 KiB reserved per CTA), at most
+      // 32; registers allow more than that for one-warp CTAs.
+      plan.ctas_per_sm = static_cast<int>(std::min<std::size_t>(32, (228u * 1024u) / (bytes + 1024u)));
+      return plan;
+    }
+  }
+  return plan;
+}
+
+template <class T>
+cudaError_t launch_fast_attention(const AttentionParams<T>& p, std::size_t shared, cudaStream_t stream) {
+  const bool eight = p.shape.heads_per_cta > 4;
+  switch (p.shape.geometry.head_dim) {
+    case 64: return eight ? launch_fast_kind<T, 64, 2>(p, shared, stream) : launch_fast_kind<T, 64, 1>(p, shared, stream);
+    case 128: return eight ? launch_fast_kind<T, 128, 2>(p, shared, stream) : launch_fast_kind<T, 128, 1>(p, shared, stream);
+    case 256: return eight ? cudaErrorInvalidValue : launch_fast_kind<T, 256, 1>(p, shared, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template cudaError_t launch_fast_attention<float>(const AttentionParams<float>&, std::size_t, cudaStream_t);
+template cudaError_t launch_fast_attention<fp16_t>(const AttentionParams<fp16_t>&, std::size_t, cudaStream_t);
+template cudaError_t launch_fast_attention<bf16_t>(const AttentionParams<bf16_t>&, std::size_t, cudaStream_t);
+
+}  // namespace packkv::detail::cuda
