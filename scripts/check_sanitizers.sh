@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs packkv's test suite under AddressSanitizer + UndefinedBehaviorSanitizer (g++), then builds
-# the libFuzzer targets (clang, ASan + UBSan) and runs each for FUZZ_SECONDS (default 60) from the
+# Runs packkv's test suite under AddressSanitizer + UndefinedBehaviorSanitizer (g++), the CUDA
+# emulator's suites under ThreadSanitizer (with nvcc present), then builds the libFuzzer targets (clang, ASan + UBSan) and runs each for FUZZ_SECONDS (default 60) from the
 # seed corpus in tests/fuzz/corpus. Any sanitizer report or fuzzer crash fails the script.
 # Usage: scripts/check_sanitizers.sh [work-dir]
 set -euo pipefail
@@ -25,6 +25,21 @@ cmake -S "$root" -B "$work/asan" -DPACKKV_BUILD_BENCH=OFF -DPACKKV_NATIVE=OFF -D
 cmake --build "$work/asan" -j"$jobs"
 # The consumer test builds its own uninstrumented project against the library: not meaningful here.
 (cd "$work/asan" && ctest --output-on-failure -j"$jobs" -E '^consumers$')
+
+# The CPU emulator of CUDA under ThreadSanitizer: every emulated CUDA thread is a TSan fiber and
+# only CUDA's synchronisation orders them, so a race between threads of a kernel (shared or global
+# memory, between barriers) is reported. test_emulator proves it catches planted races.
+if command -v nvcc >/dev/null; then
+  echo "== CUDA kernels on the emulator under ThreadSanitizer"
+  cmake -S "$root" -B "$work/tsan" -DPACKKV_BUILD_BENCH=OFF -DPACKKV_BUILD_EXAMPLES=OFF -DPACKKV_NATIVE=OFF \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS=-fsanitize=thread" -DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread
+  cmake --build "$work/tsan" -j"$jobs" --target test_emulator test_cuda_emulated
+  export TSAN_OPTIONS=halt_on_error=1:exitcode=66
+  "$work/tsan/tests/support/cuda_emulator/test_emulator" --gtest_brief=1
+  # One host thread: the CPU backend's OpenMP runtime is not instrumented.
+  OMP_NUM_THREADS=1 PACKKV_EMULATOR_SEED=3 "$work/tsan/tests/cuda/test_cuda_emulated" --gtest_brief=1
+  unset TSAN_OPTIONS
+fi
 
 echo "== fuzzers, ${fuzz_seconds}s each"
 CC=clang CXX=clang++ cmake -S "$root" -B "$work/fuzz" -DPACKKV_FUZZ=ON -DPACKKV_CUDA=OFF -DPACKKV_BUILD_TESTS=OFF \
