@@ -282,8 +282,8 @@ SPECS = (
                                              "const std::int64_t unit_start", "accumulate_packed_values(g, heads, s);")),
                           _block_codes, "one block, V, one CTA")),
     Spec(r"^read_back_kernel\b", dynamic_smem="read"),
-    Spec(r"^encode_kernel\b", dynamic_smem="encode"),
-    Spec(r"^(place_kernel|write_table_kernel)\b", threads=32),
+    Spec(r"^encode_(batch_)?kernel\b", dynamic_smem="encode"),
+    Spec(r"^(place_kernel|place_batch_kernel|write_table_kernel)\b", threads=32),
 )
 
 
