@@ -271,10 +271,14 @@ void launch_batch(DeviceContext& ctx, BatchParams<T>& batch) {
   const std::size_t encodes = BatchParams<T>::align(batch.encodes.size() * sizeof(EncodeParams<T>));
   const std::size_t places = BatchParams<T>::align(batch.places.size() * sizeof(PlaceParams));
   std::vector<std::uint8_t> host(pointers + tails + encodes + places);
-  std::memcpy(host.data(), batch.pointers.data(), batch.pointers.size() * sizeof(PointerWrite));
-  std::memcpy(host.data() + pointers, batch.tails.data(), batch.tails.size() * sizeof(TailWriteParams<T>));
-  std::memcpy(host.data() + pointers + tails, batch.encodes.data(), batch.encodes.size() * sizeof(EncodeParams<T>));
-  std::memcpy(host.data() + pointers + tails + encodes, batch.places.data(), batch.places.size() * sizeof(PlaceParams));
+  // An empty vector's data() may be null, which memcpy does not accept even for zero bytes.
+  auto put = [&](std::size_t offset, const auto& items) {
+    if (!items.empty()) std::memcpy(host.data() + offset, items.data(), items.size() * sizeof(items[0]));
+  };
+  put(0, batch.pointers);
+  put(pointers, batch.tails);
+  put(pointers + tails, batch.encodes);
+  put(pointers + tails + encodes, batch.places);
   std::uint8_t* base = ctx.launch_params.as<std::uint8_t>();
   // From pageable memory: the call returns once the driver has taken the bytes.
   check_cuda(cudaMemcpyAsync(base, host.data(), host.size(), cudaMemcpyHostToDevice, ctx.stream), "batch parameters upload");
