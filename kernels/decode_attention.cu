@@ -231,7 +231,6 @@ template <class T, int D, int NT>
 __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionParams<T> p) {
   constexpr int kSteps = D / 16;    // k-steps of K.q and m-tiles of P.V
   constexpr int kGroups = D / 32;   // ldmatrix.x4 loads per round
-  constexpr int kHeads = 4 * NT;
   PACKKV_DYNAMIC_SHARED(shared_bytes);
   const format::BlockGeometry& g = p.shape.geometry;
   FastShared s;

@@ -40,9 +40,9 @@ if command -v nvcc >/dev/null; then
   # emulator about a hundred times slower, so this runs the tests that reach every kernel family
   # (fast read path and its merge, legacy read path, encoder, batched commit, error reporting) in
   # one storage type; the whole suite runs uninstrumented in run_tests.sh.
-  tsan_filter='CudaTyped/1.BatchOfUnevenLengthsMatchesCpu:CudaTyped/1.TokenByTokenAndChunkedAppendsMatchCpu'
+  tsan_filter='CudaTyped/1.BatchOfUnevenLengthsMatchesCpu'
   tsan_filter+=':Cuda.PerChannelKAndNoRepackMatchCpu:Cuda.NonFiniteQueriesAreReportedByTheNextCall'
-  tsan_filter+=':Cuda.BatchedAppendsMatchPerSequenceCallsOnTheCpu:Cuda.StrictBatchedAppendRefusesABadLastEntryWholesale'
+  tsan_filter+=':Cuda.ShortBatchedStepMatchesCpu:Cuda.StrictBatchedAppendRefusesABadLastEntryWholesale'
   OMP_NUM_THREADS=1 PACKKV_EMULATOR_SEED=3 "$work/tsan/tests/cuda/test_cuda_emulated" --gtest_brief=1 \
     "--gtest_filter=$tsan_filter"
   unset TSAN_OPTIONS

@@ -11,6 +11,7 @@
 namespace packkv {
 namespace {
 
+using test::error_bound;
 using test::random_values;
 
 TEST(BitPacking, EveryWidthRoundTrips) {
@@ -97,18 +98,6 @@ CacheConfig config_for(const CodecCase& c, int heads) {
   cfg.k_mode = c.k_mode;
   cfg.repack = c.repack;
   return cfg;
-}
-
-double fp16_ulp(double x) {
-  const double a = std::max(std::fabs(x), 0x1p-14);
-  return std::ldexp(1.0, static_cast<int>(std::floor(std::log2(a))) - 10);
-}
-
-// The documented bound: |x - x'| <= step/2 (+ fp32 rounding), with
-// step <= rel * (hi - lo + ulp16(lo)) * (1 + 2^-10) + 2^-24.
-double error_bound(double lo, double hi, double rel) {
-  const double step = rel * (hi - lo + fp16_ulp(lo)) * (1 + 0x1p-10) + 0x1p-24;
-  return step / 2 * (1 + 1e-6) + 4 * 0x1p-24 * std::max(std::fabs(lo), std::fabs(hi));
 }
 
 void check_error_bound(const CodecCase& c, std::uint64_t seed) {

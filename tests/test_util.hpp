@@ -120,6 +120,18 @@ Snapshot snapshot(const PackedKVCache<T>& cache) {
   return s;
 }
 
+inline double fp16_ulp(double x) {
+  const double a = std::max(std::fabs(x), 0x1p-14);
+  return std::ldexp(1.0, static_cast<int>(std::floor(std::log2(a))) - 10);
+}
+
+/// The codec's documented bound for a group of values in [lo, hi] quantized under `rel`:
+/// |x - x'| <= step/2 (+ fp32 rounding), with step <= rel * (hi - lo + ulp16(lo)) * (1 + 2^-10) + 2^-24.
+inline double error_bound(double lo, double hi, double rel) {
+  const double step = rel * (hi - lo + fp16_ulp(lo)) * (1 + 0x1p-10) + 0x1p-24;
+  return step / 2 * (1 + 1e-6) + 4 * 0x1p-24 * std::max(std::fabs(lo), std::fabs(hi));
+}
+
 /// Runs `fn`, expects a packkv::error whose message contains `needle`.
 template <class Fn>
 void expect_error(Fn&& fn, const std::string& needle) {

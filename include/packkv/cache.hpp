@@ -77,6 +77,17 @@ class PackedKVCache {
   /// one encoder launch whatever its size.
   void append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v, std::span<const int> n_tokens);
 
+  /// Drops the tokens at positions >= new_length from every layer of sequence `id` that is longer
+  /// (shorter layers are left alone): speculative decoding, stop-sequence rollback, or evening out
+  /// the layers after a step that failed part-way. Every kept token keeps the value it reads back
+  /// now: bit for bit when the cut is at or after the layer's first uncompressed token (no work, no
+  /// memory); when the cut falls inside a packed block, that block's kept tokens return to the tail
+  /// as their dequantized values (rounded to T) and are quantized again when a later append seals
+  /// them, moving by at most their bound once more (docs/architecture.md, "Truncation"). Blocks are never
+  /// unsealed, so a truncated layer may hold more packed tokens than one built to that length.
+  /// All-or-nothing; new_length 0 empties the layers and frees their memory.
+  void truncate(SeqId id, std::int64_t new_length);
+
   // ---- attention ----
   /// Decode attention for one query per sequence: out[b] = softmax(scale * K q[b]) V.
   void attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float softmax_scale) const;

@@ -299,6 +299,140 @@ void CacheCore<T>::append_batch(std::span<const SeqId> ids, int layer_index, con
   });
 }
 
+// ---- truncation ----------------------------------------------------------------------------------
+
+// A cut at or after a layer's first tail token only shortens its tail: ring rows stay where they
+// are (position p is row p % capacity), so nothing moves and no memory is needed. A cut inside the
+// packed blocks rebuilds the layer in a new store, the way an import does: the blocks before the
+// cut are copied as they are, the cut block's kept tokens are decoded on the host (decode_block:
+// the same bits on every backend) and appended as host tokens; the old store is freed once the
+// new one is committed. That costs a copy of the kept blocks, counted against the budget.
+template <class T>
+void CacheCore<T>::truncate(SeqId id, std::int64_t new_length) {
+  PACKKV_REQUIRE(new_length >= 0, fmt::format("truncate: new_length must be >= 0, got {}", new_length));
+  const std::string where = fmt::format("truncate of sequence {} to {} tokens", id, new_length);
+  const int block_tokens = cfg_.block_tokens;
+  with_reclaim([&](bool may_reclaim) {
+    const std::shared_lock table(table_lock_);
+    Sequence& seq = sequence(id, "truncate");
+    const std::unique_lock lock(seq.lock);
+
+    struct Rebuild {
+      int layer = 0;
+      std::unique_ptr<LayerStore> store;
+      std::vector<std::uint32_t> sizes;
+      std::vector<std::uint8_t> bytes;
+      std::vector<std::span<const std::uint8_t>> blocks;
+      std::vector<T> k, v;
+    };
+    std::vector<Rebuild> rebuilds;
+    rebuilds.reserve(seq.layers.size());
+    // New stores are cleared (under the memory mutex, like every clear) when this attempt does not
+    // install them; installed ones are swapped for the old stores, which are cleared instead.
+    struct ClearOnExit {
+      Backend<T>& backend;
+      std::mutex& memory;
+      std::vector<Rebuild>& rebuilds;
+      ~ClearOnExit() {
+        const std::lock_guard guard(memory);
+        for (Rebuild& r : rebuilds) {
+          if (r.store) backend.clear(*r.store);
+        }
+      }
+    } clear_on_exit{*backend_, memory_mutex_, rebuilds};
+
+    std::vector<T> tail_k, tail_v;
+    std::vector<float> block_k, block_v;
+    try {
+      for (std::size_t l = 0; l < seq.layers.size(); ++l) {
+        const Layer& layer = seq.layers[l];
+        if (layer.length <= new_length || new_length == 0 || new_length >= layer.tail.begin) continue;
+        Rebuild& r = rebuilds.emplace_back();
+        r.layer = static_cast<int>(l);
+        const std::size_t tail_values = static_cast<std::size_t>(layer.tail.len) * row_;
+        tail_k.resize(tail_values);
+        tail_v.resize(tail_values);
+        backend_->download(read_view(layer), r.sizes, r.bytes, tail_k.data(), tail_v.data());
+        const int keep = static_cast<int>(new_length / block_tokens);
+        const int kept_tokens = static_cast<int>(new_length - static_cast<std::int64_t>(keep) * block_tokens);
+        std::size_t offset = 0;
+        for (int b = 0; b < keep; ++b) {
+          r.blocks.emplace_back(r.bytes.data() + offset, r.sizes[static_cast<std::size_t>(b)]);
+          offset += r.sizes[static_cast<std::size_t>(b)];
+        }
+        if (kept_tokens > 0) {
+          block_k.resize(static_cast<std::size_t>(block_tokens) * row_);
+          block_v.resize(block_k.size());
+          decode_block(codec_, r.bytes.data() + offset, block_k.data(), block_v.data(), row_);
+          const std::size_t n = static_cast<std::size_t>(kept_tokens) * row_;
+          r.k.resize(n);
+          r.v.resize(n);
+          for (std::size_t i = 0; i < n; ++i) {
+            r.k[i] = from_float<T>(block_k[i]);
+            r.v[i] = from_float<T>(block_v[i]);
+          }
+        }
+        r.store = backend_->new_layer_store();
+      }
+    } catch (const std::bad_alloc&) {
+      throw_out_of_memory(fmt::format("{}: the host copy of a layer", where));
+    }
+
+    std::vector<LayerWrite<T>> writes(rebuilds.size());
+    for (std::size_t i = 0; i < rebuilds.size(); ++i) {
+      Rebuild& r = rebuilds[i];
+      LayerWrite<T>& w = writes[i];
+      w.store = r.store.get();
+      w.num_blocks = 0;
+      w.blocks = r.blocks;
+      TailRing empty;
+      empty.begin = static_cast<std::int64_t>(r.blocks.size()) * block_tokens;
+      w.plan = tails_.plan(empty, static_cast<int>(r.k.size() / row_));
+      w.k = r.k.data();
+      w.v = r.v.data();
+      w.tokens_on_host = true;
+      w.id = id;
+      w.layer = r.layer;
+      if (w.plan.n_tokens > 0) {
+        // Dequantized values fit their bounds; fp16 rounding can still carry one past 65504.
+        TokenRows<T> rows;
+        rows.tail = empty;
+        rows.in_k = w.k;
+        rows.in_v = w.v;
+        rows.row_elems = static_cast<int>(row_);
+        check_append_values(codec_, rows, w.plan, fmt::format("{}: layer {}", where, r.layer));
+      }
+    }
+    if (!writes.empty()) {
+      const Attempt result = write_under_budget(writes, 0, may_reclaim, where);
+      if (result == Attempt::reclaim_first) return result;
+    }
+
+    // Committed: from here on nothing can fail.
+    const std::lock_guard memory(memory_mutex_);
+    std::size_t next = 0;
+    for (std::size_t l = 0; l < seq.layers.size(); ++l) {
+      Layer& layer = seq.layers[l];
+      if (layer.length <= new_length) continue;
+      if (new_length == 0) {
+        backend_->clear(*layer.store);
+        layer.length = 0;
+        layer.num_blocks = 0;
+        layer.tail = TailRing{};
+      } else if (new_length >= layer.tail.begin) {
+        layer.tail.len = static_cast<int>(new_length - layer.tail.begin);
+        layer.length = new_length;
+      } else {
+        Rebuild& r = rebuilds[next];
+        std::swap(layer.store, r.store);  // the old store is cleared on exit
+        apply(layer, writes[next]);
+        ++next;
+      }
+    }
+    return Attempt::committed;
+  });
+}
+
 // ---- reads ---------------------------------------------------------------------------------------
 
 template <class T>

@@ -444,8 +444,8 @@ TEST(Cuda, NonFiniteQueriesAreReportedByTheNextCall) {
 }
 
 // append_batch on the GPU against per-sequence appends on the CPU: the same bytes, the same reads.
-TEST(Cuda, BatchedAppendsMatchPerSequenceCallsOnTheCpu) {
-  PACKKV_SKIP_WITHOUT_GPU();
+// A ragged prefill per layer, then decode steps of one token per sequence.
+void expect_batched_appends_match_cpu(const std::vector<int>& prefill, int layers, int decode_steps) {
   CacheConfig c = base_config();
   c.residual_tokens = 16;
   CachePair<float> pair(c);
@@ -465,12 +465,58 @@ TEST(Cuda, BatchedAppendsMatchPerSequenceCallsOnTheCpu) {
     DeviceArray<float> dk(k), dv(v);
     pair.gpu.append_batch(ids, layer, dk.get(), dv.get(), counts);
   };
-  for (int layer = 0; layer < 2; ++layer) {
-    step(layer, {70, 1, 130, 64});  // ragged prefill chunks: blocks of several sequences in one launch
-    for (int t = 0; t < 70; ++t) step(layer, {1, 1, 1, 1});  // decode steps crossing block boundaries
+  for (int layer = 0; layer < layers; ++layer) {
+    step(layer, prefill);
+    for (int t = 0; t < decode_steps; ++t) step(layer, {1, 1, 1, 1});
   }
   for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << "sequence " << id;
-  compare_everything(pair, ids, 1, 11, "batched appends");
+  for (int layer = 0; layer < layers; ++layer) compare_everything(pair, ids, layer, 11, "batched appends");
+}
+
+TEST(Cuda, BatchedAppendsMatchPerSequenceCallsOnTheCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  // Ragged prefill chunks (blocks of several sequences in one launch), then decode steps crossing
+  // block boundaries, in two layers.
+  expect_batched_appends_match_cpu({70, 1, 130, 64}, 2, 70);
+}
+
+// The same in one layer and two steps, small enough for ThreadSanitizer (scripts/check_sanitizers.sh):
+// 16 residual tokens, 64-token blocks, so the first step seals a block of sequences 3 and 1 at once.
+TEST(Cuda, ShortBatchedStepMatchesCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  expect_batched_appends_match_cpu({79, 1, 143, 64}, 1, 2);
+}
+
+// truncate on the GPU against the CPU: a cut in the tail, one into a block (its kept tokens
+// decoded on the host and re-appended), one to zero, each followed by appends that seal blocks.
+TEST(Cuda, TruncateMatchesCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.residual_tokens = 8;
+  CachePair<float> pair(c);
+  const std::vector<SeqId> ids = {2, 7};
+  for (SeqId id : ids) pair.add(id);
+  std::uint64_t seed = 6100;
+  auto grow = [&](int n) {
+    for (SeqId id : ids) {
+      for (int l = 0; l < c.num_layers; ++l) pair.append(id, l, n, seed++);
+    }
+  };
+  auto cut = [&](SeqId id, std::int64_t n) {
+    pair.cpu.truncate(id, n);
+    pair.gpu.truncate(id, n);
+  };
+  grow(150);      // blocks [0, 128), tail [128, 150)
+  cut(2, 140);    // in the tail
+  cut(7, 100);    // inside block 1: tokens 64..99 return to the tail
+  grow(40);
+  for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << "sequence " << id;
+  for (int layer = 0; layer < c.num_layers; ++layer) compare_everything(pair, ids, layer, 21, "after truncate");
+  cut(2, 0);
+  grow(70);
+  for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << "sequence " << id;
+  compare_everything(pair, ids, 0, 22, "after truncate to zero");
+  EXPECT_EQ(pair.gpu.memory_stats().total.compressed_tokens, pair.cpu.memory_stats().total.compressed_tokens);
 }
 
 TEST(Cuda, StrictBatchedAppendRefusesABadLastEntryWholesale) {
