@@ -77,6 +77,12 @@ class PackedKVCache {
   /// one encoder launch whatever its size.
   void append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v, std::span<const int> n_tokens);
 
+  /// Makes sequence `child` (a new id) a copy of `parent` that shares its packed blocks: parallel
+  /// sampling, beam search, a cached prompt prefix. Only the uncompressed tails are copied; blocks
+  /// are immutable and reference-counted (freed with their last owner), so appends, truncation or
+  /// removal of either never affect the other. memory_stats() counts shared blocks once and reports
+  /// them in shared_bytes. All-or-nothing (the child's tails and tables count against the budget).
+  void fork(SeqId parent, SeqId child);
   /// Drops the tokens at positions >= new_length from every layer of sequence `id` that is longer
   /// (shorter layers are left alone): speculative decoding, stop-sequence rollback, or evening out
   /// the layers after a step that failed part-way. Every kept token keeps the value it reads back

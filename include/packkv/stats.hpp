@@ -62,6 +62,10 @@ struct MemoryStats {
   std::vector<MemoryBreakdown> layers;
   PoolStats pool;
   std::size_t scratch_bytes = 0;   ///< staging and workspaces (device backends)
+  /// Packed bytes that forked sequences share instead of holding copies: what independent copies
+  /// would add. A shared block is counted once in `total` and `layers` (where the walk over the
+  /// sequences meets it first).
+  std::size_t shared_bytes = 0;
   /// What counts against the memory budget: everything in `total`, plus the pool's slack
   /// (pool.reserved_bytes - pool.live_bytes) and scratch_bytes.
   std::size_t resident_bytes = 0;

@@ -30,8 +30,8 @@ class LayerStore {
   virtual ~LayerStore() = default;
 };
 
-/// One layer's change in a write: adopt `blocks` (import only; the layer is empty), then append
-/// the tokens of `plan`.
+/// One layer's change in a write: share every block of `share_from` (fork only), or adopt
+/// `blocks` (import only); the layer is empty in both cases. Then append the tokens of `plan`.
 template <class T>
 struct LayerWrite {
   LayerStore* store = nullptr;
@@ -41,6 +41,8 @@ struct LayerWrite {
   const T* v = nullptr;
   bool tokens_on_host = false;  ///< k and v are host memory even on a device backend (import)
   std::span<const std::span<const std::uint8_t>> blocks;  ///< validated block bytes (host memory)
+  const LayerStore* share_from = nullptr;  ///< a parent's store: its blocks become this layer's too
+  int shared_blocks = 0;                   ///< how many it holds (the parent layer's num_blocks)
   SeqId id = 0;                 ///< for messages
   int layer = 0;
 };
@@ -68,6 +70,7 @@ struct LayerBytes {
   BlockBytes blocks;         ///< the packed blocks, by part
   std::size_t tables = 0;    ///< block tables (the backend's memory)
   std::size_t tail = 0;      ///< the tail ring as allocated (K and V)
+  std::size_t shared = 0;    ///< bytes of blocks this layer shares that an earlier layer counted
 };
 
 template <class T>
@@ -105,10 +108,14 @@ class Backend {
   virtual void scores(const LayerRead& layer, const T* q, float* scores) const = 0;
   virtual void attn_v(const LayerRead& layer, const float* weights, float* out) const = 0;
   virtual void read_back(const LayerRead& layer, float* k, float* v) const = 0;
+  /// Bytes of each layer. A block that several layers share (fork) counts in `blocks` of the first
+  /// of `layers` that holds it and in `shared` of the others.
   virtual void layer_bytes(std::span<const LayerRead> layers, std::span<LayerBytes> out) const = 0;
   /// The layer's blocks (bytes as stored, sizes) and its tail rows in token order (host memory).
   virtual void download(const LayerRead& layer, std::vector<std::uint32_t>& sizes, std::vector<std::uint8_t>& blocks,
                         T* tail_k, T* tail_v) const = 0;
+  /// The layer's tail rows in token order (host memory).
+  virtual void download_tail(const LayerRead& layer, T* tail_k, T* tail_v) const = 0;
 
   /// The CUDA stream (cudaStream_t) device work is queued on; ignored by the CPU.
   virtual void set_stream(void* stream) = 0;

@@ -60,6 +60,10 @@ void PackedKVCache<T>::append_batch(std::span<const SeqId> ids, int layer, const
   core("append_batch").append_batch(ids, layer, k, v, n_tokens);
 }
 template <class T>
+void PackedKVCache<T>::fork(SeqId parent, SeqId child) {
+  core("fork").fork(parent, child);
+}
+template <class T>
 void PackedKVCache<T>::truncate(SeqId id, std::int64_t new_length) {
   core("truncate").truncate(id, new_length);
 }

@@ -174,7 +174,8 @@ std::int64_t CacheCore<T>::length(SeqId id, int layer) const {
 
 template <class T>
 void CacheCore<T>::apply(Layer& layer, const LayerWrite<T>& write) {
-  layer.num_blocks = write.num_blocks + static_cast<int>(write.blocks.size()) + write.plan.seal_blocks;
+  layer.num_blocks =
+      write.num_blocks + write.shared_blocks + static_cast<int>(write.blocks.size()) + write.plan.seal_blocks;
   layer.tail = write.plan.after;
   layer.length = layer.tail.end();
 }
@@ -294,6 +295,73 @@ void CacheCore<T>::append_batch(std::span<const SeqId> ids, int layer_index, con
     const Attempt result = write_under_budget(writes, 0, may_reclaim, where);
     if (result == Attempt::committed) {
       for (std::size_t i = 0; i < ids.size(); ++i) apply(seqs[i]->layers[static_cast<std::size_t>(layer_index)], writes[i]);
+    }
+    return result;
+  });
+}
+
+// ---- fork ----------------------------------------------------------------------------------------
+
+// The child shares every packed block of the parent (blocks never change once sealed; the
+// backends count references and free a block with its last owner) and gets a copy of the tail,
+// appended as host tokens: each layer's tail is at most residual + block - 1 tokens, so the copy
+// seals nothing. Like an import it excludes every other call while it runs (it adds a sequence).
+template <class T>
+void CacheCore<T>::fork(SeqId parent_id, SeqId child_id) {
+  PACKKV_REQUIRE(parent_id != child_id, fmt::format("fork: parent and child are the same sequence id {}", parent_id));
+  const std::string what = fmt::format("fork of sequence {} into {}", parent_id, child_id);
+  with_reclaim([&](bool may_reclaim) {
+    const std::unique_lock table(table_lock_);
+    const Sequence& parent = sequence(parent_id, "fork");
+    PACKKV_REQUIRE(!sequences_.count(child_id), fmt::format("fork: sequence id {} already exists", child_id));
+    std::unique_ptr<Sequence> child = new_sequence();
+    const std::size_t layers = parent.layers.size();
+    std::vector<std::vector<T>> tails(2 * layers);
+    std::vector<LayerWrite<T>> writes(layers);
+    try {
+      for (std::size_t l = 0; l < layers; ++l) {
+        const Layer& from = parent.layers[l];
+        const std::size_t n = static_cast<std::size_t>(from.tail.len) * row_;
+        tails[2 * l].resize(n);
+        tails[2 * l + 1].resize(n);
+        if (n != 0) backend_->download_tail(read_view(from), tails[2 * l].data(), tails[2 * l + 1].data());
+        LayerWrite<T>& w = writes[l];
+        w.store = child->layers[l].store.get();
+        w.share_from = from.num_blocks > 0 ? from.store.get() : nullptr;
+        w.shared_blocks = from.num_blocks;
+        TailRing start;
+        start.begin = from.tail.begin;
+        w.plan = tails_.plan(start, from.tail.len);
+        w.k = tails[2 * l].data();
+        w.v = tails[2 * l + 1].data();
+        w.tokens_on_host = true;
+        w.id = child_id;
+        w.layer = static_cast<int>(l);
+      }
+    } catch (const std::bad_alloc&) {
+      throw_out_of_memory(fmt::format("{}: the host copy of the tails", what));
+    }
+    auto clear_child = [&] {
+      const std::lock_guard memory(memory_mutex_);
+      for (Layer& layer : child->layers) backend_->clear(*layer.store);
+    };
+    Attempt result;
+    try {
+      result = write_under_budget(writes, sequence_bookkeeping_bytes(), may_reclaim, what);
+    } catch (...) {
+      clear_child();
+      throw;
+    }
+    if (result == Attempt::reclaim_first) {
+      clear_child();
+      return result;
+    }
+    for (std::size_t l = 0; l < layers; ++l) apply(child->layers[l], writes[l]);
+    try {
+      sequences_.emplace(child_id, std::move(child));
+    } catch (const std::bad_alloc&) {
+      clear_child();
+      throw_out_of_memory("an entry of the sequence table");
     }
     return result;
   });
@@ -527,6 +595,7 @@ MemoryStats CacheCore<T>::memory_stats() const {
     m.v_section_bytes += b.blocks.v_sections;
     m.block_tables += b.tables + layer_bookkeeping;
     m.tail += b.tail;
+    stats.shared_bytes += b.shared;
     m.compressed_tokens += static_cast<std::size_t>(r.num_blocks) * static_cast<std::size_t>(cfg_.block_tokens);
     m.tail_tokens += static_cast<std::size_t>(r.tail.len);
     m.original_bytes += static_cast<std::size_t>(r.length) * token_bytes;

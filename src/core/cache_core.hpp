@@ -45,6 +45,7 @@ class CacheCore {
   void append(SeqId id, int layer, const T* k, const T* v, int n_tokens);
   void append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v, std::span<const int> n_tokens);
   void truncate(SeqId id, std::int64_t new_length);
+  void fork(SeqId parent, SeqId child);
 
   void attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float softmax_scale) const;
   void scores(SeqId id, int layer, const T* q, float* scores) const;

@@ -38,6 +38,8 @@ class CpuPrepared final : public PreparedWrite {
     std::size_t first_block = 0;  ///< into blocks
     std::size_t block_count = 0;  ///< adopted + sealed
     std::size_t table_capacity = 0;  ///< the block table's capacity after the commit
+    std::vector<SlotRef> shared;     ///< a parent's blocks the layer will share (fork)
+    BlockBytes shared_parts;
   };
 
   std::size_t resident_after() const override;
@@ -132,7 +134,16 @@ class CpuBackend final : public Backend<T> {
         prepared->blocks.push_back({out, 0, {}});
       }
       layer.block_count = prepared->blocks.size() - layer.first_block;
-      const std::size_t needed = store.blocks.size() + layer.block_count;
+      if (w.share_from != nullptr) {
+        const auto& parent = static_cast<const CpuLayerStore<T>&>(*w.share_from);
+        try {
+          layer.shared = parent.blocks;
+        } catch (const std::bad_alloc&) {
+          throw_out_of_memory(fmt::format("fork into sequence {}: a block table", w.id));
+        }
+        layer.shared_parts = parent.block_bytes;
+      }
+      const std::size_t needed = store.blocks.size() + layer.shared.size() + layer.block_count;
       layer.table_capacity = store.blocks.capacity();
       if (needed > layer.table_capacity) {
         layer.table_capacity = std::max(needed, 2 * layer.table_capacity);
@@ -208,7 +219,17 @@ class CpuBackend final : public Backend<T> {
     } catch (const std::bad_alloc&) {
       throw_out_of_memory("tail rings and block tables");
     }
-    std::vector<SlotRef> slots = pool_.allocate(prepared.sizes);
+    std::size_t retained = 0;  // layers whose shared blocks have their reference
+    std::vector<SlotRef> slots;
+    try {
+      for (; retained < prepared.layers.size(); ++retained) pool_.retain(prepared.layers[retained].shared);
+      slots = pool_.allocate(prepared.sizes);
+    } catch (...) {
+      for (std::size_t i = 0; i < retained; ++i) {
+        for (const SlotRef& ref : prepared.layers[i].shared) pool_.release(ref);
+      }
+      throw;
+    }
 
     // Apply: nothing below can fail.
     for (std::size_t i = 0; i < prepared.layers.size(); ++i) {
@@ -219,6 +240,8 @@ class CpuBackend final : public Backend<T> {
         grown[i].table.reserve(layer.table_capacity);  // no-op: already that large
         store.blocks.swap(grown[i].table);
       }
+      store.blocks.insert(store.blocks.end(), layer.shared.begin(), layer.shared.end());
+      store.block_bytes += layer.shared_parts;
       for (std::size_t b = layer.first_block; b < layer.first_block + layer.block_count; ++b) {
         const auto& block = prepared.blocks[b];
         std::memcpy(slots[b].data, block.bytes, block.size);
@@ -236,24 +259,30 @@ class CpuBackend final : public Backend<T> {
   const SlotPool& pool() const { return pool_; }
 
   void reclaim() override {
-    std::unordered_map<std::uint64_t, SlotRef*> owners;
+    // Every table entry that names a slot (several when forks share the block).
+    std::unordered_multimap<std::uint64_t, SlotRef*> owners;
     auto key = [](std::uint32_t page, std::uint32_t slot) { return (std::uint64_t{page} << 32) | slot; };
     try {
       for (CpuLayerStore<T>* store : stores_) {
         for (SlotRef& ref : store->blocks) owners.emplace(key(ref.page, ref.slot), &ref);
       }
-      pool_.compact([&](std::uint32_t page, std::uint32_t slot, const SlotRef& to) {
-        const auto it = owners.find(key(page, slot));
-        SlotRef* ref = it->second;
-        owners.erase(it);
+    } catch (const std::bad_alloc&) {
+      return;  // reclaiming is an optimisation: without memory for its bookkeeping it does nothing
+    }
+    // Once blocks move nothing may fail: the owners' nodes are re-keyed, never allocated.
+    pool_.compact([&](std::uint32_t page, std::uint32_t slot, const SlotRef& to) {
+      const std::uint64_t from = key(page, slot);
+      while (true) {
+        auto node = owners.extract(from);
+        if (node.empty()) break;
+        SlotRef* ref = node.mapped();
         ref->data = to.data;
         ref->page = to.page;
         ref->slot = to.slot;
-        owners.emplace(key(to.page, to.slot), ref);
-      });
-    } catch (const std::bad_alloc&) {
-      // Reclaiming is an optimisation: without memory for its bookkeeping it does nothing.
-    }
+        node.key() = key(to.page, to.slot);
+        owners.insert(std::move(node));
+      }
+    });
   }
 
   PoolStats pool_stats() const override { return pool_.stats(); }
@@ -278,11 +307,19 @@ class CpuBackend final : public Backend<T> {
   void read_back(const LayerRead& layer, float* k, float* v) const override { cpu::read_back<T>(read_, layer, k, v); }
 
   void layer_bytes(std::span<const LayerRead> layers, std::span<LayerBytes> out) const override {
+    std::unordered_set<const std::uint8_t*> counted;  // shared blocks met so far
     for (std::size_t i = 0; i < layers.size(); ++i) {
       const CpuLayerStore<T>& store = store_of<T>(layers[i]);
       out[i].blocks = store.block_bytes;
       out[i].tables = store.blocks.capacity() * sizeof(SlotRef);
       out[i].tail = ring_bytes(store.ring_capacity);
+      out[i].shared = 0;
+      for (const SlotRef& ref : store.blocks) {
+        if (!pool_.shared(ref) || counted.insert(ref.data).second) continue;
+        const BlockBytes parts = block_bytes_breakdown(codec_, ref.data);
+        out[i].blocks -= parts;
+        out[i].shared += parts.total();
+      }
     }
   }
 
@@ -295,6 +332,11 @@ class CpuBackend final : public Backend<T> {
       sizes.push_back(ref.bytes);
       blocks.insert(blocks.end(), ref.data, ref.data + ref.bytes);
     }
+    download_tail(layer, tail_k, tail_v);
+  }
+
+  void download_tail(const LayerRead& layer, T* tail_k, T* tail_v) const override {
+    const CpuLayerStore<T>& store = store_of<T>(layer);
     for_each_tail_run(layer.tail, [&](int first, int row, int count) {
       std::memcpy(tail_k + first * row_, store.ring_k.get() + row * row_, count * row_ * sizeof(T));
       std::memcpy(tail_v + first * row_, store.ring_v.get() + row * row_, count * row_ * sizeof(T));

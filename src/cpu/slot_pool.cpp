@@ -200,7 +200,27 @@ void SlotPool::free_page(std::uint32_t index) {
   --live_pages_;
 }
 
+void SlotPool::retain(std::span<const SlotRef> refs) {
+  std::size_t done = 0;
+  try {
+    for (; done < refs.size(); ++done) ++extra_refs_[key(refs[done].page, refs[done].slot)];
+  } catch (const std::bad_alloc&) {
+    for (std::size_t i = 0; i < done; ++i) {
+      const auto it = extra_refs_.find(key(refs[i].page, refs[i].slot));
+      if (--it->second == 0) extra_refs_.erase(it);
+    }
+    throw_out_of_memory("the reference counts of shared blocks");
+  }
+}
+
 void SlotPool::release(const SlotRef& ref) {
+  if (!extra_refs_.empty()) {
+    const auto it = extra_refs_.find(key(ref.page, ref.slot));
+    if (it != extra_refs_.end()) {
+      if (--it->second == 0) extra_refs_.erase(it);
+      return;
+    }
+  }
   Page& page = pages_[ref.page];
   const auto c = static_cast<std::size_t>(page.size_class);
   auto& partial = partial_[c];
@@ -253,6 +273,14 @@ void SlotPool::compact(const RelocateFn& relocated) {
       ++to.used;
       from.free_slots.push_back(live);
       --from.used;
+      if (!extra_refs_.empty()) {
+        // The count moves with the slot; re-keying a node allocates nothing.
+        auto node = extra_refs_.extract(key(order[src], live));
+        if (!node.empty()) {
+          node.key() = key(ref.page, ref.slot);
+          extra_refs_.insert(std::move(node));
+        }
+      }
       relocated(order[src], live, ref);
     }
     // Rebuild the class's list: emptied pages go back to the system, the rest stay partial or full

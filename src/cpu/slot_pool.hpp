@@ -6,13 +6,15 @@
 // live blocks need plus the partly used pages. When a block's class has no free slot, a free
 // slot of a larger class (up to twice the size) is used before a new page is reserved.
 // Fragmentation (reserved bytes that hold no block data) is reported, not hidden; compaction
-// moves blocks so that each class keeps at most one partly used page.
+// moves blocks so that each class keeps at most one partly used page. A slot may have several
+// references (forked sequences share blocks): it is freed with the last.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <unordered_map>
 #include <vector>
 
 #include "packkv/stats.hpp"
@@ -45,7 +47,13 @@ class SlotPool {
   /// Allocates one slot per size; all-or-nothing: throws packkv::error (out of memory) and leaves
   /// the pool as it was.
   std::vector<SlotRef> allocate(std::span<const std::uint32_t> sizes);
+  /// Drops one reference to the slot; the slot is freed with its last.
   void release(const SlotRef& ref);
+  /// One more reference to each slot (a fork shares its parent's blocks); all-or-nothing: throws
+  /// packkv::error (out of memory) with no reference added.
+  void retain(std::span<const SlotRef> refs);
+  /// Whether the slot has more than one reference.
+  bool shared(const SlotRef& ref) const { return !extra_refs_.empty() && extra_refs_.count(key(ref.page, ref.slot)); }
 
   /// Moves blocks so that every class occupies as few pages as possible and frees the pages that
   /// empty. For each move the slot's bytes are copied, then `relocated(old_page, old_slot,
@@ -81,6 +89,9 @@ class SlotPool {
   std::vector<std::vector<std::uint32_t>> partial_;  ///< per class: pages with a free slot
   std::vector<std::size_t> used_slots_;              ///< per class
   std::vector<std::size_t> class_pages_;             ///< per class: pages assigned to it
+  /// References beyond the first, per shared slot (key(page, slot)); most slots have none.
+  std::unordered_map<std::uint64_t, std::uint32_t> extra_refs_;
+  static std::uint64_t key(std::uint32_t page, std::uint32_t slot) { return (std::uint64_t{page} << 32) | slot; }
   std::size_t live_pages_ = 0, live_bytes_ = 0, slot_bytes_ = 0, live_blocks_ = 0;
 };
 

@@ -68,7 +68,7 @@ class CudaBackend final : public Backend<T> {
     s.slot_bytes = ctx_.pool.pages_in_use() * ctx_.pool.page_bytes();  // pages handed to layers
     for (const CudaLayerStore* store : ctx_.stores) {
       s.live_bytes += store->live_bytes;
-      s.live_blocks += store->live_blocks;
+      s.live_blocks += store->live_blocks - store->repeated_blocks;  // a shared block once
     }
     return s;
   }
@@ -98,6 +98,10 @@ class CudaBackend final : public Backend<T> {
                 T* tail_v) const override {
     const std::lock_guard lock(ctx_.mutex);
     cuda::download<T>(ctx_, layer, sizes, blocks, tail_k, tail_v);
+  }
+  void download_tail(const LayerRead& layer, T* tail_k, T* tail_v) const override {
+    const std::lock_guard lock(ctx_.mutex);
+    cuda::download_tail<T>(ctx_, layer, tail_k, tail_v);
   }
 
   void set_stream(void* stream) override {

@@ -136,10 +136,21 @@ std::size_t DeviceContext::pages_bound(const CudaLayerStore& store, std::int64_t
 }
 
 void DeviceContext::give_back_pages(CudaLayerStore& store, std::size_t keep) {
-  while (store.pages.size() > keep) {
-    pool.give(store.pages.back());
+  while (store.pages.size() > std::max(keep, store.shared_pages)) {
+    release_page(store.pages.back());
     store.pages.pop_back();
   }
+}
+
+void DeviceContext::release_page(std::uint8_t* page) {
+  if (!page_extra_refs.empty()) {
+    const auto it = page_extra_refs.find(page);
+    if (it != page_extra_refs.end()) {
+      if (--it->second == 0) page_extra_refs.erase(it);
+      return;
+    }
+  }
+  pool.give(page);
 }
 
 void DeviceContext::publish_pointers(const std::vector<std::uint8_t*>& host, std::size_t first,
@@ -159,8 +170,9 @@ void DeviceContext::publish_pointers(const std::vector<std::uint8_t*>& host, std
 }
 
 void DeviceContext::clear(CudaLayerStore& store) {
-  for (std::uint8_t* page : store.pages) pool.give(page);
+  for (std::uint8_t* page : store.pages) release_page(page);
   store.pages.clear();
+  store.shared_pages = 0;
   // A kernel still queued may write the word; the next owner ignores launches it did not issue.
   if (store.progress_word != kNoWord) progress.give(store.progress_word);
   store.progress_word = kNoWord;
@@ -175,6 +187,7 @@ void DeviceContext::clear(CudaLayerStore& store) {
   store.unseen.clear();
   store.live_bytes = 0;
   store.live_blocks = 0;
+  store.repeated_blocks = 0;
 }
 
 unsigned* DeviceContext::ticket_words(std::size_t count) {

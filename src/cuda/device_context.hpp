@@ -17,6 +17,7 @@
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -55,7 +56,9 @@ class CudaLayerStore final : public LayerStore {
   DeviceBuffer ring;                    ///< tail ring: K rows, then V rows, ring_capacity each
   int ring_capacity = 0;
   std::size_t live_blocks = 0;          ///< blocks in the table
+  std::size_t shared_pages = 0;         ///< leading pages shared with the layer it was forked from
   mutable std::size_t live_bytes = 0;   ///< their bytes, as the last memory_stats measured them
+  mutable std::size_t repeated_blocks = 0;  ///< of them, shared blocks another layer counted (same)
 
   PlacementCursor* cursor() const { return page_list.as<PlacementCursor>(); }
   std::uint8_t** page_pointers() const {
@@ -111,6 +114,9 @@ class DeviceContext {
   DeviceBuffer launch_params;  ///< parameter arrays of batched launches (uploaded per write)
   std::unordered_set<CudaLayerStore*> stores;
   std::size_t owned_bytes = 0;  ///< tables, page lists and rings of every layer
+  /// References beyond the first to pages that forked layers share (a page returns to the pool
+  /// with its last owner); most pages have none.
+  std::unordered_map<std::uint8_t*, std::uint32_t> page_extra_refs;
   /// The host core runs calls on different sequences at once; the device state above is shared.
   std::mutex mutex;
 
@@ -136,6 +142,8 @@ class DeviceContext {
                           std::int64_t pending) const;
   std::size_t pages_bound(const CudaLayerStore& store, std::int64_t new_blocks) const;
   void give_back_pages(CudaLayerStore& store, std::size_t keep);
+  /// Drops a layer's reference to a page: back to the pool with the last one.
+  void release_page(std::uint8_t* page);
   /// Writes pointer-table entries: a few as kernel parameters, a long list by a copy.
   void publish_pointers(const std::vector<std::uint8_t*>& host, std::size_t first, std::uint8_t** device);
   /// Frees everything a layer holds (in stream order).

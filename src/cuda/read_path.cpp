@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <utility>
+#include <unordered_set>
 #include <vector>
 
 namespace packkv::detail::cuda {
@@ -164,13 +165,60 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
                              ctx.stream),
              "memory_stats download");
   check_cuda(cudaStreamSynchronize(ctx.stream), "memory_stats");
+  // Blocks that forks share: counted in the first layer that holds them; in the others they are
+  // measured again over a list of just those blocks and moved to `shared`.
+  std::vector<unsigned long long> repeated(counters.size(), 0);
+  std::vector<std::size_t> repeated_blocks(layers.size(), 0);
+  if (!ctx.page_extra_refs.empty()) {
+    std::unordered_set<const std::uint8_t*> counted;
+    std::vector<std::vector<const std::uint8_t*>> lists(layers.size());
+    std::vector<const std::uint8_t*> table;
+    for (std::size_t i = 0; i < layers.size(); ++i) {
+      const auto n = static_cast<std::size_t>(layers[i].num_blocks);
+      if (n == 0) continue;
+      table.resize(n);
+      check_cuda(cudaMemcpy(table.data(), store_of(layers[i]).table.data(), n * sizeof(std::uint8_t*), cudaMemcpyDeviceToHost),
+                 "memory_stats (block table download)");
+      for (const std::uint8_t* block : table) {
+        if (!counted.insert(block).second) lists[i].push_back(block);
+      }
+      repeated_blocks[i] = lists[i].size();
+    }
+    std::size_t total = 0;
+    for (const auto& list : lists) total += list.size();
+    if (total != 0) {
+      std::vector<const std::uint8_t*> flat;
+      flat.reserve(total);
+      for (const auto& list : lists) flat.insert(flat.end(), list.begin(), list.end());
+      DeviceBuffer device_list(total * sizeof(std::uint8_t*), ctx.stream);
+      check_cuda(cudaMemcpyAsync(device_list.data(), flat.data(), device_list.bytes(), cudaMemcpyHostToDevice, ctx.stream),
+                 "memory_stats (shared block list upload)");
+      check_cuda(cudaMemsetAsync(device_counters.data(), 0, device_counters.bytes(), ctx.stream), "memory_stats memset");
+      std::size_t at = 0;
+      for (std::size_t i = 0; i < layers.size(); ++i) {
+        if (lists[i].empty()) continue;
+        check_cuda(launch_block_stats(ctx.geometry, device_list.as<const std::uint8_t* const>() + at,
+                                      static_cast<int>(lists[i].size()),
+                                      device_counters.as<unsigned long long>() + kCounters * i, ctx.stream),
+                   "block statistics kernel launch");
+        at += lists[i].size();
+      }
+      check_cuda(cudaMemcpyAsync(repeated.data(), device_counters.data(), device_counters.bytes(), cudaMemcpyDeviceToHost,
+                                 ctx.stream),
+                 "memory_stats download");
+      check_cuda(cudaStreamSynchronize(ctx.stream), "memory_stats");
+    }
+  }
   const format::SectionLayout kl = ctx.geometry.k_layout(), vl = ctx.geometry.v_layout();
   const std::size_t params =
       static_cast<std::size_t>(ctx.geometry.num_heads) * (kl.param_count + vl.param_count) * sizeof(format::QuantParams);
   for (std::size_t i = 0; i < layers.size(); ++i) {
     const CudaLayerStore& store = store_of(layers[i]);
-    const unsigned long long* c = counters.data() + kCounters * i;
-    const std::size_t n = static_cast<std::size_t>(layers[i].num_blocks);
+    unsigned long long* c = counters.data() + kCounters * i;
+    const unsigned long long* r = repeated.data() + kCounters * i;
+    for (std::size_t j = 0; j < kCounters; ++j) c[j] -= r[j];
+    out[i].shared = r[2];
+    const std::size_t n = static_cast<std::size_t>(layers[i].num_blocks) - repeated_blocks[i];
     BlockBytes& b = out[i].blocks;
     b.payload = c[0];
     b.descriptors = c[1];
@@ -182,6 +230,7 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
     out[i].tables = store.table.bytes() + store.page_list.bytes();
     out[i].tail = store.ring.bytes();
     store.live_bytes = c[2];
+    store.repeated_blocks = repeated_blocks[i];
   }
 }
 
@@ -229,16 +278,23 @@ void download(DeviceContext& ctx, const LayerRead& layer, std::vector<std::uint3
     sizes.push_back(size);
     blocks.insert(blocks.end(), copy.data() + offset, copy.data() + offset + size);
   }
-  if (layer.tail.len > 0) {
-    std::vector<T> ring(2 * static_cast<std::size_t>(store.ring_capacity) * ctx.row_elems);
-    check_cuda(cudaMemcpy(ring.data(), store.ring.data(), ring.size() * sizeof(T), cudaMemcpyDeviceToHost),
-               "export_sequence (tail download)");
-    const T* ring_v = ring.data() + static_cast<std::size_t>(store.ring_capacity) * ctx.row_elems;
-    for (int j = 0; j < layer.tail.len; ++j) {
-      const std::size_t row = static_cast<std::size_t>(layer.tail.row(layer.tail.begin + j)) * ctx.row_elems;
-      std::memcpy(tail_k + j * ctx.row_elems, ring.data() + row, ctx.row_elems * sizeof(T));
-      std::memcpy(tail_v + j * ctx.row_elems, ring_v + row, ctx.row_elems * sizeof(T));
-    }
+  download_tail<T>(ctx, layer, tail_k, tail_v);
+}
+
+template <class T>
+void download_tail(DeviceContext& ctx, const LayerRead& layer, T* tail_k, T* tail_v) {
+  if (layer.tail.len == 0) return;
+  check_cuda(cudaStreamSynchronize(ctx.stream), "tail download");
+  ctx.raise_device_error();
+  const CudaLayerStore& store = store_of(layer);
+  std::vector<T> ring(2 * static_cast<std::size_t>(store.ring_capacity) * ctx.row_elems);
+  check_cuda(cudaMemcpy(ring.data(), store.ring.data(), ring.size() * sizeof(T), cudaMemcpyDeviceToHost),
+             "tail download");
+  const T* ring_v = ring.data() + static_cast<std::size_t>(store.ring_capacity) * ctx.row_elems;
+  for (int j = 0; j < layer.tail.len; ++j) {
+    const std::size_t row = static_cast<std::size_t>(layer.tail.row(layer.tail.begin + j)) * ctx.row_elems;
+    std::memcpy(tail_k + j * ctx.row_elems, ring.data() + row, ctx.row_elems * sizeof(T));
+    std::memcpy(tail_v + j * ctx.row_elems, ring_v + row, ctx.row_elems * sizeof(T));
   }
 }
 
@@ -249,7 +305,8 @@ void download(DeviceContext& ctx, const LayerRead& layer, std::vector<std::uint3
   template void attn_v<T>(DeviceContext&, const LayerRead&, const float*, float*);                       \
   template void read_back<T>(DeviceContext&, const LayerRead&, float*, float*);                          \
   template void download<T>(DeviceContext&, const LayerRead&, std::vector<std::uint32_t>&,              \
-                            std::vector<std::uint8_t>&, T*, T*);
+                            std::vector<std::uint8_t>&, T*, T*);                                          \
+  template void download_tail<T>(DeviceContext&, const LayerRead&, T*, T*);
 PACKKV_INSTANTIATE_READS(float)
 PACKKV_INSTANTIATE_READS(fp16_t)
 PACKKV_INSTANTIATE_READS(bf16_t)

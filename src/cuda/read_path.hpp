@@ -23,5 +23,8 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
 template <class T>
 void download(DeviceContext& ctx, const LayerRead& layer, std::vector<std::uint32_t>& sizes,
               std::vector<std::uint8_t>& blocks, T* tail_k, T* tail_v);
+/// The layer's tail rows in token order, in host memory; waits.
+template <class T>
+void download_tail(DeviceContext& ctx, const LayerRead& layer, T* tail_k, T* tail_v);
 
 }  // namespace packkv::detail::cuda

@@ -17,7 +17,9 @@ struct LayerPlan {
   std::size_t page_list_capacity = 0;
   bool ring_grows = false;
   std::vector<std::uint32_t> adopted_page, adopted_offset;  ///< imported blocks' places
-  PlacementCursor adopted_cursor{};                         ///< after them
+  PlacementCursor adopted_cursor{};                         ///< after them (or after the shared pages)
+  CudaLayerStore* share_from = nullptr;  ///< fork: the parent layer whose blocks and pages are shared
+  std::size_t shared_pages = 0;          ///< the parent's pages its blocks lie in
   std::size_t upload_offset = 0;  ///< host tokens' place in the upload buffer (bytes)
 };
 
@@ -104,6 +106,11 @@ void install_tables(DeviceContext& ctx, CudaLayerStore& store, const LayerPlan& 
     store.page_list = std::move(page_list);
     store.page_list_capacity = plan.page_list_capacity;
   }
+  if (plan.share_from != nullptr) {  // the layer is empty: the parent's pages come first
+    store.pages.assign(plan.share_from->pages.begin(),
+                       plan.share_from->pages.begin() + static_cast<std::ptrdiff_t>(plan.shared_pages));
+    store.shared_pages = plan.shared_pages;
+  }
   while (store.pages.size() < plan.pages_target) store.pages.push_back(ctx.pool.take());
   if (deferred == nullptr) {
     ctx.publish_pointers(store.pages, first_new, store.page_pointers() + first_new);
@@ -139,6 +146,25 @@ void adopt_blocks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>
   store.seen_offset = plan.adopted_cursor.offset;
   store.unseen.clear();
   store.live_blocks += w.blocks.size();
+}
+
+// Fork: the parent's block table entries copied on the device (in stream order, after the
+// parent's placements), the cursor set to a fresh page after the shared ones, so the child never
+// writes into a page it shares.
+void share_blocks(DeviceContext& ctx, CudaLayerStore& store, int shared_blocks, const LayerPlan& plan) {
+  if (shared_blocks > 0) {
+    check_cuda(cudaMemcpyAsync(store.table.data(), plan.share_from->table.data(),
+                               ctx.table_bytes(static_cast<std::size_t>(shared_blocks)), cudaMemcpyDeviceToDevice,
+                               ctx.stream),
+               "fork (block table copy)");
+  }
+  check_cuda(cudaMemcpyAsync(store.cursor(), &plan.adopted_cursor, sizeof(PlacementCursor), cudaMemcpyHostToDevice,
+                             ctx.stream),
+             "fork (cursor upload)");
+  store.seen_page = plan.adopted_cursor.page;
+  store.seen_offset = plan.adopted_cursor.offset;
+  store.unseen.clear();
+  store.live_blocks += static_cast<std::size_t>(shared_blocks);
 }
 
 // Encodes the write's full blocks into staging, then places them tightly in the layer's pages.
@@ -340,6 +366,20 @@ std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const
     std::uint32_t seen_page = store.seen_page, seen_offset = store.seen_offset;
     std::int64_t unseen = 0;
     for (const UnseenPlacement& u : store.unseen) unseen += u.blocks;
+    if (w.share_from != nullptr) {
+      // Fork (the layer is empty): the parent's placements must be complete to know the pages
+      // its blocks lie in.
+      auto& parent = store_of(const_cast<LayerStore*>(w.share_from));
+      check_cuda(cudaStreamSynchronize(ctx.stream), "fork");
+      ctx.refresh_placement(parent);
+      PACKKV_REQUIRE(parent.unseen.empty(), "fork: the parent's block placements did not complete (device state corrupt)");
+      plan.share_from = &parent;
+      plan.shared_pages = parent.seen_offset == 0 ? parent.seen_page : parent.seen_page + 1;
+      plan.adopted_cursor = PlacementCursor{static_cast<std::uint32_t>(plan.shared_pages), 0};
+      seen_page = plan.adopted_cursor.page;
+      seen_offset = 0;
+      unseen = 0;
+    }
     if (!w.blocks.empty()) {
       // Imported blocks (the layer is empty): placed here with the device's rule.
       PlacementCursor cursor{};
@@ -358,12 +398,17 @@ std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const
       seen_offset = cursor.offset;
       unseen = 0;
     }
-    const std::size_t blocks_after = static_cast<std::size_t>(w.num_blocks) + static_cast<int>(w.blocks.size()) + w.plan.seal_blocks;
-    plan.pages_target = ctx.pages_bound(blocks_after, seen_page, seen_offset, unseen + new_blocks);
-    if (plan.pages_target > store.pages.size()) {
-      prepared->pages_wanted += plan.pages_target - store.pages.size();
+    const std::size_t blocks_after = static_cast<std::size_t>(w.num_blocks) + static_cast<std::size_t>(w.shared_blocks) +
+                                     w.blocks.size() + static_cast<std::size_t>(w.plan.seal_blocks);
+    // A fork that seals nothing takes no page of its own until its first block.
+    plan.pages_target = plan.share_from != nullptr && new_blocks == 0
+                            ? plan.shared_pages
+                            : ctx.pages_bound(blocks_after, seen_page, seen_offset, unseen + new_blocks);
+    const std::size_t have = store.pages.size() + plan.shared_pages;
+    if (plan.pages_target > have) {
+      prepared->pages_wanted += plan.pages_target - have;
     } else {
-      prepared->pages_returned += store.pages.size() - plan.pages_target;
+      prepared->pages_returned += have - plan.pages_target;
     }
     plan.table_capacity = store.table_capacity;
     while (plan.table_capacity < blocks_after) {
@@ -388,7 +433,7 @@ std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const
   std::size_t sealed_total = 0, with_host_tokens = 0;
   for (const LayerWrite<T>& w : writes) {
     sealed_total += static_cast<std::size_t>(w.plan.seal_blocks);
-    with_host_tokens += w.tokens_on_host || !w.blocks.empty() ? 1 : 0;
+    with_host_tokens += w.tokens_on_host || !w.blocks.empty() || w.share_from != nullptr ? 1 : 0;
   }
   // Batched: several device-token appends (a decode step, a batch of prefill chunks) whose new
   // blocks fit one staging round. Imports keep the per-layer path (they wait for their uploads).
@@ -445,6 +490,25 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
     }
     throw;
   }
+  // A fork's references to the parent's pages: last, undone on failure.
+  std::vector<std::uint8_t*> retained;
+  try {
+    std::size_t shared = 0;
+    for (const LayerPlan& plan : prepared.plans) shared += plan.shared_pages;
+    retained.reserve(shared);
+    for (const LayerPlan& plan : prepared.plans) {
+      for (std::size_t p = 0; p < plan.shared_pages; ++p) {
+        ++ctx.page_extra_refs[plan.share_from->pages[p]];
+        retained.push_back(plan.share_from->pages[p]);
+      }
+    }
+  } catch (const std::bad_alloc&) {
+    for (std::uint8_t* page : retained) ctx.release_page(page);
+    for (Grown& g : grown) {
+      if (g.progress_word != kNoWord) ctx.progress.give(g.progress_word);
+    }
+    throw_out_of_memory("the reference counts of shared pages");
+  }
   // Apply.
   ctx.pool.add(std::move(pages));
   if (staging.bytes() != 0) ctx.staging = std::move(staging);
@@ -479,6 +543,7 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
       adopt_blocks(ctx, store, w, plan);
       transfers = true;
     }
+    if (plan.share_from != nullptr) share_blocks(ctx, store, w.shared_blocks, plan);
     if (prepared.batched) continue;  // queued below, for all writes at once
     seal_blocks<T>(ctx, store, w, k, v);
     write_tail<T>(ctx, store, w, k, v, std::move(grown[i].ring));

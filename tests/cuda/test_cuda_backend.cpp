@@ -519,6 +519,48 @@ TEST(Cuda, TruncateMatchesCpu) {
   EXPECT_EQ(pair.gpu.memory_stats().total.compressed_tokens, pair.cpu.memory_stats().total.compressed_tokens);
 }
 
+// fork on the GPU against the CPU: shared blocks (the child's table points into the parent's
+// pages), divergent appends that seal blocks in both, memory counted once, removal of the parent.
+TEST(Cuda, ForkMatchesCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.residual_tokens = 8;
+  CachePair<float> pair(c);
+  pair.add(1);
+  std::uint64_t seed = 7100;
+  auto grow = [&](SeqId id, int n) {
+    for (int l = 0; l < c.num_layers; ++l) pair.append(id, l, n, seed++);
+  };
+  grow(1, 150);  // blocks [0, 128), tail [128, 150)
+  const std::size_t pages_before = pair.gpu.memory_stats().pool.slot_bytes;
+  pair.cpu.fork(1, 2);
+  pair.gpu.fork(1, 2);
+  pair.cpu.fork(1, 3);
+  pair.gpu.fork(1, 3);
+  // The children point into the parent's pages and take none of their own until they seal a block.
+  EXPECT_EQ(pair.gpu.memory_stats().pool.slot_bytes, pages_before);
+  grow(1, 70);
+  grow(2, 1);
+  grow(2, 100);
+  const std::vector<SeqId> ids = {1, 2, 3};
+  for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << "sequence " << id;
+  for (int layer = 0; layer < c.num_layers; ++layer) compare_everything(pair, ids, layer, 31, "after fork");
+  const MemoryStats cpu = pair.cpu.memory_stats(), gpu = pair.gpu.memory_stats();
+  EXPECT_GT(gpu.shared_bytes, 0u);
+  EXPECT_EQ(gpu.shared_bytes, cpu.shared_bytes);
+  EXPECT_EQ(gpu.pool.live_bytes, cpu.pool.live_bytes);
+  EXPECT_EQ(gpu.total.payload, cpu.total.payload);
+  EXPECT_EQ(gpu.total.headers, cpu.total.headers);
+  pair.cpu.remove_sequence(1);
+  pair.gpu.remove_sequence(1);
+  grow(3, 90);
+  for (SeqId id : {SeqId{2}, SeqId{3}}) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << id;
+  compare_everything(pair, {2, 3}, 1, 32, "after the parent's removal");
+  EXPECT_EQ(pair.gpu.memory_stats().shared_bytes, pair.cpu.memory_stats().shared_bytes);
+  pair.gpu.release_unused_memory();
+  EXPECT_EQ(pair.gpu.export_sequence(2), pair.cpu.export_sequence(2));
+}
+
 TEST(Cuda, StrictBatchedAppendRefusesABadLastEntryWholesale) {
   PACKKV_SKIP_WITHOUT_GPU();
   CacheConfig c = base_config();
