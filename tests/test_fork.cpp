@@ -81,7 +81,7 @@ TEST(Fork, SharedBlocksAreCountedOnce) {
   for (SeqId child = 2; child <= 4; ++child) cache.fork(1, child);
   const MemoryStats after = cache.memory_stats();
   EXPECT_EQ(block_bytes(after.total), block_bytes(before.total));
-  EXPECT_EQ(after.shared_bytes, 3 * block_bytes(before.total));
+  EXPECT_EQ(after.shared_block_bytes, 3 * block_bytes(before.total));
   EXPECT_EQ(after.pool.live_blocks, before.pool.live_blocks);
   EXPECT_EQ(after.pool.live_bytes, before.pool.live_bytes);
   EXPECT_EQ(after.total.compressed_tokens, 4 * before.total.compressed_tokens);
@@ -105,7 +105,7 @@ TEST(Fork, BlocksLiveUntilTheirLastOwnerIsRemoved) {
   EXPECT_EQ(cache.export_sequence(2), image);
   MemoryStats m = cache.memory_stats();
   EXPECT_EQ(m.pool.live_blocks, live);
-  EXPECT_EQ(m.shared_bytes, 0u);
+  EXPECT_EQ(m.shared_block_bytes, 0u);
   cache.remove_sequence(2);
   m = cache.memory_stats();
   EXPECT_EQ(m.pool.live_blocks, 0u);
@@ -130,7 +130,7 @@ TEST(Fork, CompactionMovesSharedBlocksForEveryOwner) {
   ASSERT_LT(after.pool.reserved_bytes, before.pool.reserved_bytes) << "nothing was compacted: the test proves nothing";
   std::size_t i = 0;
   for (SeqId id : {SeqId{7}, SeqId{8}, SeqId{9}, SeqId{10}}) EXPECT_EQ(cache.export_sequence(id), images[i++]) << id;
-  EXPECT_EQ(after.shared_bytes, before.shared_bytes);
+  EXPECT_EQ(after.shared_block_bytes, before.shared_block_bytes);
   // Removing every owner of the shared blocks frees them all.
   for (SeqId id : {SeqId{8}, SeqId{9}, SeqId{10}}) cache.remove_sequence(id);
   cache.release_unused_memory();

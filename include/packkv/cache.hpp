@@ -81,7 +81,7 @@ class PackedKVCache {
   /// sampling, beam search, a cached prompt prefix. Only the uncompressed tails are copied; blocks
   /// are immutable and reference-counted (freed with their last owner), so appends, truncation or
   /// removal of either never affect the other. memory_stats() counts shared blocks once and reports
-  /// them in shared_bytes. All-or-nothing (the child's tails and tables count against the budget).
+  /// them in shared_block_bytes. All-or-nothing (the child's tails and tables count against the budget).
   void fork(SeqId parent, SeqId child);
   /// Drops the tokens at positions >= new_length from every layer of sequence `id` that is longer
   /// (shorter layers are left alone): speculative decoding, stop-sequence rollback, or evening out
@@ -107,6 +107,13 @@ class PackedKVCache {
   /// The values are the same bits on every backend.
   void read_back(SeqId id, int layer, float* k, float* v) const;
   MemoryStats memory_stats() const;
+  /// Admission control: an upper bound of the bytes that appending n_tokens[i] tokens to every
+  /// layer of sequence ids[i] (for every i), and adding one new sequence per entry of
+  /// new_sequence_tokens with that many tokens in every layer, would add to
+  /// memory_stats().resident_bytes, whatever the values (every new block at its worst-case size).
+  /// A step fits the budget if this is <= memory_stats().free_budget_bytes. Changes nothing.
+  std::size_t worst_case_bytes(std::span<const SeqId> ids, std::span<const int> n_tokens,
+                               std::span<const int> new_sequence_tokens = {}) const;
 
   // ---- moving sequences ----
   /// Serialises a sequence's packed blocks and tails (the listed layers; all when empty) into a

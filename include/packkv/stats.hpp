@@ -65,7 +65,14 @@ struct MemoryStats {
   /// Packed bytes that forked sequences share instead of holding copies: what independent copies
   /// would add. A shared block is counted once in `total` and `layers` (where the walk over the
   /// sequences meets it first).
-  std::size_t shared_bytes = 0;
+  std::size_t shared_block_bytes = 0;
+  /// CacheConfig::memory_budget_bytes (0: no budget) and what is left of it: budget_bytes -
+  /// resident_bytes (0 without a budget). A scheduler compares it with worst_case_bytes().
+  std::size_t budget_bytes = 0;
+  std::size_t free_budget_bytes = 0;
+  /// Resident bytes that release_unused_memory() would return now (compaction, cached pages).
+  /// Appends reclaim by themselves when that lets them fit.
+  std::size_t reclaimable_bytes = 0;
   /// What counts against the memory budget: everything in `total`, plus the pool's slack
   /// (pool.reserved_bytes - pool.live_bytes) and scratch_bytes.
   std::size_t resident_bytes = 0;

@@ -65,6 +65,15 @@ class PreparedWrite {
   virtual std::optional<std::size_t> resident_after_reclaim() const { return std::nullopt; }
 };
 
+/// One layer of an admission query: `plan` appended to a layer of `num_blocks` blocks held by
+/// `store` (null: a layer of a sequence not yet added).
+struct GrowthQuery {
+  const LayerStore* store = nullptr;
+  int num_blocks = 0;
+  AppendPlan plan;
+  int layer = 0;  ///< queries come grouped by layer (an engine appends one layer per call)
+};
+
 /// Bytes of one layer as the statistics count them.
 struct LayerBytes {
   BlockBytes blocks;         ///< the packed blocks, by part
@@ -102,6 +111,11 @@ class Backend {
   virtual PoolStats pool_stats() const = 0;
   /// Scratch memory (staging, workspaces) included in resident_bytes().
   virtual std::size_t scratch_bytes() const = 0;
+  /// An upper bound of what resident_bytes() grows by if the appends of `queries` are committed,
+  /// whatever the values (every new block at its worst-case size).
+  virtual std::size_t worst_case_growth(std::span<const GrowthQuery> queries) const = 0;
+  /// What reclaim() would return now.
+  virtual std::size_t reclaimable_bytes() const = 0;
 
   // ---- reads ----
   virtual void attention(std::span<const LayerRead> batch, const T* q, T* out, float scale) const = 0;

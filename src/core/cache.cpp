@@ -60,6 +60,11 @@ void PackedKVCache<T>::append_batch(std::span<const SeqId> ids, int layer, const
   core("append_batch").append_batch(ids, layer, k, v, n_tokens);
 }
 template <class T>
+std::size_t PackedKVCache<T>::worst_case_bytes(std::span<const SeqId> ids, std::span<const int> n_tokens,
+                                               std::span<const int> new_sequence_tokens) const {
+  return core("worst_case_bytes").worst_case_bytes(ids, n_tokens, new_sequence_tokens);
+}
+template <class T>
 void PackedKVCache<T>::fork(SeqId parent, SeqId child) {
   core("fork").fork(parent, child);
 }

@@ -595,7 +595,7 @@ MemoryStats CacheCore<T>::memory_stats() const {
     m.v_section_bytes += b.blocks.v_sections;
     m.block_tables += b.tables + layer_bookkeeping;
     m.tail += b.tail;
-    stats.shared_bytes += b.shared;
+    stats.shared_block_bytes += b.shared;
     m.compressed_tokens += static_cast<std::size_t>(r.num_blocks) * static_cast<std::size_t>(cfg_.block_tokens);
     m.tail_tokens += static_cast<std::size_t>(r.tail.len);
     m.original_bytes += static_cast<std::size_t>(r.length) * token_bytes;
@@ -607,7 +607,57 @@ MemoryStats CacheCore<T>::memory_stats() const {
   stats.pool = backend_->pool_stats();
   stats.scratch_bytes = backend_->scratch_bytes();
   stats.resident_bytes = resident_bytes();
+  stats.budget_bytes = cfg_.memory_budget_bytes;
+  if (cfg_.memory_budget_bytes != 0 && stats.resident_bytes < cfg_.memory_budget_bytes) {
+    stats.free_budget_bytes = cfg_.memory_budget_bytes - stats.resident_bytes;
+  }
+  stats.reclaimable_bytes = backend_->reclaimable_bytes();
   return stats;
+}
+
+template <class T>
+std::size_t CacheCore<T>::worst_case_bytes(std::span<const SeqId> ids, std::span<const int> n_tokens,
+                                           std::span<const int> new_sequence_tokens) const {
+  PACKKV_REQUIRE(n_tokens.size() == ids.size(),
+                 fmt::format("worst_case_bytes: {} token counts for {} sequence ids", n_tokens.size(), ids.size()));
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    PACKKV_REQUIRE(n_tokens[i] >= 0 && n_tokens[i] <= (1 << 24),
+                   fmt::format("worst_case_bytes: n_tokens[{}] (sequence {}) must be in [0, 2^24], got {}", i, ids[i],
+                               n_tokens[i]));
+  }
+  for (std::size_t i = 0; i < new_sequence_tokens.size(); ++i) {
+    PACKKV_REQUIRE(new_sequence_tokens[i] >= 0 && new_sequence_tokens[i] <= (1 << 24),
+                   fmt::format("worst_case_bytes: new_sequence_tokens[{}] must be in [0, 2^24], got {}", i,
+                               new_sequence_tokens[i]));
+  }
+  {
+    std::vector<SeqId> sorted(ids.begin(), ids.end());
+    std::sort(sorted.begin(), sorted.end());
+    const auto twice = std::adjacent_find(sorted.begin(), sorted.end());
+    PACKKV_REQUIRE(twice == sorted.end(), fmt::format("worst_case_bytes: sequence {} appears twice", *twice));
+  }
+  const std::shared_lock table(table_lock_);
+  SharedLocks locks;
+  std::vector<const Sequence*> seqs;
+  seqs.reserve(ids.size());
+  for (SeqId id : ids) {
+    seqs.push_back(&sequence(id, "worst_case_bytes"));
+    locks.add(id, seqs.back()->lock);
+  }
+  locks.lock();
+  std::vector<GrowthQuery> queries;
+  queries.reserve((ids.size() + new_sequence_tokens.size()) * static_cast<std::size_t>(cfg_.num_layers));
+  for (int l = 0; l < cfg_.num_layers; ++l) {
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      if (n_tokens[i] == 0) continue;
+      const Layer& layer = seqs[i]->layers[static_cast<std::size_t>(l)];
+      queries.push_back({layer.store.get(), layer.num_blocks, tails_.plan(layer.tail, n_tokens[i]), l});
+    }
+    for (const int n : new_sequence_tokens) {
+      if (n != 0) queries.push_back({nullptr, 0, tails_.plan(TailRing{}, n), l});
+    }
+  }
+  return backend_->worst_case_growth(queries) + new_sequence_tokens.size() * sequence_bookkeeping_bytes();
 }
 
 // ---- images --------------------------------------------------------------------------------------

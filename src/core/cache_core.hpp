@@ -52,6 +52,8 @@ class CacheCore {
   void attn_v(SeqId id, int layer, const float* weights, float* out) const;
   void read_back(SeqId id, int layer, float* k, float* v) const;
   MemoryStats memory_stats() const;
+  std::size_t worst_case_bytes(std::span<const SeqId> ids, std::span<const int> n_tokens,
+                               std::span<const int> new_sequence_tokens) const;
 
   std::vector<std::uint8_t> export_sequence(SeqId id, std::span<const int> layers) const;
   void import_sequence(SeqId id, std::span<const std::uint8_t> image);

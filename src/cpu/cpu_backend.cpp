@@ -288,6 +288,23 @@ class CpuBackend final : public Backend<T> {
   PoolStats pool_stats() const override { return pool_.stats(); }
   std::size_t scratch_bytes() const override { return 0; }
 
+  std::size_t worst_case_growth(std::span<const GrowthQuery> queries) const override {
+    std::size_t blocks = 0, growth = 0;
+    for (const GrowthQuery& q : queries) {
+      blocks += static_cast<std::size_t>(q.plan.seal_blocks);
+      const std::size_t capacity = q.store ? static_cast<const CpuLayerStore<T>&>(*q.store).blocks.capacity() : 0;
+      const std::size_t needed = static_cast<std::size_t>(q.num_blocks + q.plan.seal_blocks);
+      if (needed > capacity) growth += (std::max(needed, 2 * capacity) - capacity) * sizeof(SlotRef);
+      if (q.plan.ring_grows()) growth += ring_bytes(q.plan.after.capacity) - ring_bytes(q.plan.before.capacity);
+    }
+    return growth + pool_.worst_case_extra_bytes(blocks, codec_.geometry.min_block_bytes(),
+                                                 codec_.geometry.max_block_bytes());
+  }
+  std::size_t reclaimable_bytes() const override {
+    const std::size_t after = pool_.reserved_after_compaction({});
+    return after < pool_.reserved_bytes() ? pool_.reserved_bytes() - after : 0;
+  }
+
   // ---- reads ----
 
   void attention(std::span<const LayerRead> batch, const T* q, T* out, float scale) const override {

@@ -95,6 +95,15 @@ std::size_t SlotPool::extra_bytes_needed(std::span<const std::uint32_t> sizes) c
   return fresh * page_bytes_;
 }
 
+std::size_t SlotPool::worst_case_extra_bytes(std::size_t blocks, std::uint32_t min_bytes, std::uint32_t max_bytes) const {
+  if (blocks == 0) return 0;
+  // n_c blocks of class c open at most ceil(n_c / slots_per_page(c)) pages, and a class holds at
+  // least as many slots per page as the largest: the sum is at most classes + blocks / that.
+  const int lo = class_of(min_bytes), hi = class_of(max_bytes);
+  const std::size_t classes = static_cast<std::size_t>(hi - lo + 1);
+  return (std::min(blocks, classes) + blocks / slots_per_page(hi)) * page_bytes_;
+}
+
 std::size_t SlotPool::reserved_after_compaction(std::span<const std::uint32_t> sizes) const {
   // After compact() a class of u used slots fills ceil(u / slots per page) pages; only the last
   // has free slots.

@@ -41,6 +41,9 @@ class SlotPool {
 
   /// Bytes of new pages that allocating blocks of these sizes would reserve (no state change).
   std::size_t extra_bytes_needed(std::span<const std::uint32_t> sizes) const;
+  /// An upper bound of extra_bytes_needed() for `blocks` blocks of any sizes in
+  /// [min_bytes, max_bytes]: each size class they fall in may open pages of its own.
+  std::size_t worst_case_extra_bytes(std::size_t blocks, std::uint32_t min_bytes, std::uint32_t max_bytes) const;
   /// reserved_bytes() + extra_bytes_needed(sizes) as they would be after compact().
   std::size_t reserved_after_compaction(std::span<const std::uint32_t> sizes) const;
 

@@ -3,6 +3,7 @@
 // path (read_path.cpp); docs/cuda.md explains the design.
 #include <cuda_runtime.h>
 
+#include <deque>
 #include <memory>
 
 #include "core/backend.hpp"
@@ -73,6 +74,25 @@ class CudaBackend final : public Backend<T> {
     return s;
   }
   std::size_t scratch_bytes() const override { return ctx_.scratch_bytes(); }
+  std::size_t worst_case_growth(std::span<const GrowthQuery> queries) const override {
+    std::size_t new_layers = 0;
+    for (const GrowthQuery& q : queries) new_layers += q.store == nullptr;
+    std::deque<CudaLayerStore> fresh;  // destroyed after the lock is released
+    for (std::size_t i = 0; i < new_layers; ++i) fresh.emplace_back(ctx_);
+    const std::lock_guard lock(ctx_.mutex);
+    return cuda::worst_case_growth<T>(ctx_, queries, fresh);
+  }
+  // Cached free pages, and pages beyond what a layer's unseen placements could still reach (a
+  // lower bound: reclaim() first waits for every placement).
+  std::size_t reclaimable_bytes() const override {
+    const std::lock_guard lock(ctx_.mutex);
+    std::size_t pages = ctx_.pool.free_pages();
+    for (const CudaLayerStore* store : ctx_.stores) {
+      const std::size_t keep = std::max(ctx_.pages_bound(*store, 0), store->shared_pages);
+      if (store->pages.size() > keep) pages += store->pages.size() - keep;
+    }
+    return pages * ctx_.pool.page_bytes();
+  }
 
   void attention(std::span<const LayerRead> batch, const T* q, T* out, float scale) const override {
     const std::lock_guard lock(ctx_.mutex);

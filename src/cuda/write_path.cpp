@@ -26,11 +26,18 @@ struct LayerPlan {
 template <class T>
 class CudaPrepared final : public PreparedWrite {
  public:
-  std::size_t resident_after() const override {
+  std::size_t resident_after() const override { return ctx->resident_bytes() + layer_growth() + scratch_growth(); }
+  /// Pages, tables, page lists and rings the write adds.
+  std::size_t layer_growth() const {
     const std::size_t free_after = ctx->pool.free_pages() + pages_returned;
     const std::size_t fresh = pages_wanted > free_after ? pages_wanted - free_after : 0;
+    return fresh * ctx->pool.page_bytes() + growth_bytes;
+  }
+  /// Staging, uploads and parameter arrays the write needs beyond what the context holds.
+  std::size_t scratch_growth() const {
     const std::size_t staging_growth = staging_bytes > ctx->staging.bytes() ? staging_bytes - ctx->staging.bytes() : 0;
-    return ctx->resident_bytes() + fresh * ctx->pool.page_bytes() + growth_bytes + staging_growth + upload_bytes;
+    const std::size_t params_growth = params_bytes > ctx->launch_params.bytes() ? params_bytes - ctx->launch_params.bytes() : 0;
+    return staging_growth + upload_bytes + params_growth;
   }
 
   const DeviceContext* ctx = nullptr;
@@ -350,9 +357,50 @@ void check_values(DeviceContext& ctx, std::span<const LayerWrite<T>> writes) {
 
 
 
+// What a write needs, without the device error check of prepare_write.
+template <class T>
+std::unique_ptr<PreparedWrite> plan_writes(DeviceContext& ctx, std::span<const LayerWrite<T>> writes);
+
 template <class T>
 std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const LayerWrite<T>> writes) {
   ctx.raise_device_error();
+  return plan_writes<T>(ctx, writes);
+}
+
+template <class T>
+std::size_t worst_case_growth(DeviceContext& ctx, std::span<const GrowthQuery> queries,
+                              std::deque<CudaLayerStore>& fresh) {
+  // The write path's own plan for appends of device tokens (it reads no values): the bound is
+  // what the budget checks of those appends will count. Pages, tables and rings for all layers
+  // together (they share the pool); scratch (staging, parameter arrays) for the largest one-layer
+  // call, since an engine appends layer by layer and scratch is reused.
+  std::vector<LayerWrite<T>> writes(queries.size());
+  std::size_t next_fresh = 0;
+  for (std::size_t i = 0; i < queries.size(); ++i) {
+    LayerStore* store = const_cast<LayerStore*>(queries[i].store);
+    if (store == nullptr) store = &fresh[next_fresh++];
+    writes[i].store = store;
+    writes[i].num_blocks = queries[i].num_blocks;
+    writes[i].plan = queries[i].plan;
+    writes[i].layer = queries[i].layer;
+  }
+  if (writes.empty()) return 0;
+  const auto joint = plan_writes<T>(ctx, writes);
+  std::size_t scratch = 0;
+  std::vector<LayerWrite<T>> one_layer;
+  for (std::size_t first = 0; first < writes.size();) {
+    std::size_t end = first;
+    while (end < writes.size() && writes[end].layer == writes[first].layer) ++end;
+    one_layer.assign(writes.begin() + static_cast<std::ptrdiff_t>(first), writes.begin() + static_cast<std::ptrdiff_t>(end));
+    const auto call = plan_writes<T>(ctx, one_layer);
+    scratch = std::max(scratch, static_cast<const CudaPrepared<T>&>(*call).scratch_growth());
+    first = end;
+  }
+  return static_cast<const CudaPrepared<T>&>(*joint).layer_growth() + scratch;
+}
+
+template <class T>
+std::unique_ptr<PreparedWrite> plan_writes(DeviceContext& ctx, std::span<const LayerWrite<T>> writes) {
   auto prepared = std::make_unique<CudaPrepared<T>>();
   prepared->ctx = &ctx;
   prepared->writes.assign(writes.begin(), writes.end());
@@ -574,6 +622,8 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
 #define PACKKV_INSTANTIATE_WRITES(T)                                                                         \
   template void check_values<T>(DeviceContext&, std::span<const LayerWrite<T>>);                            \
   template std::unique_ptr<PreparedWrite> prepare_write<T>(DeviceContext&, std::span<const LayerWrite<T>>); \
+  template std::size_t worst_case_growth<T>(DeviceContext&, std::span<const GrowthQuery>,                   \
+                                            std::deque<CudaLayerStore>&);                                     \
   template void commit_write<T>(DeviceContext&, PreparedWrite&);
 PACKKV_INSTANTIATE_WRITES(float)
 PACKKV_INSTANTIATE_WRITES(fp16_t)

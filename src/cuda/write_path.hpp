@@ -4,6 +4,7 @@
 // place, copy, tail write) and copies. Callers hold the context's mutex.
 #pragma once
 
+#include <deque>
 #include <memory>
 #include <span>
 
@@ -17,5 +18,11 @@ template <class T>
 std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const LayerWrite<T>> writes);
 template <class T>
 void commit_write(DeviceContext& ctx, PreparedWrite& prepared);
+/// An upper bound of the resident growth of appending `queries` (device tokens): what
+/// prepare_write would count, without the device error check. `fresh` holds an empty store for
+/// each query without one (made by the caller: a store's destructor takes the context's mutex).
+template <class T>
+std::size_t worst_case_growth(DeviceContext& ctx, std::span<const GrowthQuery> queries,
+                              std::deque<CudaLayerStore>& fresh);
 
 }  // namespace packkv::detail::cuda

@@ -546,8 +546,8 @@ TEST(Cuda, ForkMatchesCpu) {
   for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << "sequence " << id;
   for (int layer = 0; layer < c.num_layers; ++layer) compare_everything(pair, ids, layer, 31, "after fork");
   const MemoryStats cpu = pair.cpu.memory_stats(), gpu = pair.gpu.memory_stats();
-  EXPECT_GT(gpu.shared_bytes, 0u);
-  EXPECT_EQ(gpu.shared_bytes, cpu.shared_bytes);
+  EXPECT_GT(gpu.shared_block_bytes, 0u);
+  EXPECT_EQ(gpu.shared_block_bytes, cpu.shared_block_bytes);
   EXPECT_EQ(gpu.pool.live_bytes, cpu.pool.live_bytes);
   EXPECT_EQ(gpu.total.payload, cpu.total.payload);
   EXPECT_EQ(gpu.total.headers, cpu.total.headers);
@@ -556,9 +556,43 @@ TEST(Cuda, ForkMatchesCpu) {
   grow(3, 90);
   for (SeqId id : {SeqId{2}, SeqId{3}}) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << id;
   compare_everything(pair, {2, 3}, 1, 32, "after the parent's removal");
-  EXPECT_EQ(pair.gpu.memory_stats().shared_bytes, pair.cpu.memory_stats().shared_bytes);
+  EXPECT_EQ(pair.gpu.memory_stats().shared_block_bytes, pair.cpu.memory_stats().shared_block_bytes);
   pair.gpu.release_unused_memory();
   EXPECT_EQ(pair.gpu.export_sequence(2), pair.cpu.export_sequence(2));
+}
+
+// Admission on the GPU: the bound covers what every step really adds to the device memory.
+TEST(Cuda, WorstCaseBytesBoundEveryStep) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  c.residual_tokens = 8;
+  PackedKVCache<float> cache(c);
+  const std::vector<SeqId> ids = {1, 2, 3};
+  for (SeqId id : ids) cache.add_sequence(id);
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  std::uint64_t seed = 8100;
+  int zero_bounds = 0;
+  for (int s = 0; s < 40; ++s) {
+    const std::vector<int> counts = s < 2 ? std::vector<int>{70, 3, 130} : std::vector<int>{1, 1, 1};
+    const std::size_t bound = cache.worst_case_bytes(ids, counts);
+    const std::size_t before = cache.memory_stats().resident_bytes;
+    const int total = std::accumulate(counts.begin(), counts.end(), 0);
+    DeviceArray<float> dk(random_values(static_cast<std::size_t>(total) * row, seed++)),
+        dv(random_values(static_cast<std::size_t>(total) * row, seed++));
+    for (int l = 0; l < c.num_layers; ++l) cache.append_batch(ids, l, dk.get(), dv.get(), counts);
+    const std::size_t after = cache.memory_stats().resident_bytes;
+    ASSERT_LE(after > before ? after - before : 0, bound) << "step " << s;
+    zero_bounds += bound == 0;
+  }
+  EXPECT_GT(zero_bounds, 10);
+  const std::vector<int> prompts = {200};
+  const std::size_t bound = cache.worst_case_bytes({}, {}, prompts);
+  const std::size_t before = cache.memory_stats().resident_bytes;
+  cache.add_sequence(9);
+  DeviceArray<float> dk(random_values(200 * row, seed++));
+  for (int l = 0; l < c.num_layers; ++l) cache.append(9, l, dk.get(), dk.get(), 200);
+  EXPECT_LE(cache.memory_stats().resident_bytes - before, bound);
 }
 
 TEST(Cuda, StrictBatchedAppendRefusesABadLastEntryWholesale) {
