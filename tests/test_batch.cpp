@@ -157,5 +157,16 @@ TEST(AppendBatch, OverBudgetRefusesTheWholeBatch) {
   EXPECT_EQ(cache.length(2, 0), 64);
 }
 
+TEST(PollDeviceError, TheCpuRefusesInTheCallSoThereIsNothingToPoll) {
+  CacheConfig c = batch_config();
+  c.cuda_poll_errors = true;  // a CUDA option: no effect on the CPU
+  PackedKVCache<float> cache(c);
+  cache.add_sequence(1);
+  std::vector<float> k = tokens(c, 4, 1), v = tokens(c, 4, 2);
+  v[3] = NAN;
+  expect_error([&] { cache.append(1, 0, k.data(), v.data(), 4); }, "append to sequence 1 layer 0");
+  EXPECT_EQ(cache.poll_device_error(), std::nullopt);
+}
+
 }  // namespace
 }  // namespace packkv

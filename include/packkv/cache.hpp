@@ -4,7 +4,9 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "packkv/config.hpp"
@@ -132,6 +134,10 @@ class PackedKVCache {
 
   /// CUDA stream (a cudaStream_t) that device work is queued on; ignored on the CPU.
   void set_stream(void* cuda_stream);
+  /// With CacheConfig::cuda_poll_errors: the first value error a CUDA kernel has found since the
+  /// last poll (it names the call, sequence and layer), without waiting for the device; nullopt if
+  /// none. An engine polls after its steps; no other call throws these errors then. CPU: nullopt.
+  std::optional<std::string> poll_device_error();
 
  private:
   detail::CacheCore<T>& core(const char* what) const;

@@ -49,6 +49,9 @@ struct CacheConfig {
   /// synchronisation per append), so that bad values are refused by the append itself. Off: the
   /// kernels check them and a later call reports (docs/cuda.md, "Errors").
   bool cuda_strict = false;
+  /// CUDA: a value error the kernels find after a call returned is reported only by
+  /// PackedKVCache::poll_device_error(), never thrown by a later, unrelated call.
+  bool cuda_poll_errors = false;
 };
 
 /// Throws packkv::error naming the first invalid field.

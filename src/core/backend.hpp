@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "core/tail.hpp"
@@ -133,6 +134,9 @@ class Backend {
 
   /// The CUDA stream (cudaStream_t) device work is queued on; ignored by the CPU.
   virtual void set_stream(void* stream) = 0;
+  /// A value error a device kernel found after its call returned (CacheConfig::cuda_poll_errors),
+  /// or nullopt; the CPU refuses bad values in the call itself.
+  virtual std::optional<std::string> poll_device_error() = 0;
 };
 
 template <class T>

@@ -65,6 +65,10 @@ std::size_t PackedKVCache<T>::worst_case_bytes(std::span<const SeqId> ids, std::
   return core("worst_case_bytes").worst_case_bytes(ids, n_tokens, new_sequence_tokens);
 }
 template <class T>
+std::optional<std::string> PackedKVCache<T>::poll_device_error() {
+  return core("poll_device_error").poll_device_error();
+}
+template <class T>
 void PackedKVCache<T>::fork(SeqId parent, SeqId child) {
   core("fork").fork(parent, child);
 }

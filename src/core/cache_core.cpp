@@ -805,6 +805,12 @@ void CacheCore<T>::set_stream(void* cuda_stream) {
   backend_->set_stream(cuda_stream);
 }
 
+template <class T>
+std::optional<std::string> CacheCore<T>::poll_device_error() {
+  const std::shared_lock table(table_lock_);
+  return backend_->poll_device_error();
+}
+
 template class CacheCore<float>;
 template class CacheCore<fp16_t>;
 template class CacheCore<bf16_t>;

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <unordered_map>
@@ -60,6 +61,7 @@ class CacheCore {
 
   void release_unused_memory();
   void set_stream(void* cuda_stream);
+  std::optional<std::string> poll_device_error();
 
  private:
   struct Layer {

@@ -61,14 +61,18 @@ void validate(const CacheConfig& c) {
                  fmt::format("unknown device {}", static_cast<int>(c.device)));
   PACKKV_REQUIRE(c.num_threads >= 0 && c.num_threads <= 1024,
                  fmt::format("num_threads must be in [0, 1024], got {}", c.num_threads));
+  // A strict append must see its own validation's report, not one left for polling.
+  PACKKV_REQUIRE(!(c.cuda_strict && c.cuda_poll_errors),
+                 "cuda_strict and cuda_poll_errors cannot both be set: strict appends report their own errors");
 }
 
 std::string describe(const CacheConfig& c) {
   return fmt::format(
       "layers={} kv_heads={} q_heads={} head_dim={} block={} residual={} k_rel={} v_rel={} k_mode={} "
-      "repack={} budget={} device={} cuda_strict={}",
+      "repack={} budget={} device={} cuda_strict={} cuda_poll_errors={}",
       c.num_layers, c.num_kv_heads, c.num_q_heads, c.head_dim, c.block_tokens, c.residual_tokens, c.k_rel,
-      c.v_rel, to_string(c.k_mode), to_string(c.repack), c.memory_budget_bytes, to_string(c.device), c.cuda_strict);
+      c.v_rel, to_string(c.k_mode), to_string(c.repack), c.memory_budget_bytes, to_string(c.device), c.cuda_strict,
+      c.cuda_poll_errors);
 }
 
 }  // namespace packkv

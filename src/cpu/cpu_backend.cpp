@@ -361,6 +361,7 @@ class CpuBackend final : public Backend<T> {
   }
 
   void set_stream(void*) override {}
+  std::optional<std::string> poll_device_error() override { return std::nullopt; }
 
  private:
   std::size_t ring_bytes(int capacity) const { return static_cast<std::size_t>(capacity) * row_ * 2 * sizeof(T); }

@@ -124,6 +124,11 @@ class CudaBackend final : public Backend<T> {
     cuda::download_tail<T>(ctx_, layer, tail_k, tail_v);
   }
 
+  std::optional<std::string> poll_device_error() override {
+    const std::lock_guard lock(ctx_.mutex);
+    return ctx_.take_device_error();
+  }
+
   void set_stream(void* stream) override {
     const std::lock_guard lock(ctx_.mutex);
     // Stream-ordered frees and page reuse assume one stream: finish the old one's work first.

@@ -33,11 +33,15 @@ int device_count(std::string* why) {
 }
 
 void throw_device_error(const DeviceError& e, ErrorOrigin origin) {
+  detail::throw_error(device_error_message(e, origin));
+}
+
+std::string device_error_message(const DeviceError& e, ErrorOrigin origin) {
   if (e.kind == kBadQuery) {
-    detail::throw_error(fmt::format(
+    return fmt::format(
         "attention: q value {} of batch entry {} (query head {}, channel {}) is NaN or Inf; the CUDA backend found "
         "it on the device after that call returned, and its output is undefined",
-        e.value, e.sequence, e.head, e.channel));
+        e.value, e.sequence, e.head, e.channel);
   }
   const char* tensor = e.tensor == 0 ? "K" : "V";
   const std::string where = origin == ErrorOrigin::encode_blocks
@@ -50,20 +54,20 @@ void throw_device_error(const DeviceError& e, ErrorOrigin origin) {
                                 : "";
   switch (e.kind) {
     case kBadValue:
-      detail::throw_error(fmt::format(
+      return fmt::format(
           "{}: {} value {} at token {}, head {}, channel {} is NaN, Inf or beyond +-65504 (packkv stores per-token "
           "parameters in fp16){}",
-          where, tensor, e.value, e.token, e.head, e.channel, consequence));
+          where, tensor, e.value, e.token, e.head, e.channel, consequence);
     case kRangeTooWide:
-      detail::throw_error(fmt::format(
+      return fmt::format(
           "{}: {} {} {} of head {} spans [{}, {}], too wide for one fp16 step at this rel (use a smaller rel){}", where,
           tensor, e.channel < 0 ? "token" : "channel", e.channel < 0 ? e.token : e.channel, e.head, e.value, e.value2,
-          consequence));
+          consequence);
     default:
-      detail::throw_error(fmt::format(
+      return fmt::format(
           "{}: block placement needed page {} of a layer that owns {} (an internal accounting error; nothing was "
           "written out of bounds){}",
-          where, e.value, e.value2, consequence));
+          where, e.value, e.value2, consequence);
   }
 }
 

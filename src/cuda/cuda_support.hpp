@@ -24,6 +24,7 @@ int device_count(std::string* why);
 enum class ErrorOrigin { later_call, strict_append, encode_blocks };
 struct DeviceError;
 [[noreturn]] void throw_device_error(const DeviceError& error, ErrorOrigin origin);
+std::string device_error_message(const DeviceError& error, ErrorOrigin origin);
 
 /// Device memory allocated and freed in stream order (cudaMallocAsync / cudaFreeAsync), so that
 /// growing a buffer neither synchronises nor races with kernels still reading the old one.

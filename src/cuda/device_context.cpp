@@ -32,6 +32,7 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
       subgroups((group + heads_per_cta - 1) / heads_per_cta),
       median_repack(config.repack == RepackMethod::median),
       strict(config.cuda_strict),
+      poll_errors(config.cuda_poll_errors),
       slot_bytes((geometry.max_block_bytes() + kSlotAlign - 1) / kSlotAlign * kSlotAlign),
       // Eight worst-case blocks per page: the block that does not fit at a page's end wastes
       // about half a block per page (~6%), and a layer's last page is on average half empty.
@@ -91,15 +92,20 @@ std::size_t DeviceContext::scratch_bytes() const {
 }
 
 void DeviceContext::raise_device_error(ErrorOrigin origin) {
+  if (poll_errors && origin == ErrorOrigin::later_call) return;  // left for poll_device_error()
+  if (std::optional<std::string> message = take_device_error(origin)) detail::throw_error(*message);
+}
+
+std::optional<std::string> DeviceContext::take_device_error(ErrorOrigin origin) {
   volatile DeviceError* record = error_host_;
-  if (record->ready == 0) return;
+  if (record->ready == 0) return std::nullopt;
   std::atomic_thread_fence(std::memory_order_acquire);
   DeviceError copy;
   std::memcpy(&copy, const_cast<DeviceError*>(record), sizeof copy);
   record->ready = 0;
   // Re-arms reporting in stream order: kernels queued before this point may not report again.
   check_cuda(cudaMemsetAsync(error_claim_.data(), 0, sizeof(int), stream), "error claim reset");
-  throw_device_error(copy, origin);
+  return device_error_message(copy, origin);
 }
 
 ErrorContext DeviceContext::errors_for(SeqId sequence, int layer) const {

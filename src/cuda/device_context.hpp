@@ -17,6 +17,8 @@
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -98,6 +100,7 @@ class DeviceContext {
   int subgroups;              ///< ceil(group / heads_per_cta)
   bool median_repack;
   bool strict;                ///< CacheConfig::cuda_strict
+  bool poll_errors;           ///< CacheConfig::cuda_poll_errors
   std::size_t slot_bytes;     ///< a worst-case block, 256-byte aligned (staging slots)
   int sm_count = 1;
   FastPlan fast{};            ///< the fast read path's plan for this geometry (usable or not)
@@ -132,7 +135,10 @@ class DeviceContext {
   std::size_t scratch_bytes() const;
 
   /// Throws the first value error a kernel reported, if any (and re-arms reporting).
+  /// (With poll_errors, later-call reports are left for take_device_error.)
   void raise_device_error(ErrorOrigin origin = ErrorOrigin::later_call);
+  /// The first value error a kernel reported, if any, as a message (and re-arms reporting).
+  std::optional<std::string> take_device_error(ErrorOrigin origin = ErrorOrigin::later_call);
   ErrorContext errors_for(SeqId sequence, int layer) const;
   /// Learns from the layer's progress word which placements completed (no synchronisation).
   void refresh_placement(CudaLayerStore& store);

@@ -443,6 +443,36 @@ TEST(Cuda, NonFiniteQueriesAreReportedByTheNextCall) {
   EXPECT_NO_THROW(cache.memory_stats());
 }
 
+// cuda_poll_errors: a kernel's value error waits for poll_device_error(); unrelated calls go on.
+TEST(Cuda, PolledErrorsAreReportedOnlyByThePoll) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  c.cuda_poll_errors = true;
+  PackedKVCache<float> cache(c);
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  std::vector<float> k(100 * row, 0.5f), v(100 * row, 0.25f);
+  DeviceArray<float> good_k(k), good_v(v);
+  v[70 * row + 5] = NAN;
+  DeviceArray<float> bad_v(v);
+  for (SeqId id : {1, 2}) cache.add_sequence(id);
+  cache.append(1, 0, good_k.get(), good_v.get(), 100);
+  EXPECT_EQ(cache.poll_device_error(), std::nullopt);
+  cache.append(2, 0, good_k.get(), bad_v.get(), 100);  // the encoder finds the NaN after append returns
+  const std::vector<SeqId> one = {1};
+  std::vector<float> q(static_cast<std::size_t>(c.num_q_heads) * c.head_dim, 0.1f);
+  DeviceArray<float> dq(q), dout(q.size());
+  EXPECT_NO_THROW(cache.attention(one, 0, dq.get(), dout.get(), 0.1f));
+  EXPECT_NO_THROW(cache.memory_stats());
+  const std::optional<std::string> report = cache.poll_device_error();
+  ASSERT_TRUE(report.has_value());
+  EXPECT_NE(report->find("append to sequence 2 layer 0: V value nan at token 70"), std::string::npos) << *report;
+  EXPECT_EQ(cache.poll_device_error(), std::nullopt);
+  CacheConfig both = c;
+  both.cuda_strict = true;
+  test::expect_error([&] { PackedKVCache<float> refused(both); }, "cuda_strict and cuda_poll_errors cannot both be set");
+}
+
 // append_batch on the GPU against per-sequence appends on the CPU: the same bytes, the same reads.
 // A ragged prefill per layer, then decode steps of one token per sequence.
 void expect_batched_appends_match_cpu(const std::vector<int>& prefill, int layers, int decode_steps) {
