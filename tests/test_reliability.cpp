@@ -254,7 +254,10 @@ TEST(MemoryPressure, RecoverByRemovingOrExportingThenReuse) {
 
 // A randomised run of thousands of operations against a simple model of the cache: the model keeps
 // the raw tokens of every sequence; every read-back must be within the error bound of them and
-// every attention must match a float64 reference on the read-back.
+// every attention must match a float64 reference on the read-back. Forks copy the model (the cache
+// shares blocks); a truncation cuts it, and the kept tokens of the block the cut falls in become
+// what the cache read back at that moment (they may be quantized again: docs/architecture.md,
+// "Truncation"). Removing everything at the end must free every block: no reference leaks.
 TEST(Stress, RandomOperationsAgainstAReferenceModel) {
   CacheConfig c = config(2);
   c.memory_budget_bytes = 384 << 10;  // small enough that the run keeps hitting it
@@ -266,7 +269,7 @@ TEST(Stress, RandomOperationsAgainstAReferenceModel) {
   std::map<SeqId, std::pair<std::vector<std::uint8_t>, Model>> offloaded;
   synthetic::Rng rng(2024);
   SeqId next_id = 0;
-  int ops = 0, budget_refusals = 0, attentions = 0;
+  int ops = 0, budget_refusals = 0, attentions = 0, forks = 0, truncations = 0;
   const std::size_t row = 32;
   auto check_sequence = [&](SeqId id, const Model& m) {
     for (int l = 0; l < 2; ++l) {
@@ -295,7 +298,7 @@ TEST(Stress, RandomOperationsAgainstAReferenceModel) {
         ++budget_refusals;
       }
       ++next_id;
-    } else if (r < 55) {  // append
+    } else if (r < 50) {  // append
       auto it = std::next(model.begin(), static_cast<long>(rng.next() % model.size()));
       const int layer = static_cast<int>(rng.next() % 2);
       const int n = 1 + static_cast<int>(rng.next() % (rng.next() % 4 == 0 ? 70 : 3));
@@ -308,7 +311,7 @@ TEST(Stress, RandomOperationsAgainstAReferenceModel) {
         ASSERT_NE(std::string(e.what()).find("memory budget"), std::string::npos) << e.what();
         ++budget_refusals;
       }
-    } else if (r < 75) {  // attention over a random batch
+    } else if (r < 68) {  // attention over a random batch
       std::vector<SeqId> ids;
       const int layer = static_cast<int>(rng.next() % 2);
       for (auto& [id, m] : model) {
@@ -328,15 +331,51 @@ TEST(Stress, RandomOperationsAgainstAReferenceModel) {
           for (int d = 0; d < 16; ++d) ASSERT_NEAR(out[(b * 4 + h) * 16 + d], ref[d], 2e-5 * 8 + 1e-5 * std::fabs(ref[d]));
         }
       }
-    } else if (r < 85) {  // remove
+    } else if (r < 76) {  // remove
       auto it = std::next(model.begin(), static_cast<long>(rng.next() % model.size()));
       cache.remove_sequence(it->first);
       model.erase(it);
-    } else if (r < 93) {  // export and offload
+    } else if (r < 82) {  // export and offload
       auto it = std::next(model.begin(), static_cast<long>(rng.next() % model.size()));
       offloaded[it->first] = {cache.export_sequence(it->first), it->second};
       cache.remove_sequence(it->first);
       model.erase(it);
+    } else if (r < 88) {  // fork
+      auto it = std::next(model.begin(), static_cast<long>(rng.next() % model.size()));
+      try {
+        cache.fork(it->first, next_id);
+        model[next_id] = it->second;
+        ++forks;
+      } catch (const error& e) {
+        ASSERT_NE(std::string(e.what()).find("memory budget"), std::string::npos) << e.what();
+        ++budget_refusals;
+      }
+      ++next_id;
+    } else if (r < 94) {  // truncate
+      auto it = std::next(model.begin(), static_cast<long>(rng.next() % model.size()));
+      const std::int64_t longest =
+          static_cast<std::int64_t>(std::max(it->second.k[0].size(), it->second.k[1].size()) / row);
+      const std::int64_t n = longest == 0 ? 0 : static_cast<std::int64_t>(rng.next() % (longest + 1));
+      try {
+        cache.truncate(it->first, n);
+        ++truncations;
+        for (int l = 0; l < 2; ++l) {
+          Model& m = it->second;
+          if (m.k[l].size() > static_cast<std::size_t>(n) * row) {
+            m.k[l].resize(static_cast<std::size_t>(n) * row);
+            m.v[l].resize(static_cast<std::size_t>(n) * row);
+          }
+          const std::size_t first = static_cast<std::size_t>(n / c.block_tokens * c.block_tokens) * row;
+          if (m.k[l].size() <= first) continue;
+          std::vector<float> k(m.k[l].size()), v(m.v[l].size());
+          cache.read_back(it->first, l, k.data(), v.data());
+          std::copy(k.begin() + static_cast<long>(first), k.end(), m.k[l].begin() + static_cast<long>(first));
+          std::copy(v.begin() + static_cast<long>(first), v.end(), m.v[l].begin() + static_cast<long>(first));
+        }
+      } catch (const error& e) {
+        ASSERT_NE(std::string(e.what()).find("memory budget"), std::string::npos) << e.what();
+        ++budget_refusals;
+      }
     } else if (!offloaded.empty()) {  // import back
       auto it = std::next(offloaded.begin(), static_cast<long>(rng.next() % offloaded.size()));
       try {
@@ -364,6 +403,8 @@ TEST(Stress, RandomOperationsAgainstAReferenceModel) {
   RecordProperty("sequences", static_cast<int>(next_id));
   EXPECT_GE(next_id, 2000u);
   EXPECT_GT(attentions, 300);
+  EXPECT_GT(forks, 300);
+  EXPECT_GT(truncations, 300);
   EXPECT_GT(budget_refusals, 0) << "the budget should have been reached at least once";
 }
 
