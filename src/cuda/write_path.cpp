@@ -174,6 +174,47 @@ void share_blocks(DeviceContext& ctx, CudaLayerStore& store, int shared_blocks, 
   store.live_blocks += static_cast<std::size_t>(shared_blocks);
 }
 
+// The encoder's parameters for `count` blocks of a write from sequence position `first_position`,
+// encoded into slots of `out_base` (slot_bytes apart) with their sizes in `sizes`.
+template <class T>
+EncodeParams<T> encode_params(const DeviceContext& ctx, const LayerWrite<T>& w, const TokenRows<T>& rows,
+                              std::int64_t first_position, std::uint8_t* out_base, std::uint32_t* sizes, int count) {
+  EncodeParams<T> e{};
+  e.geometry = ctx.geometry;
+  e.k_max_code = ctx.codec.k_max_code;
+  e.v_max_code = ctx.codec.v_max_code;
+  e.median_repack = ctx.median_repack ? 1 : 0;
+  e.source = rows;
+  e.first_position = first_position;
+  e.out_base = out_base;
+  e.out_stride = ctx.slot_bytes;
+  e.block_sizes = sizes;
+  e.errors = ctx.errors_for(w.id, w.layer);
+  e.num_blocks = count;
+  return e;
+}
+
+// The placement of `count` encoded blocks from `staging` into the layer's pages, their addresses
+// written from table entry `first_entry`; takes the context's next launch number.
+template <class T>
+PlaceParams place_params(DeviceContext& ctx, const CudaLayerStore& store, const LayerWrite<T>& w,
+                         const std::uint8_t* staging, const std::uint32_t* sizes, int count, int first_entry) {
+  PlaceParams place{};
+  place.staging = staging;
+  place.staging_stride = ctx.slot_bytes;
+  place.sizes = sizes;
+  place.num_blocks = count;
+  place.pages = store.page_pointers();
+  place.page_count = static_cast<std::uint32_t>(store.pages.size());
+  place.page_bytes = static_cast<std::uint32_t>(ctx.pool.page_bytes());
+  place.cursor = store.cursor();
+  place.table = store.table.as<std::uint8_t*>() + first_entry;
+  place.progress = ctx.progress.device(store.progress_word);
+  place.launch = ctx.next_launch++ & 0xFFFFFFu;
+  place.errors = ctx.errors_for(w.id, w.layer);
+  return place;
+}
+
 // Encodes the write's full blocks into staging, then places them tightly in the layer's pages.
 template <class T>
 void seal_blocks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v) {
@@ -185,32 +226,10 @@ void seal_blocks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>&
     const int count = static_cast<int>(std::min(per_round, total - done));
     auto* sizes = reinterpret_cast<std::uint32_t*>(ctx.staging.as<std::uint8_t>() +
                                                    static_cast<std::size_t>(std::min(per_round, total)) * ctx.slot_bytes);
-    EncodeParams<T> params{};
-    params.geometry = ctx.geometry;
-    params.k_max_code = ctx.codec.k_max_code;
-    params.v_max_code = ctx.codec.v_max_code;
-    params.median_repack = ctx.median_repack ? 1 : 0;
-    params.source = rows;
-    params.first_position = w.plan.before.begin + done * block;
-    params.out_base = ctx.staging.as<std::uint8_t>();
-    params.out_stride = ctx.slot_bytes;
-    params.block_sizes = sizes;
-    params.errors = ctx.errors_for(w.id, w.layer);
+    const EncodeParams<T> params =
+        encode_params(ctx, w, rows, w.plan.before.begin + done * block, ctx.staging.as<std::uint8_t>(), sizes, count);
     check_cuda(launch_encode(params, count, ctx.stream), "encode kernel launch");
-
-    PlaceParams place{};
-    place.staging = ctx.staging.as<const std::uint8_t>();
-    place.staging_stride = ctx.slot_bytes;
-    place.sizes = sizes;
-    place.num_blocks = count;
-    place.pages = store.page_pointers();
-    place.page_count = static_cast<std::uint32_t>(store.pages.size());
-    place.page_bytes = static_cast<std::uint32_t>(ctx.pool.page_bytes());
-    place.cursor = store.cursor();
-    place.table = store.table.as<std::uint8_t*>() + placed;
-    place.progress = ctx.progress.device(store.progress_word);
-    place.launch = ctx.next_launch++ & 0xFFFFFFu;
-    place.errors = ctx.errors_for(w.id, w.layer);
+    const PlaceParams place = place_params(ctx, store, w, ctx.staging.as<const std::uint8_t>(), sizes, count, placed);
     check_cuda(launch_place_blocks(place, ctx.stream), "block placement kernel launch");
     store.unseen.push_back(UnseenPlacement{place.launch, count});
     placed += count;
@@ -262,33 +281,9 @@ void batch_seal_params(DeviceContext& ctx, CudaLayerStore& store, const LayerWri
   if (count == 0) return;
   auto* sizes = reinterpret_cast<std::uint32_t*>(ctx.staging.as<std::uint8_t>() + total_slots * ctx.slot_bytes) + first_slot;
   std::uint8_t* slots = ctx.staging.as<std::uint8_t>() + first_slot * ctx.slot_bytes;
-  EncodeParams<T> e{};
-  e.geometry = ctx.geometry;
-  e.k_max_code = ctx.codec.k_max_code;
-  e.v_max_code = ctx.codec.v_max_code;
-  e.median_repack = ctx.median_repack ? 1 : 0;
-  e.source = rows_of(ctx, w, k, v);
-  e.first_position = w.plan.before.begin;
-  e.out_base = slots;
-  e.out_stride = ctx.slot_bytes;
-  e.block_sizes = sizes;
-  e.errors = ctx.errors_for(w.id, w.layer);
-  e.num_blocks = count;
-  batch.encodes.push_back(e);
-
-  PlaceParams place{};
-  place.staging = slots;
-  place.staging_stride = ctx.slot_bytes;
-  place.sizes = sizes;
-  place.num_blocks = count;
-  place.pages = store.page_pointers();
-  place.page_count = static_cast<std::uint32_t>(store.pages.size());
-  place.page_bytes = static_cast<std::uint32_t>(ctx.pool.page_bytes());
-  place.cursor = store.cursor();
-  place.table = store.table.as<std::uint8_t*>() + w.num_blocks + static_cast<int>(w.blocks.size());
-  place.progress = ctx.progress.device(store.progress_word);
-  place.launch = ctx.next_launch++ & 0xFFFFFFu;
-  place.errors = ctx.errors_for(w.id, w.layer);
+  batch.encodes.push_back(encode_params(ctx, w, rows_of(ctx, w, k, v), w.plan.before.begin, slots, sizes, count));
+  const PlaceParams place =
+      place_params(ctx, store, w, slots, sizes, count, w.num_blocks + static_cast<int>(w.blocks.size()));
   batch.places.push_back(place);
   batch.max_blocks = std::max(batch.max_blocks, count);
   store.unseen.push_back(UnseenPlacement{place.launch, count});
