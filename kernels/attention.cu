@@ -1,8 +1,9 @@
 // Kernels that read packed sequences: fused decode attention (flash-decoding split + merge),
 // the scores and attn_v primitives, read_back, and block statistics.
 //
-// A CTA owns one KV head, up to kMaxHeadsPerCta of its query heads, and a range of "units": a
-// unit is one packed block or one block-sized chunk of the uncompressed tail. A packed section is
+// A CTA owns one KV head, up to kMaxHeadsPerCta of its query heads (in attention: query rows,
+// a (query, head) pair each, launch.hpp), and a range of "units": a unit is one packed block or
+// one block-sized chunk of the uncompressed tail. A packed section is
 // unpacked once into a channel-major code tile in shared memory, then every query head of the CTA
 // reads it, so each block is decoded once per GQA group. Scale and min are applied per token:
 //   q . k_t = step_t * (q . codes_t) + min_t * sum(q)
@@ -80,12 +81,8 @@ __device__ __forceinline__ HeadGroup head_group(const ReadShape& shape) {
   return h;
 }
 
-/// Loads the CTA's query heads (as float) and their sums.
-template <class T>
-__device__ void load_queries(const T* q, const HeadGroup& heads, int dim, ReaderShared& s) {
-  for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) {
-    s.q[i] = load_as_float(q + static_cast<std::size_t>(heads.first_q_head) * dim + i);
-  }
+/// The sums of the CTA's queries (s.q, loaded).
+__device__ void sum_queries(const HeadGroup& heads, int dim, ReaderShared& s) {
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int g = warp; g < heads.count; g += kWarps) {
@@ -93,6 +90,41 @@ __device__ void load_queries(const T* q, const HeadGroup& heads, int dim, Reader
     for (int c = lane; c < dim; c += 32) sum += s.q[g * dim + c];
     sum = warp_sum(sum);
     if (lane == 0) s.q_sum[g] = sum;
+  }
+  __syncthreads();
+}
+
+/// Loads the CTA's query heads (as float) and their sums.
+template <class T>
+__device__ void load_queries(const T* q, const HeadGroup& heads, int dim, ReaderShared& s) {
+  for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) {
+    s.q[i] = load_as_float(q + static_cast<std::size_t>(heads.first_q_head) * dim + i);
+  }
+  sum_queries(heads, dim, s);
+}
+
+/// Attention: loads the CTA's query rows [first_row, first_row + heads.count) of sequence b.
+template <class T>
+__device__ void load_query_rows(const AttentionParams<T>& p, int b, const HeadGroup& heads, int first_row,
+                                ReaderShared& s) {
+  const int dim = p.shape.geometry.head_dim;
+  for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) {
+    s.q[i] = load_as_float(p.q + p.query_row(b, heads.kv_head, first_row + i / dim) * dim + i % dim);
+  }
+  sum_queries(heads, dim, s);
+}
+
+/// Causal mask of one unit's scores (s.probs, `count` tokens): a row's score of a position at or
+/// past its limit becomes -inf. `order` is the block's stored order (null: arrival order or tail).
+template <class T>
+__device__ void mask_unit(const AttentionParams<T>& p, int b, const HeadGroup& heads, int first_row,
+                          std::int64_t first_position, const std::uint8_t* order, int count, ReaderShared& s) {
+  const int tokens = p.shape.geometry.block_tokens;
+  for (int i = threadIdx.x; i < heads.count * tokens; i += kThreads) {
+    const int h = i / tokens, t = i % tokens;
+    if (t >= count) continue;
+    const std::int64_t position = first_position + (order != nullptr ? order[t] : t);
+    if (position >= p.row_limit(b, first_row + h)) s.probs[i] = -INFINITY;
   }
   __syncthreads();
 }
@@ -258,9 +290,11 @@ __device__ void online_softmax_step(const HeadGroup& heads, int tokens, int coun
     unit_max = warp_max(unit_max);
     const float old_max = s.running_max[h];
     const float new_max = fmaxf(old_max, unit_max);
+    // A row that has seen only masked scores keeps max -inf and weights 0 (never -inf - -inf).
+    const float reference = new_max == -INFINITY ? 0.0f : new_max;
     float sum = 0.0f;
     for (int i = lane; i < tokens; i += 32) {
-      const float p = i < count ? expf(scores[i] - new_max) : 0.0f;
+      const float p = i < count ? expf(scores[i] - reference) : 0.0f;
       scores[i] = p;
       sum += p;
     }
@@ -282,12 +316,17 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
   ReaderShared s;
   const format::BlockGeometry& g = p.shape.geometry;
   reader_shared_layout(g, shared_bytes, &s);
-  const HeadGroup heads = head_group(p.shape);
   const int batch_index = blockIdx.z, split = blockIdx.x;
+  HeadGroup heads{};
+  int first_row = 0;
+  p.cta_rows(batch_index, blockIdx.y, heads.kv_head, first_row, heads.count);
+  if (heads.count <= 0) return;  // this sequence has fewer rows than the longest
   const SeqView<T>& seq = p.seqs[batch_index];
   const int dim = g.head_dim, tokens = g.block_tokens;
+  // The CTA's first row has the smallest limit: units before it are seen by every row.
+  const std::int64_t min_limit = p.row_limit(batch_index, first_row);
 
-  load_queries(p.q + static_cast<std::size_t>(batch_index) * p.shape.num_q_heads * dim, heads, dim, s);
+  load_query_rows(p, batch_index, heads, first_row, s);
   for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) s.acc[i] = 0.0f;
   if (threadIdx.x < kMaxHeadsPerCta) {
     s.running_max[threadIdx.x] = -INFINITY;
@@ -302,6 +341,10 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
     if (unit < seq.num_blocks) {
       const std::uint8_t* block = seq.blocks[unit];
       packed_block_scores(block, g, heads, p.softmax_scale, s);
+      const std::int64_t first_position = static_cast<std::int64_t>(unit) * tokens;
+      if (first_position + tokens > min_limit) {
+        mask_unit(p, batch_index, heads, first_row, first_position, format::token_order(block, g, heads.kv_head), tokens, s);
+      }
       online_softmax_step(heads, tokens, tokens, s);
       prepare_packed_values(block, g, heads, s);
       accumulate_packed_values(g, heads, s);
@@ -309,6 +352,8 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
       const int first = (unit - seq.num_blocks) * tokens;
       const int count = min(tokens, seq.tail.len - first);
       tail_scores(seq, g, heads, first, count, p.softmax_scale, s);
+      const std::int64_t first_position = seq.tail.begin + first;
+      if (first_position + count > min_limit) mask_unit(p, batch_index, heads, first_row, first_position, nullptr, count, s);
       online_softmax_step(heads, tokens, count, s);
       accumulate_tail_values(seq, g, heads, first, count, s);
     }
@@ -317,8 +362,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
   const int stride = dim + 2;
   for (int i = threadIdx.x; i < heads.count * stride; i += kThreads) {
     const int h = i / stride, c = i % stride;
-    const std::size_t row =
-        (static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + heads.first_q_head + h) * p.num_splits + split;
+    const std::size_t row = p.query_row(batch_index, heads.kv_head, first_row + h) * p.num_splits + split;
     const float value = c < dim ? s.acc[h * dim + c] : (c == dim ? s.running_max[h] : s.running_sum[h]);
     p.partials[row * stride + c] = value;
   }
@@ -327,7 +371,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
 template <class T>
 __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const AttentionParams<T> p) {
   const int dim = p.shape.geometry.head_dim, stride = dim + 2;
-  const std::size_t head_row = blockIdx.x;  // batch_index * num_q_heads + q_head
+  const std::size_t head_row = blockIdx.x;  // query * num_q_heads + q_head
   const float* partials = p.partials + head_row * p.num_splits * stride;
   detail::SoftmaxMerge merge;
   for (int split = 0; split < p.num_splits; ++split) merge.observe(partials[split * stride + dim]);
@@ -340,6 +384,7 @@ __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const Attenti
     }
     p.out[head_row * dim + c] = from_float<T>(sum / merge.sum);
   }
+  if (p.lse != nullptr && threadIdx.x == 0) p.lse[head_row] = merge.lse();
 }
 
 template <class T>
@@ -529,8 +574,8 @@ cudaError_t launch_attention(const AttentionParams<T>& p, cudaStream_t stream) {
   PACKKV_LAUNCH(attention_split_kernel<T>, grid, kThreads, shared, stream, p);
   status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  const unsigned heads = static_cast<unsigned>(p.batch * p.shape.num_q_heads);
-  PACKKV_LAUNCH(attention_merge_kernel<T>, heads, kThreads, 0, stream, p);
+  const unsigned rows = static_cast<unsigned>(p.queries * p.shape.num_q_heads);
+  PACKKV_LAUNCH(attention_merge_kernel<T>, rows, kThreads, 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -238,9 +238,10 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   const int lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   const int batch_index = blockIdx.z, split = blockIdx.x;
   const SeqView<T>& seq = p.seqs[batch_index];
-  const int kv_head = blockIdx.y / p.shape.subgroups, sub = blockIdx.y % p.shape.subgroups;
-  const int first_q_head = kv_head * p.shape.group + sub * p.shape.heads_per_cta;
-  const int head_count = min(p.shape.heads_per_cta, p.shape.group - sub * p.shape.heads_per_cta);
+  // The CTA's query rows (AttentionParams): "head" below is a row, a (query, query head) pair.
+  int kv_head = 0, first_row = 0, head_count = 0;
+  p.cta_rows(batch_index, blockIdx.y, kv_head, first_row, head_count);
+  if (head_count <= 0) return;  // this sequence has fewer rows than the longest
   const SectionLayout kl = g.k_layout(), vl = g.v_layout();
   const int rounds = g.block_tokens / format::kPackTokens;
   const std::size_t stage_bytes = fast_stage_bytes(g);
@@ -268,11 +269,11 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   }
 
   // Queries: as float in shared memory (the tail path), and as mma fragments scaled by 2^qs.
-  const T* q_in = p.q + (static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + first_q_head) * D;
   float q_abs = 0.0f;
   for (int i = lane; i < head_count * D; i += 32) {
-    const float x = load_global_float(q_in + i);
-    if (!isfinite(x)) report_bad_query(p.errors, batch_index, first_q_head + i / D, i % D, x);
+    const int row = first_row + i / D;
+    const float x = load_global_float(p.q + p.query_row(batch_index, kv_head, row) * D + i % D);
+    if (!isfinite(x)) report_bad_query(p.errors, batch_index, kv_head * p.shape.group + row % p.shape.group, i % D, x);
     s.q[i] = x;
     q_abs = fmaxf(q_abs, fabsf(x));
   }
@@ -284,6 +285,10 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   // Column n = 2 * head + part: part 0 holds the hi half of q * 2^qs, part 1 the lo half.
   std::uint32_t qf[kSteps][NT][2];
   float sum_q[NT];  // sum of q over channels, of this lane's score head (t4 + 4 nt)
+  // Causal mask: the lane's score rows see positions below row_limit; every row of the CTA sees
+  // those below min_limit (its first row's), so only the newest units need a look.
+  std::int64_t row_limit[NT];
+  const std::int64_t min_limit = p.row_limit(batch_index, first_row);
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int head = 4 * nt + gq / 2, part = gq & 1;
@@ -299,6 +304,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
       }
     }
     const int score_head = 4 * nt + t4;
+    row_limit[nt] = p.row_limit(batch_index, first_row + min(score_head, head_count - 1));
     float sum = 0.0f;
     if (score_head < head_count) {
       for (int c = 0; c < D; ++c) sum += s.q[score_head * D + c];
@@ -348,7 +354,10 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
     const std::uint8_t* k_sec = s.stages + static_cast<std::size_t>(stage) * stage_bytes;
     stage = stage + 1 == p.stages ? 0 : stage + 1;
     const std::uint8_t* v_sec = k_sec + s.spans[i].v_offset;
-
+    const std::int64_t block_position = static_cast<std::int64_t>(block_begin + i) * g.block_tokens;
+    const bool masked_block = block_position + g.block_tokens > min_limit;
+    const std::uint8_t* order =
+        masked_block ? format::token_order(load_global(seq.blocks + block_begin + i), g, kv_head) : nullptr;
 
     for (int r0 = 0; r0 < rounds; r0 += 4) {
       const int chunk = min(4, rounds - r0);
@@ -391,6 +400,21 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
             score[rr][j][nt] = sc * score_scale;
           }
         }
+        if (masked_block) {  // uniform; only the units holding a CTA's newest positions
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int idx = 16 * r + 2 * gq + j;
+            // The stored order as 32-bit loads: the read path makes no byte-wide global load.
+            const int stored = order == nullptr
+                                   ? idx
+                                   : static_cast<int>((load_global(reinterpret_cast<const std::uint32_t*>(order) + idx / 4) >>
+                                                       (8 * (idx & 3))) & 0xFFu);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              if (block_position + stored >= row_limit[nt]) score[rr][j][nt] = -INFINITY;
+            }
+          }
+        }
       }
       // Online softmax over the chunk; the V steps of the chunk's tokens choose the weight scale.
       std::uint64_t vp[4];
@@ -418,14 +442,16 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
         m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 8));
         m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 16));
         const float new_max = fmaxf(run_max[nt], m);
-        const float rescale = exp2f(run_max[nt] - new_max);  // 0 for the first keys (-inf)
+        // A row that has seen only masked keys keeps max -inf and weights 0 (never -inf - -inf).
+        const float reference = new_max == -INFINITY ? 0.0f : new_max;
+        const float rescale = exp2f(run_max[nt] - reference);  // 0 for the first keys (-inf)
         float sum = 0.0f, weighted_min = 0.0f;
 #pragma unroll
         for (int rr = 0; rr < 4; ++rr) {
           if (rr >= chunk) break;
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const float w = exp2f(score[rr][j][nt] - new_max);
+            const float w = exp2f(score[rr][j][nt] - reference);
             score[rr][j][nt] = w;
             sum += w;
             weighted_min += w * fp16_bits_to_float(static_cast<std::uint16_t>(vp[rr] >> (32 * j + 16)));
@@ -509,11 +535,13 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mine[nt] = h == 4 * nt + t4 ? dot : mine[nt];
     }
+    const std::int64_t position = seq.tail.begin + t;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const float sc = mine[nt] * score_scale;
+      const float sc = position < row_limit[nt] ? mine[nt] * score_scale : -INFINITY;
       const float new_max = fmaxf(run_max[nt], sc);
-      const float rescale = exp2f(run_max[nt] - new_max), w = exp2f(sc - new_max);
+      const float reference = new_max == -INFINITY ? 0.0f : new_max;
+      const float rescale = exp2f(run_max[nt] - reference), w = exp2f(sc - reference);
       run_sum[nt] = run_sum[nt] * rescale + (gq == 0 ? w : 0.0f);
       run_min[nt] *= rescale;
       run_max[nt] = new_max;
@@ -543,9 +571,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
     }
     const int head = 4 * nt + t4;
     if (head < head_count) {
-      const std::size_t base =
-          ((static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + first_q_head + head) * p.num_splits + split) *
-          stride;
+      const std::size_t base = (p.query_row(batch_index, kv_head, first_row + head) * p.num_splits + split) * stride;
 #pragma unroll
       for (int mt = 0; mt < kSteps; ++mt) {
         p.partials[base + 16 * mt + gq] = (acc[nt][mt][0] + acc[nt][mt][1]) * v_unscale + wmin;
@@ -568,10 +594,10 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   // lane 0, and this barrier orders them before every lane's reads.
   __syncwarp();
   __threadfence();
-  T* out = p.out + (static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + first_q_head) * D;
   for (int h = 0; h < head_count; ++h) {
-    const float* parts =
-        p.partials + (static_cast<std::size_t>(batch_index) * p.shape.num_q_heads + first_q_head + h) * p.num_splits * stride;
+    const std::size_t out_row = p.query_row(batch_index, kv_head, first_row + h);
+    T* out = p.out + out_row * D;
+    const float* parts = p.partials + out_row * p.num_splits * stride;
     SoftmaxMerge merge;
     for (int sp = 0; sp < p.num_splits; ++sp) merge.observe(load_coherent(parts + sp * stride + D));
     for (int sp = 0; sp < p.num_splits; ++sp)
@@ -582,8 +608,9 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
         const float w = merge.weight(load_coherent(parts + sp * stride + D));
         if (w != 0.0f) sum += load_coherent(parts + sp * stride + c) * w;
       }
-      out[h * D + c] = from_float<T>(sum / merge.sum);
+      out[c] = from_float<T>(sum / merge.sum);
     }
+    if (p.lse != nullptr && lane == 0) p.lse[out_row] = merge.lse();
   }
   if (lane == 0) atomicExch(reinterpret_cast<int*>(counter), 0);  // ready for the next launch
 }

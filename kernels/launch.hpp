@@ -201,17 +201,41 @@ struct ReadShape {
   int subgroups;      ///< ceil(group / heads_per_cta)
 };
 
+/// Attention serves query rows: row r of a (sequence, KV head) is the sequence's query r / group
+/// and query head kv_head * group + r % group; a CTA takes heads_per_cta consecutive rows (one
+/// query's group in decode), `subgroups` CTAs per KV head cover the longest sequence's rows.
 template <class T>
 struct AttentionParams {
   ReadShape shape;
   SeqView<T> seqs[kMaxBatchPerLaunch];
+  int query_first[kMaxBatchPerLaunch];  ///< sequence b's first query in q, out and lse
+  int query_count[kMaxBatchPerLaunch];  ///< its queries: the last positions, causal among themselves
   int batch;
-  const T* q;  ///< [batch][num_q_heads][head_dim]
+  int queries;  ///< all queries of the launch
+  const T* q;   ///< [queries][num_q_heads][head_dim]
   T* out;
+  float* lse;   ///< optional: [queries][num_q_heads], natural log
   float softmax_scale;
   int units_per_split;
   int num_splits;
-  float* partials;  ///< [batch][num_q_heads][num_splits][head_dim + 2]: acc, max, sum
+  float* partials;  ///< [queries][num_q_heads][num_splits][head_dim + 2]: acc, max, sum
+
+  /// Index of row r of (sequence b, KV head h) in [queries][num_q_heads].
+  PACKKV_HOST_DEVICE std::size_t query_row(int b, int h, int r) const {
+    return (static_cast<std::size_t>(query_first[b]) + static_cast<std::size_t>(r / shape.group)) * shape.num_q_heads +
+           static_cast<std::size_t>(h * shape.group + r % shape.group);
+  }
+  /// Row r of sequence b sees the positions below this.
+  PACKKV_HOST_DEVICE std::int64_t row_limit(int b, int r) const {
+    return seqs[b].tail.end() - query_count[b] + r / shape.group + 1;
+  }
+  /// The rows of sequence b a CTA serves: [first, first + count) of KV head `kv_head`, from blockIdx.y.
+  PACKKV_HOST_DEVICE void cta_rows(int b, int y, int& kv_head, int& first, int& count) const {
+    kv_head = y / shape.subgroups;
+    first = (y % shape.subgroups) * shape.heads_per_cta;
+    const int left = query_count[b] * shape.group - first;
+    count = left < shape.heads_per_cta ? left : shape.heads_per_cta;  // <= 0: nothing to do
+  }
   // The fast read path (decode_attention.cu) only:
   int stages;         ///< blocks staged at once (FastPlan::stages)
   unsigned* tickets;  ///< [batch][num_kv_heads * subgroups], zero between launches

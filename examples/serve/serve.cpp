@@ -2,8 +2,8 @@
 // PackedKVCache. Requests of different lengths arrive; the scheduler admits one when the step
 // fits the memory budget (worst_case_bytes), prefills it, forks it for parallel sampling, and
 // then every step appends one token per running sequence with one append_batch per layer and
-// attends with one attention call per layer. Now and then a step drafts four tokens and keeps
-// only those a "verifier" accepts (truncate). The model is synthetic: K/V with an LLM's
+// attends with one attention call per layer. Now and then a step drafts four tokens, verifies
+// them in one causal pass (attention_causal) and keeps only those the "verifier" accepts (truncate). The model is synthetic: K/V with an LLM's
 // statistics (packkv/synthetic.hpp), so the loop runs anywhere in seconds.
 //
 //   packkv_serve [--requests 40] [--max-batch 16] [--layers 8] [--budget-mib 48] [--device cpu|cuda]
@@ -219,7 +219,7 @@ int main(int argc, char** argv) try {
     }
 
     // One step: a token per sequence (or a draft of kDraft), one append_batch and one attention
-    // per layer.
+    // call per layer.
     const int per_seq = draft ? kDraft : 1;
     k.clear();
     v.clear();
@@ -229,15 +229,17 @@ int main(int argc, char** argv) try {
       k.insert(k.end(), sk.begin(), sk.end());
       v.insert(v.end(), sv.begin(), sv.end());
     }
-    q.resize(ids.size() * q_row);
+    // A query per new token: a draft is verified in one pass, each draft token attending to the
+    // cache and to the draft tokens before it (attention_causal's causal mask).
+    q.resize(ids.size() * static_cast<std::size_t>(per_seq) * q_row);
     for (float& x : q) x = static_cast<float>(0.1 * rng.normal());
     const fp16* dk = buffers.put(0, k);
     const fp16* dv = buffers.put(1, v);
     const fp16* dq = buffers.put(2, q);
-    fp16* dout = buffers.out(3, ids.size() * q_row);
+    fp16* dout = buffers.out(3, q.size());
     for (int l = 0; l < cfg.num_layers; ++l) {
       cache.append_batch(ids, l, dk, dv, counts);
-      cache.attention(ids, l, dq, dout, 0.0883883f);
+      cache.attention_causal(ids, counts, l, dq, dout, 0.0883883f);
     }
     // Verify the draft: keep an accepted prefix of 0..kDraft tokens, drop the rest.
     for (SeqId id : ids) {

@@ -70,14 +70,15 @@ class PackedKVCache {
   /// Appends n_tokens (1 for decode, many for prefill) to one layer. Full blocks are compressed;
   /// the rest stays in the uncompressed tail. All-or-nothing: on error nothing is appended.
   /// Rejects NaN, Inf and |x| > 65504 (the per-token parameters are stored as fp16).
-  void append(SeqId id, int layer, const T* k, const T* v, int n_tokens);
+  void append(SeqId id, int layer, const T* k, const T* v, int n_tokens, void* cuda_stream = nullptr);
   /// Appends n_tokens[i] tokens to sequence ids[i] at one layer, for every i, in one call: a
   /// continuous-batching decode step (n_tokens[i] = 1) or a batch of prefill chunks. k and v hold
   /// the tokens of ids[0], then of ids[1], ...: [sum of n_tokens][num_kv_heads][head_dim]. The same
   /// bytes as the per-sequence calls, all-or-nothing for the whole batch (a refusal names the entry
   /// and changes no sequence); ids must be distinct. On CUDA the batch is one tail-write launch and
   /// one encoder launch whatever its size.
-  void append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v, std::span<const int> n_tokens);
+  void append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v, std::span<const int> n_tokens,
+                    void* cuda_stream = nullptr);
 
   /// Makes sequence `child` (a new id) a copy of `parent` that shares its packed blocks: parallel
   /// sampling, beam search, a cached prompt prefix. Only the uncompressed tails are copied; blocks
@@ -97,12 +98,32 @@ class PackedKVCache {
   void truncate(SeqId id, std::int64_t new_length);
 
   // ---- attention ----
+  // The calls that queue device work take an optional CUDA stream (a cudaStream_t; null: the
+  // cache's stream, set_stream). The call's work is ordered after what was queued on that stream
+  // before the call, and what is queued on it after the call sees the call's results; no call
+  // waits for the device. Ignored on the CPU.
+
   /// Decode attention for one query per sequence: out[b] = softmax(scale * K q[b]) V.
-  void attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float softmax_scale) const;
+  void attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float softmax_scale,
+                 void* cuda_stream = nullptr) const;
+  /// Attention of several queries per sequence over the cache, causal among them: chunked prefill
+  /// and the verification of draft tokens. Sequence ids[i] has n_queries[i] queries, for its last
+  /// n_queries[i] positions at `layer` (their K and V already appended): query j sits at position
+  /// length - n_queries[i] + j and attends to positions <= its own. Each packed block is read once
+  /// per KV head for every query of a sequence.
+  ///   q, out  [sum of n_queries][num_q_heads][head_dim] (the queries of ids[0] first, in order)
+  ///   lse     optional: [sum of n_queries][num_q_heads], ln(sum_t e^(scale q.k_t)) of each
+  ///           (query, head) over the keys it attends to.
+  /// Merge rule (attention over two disjoint sets of keys, outputs o1, o2 and lse1, lse2):
+  ///   lse = max(lse1, lse2) + ln(e^(lse1 - max) + e^(lse2 - max)),
+  ///   o = e^(lse1 - lse) o1 + e^(lse2 - lse) o2.
+  /// With every n_queries[i] = 1 this is attention(), plus the lse.
+  void attention_causal(std::span<const SeqId> ids, std::span<const int> n_queries, int layer, const T* q, T* out,
+                        float softmax_scale, float* lse = nullptr, void* cuda_stream = nullptr) const;
   /// scores[h][t] = K_t . q[h] for every token of the sequence (no scale, no softmax).
-  void scores(SeqId id, int layer, const T* q, float* scores) const;
+  void scores(SeqId id, int layer, const T* q, float* scores, void* cuda_stream = nullptr) const;
   /// out[h][c] = sum_t weights[h][t] * V_t[c].
-  void attn_v(SeqId id, int layer, const float* weights, float* out) const;
+  void attn_v(SeqId id, int layer, const float* weights, float* out, void* cuda_stream = nullptr) const;
 
   // ---- inspection ----
   /// Dequantized K and V of a sequence, original token order: [length][num_kv_heads][head_dim].
@@ -132,7 +153,8 @@ class PackedKVCache {
   /// Compacts the block pool and hands memory no block needs back to the system.
   void release_unused_memory();
 
-  /// CUDA stream (a cudaStream_t) that device work is queued on; ignored on the CPU.
+  /// The cache's CUDA stream (a cudaStream_t): device work is queued on it, and the calls that
+  /// take a stream of their own join it to this one (see attention); ignored on the CPU.
   void set_stream(void* cuda_stream);
   /// With CacheConfig::cuda_poll_errors: the first value error a CUDA kernel has found since the
   /// last poll (it names the call, sequence and layer), without waiting for the device; nullopt if

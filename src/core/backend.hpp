@@ -46,6 +46,7 @@ struct LayerWrite {
   int shared_blocks = 0;                   ///< how many it holds (the parent layer's num_blocks)
   SeqId id = 0;                 ///< for messages
   int layer = 0;
+  void* stream = nullptr;       ///< the caller's CUDA stream (null: the cache's); one per call
 };
 
 /// What a layer looks like to the readers.
@@ -54,6 +55,9 @@ struct LayerRead {
   std::int64_t length = 0;
   int num_blocks = 0;
   TailRing tail;
+  /// Attention only: queries for the last `queries` positions, causal among themselves (query j
+  /// attends to positions < length - queries + j + 1).
+  int queries = 1;
 };
 
 /// Work prepared by Backend::prepare, applied by Backend::commit or dropped.
@@ -119,9 +123,13 @@ class Backend {
   virtual std::size_t reclaimable_bytes() const = 0;
 
   // ---- reads ----
-  virtual void attention(std::span<const LayerRead> batch, const T* q, T* out, float scale) const = 0;
-  virtual void scores(const LayerRead& layer, const T* q, float* scores) const = 0;
-  virtual void attn_v(const LayerRead& layer, const float* weights, float* out) const = 0;
+  /// Causal attention of every sequence's queries (LayerRead::queries of them): q and out
+  /// [sum of queries][num_q_heads][head_dim]; lse (may be null) [sum of queries][num_q_heads].
+  /// `stream`: the caller's CUDA stream, null for the cache's (ignored by the CPU).
+  virtual void attention(std::span<const LayerRead> batch, const T* q, T* out, float* lse, float scale,
+                         void* stream) const = 0;
+  virtual void scores(const LayerRead& layer, const T* q, float* scores, void* stream) const = 0;
+  virtual void attn_v(const LayerRead& layer, const float* weights, float* out, void* stream) const = 0;
   virtual void read_back(const LayerRead& layer, float* k, float* v) const = 0;
   /// Bytes of each layer. A block that several layers share (fork) counts in `blocks` of the first
   /// of `layers` that holds it and in `shared` of the others.

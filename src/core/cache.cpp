@@ -51,13 +51,13 @@ std::int64_t PackedKVCache<T>::length(SeqId id, int layer) const {
   return core("length").length(id, layer);
 }
 template <class T>
-void PackedKVCache<T>::append(SeqId id, int layer, const T* k, const T* v, int n_tokens) {
-  core("append").append(id, layer, k, v, n_tokens);
+void PackedKVCache<T>::append(SeqId id, int layer, const T* k, const T* v, int n_tokens, void* cuda_stream) {
+  core("append").append(id, layer, k, v, n_tokens, cuda_stream);
 }
 template <class T>
 void PackedKVCache<T>::append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v,
-                                    std::span<const int> n_tokens) {
-  core("append_batch").append_batch(ids, layer, k, v, n_tokens);
+                                    std::span<const int> n_tokens, void* cuda_stream) {
+  core("append_batch").append_batch(ids, layer, k, v, n_tokens, cuda_stream);
 }
 template <class T>
 std::size_t PackedKVCache<T>::worst_case_bytes(std::span<const SeqId> ids, std::span<const int> n_tokens,
@@ -77,16 +77,22 @@ void PackedKVCache<T>::truncate(SeqId id, std::int64_t new_length) {
   core("truncate").truncate(id, new_length);
 }
 template <class T>
-void PackedKVCache<T>::attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float scale) const {
-  core("attention").attention(ids, layer, q, out, scale);
+void PackedKVCache<T>::attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float scale,
+                                 void* cuda_stream) const {
+  core("attention").attention(ids, {}, layer, q, out, scale, nullptr, cuda_stream, "attention");
 }
 template <class T>
-void PackedKVCache<T>::scores(SeqId id, int layer, const T* q, float* scores) const {
-  core("scores").scores(id, layer, q, scores);
+void PackedKVCache<T>::attention_causal(std::span<const SeqId> ids, std::span<const int> n_queries, int layer,
+                                        const T* q, T* out, float scale, float* lse, void* cuda_stream) const {
+  core("attention_causal").attention(ids, n_queries, layer, q, out, scale, lse, cuda_stream, "attention_causal");
 }
 template <class T>
-void PackedKVCache<T>::attn_v(SeqId id, int layer, const float* weights, float* out) const {
-  core("attn_v").attn_v(id, layer, weights, out);
+void PackedKVCache<T>::scores(SeqId id, int layer, const T* q, float* scores, void* cuda_stream) const {
+  core("scores").scores(id, layer, q, scores, cuda_stream);
+}
+template <class T>
+void PackedKVCache<T>::attn_v(SeqId id, int layer, const float* weights, float* out, void* cuda_stream) const {
+  core("attn_v").attn_v(id, layer, weights, out, cuda_stream);
 }
 template <class T>
 void PackedKVCache<T>::read_back(SeqId id, int layer, float* k, float* v) const {

@@ -213,7 +213,7 @@ void CacheCore<T>::with_reclaim(Fn&& attempt) {
 }
 
 template <class T>
-void CacheCore<T>::append(SeqId id, int layer_index, const T* k, const T* v, int n_tokens) {
+void CacheCore<T>::append(SeqId id, int layer_index, const T* k, const T* v, int n_tokens, void* stream) {
   PACKKV_REQUIRE(n_tokens >= 1 && n_tokens <= (1 << 24),
                  fmt::format("append: n_tokens must be in [1, 2^24], got {}", n_tokens));
   PACKKV_REQUIRE(k != nullptr && v != nullptr, "append: k and v must not be null");
@@ -234,6 +234,7 @@ void CacheCore<T>::append(SeqId id, int layer_index, const T* k, const T* v, int
     write.v = v;
     write.id = id;
     write.layer = layer_index;
+    write.stream = stream;
     const std::span<const LayerWrite<T>> writes(&write, 1);
     backend_->check_values(writes);
     const Attempt result = write_under_budget(writes, 0, may_reclaim, where);
@@ -244,7 +245,7 @@ void CacheCore<T>::append(SeqId id, int layer_index, const T* k, const T* v, int
 
 template <class T>
 void CacheCore<T>::append_batch(std::span<const SeqId> ids, int layer_index, const T* k, const T* v,
-                                std::span<const int> n_tokens) {
+                                std::span<const int> n_tokens, void* stream) {
   PACKKV_REQUIRE(!ids.empty(), "append_batch: the batch of sequence ids is empty");
   PACKKV_REQUIRE(n_tokens.size() == ids.size(),
                  fmt::format("append_batch: {} token counts for {} sequence ids", n_tokens.size(), ids.size()));
@@ -289,6 +290,7 @@ void CacheCore<T>::append_batch(std::span<const SeqId> ids, int layer_index, con
       w.v = v + static_cast<std::size_t>(offset) * row_;
       w.id = ids[i];
       w.layer = layer_index;
+      w.stream = stream;
       offset += n_tokens[i];
     }
     backend_->check_values(writes);
@@ -504,18 +506,24 @@ void CacheCore<T>::truncate(SeqId id, std::int64_t new_length) {
 // ---- reads ---------------------------------------------------------------------------------------
 
 template <class T>
-void CacheCore<T>::attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float softmax_scale) const {
-  check_layer(layer, "attention");
-  PACKKV_REQUIRE(!ids.empty(), "attention: the batch of sequence ids is empty");
-  PACKKV_REQUIRE(q != nullptr && out != nullptr, "attention: q and out must not be null");
-  PACKKV_REQUIRE(std::isfinite(softmax_scale),
-                 fmt::format("attention: softmax_scale must be finite, got {}", softmax_scale));
+void CacheCore<T>::attention(std::span<const SeqId> ids, std::span<const int> n_queries, int layer, const T* q, T* out,
+                             float softmax_scale, float* lse, void* stream, const char* what) const {
+  check_layer(layer, what);
+  PACKKV_REQUIRE(!ids.empty(), fmt::format("{}: the batch of sequence ids is empty", what));
+  PACKKV_REQUIRE(n_queries.empty() || n_queries.size() == ids.size(),
+                 fmt::format("{}: {} query counts for {} sequence ids", what, n_queries.size(), ids.size()));
+  PACKKV_REQUIRE(q != nullptr && out != nullptr, fmt::format("{}: q and out must not be null", what));
+  PACKKV_REQUIRE(std::isfinite(softmax_scale), fmt::format("{}: softmax_scale must be finite, got {}", what, softmax_scale));
+  for (std::size_t b = 0; b < n_queries.size(); ++b) {
+    PACKKV_REQUIRE(n_queries[b] >= 1, fmt::format("{}: n_queries[{}] (sequence {}) must be at least 1, got {}", what, b,
+                                                  ids[b], n_queries[b]));
+  }
   const std::shared_lock table(table_lock_);
   SharedLocks locks;
   std::vector<const Sequence*> seqs;
   seqs.reserve(ids.size());
   for (SeqId id : ids) {
-    seqs.push_back(&sequence(id, "attention"));
+    seqs.push_back(&sequence(id, what));
     locks.add(id, seqs.back()->lock);
   }
   locks.lock();
@@ -523,30 +531,38 @@ void CacheCore<T>::attention(std::span<const SeqId> ids, int layer, const T* q, 
   batch.reserve(ids.size());
   for (std::size_t b = 0; b < ids.size(); ++b) {
     const Layer& l = seqs[b]->layers[static_cast<std::size_t>(layer)];
-    PACKKV_REQUIRE(l.length > 0, fmt::format("attention: sequence {} has no tokens at layer {}", ids[b], layer));
-    batch.push_back(read_view(l));
+    PACKKV_REQUIRE(l.length > 0, fmt::format("{}: sequence {} has no tokens at layer {}", what, ids[b], layer));
+    LayerRead read = read_view(l);
+    if (!n_queries.empty()) {
+      PACKKV_REQUIRE(n_queries[b] <= l.length,
+                     fmt::format("{}: n_queries[{}] = {} exceeds the {} tokens of sequence {} at layer {} (the "
+                                 "queries' keys must be appended first)",
+                                 what, b, n_queries[b], l.length, ids[b], layer));
+      read.queries = n_queries[b];
+    }
+    batch.push_back(read);
   }
-  backend_->attention(batch, q, out, softmax_scale);
+  backend_->attention(batch, q, out, lse, softmax_scale, stream);
 }
 
 template <class T>
-void CacheCore<T>::scores(SeqId id, int layer, const T* q, float* scores) const {
+void CacheCore<T>::scores(SeqId id, int layer, const T* q, float* scores, void* stream) const {
   check_layer(layer, "scores");
   PACKKV_REQUIRE(q != nullptr && scores != nullptr, "scores: q and scores must not be null");
   const std::shared_lock table(table_lock_);
   const Sequence& seq = sequence(id, "scores");
   const std::shared_lock lock(seq.lock);
-  backend_->scores(read_view(seq.layers[static_cast<std::size_t>(layer)]), q, scores);
+  backend_->scores(read_view(seq.layers[static_cast<std::size_t>(layer)]), q, scores, stream);
 }
 
 template <class T>
-void CacheCore<T>::attn_v(SeqId id, int layer, const float* weights, float* out) const {
+void CacheCore<T>::attn_v(SeqId id, int layer, const float* weights, float* out, void* stream) const {
   check_layer(layer, "attn_v");
   PACKKV_REQUIRE(weights != nullptr && out != nullptr, "attn_v: weights and out must not be null");
   const std::shared_lock table(table_lock_);
   const Sequence& seq = sequence(id, "attn_v");
   const std::shared_lock lock(seq.lock);
-  backend_->attn_v(read_view(seq.layers[static_cast<std::size_t>(layer)]), weights, out);
+  backend_->attn_v(read_view(seq.layers[static_cast<std::size_t>(layer)]), weights, out, stream);
 }
 
 template <class T>

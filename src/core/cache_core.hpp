@@ -43,14 +43,17 @@ class CacheCore {
   std::vector<SeqId> sequence_ids() const;
   std::int64_t length(SeqId id, int layer) const;
 
-  void append(SeqId id, int layer, const T* k, const T* v, int n_tokens);
-  void append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v, std::span<const int> n_tokens);
+  void append(SeqId id, int layer, const T* k, const T* v, int n_tokens, void* stream);
+  void append_batch(std::span<const SeqId> ids, int layer, const T* k, const T* v, std::span<const int> n_tokens,
+                    void* stream);
   void truncate(SeqId id, std::int64_t new_length);
   void fork(SeqId parent, SeqId child);
 
-  void attention(std::span<const SeqId> ids, int layer, const T* q, T* out, float softmax_scale) const;
-  void scores(SeqId id, int layer, const T* q, float* scores) const;
-  void attn_v(SeqId id, int layer, const float* weights, float* out) const;
+  /// n_queries empty: one query per sequence.
+  void attention(std::span<const SeqId> ids, std::span<const int> n_queries, int layer, const T* q, T* out,
+                 float softmax_scale, float* lse, void* stream, const char* what) const;
+  void scores(SeqId id, int layer, const T* q, float* scores, void* stream) const;
+  void attn_v(SeqId id, int layer, const float* weights, float* out, void* stream) const;
   void read_back(SeqId id, int layer, float* k, float* v) const;
   MemoryStats memory_stats() const;
   std::size_t worst_case_bytes(std::span<const SeqId> ids, std::span<const int> n_tokens,

@@ -19,23 +19,43 @@ using format::Side;
 
 // Tokens per attention task: long sequences are split so that one sequence can use every core.
 constexpr int kMinChunkTokens = 1024;
-
-/// One task's partial softmax state for up to kMaxGroup query heads.
-struct Partial {
-  float max[kMaxGroup];
-  float sum[kMaxGroup];
-};
+// Query rows (query, head) of one task: its packed blocks are read from memory once for all of
+// them (and decoded once per kMaxGroup rows, while they sit in the core's cache).
+constexpr int kMaxTaskRows = 4 * kMaxGroup;
 
 template <class T>
 const T* ring_row(const T* ring, int row, std::size_t row_elems, int head, int dim) {
   return ring + static_cast<std::size_t>(row) * row_elems + static_cast<std::size_t>(head) * dim;
 }
 
-// Softmax-weighted attention of gs query heads over blocks [begin, end) (and the tail): writes the
-// chunk's max score, sum of exponentials and unnormalised output per head.
+// Calls fn(i) for every token of a chunk (blocks [begin, end), then the tail when with_tail) whose
+// position is >= limit, i being its index in the chunk's score row (stored order inside blocks).
+template <class Fn>
+void for_each_masked(const format::BlockGeometry& g, const LayerRead& layer, const std::uint8_t* const* blocks, int head,
+                     int begin, int end, bool with_tail, std::int64_t limit, Fn&& fn) {
+  const int block = g.block_tokens;
+  const std::int64_t first_cut = std::max<std::int64_t>(begin, limit / block);
+  for (std::int64_t b = first_cut; b < end; ++b) {
+    const std::int64_t base = b * block;
+    const std::uint8_t* order = format::token_order(blocks[b], g, head);
+    const int at = static_cast<int>(b - begin) * block;
+    for (int i = 0; i < block; ++i) {
+      if (base + (order ? order[i] : i) >= limit) fn(at + i);
+    }
+  }
+  if (!with_tail) return;
+  const int at = (end - begin) * block;
+  for (std::int64_t t = std::max<std::int64_t>(0, limit - layer.tail.begin); t < layer.tail.len; ++t) {
+    fn(at + static_cast<int>(t));
+  }
+}
+
+// Softmax-weighted attention of `rows` query rows (one KV head) over blocks [begin, end) (and the
+// tail): row r sees the positions < limits[r]. Writes each row's max score, sum of exponentials
+// (-inf and 0 when it sees none of the chunk) and unnormalised output.
 template <class T>
-void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const float* qf, int gs, int begin, int end,
-               bool with_tail, Partial& partial, float* o) {
+void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const float* qf, const std::int64_t* limits,
+               int rows, int begin, int end, bool with_tail, float* row_max, float* row_sum, float* o) {
   const Kernels& kern = kernels();
   const format::BlockGeometry& g = ctx.codec.geometry;
   const CpuLayerStore<T>& store = store_of<T>(layer);
@@ -43,67 +63,111 @@ void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const f
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
   const int tail = with_tail ? layer.tail.len : 0;
   const int tokens = (end - begin) * block + tail;
-  for (int i = 0; i < kMaxGroup; ++i) {
-    partial.max[i] = -INFINITY;
-    partial.sum[i] = 0.0f;
-  }
+  std::fill(row_max, row_max + rows, -INFINITY);
+  std::fill(row_sum, row_sum + rows, 0.0f);
   if (tokens == 0) {
-    std::fill(o, o + static_cast<std::size_t>(gs) * dim, 0.0f);
+    std::fill(o, o + static_cast<std::size_t>(rows) * dim, 0.0f);
     return;
   }
   thread_local std::vector<float> s;
   thread_local AlignedFloats acc;
+  thread_local std::vector<const std::uint8_t*> blocks;
   const std::size_t stride = static_cast<std::size_t>(tokens);
-  s.resize(static_cast<std::size_t>(gs) * stride);
-  acc.assign(static_cast<std::size_t>(gs) * dim * 8, 0.0f);
+  s.resize(static_cast<std::size_t>(rows) * stride);
+  acc.assign(static_cast<std::size_t>(rows) * dim * 8, 0.0f);
+  blocks.resize(static_cast<std::size_t>(end));
+  for (int b = begin; b < end; ++b) blocks[static_cast<std::size_t>(b)] = store.blocks[static_cast<std::size_t>(b)].data;
   const format::SectionLayout k_layout = g.k_layout(), v_layout = g.v_layout();
   for (int b = begin; b < end; ++b) {
-    const std::uint8_t* data = store.blocks[static_cast<std::size_t>(b)].data;
-    kern.section_scores(k_layout, g.k_per_channel, format::section(data, g, head, Side::k), qf, gs,
-                        s.data() + static_cast<std::size_t>(b - begin) * block, stride);
+    const std::uint8_t* section = format::section(blocks[static_cast<std::size_t>(b)], g, head, Side::k);
+    for (int r0 = 0; r0 < rows; r0 += kMaxGroup) {
+      kern.section_scores(k_layout, g.k_per_channel, section, qf + static_cast<std::size_t>(r0) * dim,
+                          std::min(kMaxGroup, rows - r0), s.data() + r0 * stride + static_cast<std::size_t>(b - begin) * block,
+                          stride);
+    }
   }
   const std::size_t tail_at = static_cast<std::size_t>(end - begin) * block;
   const DenseKernels<T>& dense = kern.dense<T>();
   if (tail > 0) {
     for_each_tail_run(layer.tail, [&](int first, int row, int count) {
-      dense.scores(ring_row(store.ring_k.get(), row, row_elems, head, dim), row_elems, count, dim, qf, gs,
-                   s.data() + tail_at + first, stride);
+      for (int r0 = 0; r0 < rows; r0 += kMaxGroup) {
+        dense.scores(ring_row(store.ring_k.get(), row, row_elems, head, dim), row_elems, count, dim,
+                     qf + static_cast<std::size_t>(r0) * dim, std::min(kMaxGroup, rows - r0),
+                     s.data() + r0 * stride + tail_at + first, stride);
+      }
     });
   }
-  kern.softmax_rows(s.data(), tokens, stride, gs, partial.max, partial.sum);
-  float min_term[kMaxGroup] = {};
+  // Causal mask: a row sees nothing from its limit on. Masked scores go to -inf for the softmax,
+  // and their weights to exactly 0 after it (the vector exp clamps its argument).
+  const std::int64_t chunk_first = static_cast<std::int64_t>(begin) * block;
+  const std::int64_t chunk_end = with_tail ? layer.length : static_cast<std::int64_t>(end) * block;
+  for (int r = 0; r < rows; ++r) {
+    float* row = s.data() + r * stride;
+    const std::int64_t limit = limits[r];
+    if (limit <= chunk_first) {
+      std::fill(row, row + tokens, 0.0f);  // sees none of the chunk: max -inf, sum 0
+      continue;
+    }
+    const bool masked = limit < chunk_end;
+    if (masked) {
+      for_each_masked(g, layer, blocks.data(), head, begin, end, with_tail, limit,
+                      [&](int i) { row[i] = -INFINITY; });
+    }
+    kern.softmax_rows(row, tokens, stride, 1, row_max + r, row_sum + r);
+    if (masked) {
+      for_each_masked(g, layer, blocks.data(), head, begin, end, with_tail, limit, [&](int i) { row[i] = 0.0f; });
+    }
+  }
+  thread_local std::vector<float> min_term;
+  min_term.assign(static_cast<std::size_t>(rows), 0.0f);
   for (int b = begin; b < end; ++b) {
-    const std::uint8_t* data = store.blocks[static_cast<std::size_t>(b)].data;
-    kern.section_accumulate_v(v_layout, format::section(data, g, head, Side::v),
-                              s.data() + static_cast<std::size_t>(b - begin) * block, stride, gs, acc.data(), min_term);
+    const std::uint8_t* section = format::section(blocks[static_cast<std::size_t>(b)], g, head, Side::v);
+    for (int r0 = 0; r0 < rows; r0 += kMaxGroup) {
+      kern.section_accumulate_v(v_layout, section, s.data() + r0 * stride + static_cast<std::size_t>(b - begin) * block,
+                                stride, std::min(kMaxGroup, rows - r0), acc.data() + static_cast<std::size_t>(r0) * dim * 8,
+                                min_term.data() + r0);
+    }
   }
   if (tail > 0) {
     for_each_tail_run(layer.tail, [&](int first, int row, int count) {
-      dense.accumulate_v(ring_row(store.ring_v.get(), row, row_elems, head, dim), row_elems, count, dim,
-                         s.data() + tail_at + first, stride, gs, acc.data());
+      for (int r0 = 0; r0 < rows; r0 += kMaxGroup) {
+        dense.accumulate_v(ring_row(store.ring_v.get(), row, row_elems, head, dim), row_elems, count, dim,
+                           s.data() + r0 * stride + tail_at + first, stride, std::min(kMaxGroup, rows - r0),
+                           acc.data() + static_cast<std::size_t>(r0) * dim * 8);
+      }
     });
   }
-  finish_v(acc.data(), min_term, gs, dim, o);
+  finish_v(acc.data(), min_term.data(), rows, dim, o);
 }
 
 }  // namespace
 
 template <class T>
-void decode_attention(const ReadContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float scale) {
+void causal_attention(const ReadContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float* lse,
+                      float scale) {
   const format::BlockGeometry& g = ctx.codec.geometry;
   const int kv_heads = g.num_heads, dim = g.head_dim, threads = ctx.threads;
   const int group = ctx.num_q_heads / kv_heads;
-  const int subgroups = (group + kMaxGroup - 1) / kMaxGroup;
 
-  // Tasks: (sequence, KV head, query subgroup, range of blocks); the last range takes the tail.
+  // Tasks: (sequence, KV head, tile of query rows, range of blocks); the last range takes the tail.
+  // Row r of a (sequence, KV head) is query r / group, head r % group of the group.
   struct Task {
-    int batch, head, subgroup, block_begin, block_end;
+    int batch, head, row_begin, rows, block_begin, block_end;
     bool tail;
+    std::size_t out_at;  // first row of the task's partial outputs
   };
-  std::vector<Task> tasks;
-  const std::size_t base_tasks = batch.size() * static_cast<std::size_t>(kv_heads * subgroups);
+  std::vector<std::size_t> first_query(batch.size());
+  std::size_t base_tasks = 0, queries = 0;
   for (std::size_t b = 0; b < batch.size(); ++b) {
-    const int blocks = batch[b].num_blocks;
+    first_query[b] = queries;
+    queries += static_cast<std::size_t>(batch[b].queries);
+    const int rows = batch[b].queries * group;
+    base_tasks += static_cast<std::size_t>(kv_heads) * static_cast<std::size_t>((rows + kMaxTaskRows - 1) / kMaxTaskRows);
+  }
+  std::vector<Task> tasks;
+  std::size_t partial_rows = 0;
+  for (std::size_t b = 0; b < batch.size(); ++b) {
+    const int blocks = batch[b].num_blocks, rows = batch[b].queries * group;
     // Split only when the batch alone cannot keep every thread busy.
     int chunks = 1;
     if (base_tasks < static_cast<std::size_t>(2 * threads)) {
@@ -112,57 +176,67 @@ void decode_attention(const ReadContext& ctx, std::span<const LayerRead> batch, 
       chunks = std::min(wanted, by_size);
     }
     for (int h = 0; h < kv_heads; ++h) {
-      for (int sg = 0; sg < subgroups; ++sg) {
+      for (int r0 = 0; r0 < rows; r0 += kMaxTaskRows) {
+        const int n = std::min(kMaxTaskRows, rows - r0);
         for (int c = 0; c < chunks; ++c) {
-          tasks.push_back(Task{static_cast<int>(b), h, sg, blocks * c / chunks, blocks * (c + 1) / chunks,
-                               c == chunks - 1});
+          tasks.push_back(Task{static_cast<int>(b), h, r0, n, blocks * c / chunks, blocks * (c + 1) / chunks,
+                               c == chunks - 1, partial_rows});
+          partial_rows += static_cast<std::size_t>(n);
         }
       }
     }
   }
 
-  std::vector<Partial> partials(tasks.size());
-  std::vector<float> outputs(tasks.size() * static_cast<std::size_t>(kMaxGroup) * dim);
+  // Where row r of (sequence b, KV head h) reads its query and writes its output and lse.
+  auto query_row = [&](int b, int h, int r) {
+    return (first_query[static_cast<std::size_t>(b)] + static_cast<std::size_t>(r / group)) * ctx.num_q_heads +
+           static_cast<std::size_t>(h) * group + static_cast<std::size_t>(r % group);
+  };
+  std::vector<float> maxes(partial_rows), sums(partial_rows), outputs(partial_rows * static_cast<std::size_t>(dim));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (std::size_t ti = 0; ti < tasks.size(); ++ti) {
     const Task& task = tasks[ti];
-    const int g0 = task.subgroup * kMaxGroup;
-    const int gs = std::min(kMaxGroup, group - g0);
+    const LayerRead& layer = batch[static_cast<std::size_t>(task.batch)];
     thread_local std::vector<float> qf;
-    qf.resize(static_cast<std::size_t>(gs) * dim);
-    const T* qb = q + (static_cast<std::size_t>(task.batch) * ctx.num_q_heads +
-                       static_cast<std::size_t>(task.head) * group + g0) * dim;
-    for (int i = 0; i < gs * dim; ++i) qf[static_cast<std::size_t>(i)] = to_float(qb[i]) * scale;
-    run_chunk<T>(ctx, batch[static_cast<std::size_t>(task.batch)], task.head, qf.data(), gs, task.block_begin,
-                 task.block_end, task.tail, partials[ti], outputs.data() + ti * kMaxGroup * dim);
+    thread_local std::vector<std::int64_t> limits;
+    qf.resize(static_cast<std::size_t>(task.rows) * dim);
+    limits.resize(static_cast<std::size_t>(task.rows));
+    for (int i = 0; i < task.rows; ++i) {
+      const int r = task.row_begin + i;
+      const T* src = q + query_row(task.batch, task.head, r) * dim;
+      for (int c = 0; c < dim; ++c) qf[static_cast<std::size_t>(i) * dim + c] = to_float(src[c]) * scale;
+      limits[static_cast<std::size_t>(i)] = layer.length - layer.queries + r / group + 1;
+    }
+    run_chunk<T>(ctx, layer, task.head, qf.data(), limits.data(), task.rows, task.block_begin, task.block_end, task.tail,
+                 maxes.data() + task.out_at, sums.data() + task.out_at, outputs.data() + task.out_at * dim);
   }
 
-  // Merge the chunks of each (sequence, KV head, subgroup), in task order.
+  // Merge the chunks of each (sequence, KV head, row tile), in task order.
   std::vector<float> merged(static_cast<std::size_t>(dim));
   for (std::size_t ti = 0; ti < tasks.size();) {
     std::size_t end = ti;
     while (end < tasks.size() && tasks[end].batch == tasks[ti].batch && tasks[end].head == tasks[ti].head &&
-           tasks[end].subgroup == tasks[ti].subgroup) {
+           tasks[end].row_begin == tasks[ti].row_begin) {
       ++end;
     }
     const Task& task = tasks[ti];
-    const int g0 = task.subgroup * kMaxGroup;
-    const int gs = std::min(kMaxGroup, group - g0);
-    for (int gi = 0; gi < gs; ++gi) {
+    for (int i = 0; i < task.rows; ++i) {
       SoftmaxMerge m;
-      for (std::size_t t = ti; t < end; ++t) m.observe(partials[t].max[gi]);
+      for (std::size_t t = ti; t < end; ++t) m.observe(maxes[tasks[t].out_at + static_cast<std::size_t>(i)]);
       std::fill(merged.begin(), merged.end(), 0.0f);
       for (std::size_t t = ti; t < end; ++t) {
-        m.add(partials[t].max[gi], partials[t].sum[gi]);
-        const float w = m.weight(partials[t].max[gi]);
-        if (w == 0.0f) continue;  // an empty chunk
-        const float* o = outputs.data() + (t * kMaxGroup + static_cast<std::size_t>(gi)) * dim;
+        const std::size_t at = tasks[t].out_at + static_cast<std::size_t>(i);
+        m.add(maxes[at], sums[at]);
+        const float w = m.weight(maxes[at]);
+        if (w == 0.0f) continue;  // a chunk the row does not see
+        const float* o = outputs.data() + at * dim;
         for (int c = 0; c < dim; ++c) merged[static_cast<std::size_t>(c)] += w * o[c];
       }
       const float inv = 1.0f / m.sum;
-      T* dst = out + (static_cast<std::size_t>(task.batch) * ctx.num_q_heads +
-                      static_cast<std::size_t>(task.head) * group + g0 + gi) * dim;
+      const std::size_t row = query_row(task.batch, task.head, task.row_begin + i);
+      T* dst = out + row * dim;
       for (int c = 0; c < dim; ++c) dst[c] = from_float<T>(merged[static_cast<std::size_t>(c)] * inv);
+      if (lse != nullptr) lse[row] = m.lse();
     }
     ti = end;
   }
@@ -261,7 +335,7 @@ void read_back(const ReadContext& ctx, const LayerRead& layer, float* k, float* 
 }
 
 #define PACKKV_INSTANTIATE_READERS(T)                                                                           \
-  template void decode_attention<T>(const ReadContext&, std::span<const LayerRead>, const T*, T*, float);     \
+  template void causal_attention<T>(const ReadContext&, std::span<const LayerRead>, const T*, T*, float*, float); \
   template void scores<T>(const ReadContext&, const LayerRead&, const T*, float*);                            \
   template void attn_v<T>(const ReadContext&, const LayerRead&, const float*, float*);                        \
   template void read_back<T>(const ReadContext&, const LayerRead&, float*, float*);

@@ -1,4 +1,4 @@
-// The CPU backend's readers: decode attention over packed blocks and the tail (split across
+// The CPU backend's readers: decode and causal multi-query attention over packed blocks and the tail (split across
 // threads flash-decoding style), the scores and attn_v primitives, and read_back.
 #pragma once
 
@@ -15,8 +15,11 @@ struct ReadContext {
   int threads;
 };
 
+/// Attention of each sequence's LayerRead::queries queries (causal among themselves; one in
+/// decode), split across threads flash-decoding style; lse may be null.
 template <class T>
-void decode_attention(const ReadContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float scale);
+void causal_attention(const ReadContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float* lse,
+                      float scale);
 template <class T>
 void scores(const ReadContext& ctx, const LayerRead& layer, const T* q, float* scores);
 template <class T>

@@ -307,16 +307,17 @@ class CpuBackend final : public Backend<T> {
 
   // ---- reads ----
 
-  void attention(std::span<const LayerRead> batch, const T* q, T* out, float scale) const override {
-    check_finite(q, batch.size() * static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim,
-                 "attention: query");
-    decode_attention<T>(read_, batch, q, out, scale);
+  void attention(std::span<const LayerRead> batch, const T* q, T* out, float* lse, float scale, void*) const override {
+    std::size_t queries = 0;
+    for (const LayerRead& l : batch) queries += static_cast<std::size_t>(l.queries);
+    check_finite(q, queries * static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim, "attention: query");
+    causal_attention<T>(read_, batch, q, out, lse, scale);
   }
-  void scores(const LayerRead& layer, const T* q, float* out) const override {
+  void scores(const LayerRead& layer, const T* q, float* out, void*) const override {
     check_finite(q, static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim, "scores: query");
     cpu::scores<T>(read_, layer, q, out);
   }
-  void attn_v(const LayerRead& layer, const float* weights, float* out) const override {
+  void attn_v(const LayerRead& layer, const float* weights, float* out, void*) const override {
     check_finite(weights, static_cast<std::size_t>(read_.num_q_heads) * static_cast<std::size_t>(layer.length),
                  "attn_v: weights");
     cpu::attn_v<T>(read_, layer, weights, out);

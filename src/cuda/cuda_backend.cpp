@@ -35,7 +35,10 @@ class CudaBackend final : public Backend<T> {
 
   void check_values(std::span<const LayerWrite<T>> writes) override {
     const std::lock_guard lock(ctx_.mutex);
+    // Only strict mode queues work here (its validation kernel).
+    CallerStream caller(ctx_, ctx_.strict && !writes.empty() ? writes.front().stream : nullptr);
     cuda::check_values<T>(ctx_, writes);
+    caller.finish();
   }
   std::unique_ptr<PreparedWrite> prepare(std::span<const LayerWrite<T>> writes) override {
     const std::lock_guard lock(ctx_.mutex);
@@ -43,7 +46,9 @@ class CudaBackend final : public Backend<T> {
   }
   void commit(PreparedWrite& prepared) override {
     const std::lock_guard lock(ctx_.mutex);
+    CallerStream caller(ctx_, caller_stream<T>(prepared));
     commit_write<T>(ctx_, prepared);
+    caller.finish();
   }
 
   std::size_t resident_bytes() const override { return ctx_.resident_bytes(); }
@@ -94,17 +99,24 @@ class CudaBackend final : public Backend<T> {
     return pages * ctx_.pool.page_bytes();
   }
 
-  void attention(std::span<const LayerRead> batch, const T* q, T* out, float scale) const override {
+  void attention(std::span<const LayerRead> batch, const T* q, T* out, float* lse, float scale,
+                 void* stream) const override {
     const std::lock_guard lock(ctx_.mutex);
-    cuda::attention<T>(ctx_, batch, q, out, scale);
+    CallerStream caller(ctx_, stream);
+    cuda::attention<T>(ctx_, batch, q, out, lse, scale);
+    caller.finish();
   }
-  void scores(const LayerRead& layer, const T* q, float* out) const override {
+  void scores(const LayerRead& layer, const T* q, float* out, void* stream) const override {
     const std::lock_guard lock(ctx_.mutex);
+    CallerStream caller(ctx_, stream);
     cuda::scores<T>(ctx_, layer, q, out);
+    caller.finish();
   }
-  void attn_v(const LayerRead& layer, const float* weights, float* out) const override {
+  void attn_v(const LayerRead& layer, const float* weights, float* out, void* stream) const override {
     const std::lock_guard lock(ctx_.mutex);
+    CallerStream caller(ctx_, stream);
     cuda::attn_v<T>(ctx_, layer, weights, out);
+    caller.finish();
   }
   void read_back(const LayerRead& layer, float* k, float* v) const override {
     const std::lock_guard lock(ctx_.mutex);

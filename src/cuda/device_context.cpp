@@ -55,6 +55,8 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
   shape.heads_per_cta = heads_per_cta;
   shape.subgroups = subgroups;
   fast = plan_fast_attention(shape, shared_optin);
+  shape.group = kMaxHeadsPerCta;  // as many rows per CTA as the kernel takes (several queries)
+  fast_multi = plan_fast_attention(shape, shared_optin);
   const std::size_t needed = std::max(encode_shared_bytes(geometry), read_shared_bytes(geometry));
   PACKKV_REQUIRE(needed <= static_cast<std::size_t>(shared_optin),
                  fmt::format("block_tokens {} x head_dim {} needs {} bytes of shared memory per CUDA block, the "
@@ -71,6 +73,9 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
 
 DeviceContext::~DeviceContext() {
   cudaStreamSynchronize(stream);  // kernels may still write the mapped words freed below
+  for (cudaEvent_t& e : join_events_) {
+    if (e != nullptr) cudaEventDestroy(e);
+  }
   workspace = DeviceBuffer();
   tickets = DeviceBuffer();
   launch_params = DeviceBuffer();
@@ -211,6 +216,37 @@ float* DeviceContext::workspace_floats(std::size_t floats) {
     workspace = DeviceBuffer(std::max(floats * sizeof(float), 2 * workspace.bytes()), stream);
   }
   return workspace.as<float>();
+}
+
+cudaEvent_t DeviceContext::join_event(int which) {
+  cudaEvent_t& e = join_events_[which];
+  if (e == nullptr) check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "creating a stream-join event");
+  return e;
+}
+
+CallerStream::CallerStream(DeviceContext& ctx, void* caller) : ctx_(ctx) {
+  const auto stream = static_cast<cudaStream_t>(caller);
+  if (stream == nullptr || stream == ctx.stream) return;
+  cudaEvent_t before = ctx.join_event(0);
+  ctx.join_event(1);  // made now, so that the destructor never has to
+  check_cuda(cudaEventRecord(before, stream), "recording an event on the caller's stream");
+  check_cuda(cudaStreamWaitEvent(ctx.stream, before, 0), "joining the caller's stream");
+  caller_ = stream;
+}
+
+void CallerStream::finish() {
+  if (caller_ == nullptr) return;
+  const cudaStream_t caller = caller_;
+  caller_ = nullptr;
+  cudaEvent_t after = ctx_.join_event(1);
+  check_cuda(cudaEventRecord(after, ctx_.stream), "recording an event on the cache's stream");
+  check_cuda(cudaStreamWaitEvent(caller, after, 0), "joining back to the caller's stream");
+}
+
+CallerStream::~CallerStream() {
+  if (caller_ == nullptr) return;
+  cudaEvent_t after = ctx_.join_event(1);  // made by the constructor's call already
+  if (cudaEventRecord(after, ctx_.stream) == cudaSuccess) cudaStreamWaitEvent(caller_, after, 0);
 }
 
 }  // namespace packkv::detail::cuda

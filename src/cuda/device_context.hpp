@@ -104,6 +104,7 @@ class DeviceContext {
   std::size_t slot_bytes;     ///< a worst-case block, 256-byte aligned (staging slots)
   int sm_count = 1;
   FastPlan fast{};            ///< the fast read path's plan for this geometry (usable or not)
+  FastPlan fast_multi{};      ///< the same with the most rows per CTA (attention of several queries)
 
   // ---- device state ----
   cudaStream_t stream = nullptr;
@@ -158,11 +159,33 @@ class DeviceContext {
   /// At least `count` merge counters, all zero (new ones are cleared in stream order).
   unsigned* ticket_words(std::size_t count);
   void set_error_stream() { error_claim_.set_stream(stream); }
+  /// Two events for joining a caller's stream to `stream` (CallerStream), made on first use.
+  cudaEvent_t join_event(int which);
 
  private:
+  cudaEvent_t join_events_[2] = {nullptr, nullptr};
   DeviceError* error_host_ = nullptr;
   DeviceError* error_device_ = nullptr;
   DeviceBuffer error_claim_;  ///< device memory: the claim word of the error record
+};
+
+/// A call made on the caller's stream (the calls that take a cudaStream_t). The cache keeps all
+/// its work on its own stream (stream-ordered frees and page reuse rely on one order), so the
+/// call's work goes there between two joins: the cache's stream waits for what the caller queued
+/// before the call, and the caller's stream waits for the call's work. Events only, no host wait.
+/// Construct and finish() under the context's mutex.
+class CallerStream {
+ public:
+  CallerStream(DeviceContext& ctx, void* caller);
+  ~CallerStream();  // joins back on the way out of a failed call too (best effort)
+  CallerStream(const CallerStream&) = delete;
+  CallerStream& operator=(const CallerStream&) = delete;
+  /// The caller's stream waits for everything the call queued; throws on a CUDA error.
+  void finish();
+
+ private:
+  DeviceContext& ctx_;
+  cudaStream_t caller_ = nullptr;  ///< null when the call runs on the cache's stream anyway
 };
 
 }  // namespace packkv::detail::cuda

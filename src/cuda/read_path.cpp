@@ -53,9 +53,9 @@ Split choose_split(const DeviceContext& ctx, int max_units, int ctas_per_split) 
 
 // The fast path's split: enough one-warp CTAs to fill every SM with the resident CTAs its shared
 // memory allows, and no more packed blocks per CTA than it keeps spans for.
-Split choose_fast_split(const DeviceContext& ctx, int max_units, int ctas_per_split) {
+Split choose_fast_split(const DeviceContext& ctx, const FastPlan& plan, int max_units, int ctas_per_split) {
   max_units = std::max(max_units, 1);
-  const int target = ctx.sm_count * ctx.fast.ctas_per_sm;
+  const int target = ctx.sm_count * plan.ctas_per_sm;
   int splits = std::clamp((target + ctas_per_split - 1) / ctas_per_split, 1, max_units);
   splits = std::max(splits, (max_units + kFastMaxBlocksPerCta - 1) / kFastMaxBlocksPerCta);
   const int per_split = (max_units + splits - 1) / splits;
@@ -66,40 +66,55 @@ Split choose_fast_split(const DeviceContext& ctx, int max_units, int ctas_per_sp
 }  // namespace
 
 template <class T>
-void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float scale) {
+void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float* lse, float scale) {
   ctx.raise_device_error();
   const std::size_t q_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.geometry.head_dim;
   const bool fast = ctx.fast.usable;
+  // Several queries per sequence: a CTA takes as many rows as the kernel allows, so each packed
+  // block is decoded once per 8 (query, head) rows instead of once per query.
+  const bool multi = std::any_of(batch.begin(), batch.end(), [](const LayerRead& l) { return l.queries > 1; });
+  const FastPlan& plan = multi ? ctx.fast_multi : ctx.fast;
+  const int heads_per_cta = fast ? plan.heads_per_cta : (multi ? kMaxHeadsPerCta : ctx.heads_per_cta);
+  std::size_t first_query = 0;  // of the launch, in q, out and lse
   for (std::size_t first = 0; first < batch.size(); first += kMaxBatchPerLaunch) {
     const int count = static_cast<int>(std::min<std::size_t>(kMaxBatchPerLaunch, batch.size() - first));
     AttentionParams<T> params{};
     params.shape = read_shape(ctx);
-    if (fast) {
-      params.shape.heads_per_cta = ctx.fast.heads_per_cta;
-      params.shape.subgroups = ctx.fast.subgroups;
-    }
     params.batch = count;
-    int max_units = 0;
+    int max_units = 0, max_rows = 0, queries = 0;
     for (int b = 0; b < count; ++b) {
-      params.seqs[b] = view<T>(ctx, batch[first + static_cast<std::size_t>(b)]);
+      const LayerRead& layer = batch[first + static_cast<std::size_t>(b)];
+      params.seqs[b] = view<T>(ctx, layer);
+      params.query_first[b] = queries;
+      params.query_count[b] = layer.queries;
+      queries += layer.queries;
       max_units = std::max(max_units, params.seqs[b].num_units(ctx.geometry.block_tokens));
+      max_rows = std::max(max_rows, layer.queries * ctx.group);
     }
+    params.queries = queries;
+    // CTAs per KV head cover the longest sequence's rows; a shorter one's extra CTAs return at once.
+    params.shape.heads_per_cta = std::min(heads_per_cta, max_rows);
+    params.shape.subgroups = (max_rows + params.shape.heads_per_cta - 1) / params.shape.heads_per_cta;
     const int ctas_per_split = count * ctx.geometry.num_heads * params.shape.subgroups;
-    const Split split = fast ? choose_fast_split(ctx, max_units, ctas_per_split) : choose_split(ctx, max_units, ctas_per_split);
+    const Split split =
+        fast ? choose_fast_split(ctx, plan, max_units, ctas_per_split) : choose_split(ctx, max_units, ctas_per_split);
     params.units_per_split = split.units_per_split;
     params.num_splits = split.splits;
-    params.q = q + first * q_stride;
-    params.out = out + first * q_stride;
+    params.q = q + first_query * q_stride;
+    params.out = out + first_query * q_stride;
+    params.lse = lse != nullptr ? lse + first_query * static_cast<std::size_t>(ctx.num_q_heads) : nullptr;
     params.softmax_scale = scale;
-    params.partials = ctx.workspace_floats(static_cast<std::size_t>(count) * ctx.num_q_heads * split.splits * (ctx.geometry.head_dim + 2));
+    params.partials = ctx.workspace_floats(static_cast<std::size_t>(queries) * ctx.num_q_heads * split.splits *
+                                           (ctx.geometry.head_dim + 2));
     if (fast) {
-      params.stages = ctx.fast.stages;
+      params.stages = plan.stages;
       params.tickets = ctx.ticket_words(static_cast<std::size_t>(count) * ctx.geometry.num_heads * params.shape.subgroups);
       params.errors = ctx.errors_for(first, 0);  // the kernel adds its batch index
-      check_cuda(launch_fast_attention(params, ctx.fast.shared_bytes, ctx.stream), "attention kernel launch");
+      check_cuda(launch_fast_attention(params, plan.shared_bytes, ctx.stream), "attention kernel launch");
     } else {
       check_cuda(launch_attention(params, ctx.stream), "attention kernel launch");
     }
+    first_query += static_cast<std::size_t>(queries);
   }
 }
 
@@ -300,7 +315,7 @@ void download_tail(DeviceContext& ctx, const LayerRead& layer, T* tail_k, T* tai
 
 
 #define PACKKV_INSTANTIATE_READS(T)                                                                       \
-  template void attention<T>(DeviceContext&, std::span<const LayerRead>, const T*, T*, float);           \
+  template void attention<T>(DeviceContext&, std::span<const LayerRead>, const T*, T*, float*, float);           \
   template void scores<T>(DeviceContext&, const LayerRead&, const T*, float*);                           \
   template void attn_v<T>(DeviceContext&, const LayerRead&, const float*, float*);                       \
   template void read_back<T>(DeviceContext&, const LayerRead&, float*, float*);                          \

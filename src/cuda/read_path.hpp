@@ -10,7 +10,7 @@
 namespace packkv::detail::cuda {
 
 template <class T>
-void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float scale);
+void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float* lse, float scale);
 template <class T>
 void scores(DeviceContext& ctx, const LayerRead& layer, const T* q, float* scores);
 template <class T>

@@ -26,6 +26,7 @@ struct LayerPlan {
 template <class T>
 class CudaPrepared final : public PreparedWrite {
  public:
+  void* caller_stream = nullptr;  ///< the write's CUDA stream (LayerWrite::stream)
   std::size_t resident_after() const override { return ctx->resident_bytes() + layer_growth() + scratch_growth(); }
   /// Pages, tables, page lists and rings the write adds.
   std::size_t layer_growth() const {
@@ -359,7 +360,14 @@ std::unique_ptr<PreparedWrite> plan_writes(DeviceContext& ctx, std::span<const L
 template <class T>
 std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const LayerWrite<T>> writes) {
   ctx.raise_device_error();
-  return plan_writes<T>(ctx, writes);
+  std::unique_ptr<PreparedWrite> prepared = plan_writes<T>(ctx, writes);
+  if (!writes.empty()) static_cast<CudaPrepared<T>&>(*prepared).caller_stream = writes.front().stream;
+  return prepared;
+}
+
+template <class T>
+void* caller_stream(const PreparedWrite& prepared) {
+  return static_cast<const CudaPrepared<T>&>(prepared).caller_stream;
 }
 
 template <class T>
@@ -619,7 +627,8 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
   template std::unique_ptr<PreparedWrite> prepare_write<T>(DeviceContext&, std::span<const LayerWrite<T>>); \
   template std::size_t worst_case_growth<T>(DeviceContext&, std::span<const GrowthQuery>,                   \
                                             std::deque<CudaLayerStore>&);                                     \
-  template void commit_write<T>(DeviceContext&, PreparedWrite&);
+  template void commit_write<T>(DeviceContext&, PreparedWrite&);                                            \
+  template void* caller_stream<T>(const PreparedWrite&);
 PACKKV_INSTANTIATE_WRITES(float)
 PACKKV_INSTANTIATE_WRITES(fp16_t)
 PACKKV_INSTANTIATE_WRITES(bf16_t)

@@ -18,6 +18,9 @@ template <class T>
 std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const LayerWrite<T>> writes);
 template <class T>
 void commit_write(DeviceContext& ctx, PreparedWrite& prepared);
+/// The CUDA stream the write was made on (LayerWrite::stream; null: the cache's).
+template <class T>
+void* caller_stream(const PreparedWrite& prepared);
 /// An upper bound of the resident growth of appending `queries` (device tokens): what
 /// prepare_write would count, without the device error check. `fresh` holds an empty store for
 /// each query without one (made by the caller: a store's destructor takes the context's mutex).

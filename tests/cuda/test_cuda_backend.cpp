@@ -648,6 +648,117 @@ TEST(Cuda, StrictBatchedAppendRefusesABadLastEntryWholesale) {
   for (std::size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(cache.export_sequence(ids[i]), before[i]);
 }
 
+// ---- attention_causal: several queries per sequence, causal among themselves -------------------
+
+template <class T>
+void compare_causal(CachePair<T>& pair, const std::vector<SeqId>& ids, const std::vector<int>& counts, int layer,
+                    std::uint64_t seed, const std::string& label) {
+  const CacheConfig& c = pair.cpu.config();
+  const int queries = std::accumulate(counts.begin(), counts.end(), 0);
+  const std::size_t q_count = static_cast<std::size_t>(queries) * c.num_q_heads * c.head_dim;
+  const auto q = convert<T>(random_values(q_count, seed));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  std::vector<T> cpu_out(q_count);
+  std::vector<float> cpu_lse(static_cast<std::size_t>(queries) * c.num_q_heads);
+  pair.cpu.attention_causal(ids, counts, layer, q.data(), cpu_out.data(), scale, cpu_lse.data());
+  DeviceArray<T> dq(q), dout(q_count);
+  DeviceArray<float> dlse(cpu_lse.size());
+  dout.poison();
+  dlse.poison();
+  pair.gpu.attention_causal(ids, counts, layer, dq.get(), dout.get(), scale, dlse.get());
+  expect_close(dout.download(), cpu_out, output_rtol<T>(), 2e-5, label + " attention_causal");
+  expect_close(dlse.download(), cpu_lse, 1e-5, 1e-6, label + " lse");
+}
+
+// The fast path (head_dim 64/128/256, per-token K: up to 8 or 4 rows per CTA) and the first read
+// path (other head dims, per-channel K); masked keys in packed blocks (residual 0) and in the tail.
+TYPED_TEST(CudaTyped, CausalAttentionMatchesCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  // (head_dim, query heads per KV head, residual, K mode)
+  for (auto [dim, group, residual, mode] :
+       {std::tuple{128, 4, 0, QuantMode::per_token}, std::tuple{64, 8, 24, QuantMode::per_token},
+        std::tuple{256, 2, 0, QuantMode::per_token}, std::tuple{40, 4, 0, QuantMode::per_token},
+        std::tuple{128, 4, 16, QuantMode::per_channel}}) {
+    CacheConfig c = base_config();
+    c.head_dim = dim;
+    c.num_q_heads = c.num_kv_heads * group;
+    c.residual_tokens = residual;
+    c.k_mode = mode;
+    CachePair<TypeParam> pair(c);
+    const std::vector<SeqId> ids = {1, 2, 3, 4};
+    const std::vector<int> lengths = {200, 70, 129, 5}, counts = {9, 1, 70, 5};
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      pair.add(ids[i]);
+      pair.append(ids[i], 1, lengths[i], 300 + i);
+    }
+    compare_causal(pair, ids, counts, 1, 77, "head_dim " + std::to_string(dim) + " group " + std::to_string(group));
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+// A long sequence: the queries' rows are split across many CTAs and merged with their lse.
+TEST(Cuda, CausalAttentionOverManySplitsMatchesCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CachePair<fp16_t> pair(base_config());
+  pair.add(7);
+  pair.append(7, 0, 3000, 41);
+  compare_causal(pair, {7}, {12}, 0, 43, "3000 tokens");
+}
+
+#if defined(PACKKV_CUDA_EMULATION)
+// A call given a stream of its own joins it to the cache's stream both ways: the cache's stream
+// waits for what the caller queued before the call, the caller's waits for the call's kernels.
+TEST(CudaEmulated, PerCallStreamsAreJoinedToTheCachesStream) {
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  PackedKVCache<float> cache(c);
+  cudaStream_t mine = nullptr;
+  cuda_ok(cudaStreamCreate(&mine), "cudaStreamCreate");
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  DeviceArray<float> dk(random_values(100 * row, 3)), dq(random_values(static_cast<std::size_t>(c.num_q_heads) * c.head_dim, 4));
+  DeviceArray<float> dout(static_cast<std::size_t>(c.num_q_heads) * c.head_dim);
+  cache.add_sequence(1);
+  const auto& waits = packkv_emulator::stream_waits();
+
+  // Without a stream of its own a call makes no join.
+  std::size_t seen = waits.size();
+  cache.append(1, 0, dk.get(), dk.get(), 100);
+  EXPECT_EQ(waits.size(), seen);
+
+  // Each call on `mine`: first the cache's stream (null) waits for `mine` as it stood before the
+  // call's kernels, and last `mine` waits for the cache's stream after all of them.
+  auto check_joined = [&](const char* what, auto&& call) {
+    const std::size_t first = waits.size();
+    const std::uint64_t launches_before = packkv_emulator::launch_count();
+    call();
+    const std::uint64_t launches_after = packkv_emulator::launch_count();
+    EXPECT_GT(launches_after, launches_before) << what;
+    ASSERT_GE(waits.size(), first + 2) << what;
+    const auto& in = waits[first];
+    EXPECT_EQ(in.waiter, nullptr) << what;
+    EXPECT_EQ(in.recorded_on, mine) << what;
+    EXPECT_EQ(in.launches_before, launches_before) << what;
+    const auto& out = waits.back();
+    EXPECT_EQ(out.waiter, mine) << what;
+    EXPECT_EQ(out.recorded_on, nullptr) << what;
+    EXPECT_EQ(out.launches_before, launches_after) << what;
+  };
+  const SeqId id = 1;
+  const int one = 1;
+  check_joined("append", [&] { cache.append(1, 0, dk.get(), dk.get(), 30, mine); });
+  check_joined("append_batch",
+               [&] { cache.append_batch(std::span(&id, 1), 1, dk.get(), dk.get(), std::span(&one, 1), mine); });
+  check_joined("attention", [&] { cache.attention(std::span(&id, 1), 0, dq.get(), dout.get(), 0.1f, mine); });
+  check_joined("attention_causal", [&] {
+    cache.attention_causal(std::span(&id, 1), std::span(&one, 1), 0, dq.get(), dout.get(), 0.1f, nullptr, mine);
+  });
+  DeviceArray<float> dscores(static_cast<std::size_t>(c.num_q_heads) * 130);
+  check_joined("scores", [&] { cache.scores(1, 0, dq.get(), dscores.get(), mine); });
+  check_joined("attn_v", [&] { cache.attn_v(1, 0, dscores.get(), dout.get(), mine); });
+  cuda_ok(cudaStreamDestroy(mine), "cudaStreamDestroy");
+}
+#endif
+
 #if defined(PACKKV_CUDA_EMULATION)
 // What a batched step launches does not grow with the batch (the emulator counts launches).
 TEST(CudaEmulated, BatchedAppendLaunchesDoNotGrowWithTheBatch) {

@@ -513,6 +513,11 @@ void mma_m16n8k16(float* d, const unsigned* a, const unsigned* b, const float* c
 
 void set_interleaving_seed(std::uint64_t seed) { scheduler().seed = seed; }
 std::uint64_t launch_count() { return scheduler().launches; }
+std::vector<StreamWait>& detail_stream_waits() {
+  thread_local std::vector<StreamWait> waits;
+  return waits;
+}
+const std::vector<StreamWait>& stream_waits() { return detail_stream_waits(); }
 
 void launch(dim3 grid, dim3 block, std::size_t shared_bytes, std::function<void()> body) {
   Scheduler& s = scheduler();
@@ -637,3 +642,30 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   return cudaSuccess;
 }
 cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+// Kernels complete at launch, so an event only remembers where it was recorded, for the log of
+// stream waits that tests read.
+struct CUevent_st {
+  cudaStream_t stream = nullptr;
+  std::uint64_t launches = 0;
+  bool recorded = false;
+};
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned) {
+  *event = new CUevent_st;
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  delete event;
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  event->stream = stream;
+  event->launches = packkv_emulator::launch_count();
+  event->recorded = true;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned) {
+  if (!event->recorded) return cudaSuccess;  // an event never recorded is complete
+  packkv_emulator::detail_stream_waits().push_back({stream, event->stream, event->launches});
+  return cudaSuccess;
+}

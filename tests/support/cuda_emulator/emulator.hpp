@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <vector>
 
 using std::isfinite;  // device code calls the unqualified CUDA math functions
 
@@ -131,6 +132,16 @@ void mma_m16n8k16(float* d, const unsigned* a, const unsigned* b, const float* c
 
 /// Kernel launches made by this host thread so far (tests count what a call launches).
 std::uint64_t launch_count();
+
+/// One cudaStreamWaitEvent made by this host thread: `waiter` waits for the event last recorded
+/// on `recorded_on` when launch_count() was `launches_before` (tests check how streams are joined).
+struct StreamWait {
+  const void* waiter;
+  const void* recorded_on;
+  std::uint64_t launches_before;
+};
+/// The waits made by this host thread so far.
+const std::vector<StreamWait>& stream_waits();
 
 /// The seed of the interleaving of later launches on this host thread (0: threads in index order).
 /// It starts as PACKKV_EMULATOR_SEED.
