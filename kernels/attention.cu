@@ -103,28 +103,32 @@ __device__ void load_queries(const T* q, const HeadGroup& heads, int dim, Reader
   sum_queries(heads, dim, s);
 }
 
-/// Attention: loads the CTA's query rows [first_row, first_row + heads.count) of sequence b.
+/// Attention: loads the CTA's query rows [first_row, first_row + heads.count) of a sequence whose
+/// first query is `first_query` (AttentionParams::query_row's layout).
 template <class T>
-__device__ void load_query_rows(const AttentionParams<T>& p, int b, const HeadGroup& heads, int first_row,
-                                ReaderShared& s) {
-  const int dim = p.shape.geometry.head_dim;
+__device__ void load_query_rows(const T* q, int first_query, int num_q_heads, int group, const HeadGroup& heads,
+                                int first_row, int dim, ReaderShared& s) {
   for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) {
-    s.q[i] = load_as_float(p.q + p.query_row(b, heads.kv_head, first_row + i / dim) * dim + i % dim);
+    const int row = first_row + i / dim;
+    const std::size_t at = (static_cast<std::size_t>(first_query) + static_cast<std::size_t>(row / group)) * num_q_heads +
+                           static_cast<std::size_t>(heads.kv_head * group + row % group);
+    s.q[i] = load_as_float(q + at * dim + i % dim);
   }
   sum_queries(heads, dim, s);
 }
 
-/// Causal mask of one unit's scores (s.probs, `count` tokens): a row's score of a position at or
-/// past its limit becomes -inf. `order` is the block's stored order (null: arrival order or tail).
-template <class T>
-__device__ void mask_unit(const AttentionParams<T>& p, int b, const HeadGroup& heads, int first_row,
-                          std::int64_t first_position, const std::uint8_t* order, int count, ReaderShared& s) {
-  const int tokens = p.shape.geometry.block_tokens;
+/// Causal mask of one unit's scores (s.probs, `count` tokens): row h (query (first_row + h) /
+/// group) sees the positions below first_limit + its query's offset from the first row's. A score
+/// of a position past that becomes -inf. `order`: the block's stored order (null: arrival order).
+__device__ PACKKV_NOINLINE void mask_unit(const HeadGroup& heads, int tokens, int group, int first_row,
+                                          std::int64_t first_limit, std::int64_t first_position,
+                                          const std::uint8_t* order, int count, ReaderShared& s) {
   for (int i = threadIdx.x; i < heads.count * tokens; i += kThreads) {
     const int h = i / tokens, t = i % tokens;
     if (t >= count) continue;
     const std::int64_t position = first_position + (order != nullptr ? order[t] : t);
-    if (position >= p.row_limit(b, first_row + h)) s.probs[i] = -INFINITY;
+    const std::int64_t limit = first_limit + (first_row + h) / group - first_row / group;
+    if (position >= limit) s.probs[i] = -INFINITY;
   }
   __syncthreads();
 }
@@ -317,16 +321,14 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
   const format::BlockGeometry& g = p.shape.geometry;
   reader_shared_layout(g, shared_bytes, &s);
   const int batch_index = blockIdx.z, split = blockIdx.x;
-  HeadGroup heads{};
-  int first_row = 0;
-  p.cta_rows(batch_index, blockIdx.y, heads.kv_head, first_row, heads.count);
-  if (heads.count <= 0) return;  // this sequence has fewer rows than the longest
+  const auto rows = p.cta_rows(batch_index, blockIdx.y);
+  if (rows.count <= 0) return;  // this sequence has fewer rows than the longest
+  const HeadGroup heads{rows.kv_head, 0, rows.count};
+  const int first_row = rows.first;
   const SeqView<T>& seq = p.seqs[batch_index];
   const int dim = g.head_dim, tokens = g.block_tokens;
-  // The CTA's first row has the smallest limit: units before it are seen by every row.
-  const std::int64_t min_limit = p.row_limit(batch_index, first_row);
 
-  load_query_rows(p, batch_index, heads, first_row, s);
+  load_query_rows(p.q, p.query_first[batch_index], p.shape.num_q_heads, p.shape.group, heads, first_row, dim, s);
   for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) s.acc[i] = 0.0f;
   if (threadIdx.x < kMaxHeadsPerCta) {
     s.running_max[threadIdx.x] = -INFINITY;
@@ -341,9 +343,12 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
     if (unit < seq.num_blocks) {
       const std::uint8_t* block = seq.blocks[unit];
       packed_block_scores(block, g, heads, p.softmax_scale, s);
+      // The CTA's first row has the smallest limit: units before it are seen by every row.
       const std::int64_t first_position = static_cast<std::int64_t>(unit) * tokens;
+      const std::int64_t min_limit = p.row_limit(batch_index, first_row);
       if (first_position + tokens > min_limit) {
-        mask_unit(p, batch_index, heads, first_row, first_position, format::token_order(block, g, heads.kv_head), tokens, s);
+        mask_unit(heads, tokens, p.shape.group, first_row, min_limit, first_position,
+                  format::token_order(block, g, heads.kv_head), tokens, s);
       }
       online_softmax_step(heads, tokens, tokens, s);
       prepare_packed_values(block, g, heads, s);
@@ -353,7 +358,10 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
       const int count = min(tokens, seq.tail.len - first);
       tail_scores(seq, g, heads, first, count, p.softmax_scale, s);
       const std::int64_t first_position = seq.tail.begin + first;
-      if (first_position + count > min_limit) mask_unit(p, batch_index, heads, first_row, first_position, nullptr, count, s);
+      const std::int64_t min_limit = p.row_limit(batch_index, first_row);
+      if (first_position + count > min_limit) {
+        mask_unit(heads, tokens, p.shape.group, first_row, min_limit, first_position, nullptr, count, s);
+      }
       online_softmax_step(heads, tokens, count, s);
       accumulate_tail_values(seq, g, heads, first, count, s);
     }

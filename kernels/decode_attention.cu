@@ -226,6 +226,31 @@ __device__ void report_bad_query(const ErrorContext& ctx, int batch_index, int h
   __threadfence_system();
 }
 
+/// Causal mask of one block for a lane: bit 2 r + j of bits[nt] says that the lane's token
+/// 2 gq + j of round r lies at or past the limit of its row of n-tile nt. Out of line: only the
+/// blocks holding a CTA's newest positions need it (several queries per sequence).
+struct MaskBits {
+  std::uint32_t bits[2];
+};
+__device__ PACKKV_NOINLINE MaskBits causal_mask_bits(const std::uint8_t* order, std::int64_t block_position, int rounds,
+                                                  int gq, std::int64_t limit0, std::int64_t limit1) {
+  MaskBits m{{0u, 0u}};
+  for (int r = 0; r < rounds; ++r) {
+    for (int j = 0; j < 2; ++j) {
+      const int idx = 16 * r + 2 * gq + j;
+      // The stored order as 32-bit loads: the read path makes no byte-wide global load.
+      const int stored =
+          order == nullptr
+              ? idx
+              : static_cast<int>((load_global(reinterpret_cast<const std::uint32_t*>(order) + idx / 4) >> (8 * (idx & 3))) &
+                                 0xFFu);
+      if (block_position + stored >= limit0) m.bits[0] |= 1u << (2 * r + j);
+      if (block_position + stored >= limit1) m.bits[1] |= 1u << (2 * r + j);
+    }
+  }
+  return m;
+}
+
 /// The fused attention kernel. NT n-tiles of 8 columns: 4 query heads (hi and lo halves) each.
 template <class T, int D, int NT>
 __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionParams<T> p) {
@@ -239,9 +264,9 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   const int batch_index = blockIdx.z, split = blockIdx.x;
   const SeqView<T>& seq = p.seqs[batch_index];
   // The CTA's query rows (AttentionParams): "head" below is a row, a (query, query head) pair.
-  int kv_head = 0, first_row = 0, head_count = 0;
-  p.cta_rows(batch_index, blockIdx.y, kv_head, first_row, head_count);
-  if (head_count <= 0) return;  // this sequence has fewer rows than the longest
+  const auto rows = p.cta_rows(batch_index, blockIdx.y);
+  if (rows.count <= 0) return;  // this sequence has fewer rows than the longest
+  const int kv_head = rows.kv_head, first_row = rows.first, head_count = rows.count;
   const SectionLayout kl = g.k_layout(), vl = g.v_layout();
   const int rounds = g.block_tokens / format::kPackTokens;
   const std::size_t stage_bytes = fast_stage_bytes(g);
@@ -354,10 +379,15 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
     const std::uint8_t* k_sec = s.stages + static_cast<std::size_t>(stage) * stage_bytes;
     stage = stage + 1 == p.stages ? 0 : stage + 1;
     const std::uint8_t* v_sec = k_sec + s.spans[i].v_offset;
+    // Causal mask (several queries): bit 2 r + j of masked[nt] says that the lane's token 2 gq + j
+    // of round r is at or past row t4 + 4 nt's limit. Worked out once per block, and only for the
+    // blocks that hold a CTA's newest positions; the rounds below only test bits.
+    MaskBits masked{};
     const std::int64_t block_position = static_cast<std::int64_t>(block_begin + i) * g.block_tokens;
-    const bool masked_block = block_position + g.block_tokens > min_limit;
-    const std::uint8_t* order =
-        masked_block ? format::token_order(load_global(seq.blocks + block_begin + i), g, kv_head) : nullptr;
+    if (block_position + g.block_tokens > min_limit) {
+      masked = causal_mask_bits(format::token_order(load_global(seq.blocks + block_begin + i), g, kv_head),
+                                block_position, rounds, gq, row_limit[0], NT > 1 ? row_limit[NT - 1] : row_limit[0]);
+    }
 
     for (int r0 = 0; r0 < rounds; r0 += 4) {
       const int chunk = min(4, rounds - r0);
@@ -400,19 +430,11 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
             score[rr][j][nt] = sc * score_scale;
           }
         }
-        if (masked_block) {  // uniform; only the units holding a CTA's newest positions
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const int idx = 16 * r + 2 * gq + j;
-            // The stored order as 32-bit loads: the read path makes no byte-wide global load.
-            const int stored = order == nullptr
-                                   ? idx
-                                   : static_cast<int>((load_global(reinterpret_cast<const std::uint32_t*>(order) + idx / 4) >>
-                                                       (8 * (idx & 3))) & 0xFFu);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-              if (block_position + stored >= row_limit[nt]) score[rr][j][nt] = -INFINITY;
-            }
+            if ((masked.bits[nt] >> (2 * r + j)) & 1u) score[rr][j][nt] = -INFINITY;
           }
         }
       }

@@ -229,12 +229,14 @@ struct AttentionParams {
   PACKKV_HOST_DEVICE std::int64_t row_limit(int b, int r) const {
     return seqs[b].tail.end() - query_count[b] + r / shape.group + 1;
   }
-  /// The rows of sequence b a CTA serves: [first, first + count) of KV head `kv_head`, from blockIdx.y.
-  PACKKV_HOST_DEVICE void cta_rows(int b, int y, int& kv_head, int& first, int& count) const {
-    kv_head = y / shape.subgroups;
-    first = (y % shape.subgroups) * shape.heads_per_cta;
+  /// The rows of sequence b a CTA serves, from blockIdx.y: [first, first + count) of KV head kv_head.
+  struct CtaRows {
+    int kv_head, first, count;  ///< count <= 0: nothing to do
+  };
+  PACKKV_HOST_DEVICE CtaRows cta_rows(int b, int y) const {
+    const int first = (y % shape.subgroups) * shape.heads_per_cta;
     const int left = query_count[b] * shape.group - first;
-    count = left < shape.heads_per_cta ? left : shape.heads_per_cta;  // <= 0: nothing to do
+    return CtaRows{y / shape.subgroups, first, left < shape.heads_per_cta ? left : shape.heads_per_cta};
   }
   // The fast read path (decode_attention.cu) only:
   int stages;         ///< blocks staged at once (FastPlan::stages)
