@@ -316,6 +316,21 @@ cudaError_t launch_read_back(const ReadBackParams<T>& params, cudaStream_t strea
 cudaError_t launch_block_stats(const format::BlockGeometry& g, const std::uint8_t* const* blocks, int count,
                                unsigned long long* counters, cudaStream_t stream);
 
+// ---- the Hadamard rotation (rotate.cu) --------------------------------------------------------
+
+/// Rotates `vectors` head vectors of head_dim values from `in` to `out` (may be the same): into
+/// the rotated space when `forward`, back out of it otherwise (core/rotation.hpp, bit for bit).
+template <class In, class Out>
+struct RotateParams {
+  const In* in;
+  Out* out;
+  std::size_t vectors;
+  int head_dim;
+  int forward;
+};
+template <class In, class Out>
+cudaError_t launch_rotate(const RotateParams<In, Out>& params, cudaStream_t stream);
+
 /// Shared memory of the reading kernels, and whether the device can give it.
 std::size_t read_shared_bytes(const format::BlockGeometry& g);
 

@@ -402,15 +402,23 @@ TEST(RefusalsDeathTest, RunningOutOfHostMemoryIsAPackkvError) {
 
 // ---- images and queries ------------------------------------------------------------------------------
 
-TEST(Refusals, EveryReservedImageHeaderByteIsChecked) {
+TEST(Refusals, EveryReservedImageHeaderBitIsChecked) {
   PackedKVCache<float> a(import_config(8, 0));
   a.add_sequence(1);
   fill(a, 1, 0, 40, 1);
-  std::vector<std::uint8_t> image = a.export_sequence(1);
-  image[offsetof(format::ImageHeader, reserved0)] = 1;
-  reseal(image);
+  const std::vector<std::uint8_t> exported = a.export_sequence(1);
   PackedKVCache<float> b(import_config(8, 0));
-  expect_error([&] { b.import_sequence(1, image); }, "reserved");
+  // The rotation byte: bits 0 and 1 say what is rotated, the others are reserved.
+  for (std::uint8_t bad : {std::uint8_t{4}, std::uint8_t{0x80}}) {
+    std::vector<std::uint8_t> image = exported;
+    image[offsetof(format::ImageHeader, rotation)] = bad;
+    reseal(image);
+    expect_error([&] { b.import_sequence(1, image); }, "only bits 0 and 1");
+  }
+  std::vector<std::uint8_t> image = exported;
+  image[offsetof(format::ImageHeader, rotation)] = 1;  // a K rotation this cache does not have
+  reseal(image);
+  expect_error([&] { b.import_sequence(1, image); }, "rotation (K 1, V 0) does not match");
   EXPECT_FALSE(b.contains(1));
 }
 

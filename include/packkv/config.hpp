@@ -42,6 +42,13 @@ struct CacheConfig {
   float v_rel = 0.2f;         ///< relative error bound for V, in [1/255, 1]
   QuantMode k_mode = QuantMode::per_token;
   RepackMethod repack = RepackMethod::median;
+  /// Store K (rotate_k) or V (rotate_v) head vectors rotated by a fixed orthogonal matrix, a
+  /// Walsh-Hadamard transform with pseudo-random signs (src/core/rotation.hpp). Outlier channels
+  /// are spread over the vector, so a token's range, and with it the quantization error under the
+  /// same rel, shrinks. Queries are rotated once per call (rounded to T) and V outputs rotated back
+  /// once; read_back returns unrotated values. Changes no block format; images record it.
+  bool rotate_k = false;
+  bool rotate_v = false;
   std::size_t memory_budget_bytes = 0;  ///< cap on all memory the cache holds; 0 means none
   Device device = Device::cpu;
   int num_threads = 0;        ///< CPU worker threads for attention and encoding; 0: all cores

@@ -87,6 +87,15 @@ struct LayerBytes {
   std::size_t shared = 0;    ///< bytes of blocks this layer shares that an earlier layer counted
 };
 
+/// A write's K and V in the cache's rotated space (CacheConfig::rotate_k / rotate_v): copies in
+/// the backend's memory, or the caller's pointer for a side that is not rotated.
+template <class T>
+struct RotatedInput {
+  const T* k = nullptr;
+  const T* v = nullptr;
+  std::shared_ptr<void> storage;  ///< owns the copies until the write is done with them
+};
+
 template <class T>
 class Backend {
  public:
@@ -100,6 +109,8 @@ class Backend {
   virtual void clear(LayerStore& store) = 0;
 
   // ---- writes ----
+  /// K and V of `rows` new tokens rotated as the config asks (rounded to T), ready for a write.
+  virtual RotatedInput<T> rotate_input(const T* k, const T* v, std::size_t rows, void* stream) = 0;
   /// Checks the values of the writes (storable, ranges the encoder will need); throws packkv::error
   /// and changes nothing. A device backend may defer its checks to its kernels (docs/cuda.md).
   virtual void check_values(std::span<const LayerWrite<T>> writes) = 0;

@@ -213,12 +213,19 @@ void CacheCore<T>::with_reclaim(Fn&& attempt) {
 }
 
 template <class T>
+RotatedInput<T> CacheCore<T>::rotated(const T* k, const T* v, std::size_t rows, void* stream) const {
+  if (!cfg_.rotate_k && !cfg_.rotate_v) return RotatedInput<T>{k, v, {}};
+  return backend_->rotate_input(k, v, rows, stream);
+}
+
+template <class T>
 void CacheCore<T>::append(SeqId id, int layer_index, const T* k, const T* v, int n_tokens, void* stream) {
   PACKKV_REQUIRE(n_tokens >= 1 && n_tokens <= (1 << 24),
                  fmt::format("append: n_tokens must be in [1, 2^24], got {}", n_tokens));
   PACKKV_REQUIRE(k != nullptr && v != nullptr, "append: k and v must not be null");
   check_layer(layer_index, "append");
   const std::string where = fmt::format("append to sequence {} layer {}", id, layer_index);
+  const RotatedInput<T> in = rotated(k, v, static_cast<std::size_t>(n_tokens), stream);
   with_reclaim([&](bool may_reclaim) {
     const std::shared_lock table(table_lock_);
     Sequence& seq = sequence(id, "append");
@@ -230,8 +237,8 @@ void CacheCore<T>::append(SeqId id, int layer_index, const T* k, const T* v, int
     write.store = layer.store.get();
     write.num_blocks = layer.num_blocks;
     write.plan = tails_.plan(layer.tail, n_tokens);
-    write.k = k;
-    write.v = v;
+    write.k = in.k;
+    write.v = in.v;
     write.id = id;
     write.layer = layer_index;
     write.stream = stream;
@@ -266,6 +273,7 @@ void CacheCore<T>::append_batch(std::span<const SeqId> ids, int layer_index, con
     PACKKV_REQUIRE(twice == sorted.end(), fmt::format("append_batch: sequence {} appears twice in the batch", *twice));
   }
   const std::string where = fmt::format("append_batch of {} sequences at layer {}", ids.size(), layer_index);
+  const RotatedInput<T> in = rotated(k, v, static_cast<std::size_t>(total), stream);
   with_reclaim([&](bool may_reclaim) {
     const std::shared_lock table(table_lock_);
     ExclusiveLocks locks;
@@ -286,8 +294,8 @@ void CacheCore<T>::append_batch(std::span<const SeqId> ids, int layer_index, con
       w.store = layer.store.get();
       w.num_blocks = layer.num_blocks;
       w.plan = tails_.plan(layer.tail, n_tokens[i]);
-      w.k = k + static_cast<std::size_t>(offset) * row_;
-      w.v = v + static_cast<std::size_t>(offset) * row_;
+      w.k = in.k + static_cast<std::size_t>(offset) * row_;
+      w.v = in.v + static_cast<std::size_t>(offset) * row_;
       w.id = ids[i];
       w.layer = layer_index;
       w.stream = stream;
@@ -695,7 +703,7 @@ std::vector<std::uint8_t> CacheCore<T>::export_sequence(SeqId id, std::span<cons
   const std::shared_lock lock(seq.lock);
   try {
     std::vector<std::uint8_t> image(sizeof(format::ImageHeader));
-    format::ImageHeader header = make_image_header(codec_, cfg_.k_mode, format::dtype_code<T>());
+    format::ImageHeader header = make_image_header(codec_, cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>());
     header.layer_count = static_cast<std::uint16_t>(chosen.size());
     std::memcpy(image.data(), &header, sizeof header);
     auto put = [&image](const void* data, std::size_t n) {
@@ -734,7 +742,7 @@ void CacheCore<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image
   // Parsing and checking need no lock: they read only the image and the config.
   const int max_tail = std::min(tails_.max_capacity() + (1 << 20), 1 << 21);
   const std::vector<ParsedLayer> parsed =
-      parse_image(image, codec_, cfg_.k_mode, format::dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);
+      parse_image(image, codec_, cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);
   std::vector<std::vector<T>> tails(parsed.size() * 2);
   std::vector<LayerWrite<T>> writes(parsed.size());
   for (std::size_t i = 0; i < parsed.size(); ++i) {

@@ -96,6 +96,8 @@ class CacheCore {
   template <class Fn>
   void with_reclaim(Fn&& attempt);
   static void apply(Layer& layer, const LayerWrite<T>& write);
+  /// A write's tokens in the rotated space (the inputs themselves when nothing is rotated).
+  RotatedInput<T> rotated(const T* k, const T* v, std::size_t rows, void* stream) const;
 
   CacheConfig cfg_;
   CodecParams codec_;

@@ -69,9 +69,9 @@ void validate(const CacheConfig& c) {
 std::string describe(const CacheConfig& c) {
   return fmt::format(
       "layers={} kv_heads={} q_heads={} head_dim={} block={} residual={} k_rel={} v_rel={} k_mode={} "
-      "repack={} budget={} device={} cuda_strict={} cuda_poll_errors={}",
+      "repack={} rotate_k={} rotate_v={} budget={} device={} cuda_strict={} cuda_poll_errors={}",
       c.num_layers, c.num_kv_heads, c.num_q_heads, c.head_dim, c.block_tokens, c.residual_tokens, c.k_rel,
-      c.v_rel, to_string(c.k_mode), to_string(c.repack), c.memory_budget_bytes, to_string(c.device), c.cuda_strict,
+      c.v_rel, to_string(c.k_mode), to_string(c.repack), c.rotate_k, c.rotate_v, c.memory_budget_bytes, to_string(c.device), c.cuda_strict,
       c.cuda_poll_errors);
 }
 

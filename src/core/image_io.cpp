@@ -94,13 +94,15 @@ std::uint32_t crc32c(const std::uint8_t* data, std::size_t n, std::uint32_t crc)
   return ~crc;
 }
 
-format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t dtype) {
+format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t rotation,
+                                      std::uint8_t dtype) {
   format::ImageHeader h{};
   std::memcpy(h.magic, format::kImageMagic, sizeof h.magic);
   h.version = format::kImageVersion;
   h.header_bytes = sizeof(format::ImageHeader);
   h.dtype = dtype;
   h.k_mode = static_cast<std::uint8_t>(k_mode);
+  h.rotation = rotation;
   h.permuted = codec.geometry.permuted ? 1 : 0;
   h.k_bits = static_cast<std::uint8_t>(codec.geometry.k_bits);
   h.v_bits = static_cast<std::uint8_t>(codec.geometry.v_bits);
@@ -123,7 +125,7 @@ void seal_image(std::vector<std::uint8_t>& image) {
 }
 
 std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec, QuantMode k_mode,
-                                     std::uint8_t dtype, std::size_t value_bytes, int num_layers,
+                                     std::uint8_t rotation, std::uint8_t dtype, std::size_t value_bytes, int num_layers,
                                      int max_tail_tokens) {
   using format::ImageHeader;
   using format::LayerRecord;
@@ -146,8 +148,12 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
   PACKKV_REQUIRE(crc32c(image.data() + sizeof h, image.size() - sizeof h) == h.body_crc,
                  "import: image body checksum mismatch (corrupt data)");
 
-  PACKKV_REQUIRE(h.reserved0 == 0, fmt::format("import: a reserved header byte is {}, not zero", h.reserved0));
-  const ImageHeader want = make_image_header(codec, k_mode, dtype);
+  PACKKV_REQUIRE((h.rotation & ~3u) == 0,
+                 fmt::format("import: the rotation byte is {}: only bits 0 and 1 may be set", h.rotation));
+  const ImageHeader want = make_image_header(codec, k_mode, rotation, dtype);
+  PACKKV_REQUIRE(h.rotation == want.rotation,
+                 fmt::format("import: image rotation (K {}, V {}) does not match this cache's rotate_k / rotate_v ({}, {})",
+                             h.rotation & 1, h.rotation >> 1, want.rotation & 1, want.rotation >> 1));
   PACKKV_REQUIRE(h.dtype == want.dtype, fmt::format("import: image holds {} values, this cache holds {}",
                                                     dtype_name(h.dtype), dtype_name(want.dtype)));
   PACKKV_REQUIRE(h.num_kv_heads == want.num_kv_heads && h.head_dim == want.head_dim &&

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "packkv/codec.hpp"
+#include "packkv/config.hpp"
 #include "packkv/format/image.hpp"
 
 namespace packkv::detail {
@@ -16,7 +17,14 @@ namespace packkv::detail {
 std::uint32_t crc32c(const std::uint8_t* data, std::size_t n, std::uint32_t crc = 0);
 
 /// Header for images of this codec and storage type (counts and checksums filled by the writer).
-format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t dtype);
+/// The image header's rotation byte of a config: bit 0 rotate_k, bit 1 rotate_v.
+inline std::uint8_t rotation_bits(const CacheConfig& c) {
+  return static_cast<std::uint8_t>((c.rotate_k ? 1u : 0u) | (c.rotate_v ? 2u : 0u));
+}
+
+/// `rotation`: bit 0 K rotated, bit 1 V rotated (rotation_bits).
+format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t rotation,
+                                      std::uint8_t dtype);
 
 /// Fills in body size and both checksums; `image` starts with the header.
 void seal_image(std::vector<std::uint8_t>& image);
@@ -33,7 +41,7 @@ struct ParsedLayer {
 /// Validates an image completely (header, checksums, compatibility, counts, every block) and
 /// returns views into it. Throws packkv::error describing the first problem.
 std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec, QuantMode k_mode,
-                                     std::uint8_t dtype, std::size_t value_bytes, int num_layers,
+                                     std::uint8_t rotation, std::uint8_t dtype, std::size_t value_bytes, int num_layers,
                                      int max_tail_tokens);
 
 }  // namespace packkv::detail

@@ -39,7 +39,7 @@ PACKKV_HOST_DEVICE constexpr float rotation_scale(int chunk) {
 }
 
 /// One butterfly stage of span h over a chunk: (a, b) -> (a + b, a - b).
-PACKKV_HOST_DEVICE inline void hadamard_stage(float* x, int chunk, int h) {
+PACKKV_HOST_DEVICE void hadamard_stage(float* x, int chunk, int h) {
   for (int i = 0; i < chunk; i += 2 * h) {
     for (int j = i; j < i + h; ++j) {
       const float a = x[j], b = x[j + h];
@@ -50,7 +50,7 @@ PACKKV_HOST_DEVICE inline void hadamard_stage(float* x, int chunk, int h) {
 }
 
 /// x := H x for each chunk of x[0, head_dim) (H normalised; H is its own inverse).
-PACKKV_HOST_DEVICE inline void hadamard(float* x, int head_dim) {
+PACKKV_HOST_DEVICE void hadamard(float* x, int head_dim) {
   const int chunk = rotation_chunk(head_dim);
   const float scale = rotation_scale(chunk);
   for (int c0 = 0; c0 < head_dim; c0 += chunk) {
@@ -60,13 +60,13 @@ PACKKV_HOST_DEVICE inline void hadamard(float* x, int head_dim) {
 }
 
 /// x := H S x (into the rotated space).
-PACKKV_HOST_DEVICE inline void rotate_forward(float* x, int head_dim) {
+PACKKV_HOST_DEVICE void rotate_forward(float* x, int head_dim) {
   for (int c = 0; c < head_dim; ++c) x[c] = rotation_flips(c) ? -x[c] : x[c];
   hadamard(x, head_dim);
 }
 
 /// x := S H x (back from the rotated space).
-PACKKV_HOST_DEVICE inline void rotate_back(float* x, int head_dim) {
+PACKKV_HOST_DEVICE void rotate_back(float* x, int head_dim) {
   hadamard(x, head_dim);
   for (int c = 0; c < head_dim; ++c) x[c] = rotation_flips(c) ? -x[c] : x[c];
 }

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/rotation.hpp"
 #include "core/softmax_merge.hpp"
 #include "cpu_kernels/kernels.hpp"
 #include "cpu/layer_store.hpp"
@@ -143,6 +144,28 @@ void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const f
 }  // namespace
 
 template <class T>
+void rotate_rows(const T* in, T* out, std::size_t vectors, int head_dim, bool forward, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (vectors > 256)
+  for (std::size_t i = 0; i < vectors; ++i) {
+    float x[256];
+    const T* src = in + i * head_dim;
+    for (int c = 0; c < head_dim; ++c) x[c] = to_float(src[c]);
+    if (forward) {
+      rotate_forward(x, head_dim);
+    } else {
+      rotate_back(x, head_dim);
+    }
+    T* dst = out + i * head_dim;
+    for (int c = 0; c < head_dim; ++c) dst[c] = from_float<T>(x[c]);
+  }
+}
+
+void rotate_rows_back(float* x, std::size_t vectors, int head_dim, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (vectors > 256)
+  for (std::size_t i = 0; i < vectors; ++i) rotate_back(x + i * head_dim, head_dim);
+}
+
+template <class T>
 void causal_attention(const ReadContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float* lse,
                       float scale) {
   const format::BlockGeometry& g = ctx.codec.geometry;
@@ -201,9 +224,15 @@ void causal_attention(const ReadContext& ctx, std::span<const LayerRead> batch, 
     thread_local std::vector<std::int64_t> limits;
     qf.resize(static_cast<std::size_t>(task.rows) * dim);
     limits.resize(static_cast<std::size_t>(task.rows));
+    thread_local std::vector<T> rotated;
+    rotated.resize(static_cast<std::size_t>(dim));
     for (int i = 0; i < task.rows; ++i) {
       const int r = task.row_begin + i;
       const T* src = q + query_row(task.batch, task.head, r) * dim;
+      if (ctx.rotate_k) {  // into K's space, rounded to T as on every backend
+        rotate_rows(src, rotated.data(), 1, dim, true, 1);
+        src = rotated.data();
+      }
       for (int c = 0; c < dim; ++c) qf[static_cast<std::size_t>(i) * dim + c] = to_float(src[c]) * scale;
       limits[static_cast<std::size_t>(i)] = layer.length - layer.queries + r / group + 1;
     }
@@ -236,6 +265,7 @@ void causal_attention(const ReadContext& ctx, std::span<const LayerRead> batch, 
       const std::size_t row = query_row(task.batch, task.head, task.row_begin + i);
       T* dst = out + row * dim;
       for (int c = 0; c < dim; ++c) dst[c] = from_float<T>(merged[static_cast<std::size_t>(c)] * inv);
+      if (ctx.rotate_v) rotate_rows(dst, dst, 1, dim, false, 1);  // out of V's space, as T
       if (lse != nullptr) lse[row] = m.lse();
     }
     ti = end;
@@ -254,10 +284,16 @@ void scores(const ReadContext& ctx, const LayerRead& layer, const T* q, float* s
   for (int h = 0; h < g.num_heads; ++h) {
     std::vector<float> qf(static_cast<std::size_t>(kMaxGroup) * dim);
     std::vector<float> stored(static_cast<std::size_t>(kMaxGroup) * block);
+    std::vector<T> rotated(static_cast<std::size_t>(kMaxGroup) * dim);
     for (int g0 = 0; g0 < group; g0 += kMaxGroup) {
       const int gs = std::min(kMaxGroup, group - g0);
       const std::size_t qh0 = static_cast<std::size_t>(h) * group + g0;
-      for (int i = 0; i < gs * dim; ++i) qf[static_cast<std::size_t>(i)] = to_float(q[qh0 * dim + i]);
+      const T* qs = q + qh0 * dim;
+      if (ctx.rotate_k) {
+        rotate_rows(qs, rotated.data(), static_cast<std::size_t>(gs), dim, true, 1);
+        qs = rotated.data();
+      }
+      for (int i = 0; i < gs * dim; ++i) qf[static_cast<std::size_t>(i)] = to_float(qs[i]);
       for (int b = 0; b < layer.num_blocks; ++b) {
         const std::uint8_t* data = store.blocks[static_cast<std::size_t>(b)].data;
         kern.section_scores(k_layout, g.k_per_channel, format::section(data, g, h, Side::k), qf.data(), gs,
@@ -311,6 +347,7 @@ void attn_v(const ReadContext& ctx, const LayerRead& layer, const float* weights
                                      weights + qh0 * len + tail_at + first, len, gs, acc.data());
       });
       finish_v(acc.data(), min_term, gs, dim, out + qh0 * dim);
+      if (ctx.rotate_v) rotate_rows_back(out + qh0 * dim, static_cast<std::size_t>(gs), dim, 1);
     }
   }
 }
@@ -332,6 +369,9 @@ void read_back(const ReadContext& ctx, const LayerRead& layer, float* k, float* 
     convert_to_float(store.ring_k.get() + row * row_elems, k + at, n);
     convert_to_float(store.ring_v.get() + row * row_elems, v + at, n);
   });
+  const std::size_t vectors = static_cast<std::size_t>(layer.length) * g.num_heads;
+  if (ctx.rotate_k) rotate_rows_back(k, vectors, g.head_dim, ctx.threads);
+  if (ctx.rotate_v) rotate_rows_back(v, vectors, g.head_dim, ctx.threads);
 }
 
 #define PACKKV_INSTANTIATE_READERS(T)                                                                           \
@@ -339,6 +379,12 @@ void read_back(const ReadContext& ctx, const LayerRead& layer, float* k, float* 
   template void scores<T>(const ReadContext&, const LayerRead&, const T*, float*);                            \
   template void attn_v<T>(const ReadContext&, const LayerRead&, const float*, float*);                        \
   template void read_back<T>(const ReadContext&, const LayerRead&, float*, float*);
+#define PACKKV_INSTANTIATE_ROTATION(T) \
+  template void rotate_rows<T>(const T*, T*, std::size_t, int, bool, int);
+PACKKV_INSTANTIATE_ROTATION(float)
+PACKKV_INSTANTIATE_ROTATION(fp16_t)
+PACKKV_INSTANTIATE_ROTATION(bf16_t)
+#undef PACKKV_INSTANTIATE_ROTATION
 PACKKV_INSTANTIATE_READERS(float)
 PACKKV_INSTANTIATE_READERS(fp16_t)
 PACKKV_INSTANTIATE_READERS(bf16_t)

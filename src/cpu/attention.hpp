@@ -13,7 +13,16 @@ struct ReadContext {
   CodecParams codec;
   int num_q_heads;
   int threads;
+  bool rotate_k = false;  ///< CacheConfig::rotate_k: queries are rotated (rounded to T)
+  bool rotate_v = false;  ///< CacheConfig::rotate_v: V outputs are rotated back
 };
+
+/// `vectors` head vectors of T into (forward) or out of the rotated space (core/rotation.hpp),
+/// rounded to T; `out` may be `in`.
+template <class T>
+void rotate_rows(const T* in, T* out, std::size_t vectors, int head_dim, bool forward, int threads);
+/// The same for float vectors (read_back, attn_v outputs), in place.
+void rotate_rows_back(float* x, std::size_t vectors, int head_dim, int threads);
 
 /// Attention of each sequence's LayerRead::queries queries (causal among themselves; one in
 /// decode), split across threads flash-decoding style; lse may be null.

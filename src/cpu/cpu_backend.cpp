@@ -60,7 +60,8 @@ class CpuBackend final : public Backend<T> {
       : codec_(codec),
         pool_(codec.geometry.max_block_bytes()),
         row_(static_cast<std::size_t>(config.num_kv_heads) * config.head_dim),
-        read_{codec, config.num_q_heads, config.num_threads > 0 ? config.num_threads : omp_get_max_threads()} {}
+        read_{codec, config.num_q_heads, config.num_threads > 0 ? config.num_threads : omp_get_max_threads(),
+              config.rotate_k, config.rotate_v} {}
 
   std::unique_ptr<LayerStore> new_layer_store() override {
     auto store = std::make_unique<CpuLayerStore<T>>(this, [](void* owner, CpuLayerStore<T>* dying) {
@@ -90,6 +91,29 @@ class CpuBackend final : public Backend<T> {
   }
 
   // ---- writes ----
+
+  RotatedInput<T> rotate_input(const T* k, const T* v, std::size_t rows, void*) override {
+    const std::size_t vectors = rows * static_cast<std::size_t>(codec_.geometry.num_heads);
+    const int dim = codec_.geometry.head_dim;
+    auto copies = std::make_shared<std::vector<T>>();
+    try {
+      copies->resize((read_.rotate_k ? vectors * dim : 0) + (read_.rotate_v ? vectors * dim : 0));
+    } catch (const std::bad_alloc&) {
+      throw_out_of_memory(fmt::format("rotated copies of {} tokens", rows));
+    }
+    RotatedInput<T> in{k, v, copies};
+    T* next = copies->data();
+    if (read_.rotate_k) {
+      rotate_rows(k, next, vectors, dim, true, read_.threads);
+      in.k = next;
+      next += vectors * dim;
+    }
+    if (read_.rotate_v) {
+      rotate_rows(v, next, vectors, dim, true, read_.threads);
+      in.v = next;
+    }
+    return in;
+  }
 
   void check_values(std::span<const LayerWrite<T>> writes) override {
     for (const LayerWrite<T>& w : writes) {

@@ -33,6 +33,14 @@ class CudaBackend final : public Backend<T> {
     ctx_.clear(static_cast<CudaLayerStore&>(store));
   }
 
+  RotatedInput<T> rotate_input(const T* k, const T* v, std::size_t rows, void* stream) override {
+    const std::lock_guard lock(ctx_.mutex);
+    CallerStream caller(ctx_, stream);
+    RotatedInput<T> in = rotate_write_input<T>(ctx_, k, v, rows);
+    caller.finish();
+    return in;
+  }
+
   void check_values(std::span<const LayerWrite<T>> writes) override {
     const std::lock_guard lock(ctx_.mutex);
     // Only strict mode queues work here (its validation kernel).
@@ -152,6 +160,7 @@ class CudaBackend final : public Backend<T> {
       store->ring.set_stream(ctx_.stream);
     }
     ctx_.workspace.set_stream(ctx_.stream);
+    ctx_.rotated_queries.set_stream(ctx_.stream);
     ctx_.staging.set_stream(ctx_.stream);
     ctx_.set_error_stream();
     ctx_.pool.set_stream(ctx_.stream);

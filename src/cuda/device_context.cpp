@@ -33,6 +33,8 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
       median_repack(config.repack == RepackMethod::median),
       strict(config.cuda_strict),
       poll_errors(config.cuda_poll_errors),
+      rotate_k(config.rotate_k),
+      rotate_v(config.rotate_v),
       slot_bytes((geometry.max_block_bytes() + kSlotAlign - 1) / kSlotAlign * kSlotAlign),
       // Eight worst-case blocks per page: the block that does not fit at a page's end wastes
       // about half a block per page (~6%), and a layer's last page is on average half empty.
@@ -77,6 +79,7 @@ DeviceContext::~DeviceContext() {
     if (e != nullptr) cudaEventDestroy(e);
   }
   workspace = DeviceBuffer();
+  rotated_queries = DeviceBuffer();
   tickets = DeviceBuffer();
   launch_params = DeviceBuffer();
   staging = DeviceBuffer();
@@ -93,7 +96,8 @@ std::int64_t DeviceContext::blocks_per_round() const {
 std::size_t DeviceContext::resident_bytes() const { return pool.reserved_bytes() + owned_bytes + scratch_bytes(); }
 
 std::size_t DeviceContext::scratch_bytes() const {
-  return staging.bytes() + workspace.bytes() + tickets.bytes() + launch_params.bytes() + error_claim_.bytes();
+  return staging.bytes() + workspace.bytes() + rotated_queries.bytes() + tickets.bytes() + launch_params.bytes() +
+         error_claim_.bytes();
 }
 
 void DeviceContext::raise_device_error(ErrorOrigin origin) {
@@ -216,6 +220,11 @@ float* DeviceContext::workspace_floats(std::size_t floats) {
     workspace = DeviceBuffer(std::max(floats * sizeof(float), 2 * workspace.bytes()), stream);
   }
   return workspace.as<float>();
+}
+
+void* DeviceContext::rotated_query_bytes(std::size_t bytes) {
+  if (rotated_queries.bytes() < bytes) rotated_queries = DeviceBuffer(std::max(bytes, 2 * rotated_queries.bytes()), stream);
+  return rotated_queries.data();
 }
 
 cudaEvent_t DeviceContext::join_event(int which) {

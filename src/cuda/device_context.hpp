@@ -101,6 +101,8 @@ class DeviceContext {
   bool median_repack;
   bool strict;                ///< CacheConfig::cuda_strict
   bool poll_errors;           ///< CacheConfig::cuda_poll_errors
+  bool rotate_k;              ///< CacheConfig::rotate_k
+  bool rotate_v;              ///< CacheConfig::rotate_v
   std::size_t slot_bytes;     ///< a worst-case block, 256-byte aligned (staging slots)
   int sm_count = 1;
   FastPlan fast{};            ///< the fast read path's plan for this geometry (usable or not)
@@ -114,6 +116,7 @@ class DeviceContext {
   std::uint32_t next_launch = 1;
   DeviceBuffer staging;    ///< worst-case slots of the blocks being encoded, then their sizes
   DeviceBuffer workspace;  ///< split-attention partials
+  DeviceBuffer rotated_queries;  ///< queries rotated into K's space (rotate_k)
   DeviceBuffer tickets;    ///< the fast path's merge counters, zero between launches
   DeviceBuffer launch_params;  ///< parameter arrays of batched launches (uploaded per write)
   std::unordered_set<CudaLayerStore*> stores;
@@ -156,6 +159,8 @@ class DeviceContext {
   /// Frees everything a layer holds (in stream order).
   void clear(CudaLayerStore& store);
   float* workspace_floats(std::size_t floats);
+  /// Scratch for `bytes` of rotated queries (grows, never shrinks).
+  void* rotated_query_bytes(std::size_t bytes);
   /// At least `count` merge counters, all zero (new ones are cleared in stream order).
   unsigned* ticket_words(std::size_t count);
   void set_error_stream() { error_claim_.set_stream(stream); }

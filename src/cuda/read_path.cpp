@@ -65,9 +65,34 @@ Split choose_fast_split(const DeviceContext& ctx, const FastPlan& plan, int max_
 
 }  // namespace
 
+namespace {
+
+// Queries rotated into K's space (rotate_k), in the context's scratch; or q itself.
+template <class T>
+const T* rotated_queries(DeviceContext& ctx, const T* q, std::size_t vectors) {
+  if (!ctx.rotate_k) return q;
+  T* out = static_cast<T*>(ctx.rotated_query_bytes(vectors * ctx.geometry.head_dim * sizeof(T)));
+  check_cuda(launch_rotate(RotateParams<T, T>{q, out, vectors, ctx.geometry.head_dim, 1}, ctx.stream),
+             "query rotation kernel launch");
+  return out;
+}
+
+// V outputs back out of the rotated space (rotate_v), in place.
+template <class U>
+void rotate_back(DeviceContext& ctx, U* x, std::size_t vectors, bool rotated, const char* what) {
+  if (!rotated) return;
+  check_cuda(launch_rotate(RotateParams<U, U>{x, x, vectors, ctx.geometry.head_dim, 0}, ctx.stream), what);
+}
+
+}  // namespace
+
 template <class T>
 void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float* lse, float scale) {
   ctx.raise_device_error();
+  std::size_t all_queries = 0;
+  for (const LayerRead& l : batch) all_queries += static_cast<std::size_t>(l.queries);
+  const std::size_t vectors = all_queries * static_cast<std::size_t>(ctx.num_q_heads);
+  q = rotated_queries(ctx, q, vectors);
   const std::size_t q_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.geometry.head_dim;
   const bool fast = ctx.fast.usable;
   // Several queries per sequence: a CTA takes as many rows as the kernel allows, so each packed
@@ -116,6 +141,7 @@ void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q,
     }
     first_query += static_cast<std::size_t>(queries);
   }
+  rotate_back(ctx, out, vectors, ctx.rotate_v, "output rotation kernel launch");
 }
 
 template <class T>
@@ -124,7 +150,7 @@ void scores(DeviceContext& ctx, const LayerRead& layer, const T* q, float* score
   ScoresParams<T> params{};
   params.shape = read_shape(ctx);
   params.seq = view<T>(ctx, layer);
-  params.q = q;
+  params.q = rotated_queries(ctx, q, static_cast<std::size_t>(ctx.num_q_heads));
   params.scores = scores;
   params.length = layer.length;
   check_cuda(launch_scores(params, ctx.stream), "scores kernel launch");
@@ -144,6 +170,7 @@ void attn_v(DeviceContext& ctx, const LayerRead& layer, const float* weights, fl
   params.num_splits = split.splits;
   params.partials = ctx.workspace_floats(static_cast<std::size_t>(ctx.num_q_heads) * split.splits * ctx.geometry.head_dim);
   check_cuda(launch_attn_v(params, ctx.stream), "attn_v kernel launch");
+  rotate_back(ctx, out, static_cast<std::size_t>(ctx.num_q_heads), ctx.rotate_v, "output rotation kernel launch");
 }
 
 template <class T>
@@ -155,6 +182,9 @@ void read_back(DeviceContext& ctx, const LayerRead& layer, float* k, float* v) {
   params.k = k;
   params.v = v;
   check_cuda(launch_read_back(params, ctx.stream), "read_back kernel launch");
+  const std::size_t vectors = static_cast<std::size_t>(layer.length) * ctx.geometry.num_heads;
+  rotate_back(ctx, k, vectors, ctx.rotate_k, "read_back rotation kernel launch");
+  rotate_back(ctx, v, vectors, ctx.rotate_v, "read_back rotation kernel launch");
   // An inspection call: it waits, so that device-reported errors surface here at the latest.
   check_cuda(cudaStreamSynchronize(ctx.stream), "read_back");
   ctx.raise_device_error();

@@ -366,6 +366,27 @@ std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const
 }
 
 template <class T>
+RotatedInput<T> rotate_write_input(DeviceContext& ctx, const T* k, const T* v, std::size_t rows) {
+  const std::size_t vectors = rows * static_cast<std::size_t>(ctx.geometry.num_heads);
+  const std::size_t side = vectors * ctx.geometry.head_dim;
+  auto copies = std::make_shared<DeviceBuffer>(((ctx.rotate_k ? side : 0) + (ctx.rotate_v ? side : 0)) * sizeof(T), ctx.stream);
+  RotatedInput<T> in{k, v, copies};
+  T* next = copies->as<T>();
+  if (ctx.rotate_k) {
+    check_cuda(launch_rotate(RotateParams<T, T>{k, next, vectors, ctx.geometry.head_dim, 1}, ctx.stream),
+               "K rotation kernel launch");
+    in.k = next;
+    next += side;
+  }
+  if (ctx.rotate_v) {
+    check_cuda(launch_rotate(RotateParams<T, T>{v, next, vectors, ctx.geometry.head_dim, 1}, ctx.stream),
+               "V rotation kernel launch");
+    in.v = next;
+  }
+  return in;
+}
+
+template <class T>
 void* caller_stream(const PreparedWrite& prepared) {
   return static_cast<const CudaPrepared<T>&>(prepared).caller_stream;
 }
@@ -628,7 +649,8 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
   template std::size_t worst_case_growth<T>(DeviceContext&, std::span<const GrowthQuery>,                   \
                                             std::deque<CudaLayerStore>&);                                     \
   template void commit_write<T>(DeviceContext&, PreparedWrite&);                                            \
-  template void* caller_stream<T>(const PreparedWrite&);
+  template void* caller_stream<T>(const PreparedWrite&);                                                    \
+  template RotatedInput<T> rotate_write_input<T>(DeviceContext&, const T*, const T*, std::size_t);
 PACKKV_INSTANTIATE_WRITES(float)
 PACKKV_INSTANTIATE_WRITES(fp16_t)
 PACKKV_INSTANTIATE_WRITES(bf16_t)

@@ -12,6 +12,10 @@
 
 namespace packkv::detail::cuda {
 
+/// A write's K and V rotated as the config asks, into a buffer that lives as long as the result
+/// (freed in stream order after the write's kernels).
+template <class T>
+RotatedInput<T> rotate_write_input(DeviceContext& ctx, const T* k, const T* v, std::size_t rows);
 template <class T>
 void check_values(DeviceContext& ctx, std::span<const LayerWrite<T>> writes);
 template <class T>

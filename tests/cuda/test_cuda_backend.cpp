@@ -696,6 +696,33 @@ TYPED_TEST(CudaTyped, CausalAttentionMatchesCpu) {
   }
 }
 
+// The Hadamard rotation: the device rotates exactly as the CPU (the blocks, hence the images, are
+// byte-identical), and every read comes back out of the rotated space the same way.
+TYPED_TEST(CudaTyped, RotatedCachesMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  // (rotate_k, rotate_v, head_dim): 96 rotates chunks of 32
+  for (auto [rk, rv, dim] : {std::tuple{true, false, 128}, std::tuple{false, true, 64}, std::tuple{true, true, 96}}) {
+    CacheConfig c = base_config();
+    c.rotate_k = rk;
+    c.rotate_v = rv;
+    c.head_dim = dim;
+    c.residual_tokens = 8;
+    CachePair<TypeParam> pair(c);
+    const std::vector<SeqId> ids = {1, 2};
+    pair.add(1);
+    pair.add(2);
+    pair.append(1, 0, 150, 61);
+    pair.append(2, 0, 30, 62);
+    pair.append(2, 0, 45, 63);
+    const std::string label = "rotate_k " + std::to_string(rk) + " rotate_v " + std::to_string(rv) + " head_dim " +
+                              std::to_string(dim);
+    compare_everything(pair, ids, 0, 64, label);
+    compare_causal(pair, ids, {5, 2}, 0, 65, label);
+    for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << label;
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
 // A long sequence: the queries' rows are split across many CTAs and merged with their lse.
 TEST(Cuda, CausalAttentionOverManySplitsMatchesCpu) {
   PACKKV_SKIP_WITHOUT_GPU();

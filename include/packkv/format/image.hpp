@@ -37,7 +37,7 @@ struct ImageHeader {
   std::uint8_t permuted;       ///< 1 when blocks carry a token permutation
   std::uint8_t k_bits, v_bits;
   std::uint8_t k_max_code, v_max_code;
-  std::uint8_t reserved0;  ///< zero
+  std::uint8_t rotation;   ///< bit 0: K rotated, bit 1: V rotated (CacheConfig::rotate_k/v); others zero
   std::uint16_t num_kv_heads, head_dim, block_tokens, layer_count;
   std::uint64_t body_bytes;
   std::uint32_t body_crc;    ///< CRC-32C of the body
