@@ -38,11 +38,13 @@ if command -v nvcc >/dev/null; then
   "$work/tsan/tests/support/cuda_emulator/test_emulator" --gtest_brief=1
   # One host thread: the CPU backend's OpenMP runtime is not instrumented. TSan fibers make the
   # emulator about a hundred times slower, so this runs the tests that reach every kernel family
-  # (fast read path and its merge, legacy read path, encoder, batched commit, error reporting) in
-  # one storage type; the whole suite runs uninstrumented in run_tests.sh.
+  # (fast read path and its merge, legacy read path, encoder, batched commit, error reporting,
+  # rotation, causal masks) in one storage type; the whole suite runs uninstrumented in
+  # run_tests.sh.
   tsan_filter='CudaTyped/1.BatchOfUnevenLengthsMatchesCpu'
   tsan_filter+=':Cuda.PerChannelKAndNoRepackMatchCpu:Cuda.NonFiniteQueriesAreReportedByTheNextCall'
   tsan_filter+=':Cuda.ShortBatchedStepMatchesCpu:Cuda.StrictBatchedAppendRefusesABadLastEntryWholesale'
+  tsan_filter+=':CudaTyped/1.RotatedCachesMatchCpu'  # the rotation kernel; causal attention on both read paths
   OMP_NUM_THREADS=1 PACKKV_EMULATOR_SEED=3 "$work/tsan/tests/cuda/test_cuda_emulated" --gtest_brief=1 \
     "--gtest_filter=$tsan_filter"
   unset TSAN_OPTIONS
