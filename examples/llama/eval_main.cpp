@@ -228,9 +228,10 @@ void run_exact(const llama::LlamaModel& model, std::vector<Window>& windows, int
   }
 }
 
-/// Every setting on every window, `threads` runs at a time. Window by window: the window's exact
-/// log-probabilities (400 MB at 2K tokens of a 49K vocabulary) are held while its runs score
-/// against them, then dropped.
+/// Every setting on every window, `threads` runs at a time, in window order with no barrier
+/// between windows. A window's exact log-probabilities (400 MB at 2K tokens of a 49K vocabulary)
+/// are computed by its first run and dropped after its last, so about `threads` windows hold them
+/// at once.
 std::vector<Outcome> run_settings(const llama::LlamaModel& model, std::vector<Window>& windows,
                                   const std::vector<Setting>& settings, int threads, const std::string& phase) {
   std::vector<Outcome> outcomes(settings.size());
@@ -241,36 +242,45 @@ std::vector<Outcome> run_settings(const llama::LlamaModel& model, std::vector<Wi
   const int layers = model.config().num_layers;
   const std::size_t runs = settings.size() * windows.size();
   Progress progress(runs * static_cast<std::size_t>(layers), runs, phase);
-  std::vector<std::string> errors(settings.size());
-  for (std::size_t w = 0; w < windows.size(); ++w) {
-    Window& win = windows[w];
-    llama::set_log_probs(model, win.reference, true);
+  std::vector<std::string> errors(runs);
+  std::vector<std::mutex> window_locks(windows.size());
+  std::vector<std::atomic<std::size_t>> runs_left(windows.size());
+  for (auto& left : runs_left) left = settings.size();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (std::size_t i = 0; i < settings.size(); ++i) {
-      try {
-        const auto start = Clock::now();
-        std::unique_ptr<llama::KvCache> cache = settings[i].make_cache();
-        llama::TeacherForcedResult r = llama::evaluate_teacher_forced(
-            model, win.tokens.data(), static_cast<int>(win.tokens.size()), *cache, [&](int) { progress.step(); },
-            &win.reference);
-        WindowRun& run = outcomes[i].runs[w];
-        run.nll = std::move(r.position_nll);
-        run.kl = std::move(r.position_kl);
-        run.same_top1.resize(r.predictions.size());
-        for (std::size_t p = 0; p < r.predictions.size(); ++p) run.same_top1[p] = r.predictions[p] == win.reference.predictions[p];
-        run.bytes = r.bytes;
-        run.seconds = Progress::seconds_since(start);
-        progress.run_done();
-      } catch (const std::exception& e) {
-        errors[i] = settings[i].name + ": " + e.what();
+  for (std::size_t task = 0; task < runs; ++task) {
+    const std::size_t w = task / settings.size();
+    const std::size_t i = task % settings.size();
+    Window& win = windows[w];
+    try {
+      {
+        std::lock_guard lock(window_locks[w]);
+        if (win.reference.log_probs.empty()) llama::set_log_probs(model, win.reference, true);
       }
+      const auto start = Clock::now();
+      std::unique_ptr<llama::KvCache> cache = settings[i].make_cache();
+      llama::TeacherForcedResult r = llama::evaluate_teacher_forced(
+          model, win.tokens.data(), static_cast<int>(win.tokens.size()), *cache, [&](int) { progress.step(); },
+          &win.reference);
+      WindowRun& run = outcomes[i].runs[w];
+      run.nll = std::move(r.position_nll);
+      run.kl = std::move(r.position_kl);
+      run.same_top1.resize(r.predictions.size());
+      for (std::size_t p = 0; p < r.predictions.size(); ++p) run.same_top1[p] = r.predictions[p] == win.reference.predictions[p];
+      run.bytes = r.bytes;
+      run.seconds = Progress::seconds_since(start);
+      progress.run_done();
+    } catch (const std::exception& e) {
+      errors[task] = settings[i].name + ": " + e.what();
     }
-    llama::set_log_probs(model, win.reference, false);
-    for (const std::string& e : errors) {
-      if (!e.empty()) throw std::runtime_error(e);
+    if (--runs_left[w] == 0) {
+      std::lock_guard lock(window_locks[w]);
+      llama::set_log_probs(model, win.reference, false);
     }
   }
   progress.finish();
+  for (const std::string& e : errors) {
+    if (!e.empty()) throw std::runtime_error(e);
+  }
   return outcomes;
 }
 
@@ -448,6 +458,12 @@ int main(int argc, char** argv) {
       return 2;
     }
     if (opt.context < 2 || opt.bootstrap < 1 || opt.bootstrap_unit < 1) throw std::invalid_argument("--context >= 2, --bootstrap and --bootstrap-unit >= 1");
+    // The command as run, files by name only: the report quotes it without this machine's folders.
+    std::string command_line = "packkv_eval";
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      command_line += " " + (arg.find('/') != std::string::npos ? std::filesystem::path(arg).filename().string() : arg);
+    }
     const auto wall_start = Clock::now();
     const llama::LlamaModel model = llama::LlamaModel::load(opt.model);
     const llama::LlamaConfig& mc = model.config();
@@ -514,16 +530,16 @@ int main(int argc, char** argv) {
     const float exact_rel = packkv::kMinRel;  // 8-bit codes: the "exact" side of a one-sided sweep
     // K per token is sensitive (its few outlier channels set every token's range), so its sweep is
     // dense at the fine end; K per channel (PackKV's KIVI-style mode) and V tolerate far more.
-    // The full sweep is sized to run in under 20 minutes on 2 cores (docs/results/accuracy.md).
     std::vector<float> k_sweep, k_channel_sweep, v_sweep;
     if (opt.preset == "quick") {
       k_sweep = {0.02f, 0.1f};
       k_channel_sweep = {0.1f};
       v_sweep = {0.05f, 0.2f};
     } else {
-      k_sweep = {0.01f, 0.02f, 0.03f, 0.05f, 0.08f};
-      k_channel_sweep = {0.05f, 0.1f, 0.15f, 0.2f};
-      v_sweep = {0.05f, 0.1f, 0.15f, 0.25f, 0.34f};  // 0.34: 3 steps (1/0.33 rounds up to 4)
+      // Sized so that the whole run (4 windows of 2048 tokens) stays under 20 minutes on 2 cores.
+      k_sweep = {0.02f, 0.03f, 0.05f, 0.1f};
+      k_channel_sweep = {0.05f, 0.1f, 0.2f};
+      v_sweep = {0.05f, 0.1f, 0.15f, 0.25f};
     }
     std::vector<llama::Baseline> baselines = {
         llama::Baseline::int8_per_token, llama::Baseline::fp8_e4m3_per_token, llama::Baseline::int4_per_token,
@@ -581,6 +597,11 @@ int main(int argc, char** argv) {
       if (o.setting.family == Family::packkv_k) k_outcomes.push_back(o);
       if (o.setting.family == Family::packkv_k_channel) kc_outcomes.push_back(o);
       if (o.setting.family == Family::packkv_v) v_outcomes.push_back(o);
+      // The control (both sides at 1/255) is the finest point of the per-token K and the V sweeps.
+      if (o.setting.family == Family::packkv_control) {
+        k_outcomes.push_back(o);
+        v_outcomes.push_back(o);
+      }
     }
     struct SidePoints {
       std::optional<Outcome> k, kc, v;
@@ -597,10 +618,15 @@ int main(int argc, char** argv) {
       if (points[c].kc && (!points[c].k || points[c].kc->k_bits() < points[c].k->k_bits())) best_k = &points[c].kc;
       if (!*best_k || !points[c].v) continue;
       Setting s = packkv_setting(Family::packkv_pair, (*best_k)->setting.k_rel, points[c].v->setting.v_rel, (*best_k)->setting.k_mode);
+      // A pair with one side at 1/255 is a one-sided setting already measured.
       bool seen = false;
+      for (const Outcome& o : outcomes) {
+        seen |= o.setting.k_rel == s.k_rel && o.setting.v_rel == s.v_rel && o.setting.k_mode == s.k_mode &&
+                is_packkv(o.setting.family);
+      }
       for (std::size_t p = 0; p < pairs.size(); ++p) {
         if (pairs[p].name == s.name) {
-          pair_criterion[p] += ", " + criteria[c].label;
+          pair_criterion[p] += " & " + criteria[c].label;
           seen = true;
         }
       }
@@ -636,7 +662,7 @@ int main(int argc, char** argv) {
 
     std::ostringstream md;
     md << "# Accuracy and compression of PackKV against quantization baselines\n\n";
-    md << "Regenerate with `scripts/run_accuracy.sh` (it prints the command it runs).\n\n";
+    md << "Regenerate with `scripts/run_accuracy.sh`, which runs `" << command_line << "`.\n\n";
     md << "- Model: " << mc.num_layers << " layers, " << mc.num_heads << " query heads, " << mc.num_kv_heads
        << " KV heads, head_dim " << mc.head_dim << ", vocabulary " << mc.vocab_size << "\n";
     md << "- Texts: " << text_summary.str() << "; " << windows.size() << " windows of " << opt.context << " tokens, "
@@ -754,7 +780,7 @@ int main(int argc, char** argv) {
              "k_bits,v_bits,kv_bits,kv_bits_32k,k_ratio,v_ratio,kv_ratio,seconds\n";
       for (const Outcome& o : outcomes) {
         std::string name = o.setting.name;
-        std::replace(name.begin(), name.end(), ',', ';');  // keeps the CSV splittable by commas
+        std::replace(name.begin(), name.end(), ',', ' ');  // keeps the CSV splittable by commas
         csv << family_name(o.setting.family) << ",\"" << name << "\"," << packkv::to_string(o.setting.k_mode) << ','
             << o.setting.k_rel << ',' << o.setting.v_rel << ',' << fmt("%.6f", o.perplexity);
         for (const Interval* i : {&o.delta_pct}) csv << ',' << fmt("%.4f", i->value) << ',' << fmt("%.4f", i->lo) << ',' << fmt("%.4f", i->hi);

@@ -303,25 +303,7 @@ class QuantizedCache final : public KvCache {
       }
     }
   }
-  void quantize_head(float* x, int hd) const {
-    switch (kind_) {
-      case Baseline::int8_per_token: quantize_minmax(x, hd, 1, 8); return;
-      case Baseline::int4_per_token: quantize_minmax(x, hd, 1, 4); return;
-      case Baseline::fp8_e4m3_per_token: quantize_e4m3(x, hd); return;
-      default: break;
-    }
-    for (float* b = x; b < x + hd; b += kGgmlBlock) {
-      switch (kind_) {
-        case Baseline::q8_0: quantize_q8_0(b); break;
-        case Baseline::q5_1: quantize_asymmetric_ggml(b, 31); break;
-        case Baseline::q5_0: quantize_symmetric_ggml(b, 16); break;
-        case Baseline::q4_1: quantize_asymmetric_ggml(b, 15); break;
-        case Baseline::q4_0: quantize_symmetric_ggml(b, 8); break;
-        case Baseline::iq4_nl: quantize_iq4_nl(b); break;
-        default: throw std::logic_error("quantize_head: not a per-token kind");
-      }
-    }
-  }
+  void quantize_head(float* x, int hd) const { quantize_head_vector(kind_, x, hd); }
 
   DenseStore store_;
   Baseline kind_;
@@ -330,6 +312,27 @@ class QuantizedCache final : public KvCache {
 };
 
 }  // namespace
+
+void quantize_head_vector(Baseline kind, float* x, int hd) {
+  switch (kind) {
+    case Baseline::int8_per_token: quantize_minmax(x, hd, 1, 8); return;
+    case Baseline::int4_per_token: quantize_minmax(x, hd, 1, 4); return;
+    case Baseline::fp8_e4m3_per_token: quantize_e4m3(x, hd); return;
+    default: break;
+  }
+  if (hd % kGgmlBlock != 0) throw std::invalid_argument("llama.cpp types need head_dim a multiple of 32");
+  for (float* b = x; b < x + hd; b += kGgmlBlock) {
+    switch (kind) {
+      case Baseline::q8_0: quantize_q8_0(b); break;
+      case Baseline::q5_1: quantize_asymmetric_ggml(b, 31); break;
+      case Baseline::q5_0: quantize_symmetric_ggml(b, 16); break;
+      case Baseline::q4_1: quantize_asymmetric_ggml(b, 15); break;
+      case Baseline::q4_0: quantize_symmetric_ggml(b, 8); break;
+      case Baseline::iq4_nl: quantize_iq4_nl(b); break;
+      default: throw std::invalid_argument("quantize_head_vector: KIVI quantizes groups of tokens");
+    }
+  }
+}
 
 std::unique_ptr<KvCache> make_exact_cache(const KvShape& shape) { return std::make_unique<ExactCache>(shape); }
 

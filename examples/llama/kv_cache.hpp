@@ -91,6 +91,9 @@ struct BaselineOptions {
   int block = 64;     ///< tokens quantized at a time: a multiple of group
 };
 std::unique_ptr<KvCache> make_baseline_cache(const KvShape& shape, Baseline kind, BaselineOptions options = {});
+/// Replaces one (token, head) vector of a per-token kind (int8, int4, fp8, the llama.cpp types) by
+/// what its stored codes decode to, as the caches do; for tests.
+void quantize_head_vector(Baseline kind, float* x, int head_dim);
 /// Stored bits per element of a baseline's compressed part at `head_dim` (codes and their scales).
 double baseline_bits_per_element(Baseline kind, int head_dim, bool k_side, int kivi_group = 32);
 const char* to_string(Baseline kind);

@@ -85,7 +85,11 @@ void set_log_probs(const LlamaModel& model, ExactReference& reference, bool keep
   const int dim = model.config().dim;
   const int positions = static_cast<int>(reference.hidden.size() / dim) - 1;
   reference.log_probs.resize(static_cast<std::size_t>(positions) * vocab);
+  // Chunks in parallel: the runs that read these wait for them.
+#pragma omp parallel
+  {
   std::vector<float> logits(static_cast<std::size_t>(kChunk) * vocab);
+#pragma omp for schedule(dynamic, 1)
   for (int r0 = 0; r0 < positions; r0 += kChunk) {
     const int rows = std::min(kChunk, positions - r0);
     model.logits(reference.hidden.data() + static_cast<std::size_t>(r0) * dim, rows, logits.data());
@@ -93,6 +97,7 @@ void set_log_probs(const LlamaModel& model, ExactReference& reference, bool keep
       log_softmax(logits.data() + static_cast<std::size_t>(r) * vocab, vocab,
                   reference.log_probs.data() + static_cast<std::size_t>(r0 + r) * vocab);
     }
+  }
   }
 }
 
