@@ -31,7 +31,8 @@ def main():
     rows = [r for r in rows if r["family"] != "exact"]
     baselines = [r for r in rows if r["family"] == "baseline"]
     markers = ["s", "D", "^", "v", "P", "X", "*", "<", ">", "h", "p", "8"]
-    colours = plt.cm.tab20.colors
+    # Baseline colours: tab20 without its blues and cyans, which the PackKV lines use.
+    colours = [plt.cm.tab20.colors[i] for i in (2, 4, 6, 8, 10, 12, 14, 16, 3, 5, 7, 9, 11, 13, 15, 17)]
 
     fig, axes = plt.subplots(2, 3, figsize=(18, 10.5))
     # (panel, bits column, [(family, rel column, label, colour)]) - sweeps are drawn as lines in rel order.
@@ -68,7 +69,7 @@ def main():
                     ax.annotate(text, (r[bits_key], r[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                 color=colour)
             for i, b in enumerate(baselines):
-                draw([b], False, colours[(2 * i + 2) % len(colours)], b["name"], markers[i % len(markers)])
+                draw([b], False, colours[i % len(colours)], b["name"], markers[i % len(markers)])
             if metric == "kl":
                 ax.set_yscale("log")
                 ax.set_ylabel("mean KL(exact || setting), nats (log scale)")
