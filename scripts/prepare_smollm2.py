@@ -4,7 +4,7 @@
 Writes into OUT_DIR:
   smollm2-135m.pkvllama   the model as fp32 (PKVLLAMA v1, layout below and in docs/examples.md)
   vocab.bin               the byte string of every token id, to print generated text
-  <name>.tokens           each --text file tokenized with the model's byte-level BPE (int32 ids)
+  <file name>.tokens      each --text file tokenized with the model's byte-level BPE (int32 ids)
   prompt.tokens           --prompt tokenized the same way, for packkv_llama
 
 PKVLLAMA v1, little-endian:
@@ -200,8 +200,8 @@ def main():
     for text_path in args.text:
         with open(text_path, encoding="utf-8") as f:
             ids = bpe.encode(f.read())
-        name = os.path.splitext(os.path.basename(text_path))[0]
-        out_path = os.path.join(args.out, name + ".tokens")
+        # The whole file name: licence names carry dots (GFDL-1.3) that are no extension.
+        out_path = os.path.join(args.out, os.path.basename(text_path) + ".tokens")
         np.asarray(ids, dtype="<i4").tofile(out_path)
         print(f"tokenized {text_path}: {len(ids)} tokens -> {out_path}", flush=True)
     prompt_path = os.path.join(args.out, "prompt.tokens")

@@ -1,22 +1,30 @@
-// packkv_eval: the accuracy harness. Runs a real text through a model teacher-forced, the KV cache
-// filled token by token as in decoding, once per cache setting, and reports perplexity, its change
-// against the exact cache, top-1 agreement with the exact cache, and K and V compression ratios with
-// every byte counted. Writes a Markdown report and a CSV (scripts/plot_accuracy.py draws the CSV).
+// packkv_eval: the accuracy harness. Runs real texts through a model teacher-forced, in windows of
+// --context tokens, the KV cache filled token by token as in decoding, once per cache setting and
+// window. Against the exact cache's run on the same window it reports, per setting: perplexity and
+// its change, the mean KL divergence KL(exact || setting) of the next-token distribution, top-1
+// agreement, each with a bootstrap confidence interval, and the bits per element of the compressed
+// part of K and V with every byte counted. Every cache keeps the same recent tokens exact (packkv's
+// tail rule), so settings differ only in how they quantize. Writes a Markdown report and a CSV
+// (scripts/plot_accuracy.py draws the CSV).
 //
-//   packkv_eval --model smollm2-135m.pkvllama --tokens GPL-3.tokens --context 2048 \
-//               --markdown docs/results/accuracy.md --csv docs/results/accuracy.csv
+//   packkv_eval --model smollm2-135m.pkvllama --tokens GPL-3.tokens --tokens GFDL-1.3.tokens \
+//               --context 2048 --markdown docs/results/accuracy.md --csv docs/results/accuracy.csv
 #include <omp.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -43,31 +51,73 @@ const char* family_name(Family f) {
   return "?";
 }
 
+bool is_packkv(Family f) { return f != Family::exact && f != Family::baseline; }
+
 struct Setting {
   std::string name;
   Family family;
   float k_rel = 0.0f;  // PackKV settings only
   float v_rel = 0.0f;
   packkv::QuantMode k_mode = packkv::QuantMode::per_token;
-  int code_bits = 0;  // baselines: bits per code (the issue compares against the best 4-bit one)
+  std::optional<llama::Baseline> baseline;
   std::function<std::unique_ptr<llama::KvCache>()> make_cache;
+};
+
+/// A stretch of one text: the unit every setting runs on, and the exact cache's run on it.
+struct Window {
+  std::string source;
+  int offset = 0;
+  std::vector<int> tokens;
+  llama::ExactReference reference;
+  std::vector<float> exact_nll;  // per position
+};
+
+/// One setting on one window.
+struct WindowRun {
+  std::vector<float> nll, kl;  // per position
+  std::vector<char> same_top1;
+  llama::KvBytes bytes;
+  double seconds = 0.0;
+};
+
+struct Interval {
+  double value = 0.0, lo = 0.0, hi = 0.0;
 };
 
 struct Outcome {
   Setting setting;
-  llama::TeacherForcedResult result;
+  std::vector<WindowRun> runs;  // one per window
+  llama::KvBytes bytes;         // summed over windows
+  double perplexity = 0.0;
+  Interval delta_pct;  // perplexity change against the exact cache, percent
+  Interval kl;         // mean KL(exact || setting), nats per position
+  Interval top1;       // share of positions whose argmax is the exact cache's
   double seconds = 0.0;
-  double delta_pct = 0.0;  // perplexity change against the exact cache, percent
-  double top1 = 0.0;
+  double k_bits() const { return bytes.k_compressed_bits(); }
+  double v_bits() const { return bytes.v_compressed_bits(); }
+  double kv_bits() const { return (k_bits() + v_bits()) / 2.0; }
+  /// Against fp16 at the end of the windows, the exact window counted at fp16 for every method
+  /// (packkv holds its tail in the cache's storage type, fp32 here; engines hold it at fp16).
+  double ratio(double compressed_bytes) const {
+    const double window_bytes = bytes.fp16_bytes_per_side - 2.0 * bytes.compressed_elements_per_side;
+    return bytes.fp16_bytes_per_side / (compressed_bytes + window_bytes);
+  }
+  double k_ratio() const { return ratio(bytes.k_compressed_bytes); }
+  double v_ratio() const { return ratio(bytes.v_compressed_bytes); }
+  double kv_ratio() const { return 2.0 / (1.0 / k_ratio() + 1.0 / v_ratio()); }
 };
 
 struct Options {
-  std::string model, tokens, text, tokenizer, markdown, csv;
+  std::string model, tokenizer, markdown, csv;
+  std::vector<std::string> tokens, texts;
   int context = 2048;
-  int offset = 0;
+  int max_windows = 0;  // per text; 0: every full window
   int threads = 0;
   int block = 64;
-  int residual = 0;
+  int residual = 128;
+  int bootstrap = 1000;
+  int bootstrap_unit = 512;
+  bool score_exact = false;
   packkv::RepackMethod repack = packkv::RepackMethod::median;
   packkv::Device device = packkv::Device::cpu;
   std::string preset = "full";
@@ -75,14 +125,20 @@ struct Options {
 
 void usage() {
   std::fprintf(stderr,
-               "usage: packkv_eval --model FILE (--tokens FILE | --text FILE --tokenizer FILE)\n"
-               "                   [--context N] [--offset N] [--threads N] [--preset full|quick]\n"
+               "usage: packkv_eval --model FILE (--tokens FILE... | --text FILE... --tokenizer FILE)\n"
+               "                   [--context N] [--windows N] [--threads N] [--preset full|quick]\n"
                "                   [--block N] [--residual N] [--repack none|median|greedy] [--device cpu|cuda]\n"
-               "                   [--markdown FILE] [--csv FILE]\n"
-               "  --tokens     int32 token ids (scripts/prepare_smollm2.py writes them)\n"
-               "  --text       a text file, tokenized with --tokenizer (llama2.c models)\n"
-               "  --context    tokens per evaluation (default 2048)\n"
-               "  --threads    settings evaluated at once, one core each (default: all cores)\n");
+               "                   [--bootstrap N] [--bootstrap-unit N] [--score-exact] [--markdown FILE] [--csv FILE]\n"
+               "  --tokens     int32 token ids (scripts/prepare_smollm2.py writes them); repeat for more texts\n"
+               "  --text       a text file, tokenized with --tokenizer (llama2.c models); repeatable\n"
+               "  --context    tokens per window (default 2048); each text gives its full windows\n"
+               "  --windows    at most N windows per text (default: all)\n"
+               "  --residual   recent tokens every cache keeps exact (default 128)\n"
+               "  --block      tokens quantized at a time, by every cache (packkv's block, default 64)\n"
+               "  --bootstrap  resamples for the 95%% intervals (default 1000)\n"
+               "  --bootstrap-unit  positions per resampled unit (default 512; the context: whole windows)\n"
+               "  --score-exact  also score the exact cache against itself (KL 0, top-1 100%%: a check)\n"
+               "  --threads    runs at once, one core each (default: all cores)\n");
 }
 
 std::vector<int> read_tokens(const std::string& path) {
@@ -110,11 +166,19 @@ std::string rel_label(float rel) {
   return buf;
 }
 
+std::string fmt(const char* f, double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, x);
+  return buf;
+}
+
 /// One line of progress on stderr: rewritten in place on a terminal, every 10% otherwise.
 class Progress {
  public:
-  Progress(std::size_t total_steps, std::string phase) : total_(total_steps), phase_(std::move(phase)), start_(Clock::now()) {}
-  void step(std::size_t settings_done, std::size_t settings_total) {
+  Progress(std::size_t total_steps, std::size_t total_runs, std::string phase)
+      : total_(total_steps), total_runs_(total_runs), phase_(std::move(phase)), start_(Clock::now()) {}
+  void run_done() { ++runs_done_; }
+  void step() {
     const std::size_t done = ++done_;
     std::unique_lock lock(mutex_, std::try_to_lock);
     if (!lock.owns_lock()) return;
@@ -128,9 +192,9 @@ class Progress {
     const int width = 30;
     const int filled = static_cast<int>(fraction * width);
     const double eta = fraction > 0 ? elapsed / fraction - elapsed : 0.0;
-    std::fprintf(stderr, "%s%s [%.*s%*s] %3.0f%%  %zu/%zu settings  %4.0fs elapsed, ~%.0fs left%s", tty ? "\r" : "",
+    std::fprintf(stderr, "%s%s [%.*s%*s] %3.0f%%  %zu/%zu runs  %4.0fs elapsed, ~%.0fs left%s", tty ? "\r" : "",
                  phase_.c_str(), filled, "##############################", width - filled, "", fraction * 100.0,
-                 settings_done, settings_total, elapsed, eta, tty ? "   " : "\n");
+                 runs_done_.load(), total_runs_, elapsed, eta, tty ? "   " : "\n");
     std::fflush(stderr);
   }
   void finish() {
@@ -139,36 +203,88 @@ class Progress {
   static double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
  private:
-  std::size_t total_;
+  std::size_t total_, total_runs_;
   std::string phase_;
   Clock::time_point start_;
-  std::atomic<std::size_t> done_{0};
+  std::atomic<std::size_t> done_{0}, runs_done_{0};
   std::mutex mutex_;
   double last_print_ = -1.0;
   int last_decile_ = -1;
 };
 
-/// Evaluates every setting, `threads` at a time, each on one core.
-std::vector<Outcome> run_settings(const llama::LlamaModel& model, const std::vector<int>& tokens,
+/// The exact cache on every window: its hidden states and predictions become the references.
+void run_exact(const llama::LlamaModel& model, std::vector<Window>& windows, int threads) {
+  const int layers = model.config().num_layers;
+  const llama::KvShape shape = model.config().kv_shape();
+  Progress progress(windows.size() * static_cast<std::size_t>(layers), windows.size(), "exact cache");
+  std::vector<std::string> errors(windows.size());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (std::size_t w = 0; w < windows.size(); ++w) {
+    try {
+      auto cache = llama::make_exact_cache(shape);
+      Window& win = windows[w];
+      llama::TeacherForcedResult r = llama::evaluate_teacher_forced(
+          model, win.tokens.data(), static_cast<int>(win.tokens.size()), *cache, [&](int) { progress.step(); }, nullptr, true);
+      win.exact_nll = r.position_nll;
+      win.reference = llama::make_exact_reference(model, std::move(r), /*log_probs=*/false);
+      progress.run_done();
+    } catch (const std::exception& e) {
+      errors[w] = e.what();
+    }
+  }
+  progress.finish();
+  for (const std::string& e : errors) {
+    if (!e.empty()) throw std::runtime_error("exact cache: " + e);
+  }
+}
+
+/// Every setting on every window, `threads` runs at a time, in window order with no barrier
+/// between windows. A window's exact log-probabilities (400 MB at 2K tokens of a 49K vocabulary)
+/// are computed by its first run and dropped after its last, so about `threads` windows hold them
+/// at once.
+std::vector<Outcome> run_settings(const llama::LlamaModel& model, std::vector<Window>& windows,
                                   const std::vector<Setting>& settings, int threads, const std::string& phase) {
   std::vector<Outcome> outcomes(settings.size());
-  const int layers = model.config().num_layers;
-  Progress progress(settings.size() * static_cast<std::size_t>(layers), phase);
-  std::atomic<std::size_t> finished{0};
-  std::vector<std::string> errors(settings.size());
-  // Longest first would need a cost model; settings are similar in cost, so dynamic order is enough.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (std::size_t i = 0; i < settings.size(); ++i) {
+    outcomes[i].setting = settings[i];
+    outcomes[i].runs.resize(windows.size());
+  }
+  const int layers = model.config().num_layers;
+  const std::size_t runs = settings.size() * windows.size();
+  Progress progress(runs * static_cast<std::size_t>(layers), runs, phase);
+  std::vector<std::string> errors(runs);
+  std::vector<std::mutex> window_locks(windows.size());
+  std::vector<std::atomic<std::size_t>> runs_left(windows.size());
+  for (auto& left : runs_left) left = settings.size();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (std::size_t task = 0; task < runs; ++task) {
+    const std::size_t w = task / settings.size();
+    const std::size_t i = task % settings.size();
+    Window& win = windows[w];
     try {
+      {
+        std::lock_guard lock(window_locks[w]);
+        if (win.reference.log_probs.empty()) llama::set_log_probs(model, win.reference, true);
+      }
       const auto start = Clock::now();
       std::unique_ptr<llama::KvCache> cache = settings[i].make_cache();
-      outcomes[i].setting = settings[i];
-      outcomes[i].result = llama::evaluate_teacher_forced(model, tokens.data(), static_cast<int>(tokens.size()), *cache,
-                                                          [&](int) { progress.step(finished.load(), settings.size()); });
-      outcomes[i].seconds = Progress::seconds_since(start);
-      ++finished;
+      llama::TeacherForcedResult r = llama::evaluate_teacher_forced(
+          model, win.tokens.data(), static_cast<int>(win.tokens.size()), *cache, [&](int) { progress.step(); },
+          &win.reference);
+      WindowRun& run = outcomes[i].runs[w];
+      run.nll = std::move(r.position_nll);
+      run.kl = std::move(r.position_kl);
+      run.same_top1.resize(r.predictions.size());
+      for (std::size_t p = 0; p < r.predictions.size(); ++p) run.same_top1[p] = r.predictions[p] == win.reference.predictions[p];
+      run.bytes = r.bytes;
+      run.seconds = Progress::seconds_since(start);
+      progress.run_done();
     } catch (const std::exception& e) {
-      errors[i] = settings[i].name + ": " + e.what();
+      errors[task] = settings[i].name + ": " + e.what();
+    }
+    if (--runs_left[w] == 0) {
+      std::lock_guard lock(window_locks[w]);
+      llama::set_log_probs(model, win.reference, false);
     }
   }
   progress.finish();
@@ -178,30 +294,140 @@ std::vector<Outcome> run_settings(const llama::LlamaModel& model, const std::vec
   return outcomes;
 }
 
-struct TurningPoint {
-  std::optional<Outcome> at;  // the largest rel within the bound, if any
+/// Sums over one bootstrap unit (a stretch of positions of one window).
+struct UnitSums {
+  double exact_nll = 0, nll = 0, kl = 0, same = 0, positions = 0;
 };
 
-/// The largest swept rel such that it and every smaller rel of the sweep stay within +-`bound_pct`
-/// of the exact perplexity (requiring the smaller ones too keeps a lucky outlier from counting).
-TurningPoint turning_point(const std::vector<Outcome>& sweep, bool for_k, double bound_pct) {
+/// Perplexity change, mean KL and top-1 with bootstrap intervals: the units (stretches of
+/// `unit` positions of each window; a whole window when unit >= context) are resampled with
+/// replacement, the same draws for every setting, and the 2.5% and 97.5% quantiles taken.
+class Bootstrap {
+ public:
+  Bootstrap(const std::vector<Window>& windows, int unit, int resamples) : unit_(unit) {
+    for (std::size_t w = 0; w < windows.size(); ++w) {
+      const int positions = static_cast<int>(windows[w].exact_nll.size());
+      for (int p0 = 0; p0 < positions; p0 += unit_) units_.push_back({w, p0, std::min(positions, p0 + unit_)});
+    }
+    std::mt19937_64 rng(20240612);  // fixed: reruns give the same intervals
+    std::uniform_int_distribution<std::size_t> pick(0, units_.size() - 1);
+    draws_.resize(static_cast<std::size_t>(resamples));
+    for (auto& d : draws_) {
+      d.resize(units_.size());
+      for (auto& u : d) u = pick(rng);
+    }
+  }
+  std::size_t units() const { return units_.size(); }
+
+  void score(Outcome& o, const std::vector<Window>& windows) const {
+    std::vector<UnitSums> sums(units_.size());
+    for (std::size_t u = 0; u < units_.size(); ++u) {
+      const Unit& unit = units_[u];
+      const WindowRun& run = o.runs[unit.window];
+      for (int p = unit.begin; p < unit.end; ++p) {
+        sums[u].exact_nll += windows[unit.window].exact_nll[p];
+        sums[u].nll += run.nll[p];
+        sums[u].kl += run.kl[p];
+        sums[u].same += run.same_top1[p];
+        sums[u].positions += 1;
+      }
+    }
+    auto statistics = [&](const auto& indices) {
+      UnitSums t;
+      for (std::size_t u : indices) {
+        t.exact_nll += sums[u].exact_nll;
+        t.nll += sums[u].nll;
+        t.kl += sums[u].kl;
+        t.same += sums[u].same;
+        t.positions += sums[u].positions;
+      }
+      return std::array<double, 3>{(std::exp((t.nll - t.exact_nll) / t.positions) - 1.0) * 100.0, t.kl / t.positions,
+                                   t.same / t.positions};
+    };
+    std::vector<std::size_t> all(units_.size());
+    for (std::size_t u = 0; u < all.size(); ++u) all[u] = u;
+    const auto point = statistics(all);
+    std::array<std::vector<double>, 3> samples;
+    for (const auto& d : draws_) {
+      const auto s = statistics(d);
+      for (int k = 0; k < 3; ++k) samples[k].push_back(s[k]);
+    }
+    Interval* out[3] = {&o.delta_pct, &o.kl, &o.top1};
+    for (int k = 0; k < 3; ++k) {
+      out[k]->value = point[k];
+      out[k]->lo = quantile(samples[k], 0.025);
+      out[k]->hi = quantile(samples[k], 0.975);
+    }
+    double nll = 0, positions = 0;
+    for (const UnitSums& s : sums) {
+      nll += s.nll;
+      positions += s.positions;
+    }
+    o.perplexity = std::exp(nll / positions);
+    o.bytes = {};
+    o.seconds = 0;
+    for (const WindowRun& r : o.runs) {
+      o.bytes.k_bytes += r.bytes.k_bytes;
+      o.bytes.v_bytes += r.bytes.v_bytes;
+      o.bytes.fp16_bytes_per_side += r.bytes.fp16_bytes_per_side;
+      o.bytes.k_compressed_bytes += r.bytes.k_compressed_bytes;
+      o.bytes.v_compressed_bytes += r.bytes.v_compressed_bytes;
+      o.bytes.compressed_elements_per_side += r.bytes.compressed_elements_per_side;
+      o.seconds += r.seconds;
+    }
+  }
+
+ private:
+  struct Unit {
+    std::size_t window;
+    int begin, end;
+  };
+  static double quantile(std::vector<double> v, double q) {
+    if (v.empty()) return 0.0;
+    std::sort(v.begin(), v.end());
+    const double at = q * static_cast<double>(v.size() - 1);
+    const auto i = static_cast<std::size_t>(at);
+    const double frac = at - static_cast<double>(i);
+    return i + 1 < v.size() ? v[i] * (1 - frac) + v[i + 1] * frac : v[i];
+  }
+  int unit_;
+  std::vector<Unit> units_;
+  std::vector<std::vector<std::size_t>> draws_;
+};
+
+/// What a turning point bounds: the perplexity change (|change| <= bound percent) or the mean KL
+/// (<= a baseline's).
+struct Criterion {
+  std::string label;
+  bool by_kl = false;
+  double bound = 0.0;
+  bool holds(const Outcome& o) const { return by_kl ? o.kl.value <= bound : std::fabs(o.delta_pct.value) <= bound; }
+};
+
+/// The largest swept rel such that it and every smaller rel of the sweep meet the criterion
+/// (requiring the smaller ones too keeps a lucky outlier from counting).
+std::optional<Outcome> turning_point(const std::vector<Outcome>& sweep, bool for_k, const Criterion& c) {
   std::vector<const Outcome*> sorted;
   for (const Outcome& o : sweep) sorted.push_back(&o);
   std::sort(sorted.begin(), sorted.end(), [&](const Outcome* a, const Outcome* b) {
     return for_k ? a->setting.k_rel < b->setting.k_rel : a->setting.v_rel < b->setting.v_rel;
   });
-  TurningPoint tp;
+  std::optional<Outcome> at;
   for (const Outcome* o : sorted) {
-    if (std::fabs(o->delta_pct) > bound_pct) break;  // a drop as large as the bound counts as a change too
-    tp.at = *o;
+    if (!c.holds(*o)) break;
+    at = *o;
   }
-  return tp;
+  return at;
 }
 
-std::string fmt(const char* f, double x) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, x);
-  return buf;
+std::string interval(const Interval& i, const char* f) {
+  return fmt(f, i.value) + " [" + fmt(f, i.lo) + ", " + fmt(f, i.hi) + "]";
+}
+std::string pct_interval(const Interval& i) { return interval(i, "%+.2f%%"); }
+std::string kl_interval(const Interval& i) { return interval(i, i.value < 1e-3 ? "%.2g" : "%.4f"); }
+std::string top1_interval(const Interval& i) {
+  Interval p{i.value * 100, i.lo * 100, i.hi * 100};
+  return interval(p, "%.1f%%");
 }
 
 }  // namespace
@@ -216,15 +442,18 @@ int main(int argc, char** argv) {
         return argv[++i];
       };
       if (arg == "--model") opt.model = value();
-      else if (arg == "--tokens") opt.tokens = value();
-      else if (arg == "--text") opt.text = value();
+      else if (arg == "--tokens") opt.tokens.push_back(value());
+      else if (arg == "--text") opt.texts.push_back(value());
       else if (arg == "--tokenizer") opt.tokenizer = value();
       else if (arg == "--context") opt.context = std::stoi(value());
-      else if (arg == "--offset") opt.offset = std::stoi(value());
+      else if (arg == "--windows") opt.max_windows = std::stoi(value());
       else if (arg == "--threads") opt.threads = std::stoi(value());
       else if (arg == "--preset") opt.preset = value();
       else if (arg == "--block") opt.block = std::stoi(value());
       else if (arg == "--residual") opt.residual = std::stoi(value());
+      else if (arg == "--bootstrap") opt.bootstrap = std::stoi(value());
+      else if (arg == "--bootstrap-unit") opt.bootstrap_unit = std::stoi(value());
+      else if (arg == "--score-exact") opt.score_exact = true;
       else if (arg == "--repack") {
         const std::string r = value();
         opt.repack = r == "none" ? packkv::RepackMethod::none : r == "greedy" ? packkv::RepackMethod::greedy : packkv::RepackMethod::median;
@@ -234,28 +463,52 @@ int main(int argc, char** argv) {
       else if (arg == "--help" || arg == "-h") { usage(); return 0; }
       else throw std::invalid_argument("unknown argument " + arg);
     }
-    if (opt.model.empty() || (opt.tokens.empty() && (opt.text.empty() || opt.tokenizer.empty()))) {
+    if (opt.model.empty() || (opt.tokens.empty() && (opt.texts.empty() || opt.tokenizer.empty()))) {
       usage();
       return 2;
+    }
+    if (opt.context < 2 || opt.bootstrap < 1 || opt.bootstrap_unit < 1) throw std::invalid_argument("--context >= 2, --bootstrap and --bootstrap-unit >= 1");
+    // The command as run, files by name only: the report quotes it without this machine's folders.
+    std::string command_line = "packkv_eval";
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      command_line += " " + (arg.find('/') != std::string::npos ? std::filesystem::path(arg).filename().string() : arg);
     }
     const auto wall_start = Clock::now();
     const llama::LlamaModel model = llama::LlamaModel::load(opt.model);
     const llama::LlamaConfig& mc = model.config();
-    std::vector<int> all_tokens;
-    if (!opt.tokens.empty()) {
-      all_tokens = read_tokens(opt.tokens);
-    } else {
-      llama::Llama2cTokenizer tokenizer(opt.tokenizer, mc.vocab_size);
-      all_tokens = tokenizer.encode(read_text(opt.text), /*bos=*/true, /*eos=*/false);
-    }
-    if (opt.offset < 0 || opt.offset + opt.context > static_cast<int>(all_tokens.size())) {
-      throw std::invalid_argument("the text has " + std::to_string(all_tokens.size()) + " tokens, fewer than offset + context");
-    }
-    const std::vector<int> tokens(all_tokens.begin() + opt.offset, all_tokens.begin() + opt.offset + opt.context);
-    const int threads = opt.threads > 0 ? opt.threads : omp_get_num_procs();
-    std::fprintf(stderr, "model: %d layers, %d query / %d KV heads, head_dim %d; %d tokens from offset %d; %d at a time\n",
-                 mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, opt.context, opt.offset, threads);
 
+    // ---- windows: the full --context stretches of every text ----
+    std::vector<std::pair<std::string, std::vector<int>>> texts;
+    for (const std::string& path : opt.tokens) texts.emplace_back(std::filesystem::path(path).stem().string(), read_tokens(path));
+    if (!opt.texts.empty()) {
+      llama::Llama2cTokenizer tokenizer(opt.tokenizer, mc.vocab_size);
+      for (const std::string& path : opt.texts) {
+        texts.emplace_back(std::filesystem::path(path).filename().string(), tokenizer.encode(read_text(path), /*bos=*/true, /*eos=*/false));
+      }
+    }
+    std::vector<Window> windows;
+    std::ostringstream text_summary;
+    for (const auto& [name, ids] : texts) {
+      int count = static_cast<int>(ids.size()) / opt.context;
+      if (opt.max_windows > 0) count = std::min(count, opt.max_windows);
+      if (count == 0) throw std::invalid_argument(name + " has " + std::to_string(ids.size()) + " tokens, fewer than --context");
+      for (int w = 0; w < count; ++w) {
+        Window win;
+        win.source = name;
+        win.offset = w * opt.context;
+        win.tokens.assign(ids.begin() + win.offset, ids.begin() + win.offset + opt.context);
+        windows.push_back(std::move(win));
+      }
+      text_summary << (text_summary.tellp() > 0 ? ", " : "") << name << " (" << ids.size() << " tokens: " << count
+                   << (count == 1 ? " window" : " windows") << ")";
+    }
+    const std::size_t scored = windows.size() * static_cast<std::size_t>(opt.context - 1);
+    const int threads = opt.threads > 0 ? opt.threads : omp_get_num_procs();
+    std::fprintf(stderr, "model: %d layers, %d query / %d KV heads, head_dim %d; %zu windows of %d tokens (%zu scored); %d at a time\n",
+                 mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim, windows.size(), opt.context, scored, threads);
+
+    // ---- settings ----
     const llama::KvShape shape = mc.kv_shape();
     packkv::CacheConfig base;
     base.block_tokens = opt.block;
@@ -263,6 +516,9 @@ int main(int argc, char** argv) {
     base.repack = opt.repack;
     base.device = opt.device;  // PackKV settings only; the model and the baselines run on the CPU
     base.num_threads = 1;  // settings run in parallel, one core each
+    llama::BaselineOptions baseline_options;
+    baseline_options.residual = opt.residual;  // the same exact window and the same
+    baseline_options.block = opt.block;        // quantization steps as packkv's tail rule
     auto packkv_setting = [&](Family family, float k_rel, float v_rel,
                               packkv::QuantMode k_mode = packkv::QuantMode::per_token) {
       Setting s;
@@ -290,164 +546,279 @@ int main(int argc, char** argv) {
       k_channel_sweep = {0.1f};
       v_sweep = {0.05f, 0.2f};
     } else {
-      k_sweep = {0.01f, 0.02f, 0.03f, 0.04f, 0.05f, 0.06f, 0.08f, 0.1f, 0.15f};
-      k_channel_sweep = {0.05f, 0.08f, 0.1f, 0.125f, 0.15f, 0.2f};
-      v_sweep = {0.05f, 0.1f, 0.15f, 0.2f, 0.25f, 0.34f, 0.5f, 1.0f};  // 0.34: 3 steps (1/0.33 rounds up to 4)
+      // Sized so that the whole run (4 windows of 2048 tokens) stays under 20 minutes on 2 cores.
+      k_sweep = {0.02f, 0.03f, 0.05f, 0.1f};
+      k_channel_sweep = {0.05f, 0.1f, 0.2f};
+      v_sweep = {0.05f, 0.1f, 0.15f, 0.25f};
+    }
+    std::vector<llama::Baseline> baselines = {
+        llama::Baseline::int8_per_token, llama::Baseline::fp8_e4m3_per_token, llama::Baseline::int4_per_token,
+        llama::Baseline::kivi4,          llama::Baseline::kivi2,              llama::Baseline::q8_0,
+        llama::Baseline::q5_1,           llama::Baseline::q5_0,               llama::Baseline::q4_1,
+        llama::Baseline::q4_0,           llama::Baseline::iq4_nl};
+    if (opt.preset == "quick") baselines = {llama::Baseline::int8_per_token, llama::Baseline::int4_per_token, llama::Baseline::kivi4, llama::Baseline::q4_0};
+
+    std::string skipped_note;
+    if (mc.head_dim % 32 != 0) {  // llama.cpp's blocks of 32 run along head_dim
+      std::erase_if(baselines, [](llama::Baseline b) { return b >= llama::Baseline::q8_0; });
+      skipped_note = "llama.cpp's types skipped: head_dim " + std::to_string(mc.head_dim) + " is not a multiple of 32";
+      std::fprintf(stderr, "%s\n", skipped_note.c_str());
     }
 
     std::vector<Setting> settings;
-    settings.push_back({"exact fp32 cache", Family::exact, 0, 0, packkv::QuantMode::per_token, 0, [shape] { return llama::make_exact_cache(shape); }});
+    if (opt.score_exact) {
+      settings.push_back({"exact fp32 cache", Family::exact, 0, 0, packkv::QuantMode::per_token, std::nullopt,
+                          [shape] { return llama::make_exact_cache(shape); }});
+    }
     settings.push_back(packkv_setting(Family::packkv_control, exact_rel, exact_rel));
     for (float r : k_sweep) settings.push_back(packkv_setting(Family::packkv_k, r, exact_rel));
     for (float r : k_channel_sweep) {
       settings.push_back(packkv_setting(Family::packkv_k_channel, r, exact_rel, packkv::QuantMode::per_channel));
     }
     for (float r : v_sweep) settings.push_back(packkv_setting(Family::packkv_v, exact_rel, r));
-    const llama::Baseline baselines[] = {llama::Baseline::int8_per_token, llama::Baseline::fp8_e4m3_per_token,
-                                         llama::Baseline::int4_per_token, llama::Baseline::kivi4, llama::Baseline::kivi2};
     for (llama::Baseline b : baselines) {
-      llama::KiviOptions kivi;  // group 32, fp16 window of 128 tokens, as in the KIVI paper
-      const std::string name = (b == llama::Baseline::kivi2 || b == llama::Baseline::kivi4)
-                                   ? std::string(llama::to_string(b)) + " (group 32, window 128)"
-                                   : std::string(llama::to_string(b));
-      const int bits = b == llama::Baseline::kivi2 ? 2 : (b == llama::Baseline::kivi4 || b == llama::Baseline::int4_per_token) ? 4 : 8;
-      settings.push_back({name, Family::baseline, 0, 0, packkv::QuantMode::per_token, bits, [shape, b, kivi] { return llama::make_baseline_cache(shape, b, kivi); }});
+      std::string name = llama::to_string(b);
+      if (b == llama::Baseline::kivi2 || b == llama::Baseline::kivi4) name += " (group 32)";
+      settings.push_back({name, Family::baseline, 0, 0, packkv::QuantMode::per_token, b,
+                          [shape, b, baseline_options] { return llama::make_baseline_cache(shape, b, baseline_options); }});
     }
 
-    std::vector<Outcome> outcomes = run_settings(model, tokens, settings, threads, "sweeps and baselines");
-    const Outcome exact = outcomes.front();
-    auto score = [&](Outcome& o) {
-      o.delta_pct = (o.result.perplexity / exact.result.perplexity - 1.0) * 100.0;
-      o.top1 = llama::top1_agreement(o.result.predictions, exact.result.predictions);
-    };
-    for (Outcome& o : outcomes) score(o);
+    run_exact(model, windows, threads);
+    const Bootstrap bootstrap(windows, std::min(opt.bootstrap_unit, opt.context - 1), opt.bootstrap);
+    std::vector<Outcome> outcomes = run_settings(model, windows, settings, threads, "sweeps and baselines");
+    for (Outcome& o : outcomes) bootstrap.score(o, windows);
 
+    // ---- turning points: by perplexity (1%, 5%) and by KL (int8's, KIVI-4's) ----
+    auto find_baseline = [&](llama::Baseline b) -> const Outcome* {
+      for (const Outcome& o : outcomes) {
+        if (o.setting.baseline == b) return &o;
+      }
+      return nullptr;
+    };
+    std::vector<Criterion> criteria = {{"perplexity 1%", false, 1.0}, {"perplexity 5%", false, 5.0}};
+    if (const Outcome* int8 = find_baseline(llama::Baseline::int8_per_token)) {
+      criteria.push_back({"KL <= int8's (" + fmt("%.3g", int8->kl.value) + ")", true, int8->kl.value});
+    }
+    if (const Outcome* kivi4 = find_baseline(llama::Baseline::kivi4)) {
+      criteria.push_back({"KL <= KIVI-4's (" + fmt("%.3g", kivi4->kl.value) + ")", true, kivi4->kl.value});
+    }
     std::vector<Outcome> k_outcomes, kc_outcomes, v_outcomes;
     for (const Outcome& o : outcomes) {
       if (o.setting.family == Family::packkv_k) k_outcomes.push_back(o);
       if (o.setting.family == Family::packkv_k_channel) kc_outcomes.push_back(o);
       if (o.setting.family == Family::packkv_v) v_outcomes.push_back(o);
+      // The control (both sides at 1/255) is the finest point of the per-token K and the V sweeps.
+      if (o.setting.family == Family::packkv_control) {
+        k_outcomes.push_back(o);
+        v_outcomes.push_back(o);
+      }
     }
-    const double bounds[2] = {1.0, 5.0};
-    TurningPoint k_tp[2], kc_tp[2], v_tp[2];
+    struct SidePoints {
+      std::optional<Outcome> k, kc, v;
+    };
+    std::vector<SidePoints> points(criteria.size());
     std::vector<Setting> pairs;
-    auto k_ratio_at = [](const TurningPoint& tp) { return tp.at ? tp.at->result.bytes.k_ratio() : 0.0; };
-    for (int b = 0; b < 2; ++b) {
-      k_tp[b] = turning_point(k_outcomes, true, bounds[b]);
-      kc_tp[b] = turning_point(kc_outcomes, true, bounds[b]);
-      v_tp[b] = turning_point(v_outcomes, false, bounds[b]);
-      // Each K mode that reaches the bound is paired with V's turning point.
-      for (const TurningPoint* k : {&k_tp[b], &kc_tp[b]}) {
-        if (!k->at || !v_tp[b].at) continue;
-        Setting s = packkv_setting(Family::packkv_pair, k->at->setting.k_rel, v_tp[b].at->setting.v_rel, k->at->setting.k_mode);
-        s.name += " (both at the " + fmt("%g", bounds[b]) + "% turning points)";
+    std::vector<std::string> pair_criterion;
+    for (std::size_t c = 0; c < criteria.size(); ++c) {
+      points[c].k = turning_point(k_outcomes, true, criteria[c]);
+      points[c].kc = turning_point(kc_outcomes, true, criteria[c]);
+      points[c].v = turning_point(v_outcomes, false, criteria[c]);
+      // The pair for this criterion: one-sided errors add up (nearly: both include the control's),
+      // so the K point (either mode) and the V point whose predicted sum meets the bound with the
+      // fewest bits; the pair's run then measures it.
+      const Outcome* control = nullptr;
+      for (const Outcome& o : outcomes) {
+        if (o.setting.family == Family::packkv_control) control = &o;
+      }
+      const Outcome* pair_k = nullptr;
+      const Outcome* pair_v = nullptr;
+      for (const std::vector<Outcome>* k_sweep_outcomes : {&k_outcomes, &kc_outcomes}) {
+        for (const Outcome& k : *k_sweep_outcomes) {
+          for (const Outcome& v : v_outcomes) {
+            const double predicted = criteria[c].by_kl
+                                         ? k.kl.value + v.kl.value - (control ? control->kl.value : 0.0)
+                                         : std::fabs(k.delta_pct.value + v.delta_pct.value - (control ? control->delta_pct.value : 0.0));
+            if (predicted > criteria[c].bound) continue;
+            if (!pair_k || k.k_bits() + v.v_bits() < pair_k->k_bits() + pair_v->v_bits()) {
+              pair_k = &k;
+              pair_v = &v;
+            }
+          }
+        }
+      }
+      if (!pair_k) continue;
+      Setting s = packkv_setting(Family::packkv_pair, pair_k->setting.k_rel, pair_v->setting.v_rel, pair_k->setting.k_mode);
+      // A pair with one side at 1/255 is a one-sided setting already measured.
+      bool seen = false;
+      for (const Outcome& o : outcomes) {
+        seen |= o.setting.k_rel == s.k_rel && o.setting.v_rel == s.v_rel && o.setting.k_mode == s.k_mode &&
+                is_packkv(o.setting.family);
+      }
+      for (std::size_t p = 0; p < pairs.size(); ++p) {
+        if (pairs[p].name == s.name) {
+          pair_criterion[p] += " & " + criteria[c].label;
+          seen = true;
+        }
+      }
+      if (!seen) {
         pairs.push_back(s);
+        pair_criterion.push_back(criteria[c].label);
       }
     }
-    // One-sided turning points do not simply add up: also try the better K mode at 1% with V one
-    // step finer than its own 1% point.
-    const TurningPoint& best_k1 = k_ratio_at(kc_tp[0]) > k_ratio_at(k_tp[0]) ? kc_tp[0] : k_tp[0];
-    if (best_k1.at && v_tp[0].at) {
-      float finer = packkv::kMinRel;
-      for (const Outcome& o : v_outcomes) {
-        if (o.setting.v_rel < v_tp[0].at->setting.v_rel) finer = std::max(finer, o.setting.v_rel);
-      }
-      Setting s = packkv_setting(Family::packkv_pair, best_k1.at->setting.k_rel, finer, best_k1.at->setting.k_mode);
-      s.name += " (K at its 1% turning point, V one step finer)";
-      pairs.push_back(s);
-    }
+    for (std::size_t p = 0; p < pairs.size(); ++p) pairs[p].name += " (chosen for: " + pair_criterion[p] + ")";
     if (!pairs.empty()) {
-      std::vector<Outcome> pair_outcomes = run_settings(model, tokens, pairs, threads, "best pairs");
+      std::vector<Outcome> pair_outcomes = run_settings(model, windows, pairs, threads, "pairs");
       for (Outcome& o : pair_outcomes) {
-        score(o);
+        bootstrap.score(o, windows);
         outcomes.push_back(o);
       }
     }
     const double wall = Progress::seconds_since(wall_start);
+    // CPU time tells what the run costs without other work on the machine: wall time on idle cores
+    // is about CPU time / threads (the runs are independent and one core each).
+    rusage usage{};
+    getrusage(RUSAGE_SELF, &usage);
+    const double cpu_seconds = static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+                               static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) * 1e-6;
 
     // ---- report ----
+    double exact_nll = 0;
+    for (const Window& w : windows) {
+      for (float x : w.exact_nll) exact_nll += x;
+    }
+    const double exact_perplexity = std::exp(exact_nll / static_cast<double>(scored));
+    // The exact window: `residual` tokens plus the block being filled (0..block-1, on average
+    // (block-1)/2), at 16 bits per element.
+    const double window_tokens = opt.residual + (opt.block - 1) / 2.0;
+    auto window_bits_at = [&](double context) { return 16.0 * std::min(1.0, window_tokens / context); };
+    auto all_in_bits_at = [&](double compressed_bits, double context) {
+      const double share = std::min(1.0, window_tokens / context);
+      return compressed_bits * (1 - share) + 16.0 * share;
+    };
+
     std::ostringstream md;
     md << "# Accuracy and compression of PackKV against quantization baselines\n\n";
-    md << "Regenerate with `scripts/run_accuracy.sh` (it prints the command it runs).\n\n";
+    md << "Regenerate with `scripts/run_accuracy.sh`, which runs `" << command_line << "`.\n\n";
     md << "- Model: " << mc.num_layers << " layers, " << mc.num_heads << " query heads, " << mc.num_kv_heads
        << " KV heads, head_dim " << mc.head_dim << ", vocabulary " << mc.vocab_size << "\n";
-    md << "- Text: " << opt.context << " tokens from token " << opt.offset
-       << ", teacher-forced; the cache is filled one token at a time and every position attends through it, as in decoding\n";
-    md << "- PackKV: block " << opt.block << " tokens, residual " << opt.residual << ", repack "
-       << packkv::to_string(opt.repack) << ", per-token K; \"1/255\" is the smallest rel (8-bit codes), used as the "
-       << "exact side of the one-sided sweeps; K is swept per token (PackKV) and per channel (packkv's KIVI-style "
-          "mode, one (step, min) per channel per block)\n";
-    md << "- Ratios are against an fp16 cache of the same tokens, with every byte counted: codes, fp16 scales and "
-          "minimums, pack descriptors, permutations, block headers and tables, uncompressed recent tokens. "
-          "PackKV's K/V split is `memory_stats()`'s: each side's block sections, plus half of the bytes both "
-          "share (block headers, permutations, block tables). Baselines are quantize-dequantize caches whose bytes are counted "
-          "the same way (codes plus fp16 scale and zero point per group, fp16 window).\n";
-    md << "- Top-1: share of positions whose argmax token equals the exact cache's.\n";
-    md << "- Wall time: " << fmt("%.0f", wall) << " s for " << outcomes.size() << " settings, " << threads
-       << " at a time\n\n";
+    md << "- Texts: " << text_summary.str() << "; " << windows.size() << " windows of " << opt.context << " tokens, "
+       << scored << " scored positions, teacher-forced; the cache is filled one token at a time and every position "
+          "attends through it, as in decoding. Exact cache perplexity " << fmt("%.4f", exact_perplexity) << ".\n";
+    md << "- Same window for every method: the most recent " << opt.residual << " tokens stay exact, and tokens leave "
+       << "that window " << opt.block << " at a time (packkv's tail rule with residual " << opt.residual << ", block "
+       << opt.block << "), so at every step every cache holds the same tokens exact and the same tokens quantized. "
+          "No sink tokens are kept exact (none of the methods).\n";
+    md << "- Bits per element: of the compressed part only, every byte counted (codes, fp16 scales and minimums, "
+          "pack descriptors, permutations, block headers and tables; for packkv `memory_stats()` without its tail, "
+          "each side's sections plus half of the bytes both share). The exact window costs 16 bits per element of "
+          "its " << fmt("%g", window_tokens) << " tokens on average: " << fmt("%.2f", window_bits_at(opt.context))
+       << " bits per element at this context, " << fmt("%.3f", window_bits_at(32768)) << " at 32K (all-in at 32K = "
+          "compressed bits x " << fmt("%.4f", 1 - window_tokens / 32768) << " + " << fmt("%.3f", window_bits_at(32768)) << ").\n";
+    md << "- KL: mean over positions of KL(exact || setting) of the next-token distribution, in nats. Top-1: share of "
+          "positions whose argmax is the exact cache's. Intervals: 95% bootstrap (" << opt.bootstrap
+       << " resamples with replacement of " << bootstrap.units() << " units of "
+       << std::min(opt.bootstrap_unit, opt.context - 1) << " positions, parts of the windows; the same draws for every "
+          "setting).\n";
+    md << "- PackKV: block " << opt.block << ", repack " << packkv::to_string(opt.repack)
+       << "; \"1/255\" is the smallest rel (8-bit codes), the near-exact side of the one-sided sweeps; K is swept "
+          "per token (PackKV) and per channel (KIVI-style, one (step, min) per channel per block). Baselines are "
+          "quantize-dequantize caches; llama.cpp's types as ggml defines them (blocks of 32 along head_dim with "
+          "fp16 scales, and fp16 mins for the _1 types; iq4_nl with its fixed 16-value table).\n";
+    md << "- Wall time: " << fmt("%.0f", wall) << " s for " << outcomes.size() << " settings x " << windows.size()
+       << " windows (plus the exact cache), " << threads << " at a time; CPU time " << fmt("%.0f", cpu_seconds)
+       << " s, so about " << fmt("%.0f", cpu_seconds / threads) << " s on " << threads << " idle cores. Seconds per "
+          "setting below: wall time summed over its windows.\n\n";
 
     md << "## Turning points\n\n";
-    md << "The largest swept rel whose perplexity (and that of every smaller swept rel) stays within +-bound of "
-          "the exact cache's.\n\n";
-    md << "| side | bound | rel | perplexity change | ratio (all bytes) |\n|---|---|---|---|---|\n";
-    for (int b = 0; b < 2; ++b) {
+    md << "The largest swept rel whose perplexity change (or mean KL), and that of every smaller swept rel, stays "
+          "within the bound. One side at a time: the other side at 1/255. int8's and KIVI-4's KL are with both "
+          "of their sides quantized.\n\n";
+    md << "| side | criterion | rel | bits/element (that side) | perplexity change | KL | top-1 |\n|---|---|---|---|---|---|---|\n";
+    for (std::size_t c = 0; c < criteria.size(); ++c) {
       const struct {
         const char* label;
-        const TurningPoint* tp;
+        const std::optional<Outcome>* at;
         bool k;
-      } sides[3] = {{"K per token", &k_tp[b], true}, {"K per channel", &kc_tp[b], true}, {"V", &v_tp[b], false}};
+      } sides[3] = {{"K per token", &points[c].k, true}, {"K per channel", &points[c].kc, true}, {"V", &points[c].v, false}};
       for (const auto& side : sides) {
-        md << "| " << side.label << " | " << fmt("%g", bounds[b]) << "% | ";
-        if (side.tp->at) {
-          const Outcome& o = *side.tp->at;
-          md << rel_label(side.k ? o.setting.k_rel : o.setting.v_rel) << " | " << fmt("%+.2f%%", o.delta_pct) << " | "
-             << fmt("%.2fx", side.k ? o.result.bytes.k_ratio() : o.result.bytes.v_ratio()) << " |\n";
+        md << "| " << side.label << " | " << criteria[c].label << " | ";
+        if (*side.at) {
+          const Outcome& o = **side.at;
+          md << rel_label(side.k ? o.setting.k_rel : o.setting.v_rel) << " | "
+             << fmt("%.2f", side.k ? o.k_bits() : o.v_bits()) << " | " << pct_interval(o.delta_pct) << " | "
+             << kl_interval(o.kl) << " | " << top1_interval(o.top1) << " |\n";
         } else {
-          md << "none in the sweep | | |\n";
+          md << "none in the sweep | | | | |\n";
         }
       }
     }
-    md << "\nBaselines at their own accuracy (same run, same tokens):\n\n";
-    md << "| baseline | perplexity change | K ratio | V ratio |\n|---|---|---|---|\n";
+    md << "\nPairs, both sides at once: for each criterion, the K point (either mode) and V point of the sweeps whose "
+          "one-sided changes, added (less the control's), meet the bound with the fewest bits, then measured:\n\n";
+    md << "| pair | K bits | V bits | K+V bits | perplexity change | KL | top-1 |\n|---|---|---|---|---|---|---|\n";
     for (const Outcome& o : outcomes) {
-      if (o.setting.family != Family::baseline) continue;
-      md << "| " << o.setting.name << " | " << fmt("%+.2f%%", o.delta_pct) << " | " << fmt("%.2fx", o.result.bytes.k_ratio())
-         << " | " << fmt("%.2fx", o.result.bytes.v_ratio()) << " |\n";
-    }
-    // The issue's target: PackKV at <= 1% against the best 4-bit baseline within 1%.
-    double best4_k = 0, best4_v = 0;
-    std::string best4_k_name, best4_v_name;
-    for (const Outcome& o : outcomes) {
-      if (o.setting.family != Family::baseline || std::fabs(o.delta_pct) > 1.0) continue;
-      if (o.setting.code_bits != 4) continue;
-      if (o.result.bytes.k_ratio() > best4_k) { best4_k = o.result.bytes.k_ratio(); best4_k_name = o.setting.name; }
-      if (o.result.bytes.v_ratio() > best4_v) { best4_v = o.result.bytes.v_ratio(); best4_v_name = o.setting.name; }
-    }
-    md << "\nAt <= 1% perplexity change: ";
-    if (best_k1.at && best4_k > 0) {
-      md << "PackKV K (" << (best_k1.at->setting.k_mode == packkv::QuantMode::per_channel ? "per channel" : "per token")
-         << ") " << fmt("%.2fx", best_k1.at->result.bytes.k_ratio()) << " vs " << best4_k_name << " K "
-         << fmt("%.2fx", best4_k) << " (" << fmt("%.2f", best_k1.at->result.bytes.k_ratio() / best4_k) << " times); ";
-    } else {
-      md << "K: no comparison (no PackKV or 4-bit baseline setting within 1%); ";
-    }
-    if (v_tp[0].at && best4_v > 0) {
-      md << "PackKV V " << fmt("%.2fx", v_tp[0].at->result.bytes.v_ratio()) << " vs " << best4_v_name << " V "
-         << fmt("%.2fx", best4_v) << " (" << fmt("%.2f", v_tp[0].at->result.bytes.v_ratio() / best4_v) << " times).\n";
-    } else {
-      md << "V: no comparison (no PackKV or 4-bit baseline setting within 1%).\n";
+      if (o.setting.family != Family::packkv_pair) continue;
+      md << "| " << o.setting.name << " | " << fmt("%.2f", o.k_bits()) << " | " << fmt("%.2f", o.v_bits()) << " | "
+         << fmt("%.2f", o.kv_bits()) << " | " << pct_interval(o.delta_pct) << " | " << kl_interval(o.kl) << " | "
+         << top1_interval(o.top1) << " |\n";
     }
 
+    md << "\n## Baselines\n\n";
+    if (!skipped_note.empty()) md << skipped_note << ".\n\n";
+    md << "| baseline | K bits | V bits | perplexity change | KL | top-1 |\n|---|---|---|---|---|---|\n";
+    for (const Outcome& o : outcomes) {
+      if (o.setting.family != Family::baseline) continue;
+      md << "| " << o.setting.name << " | " << fmt("%.2f", o.k_bits()) << " | " << fmt("%.2f", o.v_bits()) << " | "
+         << pct_interval(o.delta_pct) << " | " << kl_interval(o.kl) << " | " << top1_interval(o.top1) << " |\n";
+    }
+
+    md << "\n## Where packkv stands\n\n";
+    md << "For each baseline, the PackKV setting of this run with the fewest K+V bits per element (compressed part) "
+          "whose mean KL is at most the baseline's, K and V quantized together (the pairs; the one-sided settings "
+          "keep the other side at 1/255, 8-bit codes):\n\n";
+    md << "| baseline | its K+V bits | its KL | cheapest packkv at <= that KL | K+V bits | KL | bits vs baseline |\n";
+    md << "|---|---|---|---|---|---|---|\n";
+    std::ostringstream standing;
+    for (const Outcome& b : outcomes) {
+      if (b.setting.family != Family::baseline) continue;
+      const Outcome* best = nullptr;
+      for (const Outcome& o : outcomes) {
+        if (!is_packkv(o.setting.family) || o.kl.value > b.kl.value) continue;
+        if (!best || o.kv_bits() < best->kv_bits()) best = &o;
+      }
+      md << "| " << b.setting.name << " | " << fmt("%.2f", b.kv_bits()) << " | " << fmt("%.4f", b.kl.value) << " | ";
+      standing << "- " << b.setting.name << " (" << fmt("%.2f", b.kv_bits()) << " bits, KL " << fmt("%.4f", b.kl.value)
+               << ", perplexity " << fmt("%+.2f%%", b.delta_pct.value) << "): ";
+      if (best) {
+        const double relative = best->kv_bits() / b.kv_bits();
+        md << best->setting.name << " | " << fmt("%.2f", best->kv_bits()) << " | " << fmt("%.4f", best->kl.value)
+           << " | " << fmt("%.2fx", relative) << " |\n";
+        standing << "packkv is as close to exact with " << fmt("%.2f", best->kv_bits()) << " bits, "
+                 << (relative < 0.995 ? fmt("%.0f%% fewer", (1 - relative) * 100)
+                                      : relative > 1.005 ? fmt("%.0f%% more", (relative - 1) * 100) : std::string("as many"))
+                 << " (" << best->setting.name << ", KL " << fmt("%.4f", best->kl.value) << ").\n";
+      } else {
+        md << "none measured | | | |\n";
+        standing << "no packkv setting of this run is as close to exact (the closest is the control at 1/255, 8-bit "
+                    "codes).\n";
+      }
+    }
+    md << "\nIn words, K and V together, at equal KL:\n\n" << standing.str();
+
     md << "\n## All settings\n\n";
-    md << "| setting | family | perplexity | change | top-1 vs exact | K ratio | V ratio | K+V ratio | seconds |\n";
-    md << "|---|---|---|---|---|---|---|---|---|\n";
+    md << "Bits: compressed part. Ratios: against fp16 at the end of the windows, every byte counted, the exact window "
+          "included at fp16. K+V at 32K: "
+          "the mean of K and V bits all-in, the window projected at a 32K context.\n\n";
+    md << "| setting | family | perplexity | change | KL | top-1 | K bits | V bits | K+V bits at 32K | K ratio | V ratio | "
+          "K+V ratio | seconds |\n";
+    md << "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const Outcome& o : outcomes) {
       const bool exact_row = o.setting.family == Family::exact;
-      md << "| " << o.setting.name << " | " << family_name(o.setting.family) << " | " << fmt("%.4f", o.result.perplexity)
-         << " | " << fmt("%+.2f%%", o.delta_pct) << " | " << fmt("%.1f%%", o.top1 * 100.0) << " | "
-         << (exact_row ? "(fp32: 0.50x)" : fmt("%.2fx", o.result.bytes.k_ratio())) << " | "
-         << (exact_row ? "(fp32: 0.50x)" : fmt("%.2fx", o.result.bytes.v_ratio())) << " | "
-         << (exact_row ? "" : fmt("%.2fx", o.result.bytes.kv_ratio())) << " | " << fmt("%.0f", o.seconds) << " |\n";
+      md << "| " << o.setting.name << " | " << family_name(o.setting.family) << " | " << fmt("%.4f", o.perplexity)
+         << " | " << pct_interval(o.delta_pct) << " | " << kl_interval(o.kl) << " | " << top1_interval(o.top1) << " | "
+         << (exact_row ? "32 (fp32)" : fmt("%.2f", o.k_bits())) << " | " << (exact_row ? "32 (fp32)" : fmt("%.2f", o.v_bits()))
+         << " | " << (exact_row ? "" : fmt("%.2f", all_in_bits_at(o.kv_bits(), 32768))) << " | "
+         << (exact_row ? "0.50x" : fmt("%.2fx", o.k_ratio())) << " | " << (exact_row ? "0.50x" : fmt("%.2fx", o.v_ratio()))
+         << " | " << (exact_row ? "0.50x" : fmt("%.2fx", o.kv_ratio())) << " | " << fmt("%.0f", o.seconds) << " |\n";
     }
     std::fputs(md.str().c_str(), stdout);
     if (!opt.markdown.empty()) {
@@ -456,17 +827,23 @@ int main(int argc, char** argv) {
     }
     if (!opt.csv.empty()) {
       std::ofstream csv(opt.csv);
-      csv << "family,name,k_mode,k_rel,v_rel,perplexity,delta_pct,top1,k_ratio,v_ratio,kv_ratio,seconds\n";
+      csv << "family,name,k_mode,k_rel,v_rel,perplexity,delta_pct,delta_lo,delta_hi,kl,kl_lo,kl_hi,top1,top1_lo,top1_hi,"
+             "k_bits,v_bits,kv_bits,kv_bits_32k,k_ratio,v_ratio,kv_ratio,seconds\n";
       for (const Outcome& o : outcomes) {
-        csv << family_name(o.setting.family) << ",\"" << o.setting.name << "\"," << packkv::to_string(o.setting.k_mode)
-            << ',' << o.setting.k_rel << ',' << o.setting.v_rel
-            << ',' << fmt("%.6f", o.result.perplexity) << ',' << fmt("%.4f", o.delta_pct) << ',' << fmt("%.4f", o.top1)
-            << ',' << fmt("%.4f", o.result.bytes.k_ratio()) << ',' << fmt("%.4f", o.result.bytes.v_ratio()) << ','
-            << fmt("%.4f", o.result.bytes.kv_ratio()) << ',' << fmt("%.1f", o.seconds) << '\n';
+        std::string name = o.setting.name;
+        std::replace(name.begin(), name.end(), ',', ' ');  // keeps the CSV splittable by commas
+        csv << family_name(o.setting.family) << ",\"" << name << "\"," << packkv::to_string(o.setting.k_mode) << ','
+            << o.setting.k_rel << ',' << o.setting.v_rel << ',' << fmt("%.6f", o.perplexity);
+        for (const Interval* i : {&o.delta_pct}) csv << ',' << fmt("%.4f", i->value) << ',' << fmt("%.4f", i->lo) << ',' << fmt("%.4f", i->hi);
+        for (const Interval* i : {&o.kl, &o.top1}) csv << ',' << fmt("%.6f", i->value) << ',' << fmt("%.6f", i->lo) << ',' << fmt("%.6f", i->hi);
+        csv << ',' << fmt("%.4f", o.k_bits()) << ',' << fmt("%.4f", o.v_bits()) << ',' << fmt("%.4f", o.kv_bits()) << ','
+            << fmt("%.4f", o.setting.family == Family::exact ? 32.0 : all_in_bits_at(o.kv_bits(), 32768)) << ','
+            << fmt("%.4f", o.k_ratio()) << ',' << fmt("%.4f", o.v_ratio()) << ',' << fmt("%.4f", o.kv_ratio())
+            << ',' << fmt("%.1f", o.seconds) << '\n';
       }
       std::fprintf(stderr, "wrote %s\n", opt.csv.c_str());
     }
-    std::fprintf(stderr, "total %.0f s\n", wall);
+    std::fprintf(stderr, "total %.0f s (CPU %.0f s)\n", wall, cpu_seconds);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "packkv_eval: %s\n", e.what());
     return 1;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 
@@ -137,129 +138,244 @@ void quantize_e4m3(float* x, int n) {
   for (int i = 0; i < n; ++i) x[i] = round_to_e4m3(x[i] / scale) * scale;
 }
 
-/// int8 / int4 / fp8 with one (scale[, zero]) per (token, head): quantized on arrival.
-class PerTokenCache final : public KvCache {
+// ---- llama.cpp's KV cache types (ggml's reference quantizers, rounding included) -------------
+
+constexpr int kGgmlBlock = 32;
+
+/// q8_0: scale = amax / 127, codes rounded half away from zero; fp16 scale.
+void quantize_q8_0(float* x) {
+  float amax = 0.0f;
+  for (int i = 0; i < kGgmlBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const float stored_d = round_to_fp16(d);
+  for (int i = 0; i < kGgmlBlock; ++i) x[i] = std::round(x[i] * id) * stored_d;
+}
+
+/// q4_0 / q5_0: the signed value of largest magnitude maps to code 0, scale = that value / -half;
+/// codes are truncated after adding half + 0.5 and capped at 2 * half - 1; fp16 scale.
+void quantize_symmetric_ggml(float* x, int half) {
+  float amax = 0.0f, max = 0.0f;
+  for (int i = 0; i < kGgmlBlock; ++i) {
+    if (amax < std::fabs(x[i])) {
+      amax = std::fabs(x[i]);
+      max = x[i];
+    }
+  }
+  const float d = max / static_cast<float>(-half);
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const float stored_d = round_to_fp16(d);
+  for (int i = 0; i < kGgmlBlock; ++i) {
+    const int code = std::min(2 * half - 1, static_cast<int>(static_cast<std::int8_t>(x[i] * id + static_cast<float>(half) + 0.5f)));
+    x[i] = static_cast<float>(code - half) * stored_d;
+  }
+}
+
+/// q4_1 / q5_1: scale = (max - min) / levels from the block's min and max, codes truncated after
+/// adding 0.5; fp16 scale and fp16 min.
+void quantize_asymmetric_ggml(float* x, int levels) {
+  float lo = x[0], hi = x[0];
+  for (int i = 1; i < kGgmlBlock; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  const float d = (hi - lo) / static_cast<float>(levels);
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const float stored_d = round_to_fp16(d);
+  const float stored_min = round_to_fp16(lo);
+  for (int i = 0; i < kGgmlBlock; ++i) {
+    const int code = std::min(levels, static_cast<int>((x[i] - lo) * id + 0.5f));
+    x[i] = static_cast<float>(code) * stored_d + stored_min;
+  }
+}
+
+/// iq4_nl's fixed non-linear levels (the value of each 4-bit code, times the block scale).
+constexpr std::int8_t kIq4nlLevels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/// Nearest level to y (ties to the upper level, as ggml's search does).
+int nearest_iq4nl_level(float y) {
+  if (y <= kIq4nlLevels[0]) return 0;
+  if (y >= kIq4nlLevels[15]) return 15;
+  int lo = 0, hi = 15;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (y < kIq4nlLevels[mid]) hi = mid;
+    else lo = mid;
+  }
+  return y - kIq4nlLevels[lo] < kIq4nlLevels[hi] - y ? lo : hi;
+}
+
+/// iq4_nl as ggml's row quantizer (the one a KV cache copy uses) does it: codes chosen with
+/// scale = (value of largest magnitude) / -127, then the scale refitted by least squares weighted
+/// by x^2 over those codes; fp16 scale.
+void quantize_iq4_nl(float* x) {
+  float amax = 0.0f, max = 0.0f;
+  for (int i = 0; i < kGgmlBlock; ++i) {
+    if (std::fabs(x[i]) > amax) {
+      amax = std::fabs(x[i]);
+      max = x[i];
+    }
+  }
+  if (amax < 1e-15f) {
+    std::fill(x, x + kGgmlBlock, 0.0f);
+    return;
+  }
+  const float id = 1.0f / (max / static_cast<float>(kIq4nlLevels[0]));
+  int codes[kGgmlBlock];
+  float sum_qx = 0.0f, sum_q2 = 0.0f;
+  for (int i = 0; i < kGgmlBlock; ++i) {
+    codes[i] = nearest_iq4nl_level(id * x[i]);
+    const float q = kIq4nlLevels[codes[i]];
+    const float w = x[i] * x[i];
+    sum_qx += w * q * x[i];
+    sum_q2 += w * q * q;
+  }
+  const float stored_d = round_to_fp16(sum_qx / sum_q2);
+  for (int i = 0; i < kGgmlBlock; ++i) x[i] = stored_d * static_cast<float>(kIq4nlLevels[codes[i]]);
+}
+
+bool is_kivi(Baseline kind) { return kind == Baseline::kivi2 || kind == Baseline::kivi4; }
+
+/// Every baseline: fp32 values that leave the exact window a block at a time and are replaced by
+/// their reconstruction, by (token, head) or by ggml block (K and V alike), or KIVI's way (K per
+/// channel over groups of tokens, V per token over groups of channels).
+class QuantizedCache final : public KvCache {
  public:
-  PerTokenCache(const KvShape& shape, Baseline kind) : store_(shape), kind_(kind) {}
+  QuantizedCache(const KvShape& shape, Baseline kind, BaselineOptions options)
+      : store_(shape), kind_(kind), options_(options), quantized_(static_cast<std::size_t>(shape.num_layers), 0) {
+    if (options_.block < 1 || options_.residual < 0) throw std::invalid_argument("baseline: block >= 1 and residual >= 0");
+    if (is_kivi(kind_) && options_.block % options_.group != 0) {
+      throw std::invalid_argument("KIVI: block must be a multiple of group");
+    }
+    if (shape.head_dim % kGgmlBlock != 0 && kind_ >= Baseline::q8_0) {
+      throw std::invalid_argument("llama.cpp types need head_dim a multiple of 32");
+    }
+  }
 
   void append(int layer, const float* k, const float* v) override {
     store_.push(layer, k, v);
-    const int t = store_.length(layer) - 1;
-    const int hd = store_.shape().head_dim;
-    for (int h = 0; h < store_.shape().num_kv_heads; ++h) {
-      for (float* row : {store_.k_row(layer, t) + h * hd, store_.v_row(layer, t) + h * hd}) {
-        if (kind_ == Baseline::fp8_e4m3_per_token) quantize_e4m3(row, hd);
-        else quantize_minmax(row, hd, 1, kind_ == Baseline::int8_per_token ? 8 : 4);
-      }
+    int& done = quantized_[layer];
+    while (store_.length(layer) - done >= options_.residual + options_.block) {
+      quantize_block(layer, done);
+      done += options_.block;
     }
   }
   void attend(int layer, const float* q, float* out, float scale) override { store_.attend(layer, q, out, scale); }
   KvBytes bytes() const override {
+    const KvShape& s = store_.shape();
+    double quantized = 0, exact = 0;
+    for (int l = 0; l < s.num_layers; ++l) {
+      quantized += quantized_[l];
+      exact += store_.length(l) - quantized_[l];
+    }
     KvBytes b;
     b.fp16_bytes_per_side = store_.fp16_bytes_per_side();
-    const double elements = b.fp16_bytes_per_side / 2.0;
-    const double groups = elements / store_.shape().head_dim;
-    double side = 0.0;
-    switch (kind_) {
-      case Baseline::int8_per_token: side = elements + groups * 4.0; break;        // codes + fp16 scale, zero
-      case Baseline::int4_per_token: side = elements / 2.0 + groups * 4.0; break;
-      default: side = elements + groups * 2.0; break;                               // fp8 codes + fp16 scale
-    }
-    b.k_bytes = b.v_bytes = side;
+    b.compressed_elements_per_side = quantized * s.kv_dim();
+    b.k_compressed_bytes = b.compressed_elements_per_side * baseline_bits_per_element(kind_, s.head_dim, true, options_.group) / 8.0;
+    b.v_compressed_bytes = b.compressed_elements_per_side * baseline_bits_per_element(kind_, s.head_dim, false, options_.group) / 8.0;
+    const double window_bytes = exact * s.kv_dim() * 2.0;
+    b.k_bytes = b.k_compressed_bytes + window_bytes;
+    b.v_bytes = b.v_compressed_bytes + window_bytes;
     return b;
   }
   std::string describe() const override { return to_string(kind_); }
 
  private:
+  void quantize_block(int layer, int t0) {
+    const KvShape& s = store_.shape();
+    const int hd = s.head_dim;
+    const auto kv_dim = static_cast<std::size_t>(s.kv_dim());
+    if (is_kivi(kind_)) {
+      const int bits = kind_ == Baseline::kivi2 ? 2 : 4;
+      for (int g = t0; g < t0 + options_.block; g += options_.group) {
+        for (std::size_t c = 0; c < kv_dim; ++c) quantize_minmax(store_.k_row(layer, g) + c, options_.group, kv_dim, bits);
+      }
+      const int channel_group = std::min(options_.group, hd);
+      for (int t = t0; t < t0 + options_.block; ++t) {
+        float* row = store_.v_row(layer, t);
+        for (std::size_t c = 0; c < kv_dim; c += static_cast<std::size_t>(channel_group)) quantize_minmax(row + c, channel_group, 1, bits);
+      }
+      return;
+    }
+    for (int t = t0; t < t0 + options_.block; ++t) {
+      for (float* row : {store_.k_row(layer, t), store_.v_row(layer, t)}) {
+        for (int h = 0; h < s.num_kv_heads; ++h) quantize_head(row + static_cast<std::size_t>(h) * hd, hd);
+      }
+    }
+  }
+  void quantize_head(float* x, int hd) const { quantize_head_vector(kind_, x, hd); }
+
   DenseStore store_;
   Baseline kind_;
-};
-
-/// KIVI (Liu et al., 2024): K quantized per channel over groups of `group` tokens, V per token over
-/// groups of `group` channels, and the most recent tokens kept in fp16. K leaves its fp16 residual
-/// `residual` tokens at a time (a per-channel group needs all its tokens); V leaves it one token at
-/// a time as the window slides.
-class KiviCache final : public KvCache {
- public:
-  KiviCache(const KvShape& shape, int bits, KiviOptions options)
-      : store_(shape),
-        bits_(bits),
-        options_(options),
-        k_quantized_(static_cast<std::size_t>(shape.num_layers), 0),
-        v_quantized_(k_quantized_.size(), 0) {
-    if (options_.residual % options_.group != 0) throw std::invalid_argument("KIVI: residual must be a multiple of group");
-  }
-
-  void append(int layer, const float* k, const float* v) override {
-    store_.push(layer, k, v);
-    const int n = store_.length(layer);
-    const KvShape& s = store_.shape();
-    const auto kv_dim = static_cast<std::size_t>(s.kv_dim());
-    int& kq = k_quantized_[layer];
-    if (n - kq >= options_.residual) {
-      for (int t0 = kq; t0 < kq + options_.residual; t0 += options_.group) {
-        for (std::size_t c = 0; c < kv_dim; ++c) quantize_minmax(store_.k_row(layer, t0) + c, options_.group, kv_dim, bits_);
-      }
-      kq += options_.residual;
-    }
-    int& vq = v_quantized_[layer];
-    const int channel_group = std::min(options_.group, s.head_dim);
-    while (n - vq > options_.residual) {
-      float* row = store_.v_row(layer, vq);
-      for (std::size_t c = 0; c < kv_dim; c += static_cast<std::size_t>(channel_group)) quantize_minmax(row + c, channel_group, 1, bits_);
-      ++vq;
-    }
-  }
-  void attend(int layer, const float* q, float* out, float scale) override { store_.attend(layer, q, out, scale); }
-  KvBytes bytes() const override {
-    const KvShape& s = store_.shape();
-    double k_quant = 0, v_quant = 0, k_fp = 0, v_fp = 0;
-    for (int l = 0; l < s.num_layers; ++l) {
-      const int n = store_.length(l);
-      k_quant += k_quantized_[l];
-      v_quant += v_quantized_[l];
-      k_fp += n - k_quantized_[l];
-      v_fp += n - v_quantized_[l];
-    }
-    const double kv_dim = s.kv_dim();
-    const int channel_group = std::min(options_.group, s.head_dim);
-    KvBytes b;
-    b.fp16_bytes_per_side = store_.fp16_bytes_per_side();
-    b.k_bytes = k_quant * kv_dim * bits_ / 8.0 + k_quant / options_.group * kv_dim * 4.0 + k_fp * kv_dim * 2.0;
-    b.v_bytes = v_quant * kv_dim * bits_ / 8.0 + v_quant * (kv_dim / channel_group) * 4.0 + v_fp * kv_dim * 2.0;
-    return b;
-  }
-  std::string describe() const override {
-    return "KIVI-" + std::to_string(bits_) + " (group " + std::to_string(options_.group) + ", fp16 window " +
-           std::to_string(options_.residual) + ")";
-  }
-
- private:
-  DenseStore store_;
-  int bits_;
-  KiviOptions options_;
-  std::vector<int> k_quantized_, v_quantized_;  // per layer: tokens [0, n) already quantized
+  BaselineOptions options_;
+  std::vector<int> quantized_;  // per layer: tokens [0, quantized) hold reconstructions
 };
 
 }  // namespace
 
+void quantize_head_vector(Baseline kind, float* x, int hd) {
+  switch (kind) {
+    case Baseline::int8_per_token: quantize_minmax(x, hd, 1, 8); return;
+    case Baseline::int4_per_token: quantize_minmax(x, hd, 1, 4); return;
+    case Baseline::fp8_e4m3_per_token: quantize_e4m3(x, hd); return;
+    default: break;
+  }
+  if (hd % kGgmlBlock != 0) throw std::invalid_argument("llama.cpp types need head_dim a multiple of 32");
+  for (float* b = x; b < x + hd; b += kGgmlBlock) {
+    switch (kind) {
+      case Baseline::q8_0: quantize_q8_0(b); break;
+      case Baseline::q5_1: quantize_asymmetric_ggml(b, 31); break;
+      case Baseline::q5_0: quantize_symmetric_ggml(b, 16); break;
+      case Baseline::q4_1: quantize_asymmetric_ggml(b, 15); break;
+      case Baseline::q4_0: quantize_symmetric_ggml(b, 8); break;
+      case Baseline::iq4_nl: quantize_iq4_nl(b); break;
+      default: throw std::invalid_argument("quantize_head_vector: KIVI quantizes groups of tokens");
+    }
+  }
+}
+
 std::unique_ptr<KvCache> make_exact_cache(const KvShape& shape) { return std::make_unique<ExactCache>(shape); }
 
-std::unique_ptr<KvCache> make_baseline_cache(const KvShape& shape, Baseline kind, KiviOptions kivi) {
+std::unique_ptr<KvCache> make_baseline_cache(const KvShape& shape, Baseline kind, BaselineOptions options) {
+  return std::make_unique<QuantizedCache>(shape, kind, options);
+}
+
+double baseline_bits_per_element(Baseline kind, int head_dim, bool k_side, int kivi_group) {
+  const double per_head_scale_zero = 32.0 / head_dim;  // fp16 scale and zero point per (token, head)
   switch (kind) {
-    case Baseline::kivi2: return std::make_unique<KiviCache>(shape, 2, kivi);
-    case Baseline::kivi4: return std::make_unique<KiviCache>(shape, 4, kivi);
-    default: return std::make_unique<PerTokenCache>(shape, kind);
+    case Baseline::int8_per_token: return 8.0 + per_head_scale_zero;
+    case Baseline::int4_per_token: return 4.0 + per_head_scale_zero;
+    case Baseline::fp8_e4m3_per_token: return 8.0 + 16.0 / head_dim;
+    case Baseline::kivi2:
+    case Baseline::kivi4: {
+      const int bits = kind == Baseline::kivi2 ? 2 : 4;
+      // K: fp16 scale and zero per channel per group of tokens; V: per group of channels per token.
+      return bits + 32.0 / (k_side ? kivi_group : std::min(kivi_group, head_dim));
+    }
+    // ggml blocks of 32: fp16 d (and fp16 m), 5-bit types add 4 bytes of high bits.
+    case Baseline::q8_0: return 34.0 * 8 / 32;
+    case Baseline::q5_1: return 24.0 * 8 / 32;
+    case Baseline::q5_0: return 22.0 * 8 / 32;
+    case Baseline::q4_1: return 20.0 * 8 / 32;
+    case Baseline::q4_0: return 18.0 * 8 / 32;
+    case Baseline::iq4_nl: return 18.0 * 8 / 32;
   }
+  return 0.0;
 }
 
 const char* to_string(Baseline kind) {
   switch (kind) {
-    case Baseline::int8_per_token: return "int8 per (token, head)";
-    case Baseline::int4_per_token: return "int4 per (token, head)";
-    case Baseline::fp8_e4m3_per_token: return "fp8 e4m3 per (token, head)";
+    case Baseline::int8_per_token: return "int8 per (token head)";
+    case Baseline::int4_per_token: return "int4 per (token head)";
+    case Baseline::fp8_e4m3_per_token: return "fp8 e4m3 per (token head)";
     case Baseline::kivi2: return "KIVI-2";
     case Baseline::kivi4: return "KIVI-4";
+    case Baseline::q8_0: return "llama.cpp q8_0";
+    case Baseline::q5_1: return "llama.cpp q5_1";
+    case Baseline::q5_0: return "llama.cpp q5_0";
+    case Baseline::q4_1: return "llama.cpp q4_1";
+    case Baseline::q4_0: return "llama.cpp q4_0";
+    case Baseline::iq4_nl: return "llama.cpp iq4_nl";
   }
   return "?";
 }

@@ -29,9 +29,19 @@ struct KvBytes {
   double k_bytes = 0.0;
   double v_bytes = 0.0;
   double fp16_bytes_per_side = 0.0;  ///< K (or V) of every held token-layer at 2 bytes per element
+  /// The compressed part alone (the recent tokens still held exact left out), so that its bits per
+  /// element can be told apart from the window's cost, which depends on the context length.
+  double k_compressed_bytes = 0.0;
+  double v_compressed_bytes = 0.0;
+  double compressed_elements_per_side = 0.0;  ///< K (or V) elements held compressed
   double k_ratio() const { return k_bytes > 0 ? fp16_bytes_per_side / k_bytes : 0.0; }
   double v_ratio() const { return v_bytes > 0 ? fp16_bytes_per_side / v_bytes : 0.0; }
   double kv_ratio() const { return k_bytes + v_bytes > 0 ? 2.0 * fp16_bytes_per_side / (k_bytes + v_bytes) : 0.0; }
+  double k_compressed_bits() const { return per_element_bits(k_compressed_bytes); }
+  double v_compressed_bits() const { return per_element_bits(v_compressed_bytes); }
+  double per_element_bits(double bytes) const {
+    return compressed_elements_per_side > 0 ? 8.0 * bytes / compressed_elements_per_side : 0.0;
+  }
 };
 
 class KvCache {
@@ -57,12 +67,35 @@ std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheCo
 
 /// Quantize-dequantize baselines: attention sees exactly the values their stored codes decode to,
 /// and bytes() counts the codes plus their fp16 scales and zero points (and fp16 recent tokens).
-enum class Baseline { int8_per_token, int4_per_token, fp8_e4m3_per_token, kivi2, kivi4 };
-struct KiviOptions {
-  int group = 32;     ///< tokens per K group (per channel), channels per V group (per token)
-  int residual = 128; ///< recent tokens kept in fp16; K is quantized `residual` tokens at a time
+/// The llama.cpp types are its KV cache types as ggml defines them: blocks of 32 values along
+/// head_dim, each with an fp16 scale (and an fp16 min for the _1 types).
+enum class Baseline {
+  int8_per_token,
+  int4_per_token,
+  fp8_e4m3_per_token,
+  kivi2,
+  kivi4,
+  q8_0,
+  q5_1,
+  q5_0,
+  q4_1,
+  q4_0,
+  iq4_nl,
 };
-std::unique_ptr<KvCache> make_baseline_cache(const KvShape& shape, Baseline kind, KiviOptions kivi = {});
+/// When tokens leave the exact window, the same rule as packkv's tail: once `residual + block`
+/// tokens are unquantized, the oldest `block` are quantized. With packkv's block and residual,
+/// every cache quantizes the same tokens at the same step, so a comparison differs only in how.
+struct BaselineOptions {
+  int group = 32;     ///< KIVI: tokens per K group (per channel), channels per V group (per token)
+  int residual = 0;   ///< recent tokens kept exact (counted at fp16)
+  int block = 64;     ///< tokens quantized at a time: a multiple of group
+};
+std::unique_ptr<KvCache> make_baseline_cache(const KvShape& shape, Baseline kind, BaselineOptions options = {});
+/// Replaces one (token, head) vector of a per-token kind (int8, int4, fp8, the llama.cpp types) by
+/// what its stored codes decode to, as the caches do; for tests.
+void quantize_head_vector(Baseline kind, float* x, int head_dim);
+/// Stored bits per element of a baseline's compressed part at `head_dim` (codes and their scales).
+double baseline_bits_per_element(Baseline kind, int head_dim, bool k_side, int kivi_group = 32);
 const char* to_string(Baseline kind);
 
 }  // namespace llama

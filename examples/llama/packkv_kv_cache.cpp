@@ -112,6 +112,11 @@ KvBytes PackkvCache::bytes() const {
   // permutations, block tables, and the uncompressed tail, which holds K and V alike).
   bytes.k_bytes = t.k_bytes();
   bytes.v_bytes = t.v_bytes();
+  // The compressed part: everything but the uncompressed tail, whose share of the shared bytes
+  // is the tail itself.
+  bytes.k_compressed_bytes = bytes.k_bytes - static_cast<double>(t.tail) / 2.0;
+  bytes.v_compressed_bytes = bytes.v_bytes - static_cast<double>(t.tail) / 2.0;
+  bytes.compressed_elements_per_side = static_cast<double>(t.compressed_tokens) * shape_.kv_dim();
   return bytes;
 }
 

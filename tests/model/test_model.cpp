@@ -226,3 +226,134 @@ TEST(Stories260K, AttentionOnRealKvStaysWithinTheErrorRelImplies) {
 }
 
 }  // namespace
+
+namespace {
+
+// The KL divergence and top-1 agreement against an exact reference: zero and complete for the
+// exact cache itself, both from a stored reference and from one recomputed out of hidden states;
+// larger for coarser quantization.
+TEST(Stories260K, KlDivergenceAgainstTheExactCacheOrdersCachesByError) {
+  SKIP_WITHOUT_STORIES();
+  Stories s;
+  std::string source;
+  const std::string text = evaluation_text(&source);
+  std::vector<int> tokens = s.tokenizer.encode(text.substr(0, 4096), true, false);
+  tokens.resize(std::min<std::size_t>(tokens.size(), 256));
+  ASSERT_GE(tokens.size(), 128u);
+  const int n = static_cast<int>(tokens.size());
+  const llama::KvShape shape = s.model.config().kv_shape();
+
+  auto exact_cache = llama::make_exact_cache(shape);
+  llama::TeacherForcedResult exact_run = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *exact_cache, {}, nullptr, true);
+  const double exact_perplexity = exact_run.perplexity;
+  const llama::ExactReference stored = llama::make_exact_reference(s.model, std::move(exact_run), true);
+  llama::ExactReference recomputed = stored;
+  llama::set_log_probs(s.model, recomputed, false);
+  ASSERT_TRUE(recomputed.log_probs.empty());
+
+  for (const llama::ExactReference* reference : {&stored, static_cast<const llama::ExactReference*>(&recomputed)}) {
+    auto again = llama::make_exact_cache(shape);
+    const auto r = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *again, {}, reference);
+    EXPECT_EQ(r.kl_sum, 0.0);
+    EXPECT_EQ(r.top1_same, n - 1);
+    EXPECT_EQ(r.perplexity, exact_perplexity);
+    ASSERT_EQ(r.position_kl.size(), static_cast<std::size_t>(n - 1));
+  }
+
+  // Every token quantized on arrival (no window), so the differences are the quantizers'.
+  llama::BaselineOptions immediate;
+  immediate.residual = 0;
+  immediate.block = 1;
+  double previous_kl = 0.0;
+  for (llama::Baseline kind : {llama::Baseline::int8_per_token, llama::Baseline::int4_per_token}) {
+    auto cache = llama::make_baseline_cache(shape, kind, immediate);
+    const auto r = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *cache, {}, &stored);
+    const double mean_kl = r.kl_sum / r.positions;
+    std::printf("%s: mean KL %.6f, top-1 %d/%d\n", llama::to_string(kind), mean_kl, r.top1_same, r.positions);
+    EXPECT_GT(mean_kl, previous_kl) << llama::to_string(kind);
+    EXPECT_LE(r.top1_same, n - 1);
+    previous_kl = mean_kl;
+    double sum = 0.0;
+    for (float kl : r.position_kl) {
+      EXPECT_GE(kl, 0.0f);
+      sum += kl;
+    }
+    EXPECT_NEAR(sum, r.kl_sum, 1e-3 * r.kl_sum + 1e-9);
+  }
+}
+
+std::vector<float> head_vector(unsigned seed) {
+  std::vector<float> x(64);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    // Deterministic, sign-mixed values with one outlier channel, like a K head.
+    x[i] = std::sin(static_cast<float>(seed * 131 + i * 17)) * (i == 5 ? 8.0f : 1.0f);
+  }
+  return x;
+}
+
+double rms_error(llama::Baseline kind, unsigned seed) {
+  std::vector<float> x = head_vector(seed);
+  const std::vector<float> original = x;
+  llama::quantize_head_vector(kind, x.data(), static_cast<int>(x.size()));
+  double sum = 0.0;
+  for (std::size_t i = 0; i < x.size(); ++i) sum += (x[i] - original[i]) * static_cast<double>(x[i] - original[i]);
+  return std::sqrt(sum / static_cast<double>(x.size()));
+}
+
+// llama.cpp's KV cache types as ggml defines them: more bits, less error; the stored bits counted
+// with their scales; q4_0's largest-magnitude value kept (up to its fp16 scale); iq4_nl's values on
+// its 16-level table times one scale per block of 32.
+TEST(LlamaCppTypes, QuantizersFollowTheirDefinitions) {
+  using llama::Baseline;
+  EXPECT_DOUBLE_EQ(llama::baseline_bits_per_element(Baseline::q8_0, 64, true), 8.5);
+  EXPECT_DOUBLE_EQ(llama::baseline_bits_per_element(Baseline::q5_1, 64, true), 6.0);
+  EXPECT_DOUBLE_EQ(llama::baseline_bits_per_element(Baseline::q5_0, 64, false), 5.5);
+  EXPECT_DOUBLE_EQ(llama::baseline_bits_per_element(Baseline::q4_1, 64, true), 5.0);
+  EXPECT_DOUBLE_EQ(llama::baseline_bits_per_element(Baseline::q4_0, 64, true), 4.5);
+  EXPECT_DOUBLE_EQ(llama::baseline_bits_per_element(Baseline::iq4_nl, 64, true), 4.5);
+  EXPECT_DOUBLE_EQ(llama::baseline_bits_per_element(Baseline::kivi4, 64, true), 5.0);
+  for (unsigned seed = 1; seed <= 8; ++seed) {
+    EXPECT_LT(rms_error(Baseline::q8_0, seed), rms_error(Baseline::q5_1, seed));
+    EXPECT_LT(rms_error(Baseline::q5_1, seed), rms_error(Baseline::q4_1, seed));
+    EXPECT_LT(rms_error(Baseline::q5_0, seed), rms_error(Baseline::q4_0, seed));
+  }
+  // q8_0: every value within half a step (amax / 127 per block of 32), plus the fp16 scale's rounding.
+  for (unsigned seed = 1; seed <= 8; ++seed) {
+    std::vector<float> q = head_vector(seed);
+    const std::vector<float> in = q;
+    llama::quantize_head_vector(Baseline::q8_0, q.data(), 64);
+    for (int block = 0; block < 2; ++block) {
+      float amax = 0.0f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(in[block * 32 + i]));
+      for (int i = 0; i < 32; ++i) {
+        EXPECT_LE(std::fabs(q[block * 32 + i] - in[block * 32 + i]), 0.5f * amax / 127.0f + amax * 1e-3f);
+      }
+    }
+  }
+  // q4_0: the value of largest magnitude gets code 0, (0 - 8) * (max / -8): itself, up to fp16.
+  std::vector<float> x = head_vector(3);
+  const std::vector<float> original = x;
+  llama::quantize_head_vector(Baseline::q4_0, x.data(), 64);
+  EXPECT_NEAR(x[5], original[5], 1e-3 * std::fabs(original[5]));
+  // iq4_nl: within each block of 32, every value is a table level times the same scale.
+  const float levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+  x = original;
+  llama::quantize_head_vector(Baseline::iq4_nl, x.data(), 64);
+  for (int block = 0; block < 2; ++block) {
+    // The value of largest magnitude sits on level -127 (the codes are chosen with scale max / -127).
+    float largest = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      if (std::fabs(x[block * 32 + i]) > std::fabs(largest)) largest = x[block * 32 + i];
+    }
+    const float scale = largest / -127.0f;
+    ASSERT_NE(scale, 0.0f);
+    for (int i = 0; i < 32; ++i) {
+      const float level = x[block * 32 + i] / scale;
+      const bool on_table = std::any_of(std::begin(levels), std::end(levels),
+                                        [&](float l) { return std::fabs(level - l) < 1e-3f * 127.0f; });
+      EXPECT_TRUE(on_table) << "block " << block << " value " << i << ": " << level << " times the scale";
+    }
+  }
+}
+
+}  // namespace
