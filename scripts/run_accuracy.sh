@@ -5,6 +5,8 @@
 # KL divergence and top-1 against the exact cache and bootstrap intervals.
 #   scripts/run_accuracy.sh               # full sweep (under 20 minutes on 2 idle cores)
 #   scripts/run_accuracy.sh --preset quick --windows 1   # extra arguments go to packkv_eval
+#   scripts/run_accuracy.sh --lever rotate-v   # docs/results/rotate-v.{md,csv} instead: V rotated,
+#                                              # K and V sweeps, their pairs, int8 and KIVI-4 (9 min)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,9 +27,20 @@ cmake -S "$repo" -B "$build" -DPACKKV_CUDA=OFF -DPACKKV_NATIVE=ON -DCMAKE_BUILD_
 cmake --build "$build" --target packkv_eval -j "${PACKKV_JOBS:-2}" > /dev/null
 
 mkdir -p "$results"
+name=accuracy
+extra=()
+if [[ "${1:-}" == "--lever" ]]; then
+  # One lever measured against the main run's windows and exact cache (same texts, same windows).
+  name=${2:?"--lever needs a name: rotate-v"}
+  shift 2
+  case "$name" in
+    rotate-v) extra=(--rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
+    *) echo "unknown lever $name (known: rotate-v)" >&2; exit 2 ;;
+  esac
+fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")
 for t in "${texts[@]}"; do cmd+=(--tokens "$model_dir/$t.tokens"); done
-cmd+=(--context 2048 --windows 2 --markdown "$results/accuracy.md" --csv "$results/accuracy.csv" "$@")
+cmd+=(--context 2048 --windows 2 "${extra[@]}" --markdown "$results/$name.md" --csv "$results/$name.csv" "$@")
 # Printed with the folders shortened, so that it can be quoted.
 shown="${cmd[*]}"
 shown="${shown//$model_dir/MODEL_DIR}"
@@ -36,4 +49,6 @@ echo "== $shown"
 start=$(date +%s)
 "${cmd[@]}" > /dev/null
 echo "== sweep took $(( $(date +%s) - start )) s"
-"${PACKKV_VENV:-$repo/.venv}/bin/python" "$repo/scripts/plot_accuracy.py" "$results/accuracy.csv" "$results/accuracy.png"
+if [[ "$name" == accuracy ]]; then
+  "${PACKKV_VENV:-$repo/.venv}/bin/python" "$repo/scripts/plot_accuracy.py" "$results/accuracy.csv" "$results/accuracy.png"
+fi

@@ -118,6 +118,9 @@ struct Options {
   int bootstrap = 1000;
   int bootstrap_unit = 512;
   bool score_exact = false;
+  bool rotate_k = false, rotate_v = false;  // PackKV settings store that side Hadamard-rotated
+  std::string baselines = "all";  // or a comma list of short names (baseline_key), or "none"
+  std::string sweeps = "k,k-channel,v,pairs";
   packkv::RepackMethod repack = packkv::RepackMethod::median;
   packkv::Device device = packkv::Device::cpu;
   std::string preset = "full";
@@ -129,11 +132,16 @@ void usage() {
                "                   [--context N] [--windows N] [--threads N] [--preset full|quick]\n"
                "                   [--block N] [--residual N] [--repack none|median|greedy] [--device cpu|cuda]\n"
                "                   [--bootstrap N] [--bootstrap-unit N] [--score-exact] [--markdown FILE] [--csv FILE]\n"
+               "                   [--rotate-k] [--rotate-v] [--sweeps k,k-channel,v,pairs] [--baselines all|none|LIST]\n"
                "  --tokens     int32 token ids (scripts/prepare_smollm2.py writes them); repeat for more texts\n"
                "  --text       a text file, tokenized with --tokenizer (llama2.c models); repeatable\n"
                "  --context    tokens per window (default 2048); each text gives its full windows\n"
                "  --windows    at most N windows per text (default: all)\n"
                "  --residual   recent tokens every cache keeps exact (default 128)\n"
+               "  --rotate-k, --rotate-v  PackKV settings rotate that side (CacheConfig::rotate_k / rotate_v)\n"
+               "  --sweeps     which PackKV sweeps to run (default all)\n"
+               "  --baselines  which baselines: all (default), none, or a list of int8,fp8,int4,kivi4,kivi2,\n"
+               "               q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl\n"
                "  --block      tokens quantized at a time, by every cache (packkv's block, default 64)\n"
                "  --bootstrap  resamples for the 95%% intervals (default 1000)\n"
                "  --bootstrap-unit  positions per resampled unit (default 512; the context: whole windows)\n"
@@ -157,6 +165,24 @@ std::string read_text(const std::string& path) {
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
+}
+
+/// The short name of a baseline on the command line (--baselines).
+std::string baseline_key(llama::Baseline b) {
+  switch (b) {
+    case llama::Baseline::int8_per_token: return "int8";
+    case llama::Baseline::int4_per_token: return "int4";
+    case llama::Baseline::fp8_e4m3_per_token: return "fp8";
+    case llama::Baseline::kivi2: return "kivi2";
+    case llama::Baseline::kivi4: return "kivi4";
+    case llama::Baseline::q8_0: return "q8_0";
+    case llama::Baseline::q5_1: return "q5_1";
+    case llama::Baseline::q5_0: return "q5_0";
+    case llama::Baseline::q4_1: return "q4_1";
+    case llama::Baseline::q4_0: return "q4_0";
+    case llama::Baseline::iq4_nl: return "iq4_nl";
+  }
+  return "?";
 }
 
 std::string rel_label(float rel) {
@@ -454,6 +480,10 @@ int main(int argc, char** argv) {
       else if (arg == "--bootstrap") opt.bootstrap = std::stoi(value());
       else if (arg == "--bootstrap-unit") opt.bootstrap_unit = std::stoi(value());
       else if (arg == "--score-exact") opt.score_exact = true;
+      else if (arg == "--rotate-k") opt.rotate_k = true;
+      else if (arg == "--rotate-v") opt.rotate_v = true;
+      else if (arg == "--baselines") opt.baselines = value();
+      else if (arg == "--sweeps") opt.sweeps = value();
       else if (arg == "--repack") {
         const std::string r = value();
         opt.repack = r == "none" ? packkv::RepackMethod::none : r == "greedy" ? packkv::RepackMethod::greedy : packkv::RepackMethod::median;
@@ -516,6 +546,8 @@ int main(int argc, char** argv) {
     base.repack = opt.repack;
     base.device = opt.device;  // PackKV settings only; the model and the baselines run on the CPU
     base.num_threads = 1;  // settings run in parallel, one core each
+    base.rotate_k = opt.rotate_k;
+    base.rotate_v = opt.rotate_v;
     llama::BaselineOptions baseline_options;
     baseline_options.residual = opt.residual;  // the same exact window and the same
     baseline_options.block = opt.block;        // quantization steps as packkv's tail rule
@@ -527,7 +559,8 @@ int main(int argc, char** argv) {
       s.v_rel = v_rel;
       s.k_mode = k_mode;
       s.name = std::string("PackKV K ") + (k_mode == packkv::QuantMode::per_channel ? "per-channel " : "") +
-               rel_label(k_rel) + " / V " + rel_label(v_rel);
+               rel_label(k_rel) + (base.rotate_k ? " rotated" : "") + " / V " + rel_label(v_rel) +
+               (base.rotate_v ? " rotated" : "");
       s.make_cache = [shape, base, k_rel, v_rel, k_mode] {
         packkv::CacheConfig c = base;
         c.k_rel = k_rel;
@@ -557,6 +590,14 @@ int main(int argc, char** argv) {
         llama::Baseline::q5_1,           llama::Baseline::q5_0,               llama::Baseline::q4_1,
         llama::Baseline::q4_0,           llama::Baseline::iq4_nl};
     if (opt.preset == "quick") baselines = {llama::Baseline::int8_per_token, llama::Baseline::int4_per_token, llama::Baseline::kivi4, llama::Baseline::q4_0};
+    if (opt.baselines != "all") {
+      const std::string wanted = "," + opt.baselines + ",";
+      std::erase_if(baselines, [&](llama::Baseline b) { return wanted.find("," + baseline_key(b) + ",") == std::string::npos; });
+    }
+    auto sweep_on = [&](const std::string& name) { return ("," + opt.sweeps + ",").find("," + name + ",") != std::string::npos; };
+    if (!sweep_on("k")) k_sweep.clear();
+    if (!sweep_on("k-channel")) k_channel_sweep.clear();
+    if (!sweep_on("v")) v_sweep.clear();
 
     std::string skipped_note;
     if (mc.head_dim % 32 != 0) {  // llama.cpp's blocks of 32 run along head_dim
@@ -666,6 +707,7 @@ int main(int argc, char** argv) {
       }
     }
     for (std::size_t p = 0; p < pairs.size(); ++p) pairs[p].name += " (chosen for: " + pair_criterion[p] + ")";
+    if (!sweep_on("pairs")) pairs.clear();
     if (!pairs.empty()) {
       std::vector<Outcome> pair_outcomes = run_settings(model, windows, pairs, threads, "pairs");
       for (Outcome& o : pair_outcomes) {
@@ -698,7 +740,8 @@ int main(int argc, char** argv) {
 
     std::ostringstream md;
     md << "# Accuracy and compression of PackKV against quantization baselines\n\n";
-    md << "Regenerate with `scripts/run_accuracy.sh`, which runs `" << command_line << "`.\n\n";
+    md << "Made by `" << command_line << "`; `scripts/run_accuracy.sh` regenerates this file (with `--lever NAME` for "
+          "a lever's report, such as rotate-v.md).\n\n";
     md << "- Model: " << mc.num_layers << " layers, " << mc.num_heads << " query heads, " << mc.num_kv_heads
        << " KV heads, head_dim " << mc.head_dim << ", vocabulary " << mc.vocab_size << "\n";
     md << "- Texts: " << text_summary.str() << "; " << windows.size() << " windows of " << opt.context << " tokens, "
