@@ -7,6 +7,8 @@
 #   scripts/run_accuracy.sh --preset quick --windows 1   # extra arguments go to packkv_eval
 #   scripts/run_accuracy.sh --lever rotate-v   # docs/results/rotate-v.{md,csv} instead: V rotated,
 #                                              # K and V sweeps, their pairs, int8 and KIVI-4 (9 min)
+#   scripts/run_accuracy.sh --lever rotate-k   # K rotated, K sweep only (4 min)
+#   scripts/run_accuracy.sh --lever rotate-kv  # both rotated, as rotate-v (9 min)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,7 +37,9 @@ if [[ "${1:-}" == "--lever" ]]; then
   shift 2
   case "$name" in
     rotate-v) extra=(--rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
-    *) echo "unknown lever $name (known: rotate-v)" >&2; exit 2 ;;
+    rotate-k) extra=(--rotate-k --sweeps k --baselines none) ;;
+    rotate-kv) extra=(--rotate-k --rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
+    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv)" >&2; exit 2 ;;
   esac
 fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")

@@ -814,6 +814,8 @@ int main(int argc, char** argv) {
          << pct_interval(o.delta_pct) << " | " << kl_interval(o.kl) << " | " << top1_interval(o.top1) << " |\n";
     }
 
+    // Small KLs (int8's, q8_0's) keep two significant digits instead of printing as 0.0000.
+    auto kl_text = [](double kl) { return kl < 1e-3 ? fmt("%.2g", kl) : fmt("%.4f", kl); };
     md << "\n## Where packkv stands\n\n";
     md << "For each baseline, the PackKV setting of this run with the fewest K+V bits per element (compressed part) "
           "whose mean KL is at most the baseline's, K and V quantized together (the pairs; the one-sided settings "
@@ -828,17 +830,17 @@ int main(int argc, char** argv) {
         if (!is_packkv(o.setting.family) || o.kl.value > b.kl.value) continue;
         if (!best || o.kv_bits() < best->kv_bits()) best = &o;
       }
-      md << "| " << b.setting.name << " | " << fmt("%.2f", b.kv_bits()) << " | " << fmt("%.4f", b.kl.value) << " | ";
-      standing << "- " << b.setting.name << " (" << fmt("%.2f", b.kv_bits()) << " bits, KL " << fmt("%.4f", b.kl.value)
+      md << "| " << b.setting.name << " | " << fmt("%.2f", b.kv_bits()) << " | " << kl_text(b.kl.value) << " | ";
+      standing << "- " << b.setting.name << " (" << fmt("%.2f", b.kv_bits()) << " bits, KL " << kl_text(b.kl.value)
                << ", perplexity " << fmt("%+.2f%%", b.delta_pct.value) << "): ";
       if (best) {
         const double relative = best->kv_bits() / b.kv_bits();
-        md << best->setting.name << " | " << fmt("%.2f", best->kv_bits()) << " | " << fmt("%.4f", best->kl.value)
+        md << best->setting.name << " | " << fmt("%.2f", best->kv_bits()) << " | " << kl_text(best->kl.value)
            << " | " << fmt("%.2fx", relative) << " |\n";
         standing << "packkv is as close to exact with " << fmt("%.2f", best->kv_bits()) << " bits, "
                  << (relative < 0.995 ? fmt("%.0f%% fewer", (1 - relative) * 100)
                                       : relative > 1.005 ? fmt("%.0f%% more", (relative - 1) * 100) : std::string("as many"))
-                 << " (" << best->setting.name << ", KL " << fmt("%.4f", best->kl.value) << ").\n";
+                 << " (" << best->setting.name << ", KL " << kl_text(best->kl.value) << ").\n";
       } else {
         md << "none measured | | | |\n";
         standing << "no packkv setting of this run is as close to exact (the closest is the control at 1/255, 8-bit "
