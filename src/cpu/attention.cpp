@@ -215,6 +215,15 @@ void causal_attention(const ReadContext& ctx, std::span<const LayerRead> batch, 
     return (first_query[static_cast<std::size_t>(b)] + static_cast<std::size_t>(r / group)) * ctx.num_q_heads +
            static_cast<std::size_t>(h) * group + static_cast<std::size_t>(r % group);
   };
+  // Queries in K's space (rotate_k), rounded to T as on every backend: once per call, not per task.
+  std::vector<T> rotated;
+  const T* q_rows = q;
+  if (ctx.rotate_k) {
+    const std::size_t vectors = queries * static_cast<std::size_t>(ctx.num_q_heads);
+    rotated.resize(vectors * dim);
+    rotate_rows(q, rotated.data(), vectors, dim, true, threads);
+    q_rows = rotated.data();
+  }
   std::vector<float> maxes(partial_rows), sums(partial_rows), outputs(partial_rows * static_cast<std::size_t>(dim));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (std::size_t ti = 0; ti < tasks.size(); ++ti) {
@@ -224,15 +233,9 @@ void causal_attention(const ReadContext& ctx, std::span<const LayerRead> batch, 
     thread_local std::vector<std::int64_t> limits;
     qf.resize(static_cast<std::size_t>(task.rows) * dim);
     limits.resize(static_cast<std::size_t>(task.rows));
-    thread_local std::vector<T> rotated;
-    rotated.resize(static_cast<std::size_t>(dim));
     for (int i = 0; i < task.rows; ++i) {
       const int r = task.row_begin + i;
-      const T* src = q + query_row(task.batch, task.head, r) * dim;
-      if (ctx.rotate_k) {  // into K's space, rounded to T as on every backend
-        rotate_rows(src, rotated.data(), 1, dim, true, 1);
-        src = rotated.data();
-      }
+      const T* src = q_rows + query_row(task.batch, task.head, r) * dim;
       for (int c = 0; c < dim; ++c) qf[static_cast<std::size_t>(i) * dim + c] = to_float(src[c]) * scale;
       limits[static_cast<std::size_t>(i)] = layer.length - layer.queries + r / group + 1;
     }
