@@ -11,8 +11,9 @@
 //      each 8-value group is spread from w-bit fields to bytes with shifts and byte permutes, the
 //      pack minimum added bytewise, and a channel's 16 codes stored as one 16-byte row of a byte
 //      tile (rows swizzled so that stores and ldmatrix reads are free of bank conflicts).
-//   3. ldmatrix moves four 8x16-byte tiles into mma fragments; a byte permute with 0x64 and one
-//      fp16 subtraction turn code bytes into exact fp16 integers (no I2F); mma.m16n8k16 multiplies
+//   3. ldmatrix moves four 8x16-byte tiles into mma fragments; one byte permute per two codes makes
+//      them the exact fp16 subnormals code * 2^-24 (no I2F, no subtraction; the 2^24 is folded into
+//      the fp32 scales); mma.m16n8k16 multiplies
 //      with q (K.q) or with the softmax weights (P.V). q and the weights are split into two fp16
 //      halves (hi + lo: 22 significant bits) and accumulate in fp32.
 //   4. The online softmax works per chunk of up to 4 rounds; the weights of a chunk are scaled by a
@@ -27,6 +28,7 @@
 #include <cstdint>
 
 #include "core/softmax_merge.hpp"
+#include "detail/fast_decode.cuh"
 #include "detail/packed_block.cuh"
 #include "detail/primitives.cuh"
 #include "launch.hpp"
@@ -40,97 +42,6 @@ using format::SectionLayout;
 constexpr int kStagesMax = 3;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-/// Byte offset of the 16-byte row of channel c in a byte tile: rows move within their aligned group
-/// of 8 (xor with the decoding lane's index), so that 8 lanes storing rows, or ldmatrix reading 8
-/// consecutive rows, touch 8 different bank quads.
-template <int D>
-__device__ __forceinline__ int tile_row(int c) {
-  return 16 * (c ^ ((c / (D / 32)) & 7));
-}
-
-__device__ __forceinline__ std::uint32_t lds32(const std::uint8_t* p) { return *reinterpret_cast<const std::uint32_t*>(p); }
-__device__ __forceinline__ std::uint64_t lds64(const std::uint8_t* p) { return *reinterpret_cast<const std::uint64_t*>(p); }
-
-/// 32 bits of a byte stream starting at bit `bit`; `base` is 4-byte aligned.
-__device__ __forceinline__ std::uint32_t bits32(const std::uint8_t* base, std::uint32_t bit) {
-  const std::uint8_t* w = base + (bit >> 5) * 4;
-  return __funnelshift_r(lds32(w), lds32(w + 4), bit & 31u);
-}
-
-/// Four values of w bits (w <= 8), value i at bit i * w of `t`, spread to bytes (unmasked): values
-/// 2 and 3 move to the upper half, then the second value of each half to its second byte.
-__device__ __forceinline__ std::uint32_t spread4(std::uint32_t t, std::uint32_t shift_pair, std::uint32_t shift_one) {
-  const std::uint32_t y = __byte_perm(t, t << shift_pair, 0x7610);
-  return __byte_perm(y, y << shift_one, 0x7250);
-}
-
-/// Decodes one pack (16 codes of width w at byte `offset` of the staged section) into a tile row:
-/// byte i is code i (pack minimum added: codes and minimum sum to at most 255, so bytes never carry).
-__device__ __forceinline__ void decode_pack(const std::uint8_t* section, std::uint32_t offset, std::uint32_t w,
-                                            std::uint32_t pack_min, std::uint8_t* row) {
-  const std::uint32_t mask = ((1u << w) - 1u) * 0x01010101u;
-  const std::uint32_t add = pack_min * 0x01010101u;
-  const std::uint32_t shift_pair = 16u - 2u * w, shift_one = 8u - w;
-  std::uint32_t out[4];
-#pragma unroll
-  for (int group = 0; group < 2; ++group) {
-    const std::uint32_t p = offset + static_cast<std::uint32_t>(group) * w;
-    const std::uint8_t* a = section + (p & ~3u);
-    const std::uint32_t w0 = lds32(a), w1 = lds32(a + 4), w2 = lds32(a + 8);
-    // The funnel shift takes its amount modulo 32: 8 * p shifts by the byte offset in the word.
-    const std::uint32_t lo = __funnelshift_r(w0, w1, 8u * p), hi = __funnelshift_r(w1, w2, 8u * p);
-    const std::uint32_t upper = __funnelshift_rc(lo, hi, 4u * w);
-    out[2 * group] = (spread4(lo, shift_pair, shift_one) & mask) + add;
-    out[2 * group + 1] = (spread4(upper, shift_pair, shift_one) & mask) + add;
-  }
-  *reinterpret_cast<uint4*>(row) = uint4{out[0], out[1], out[2], out[3]};
-}
-
-/// Decodes round r of a staged section into a byte tile (format/rounds.hpp: plain, or frame of
-/// reference with 4-bit widths and `bits`-bit minimums per channel).
-template <int D>
-__device__ __forceinline__ void decode_round(const std::uint8_t* section, const SectionLayout& layout, int r,
-                                             std::uint8_t* tile) {
-  constexpr int P = D / 32;
-  const int lane = threadIdx.x & 31, c0 = lane * P;
-  const std::uint8_t* ends = section + layout.round_end_offset;
-  const std::uint32_t begin = r == 0 ? 0u : lds32(ends + 4 * (r - 1));
-  const std::uint32_t end = lds32(ends + 4 * r);
-  const std::uint32_t start = layout.rounds_offset + begin;
-  // One path for both kinds of round (no branch): a plain round reads as if every pack had width
-  // `bits` and minimum 0 and no descriptors.
-  const bool plain = end - begin == layout.plain_round_bytes;
-  const std::uint32_t widths = bits32(section, 8u * start + 4u * static_cast<std::uint32_t>(c0));
-  const std::uint32_t min_bit = 8u * (start + layout.widths_bytes) + layout.bits * static_cast<std::uint32_t>(c0);
-  std::uint64_t mins = bits32(section, min_bit);
-  if (P * 8 > 32) mins |= static_cast<std::uint64_t>(bits32(section, min_bit + 32)) << 32;
-  const std::uint32_t min_mask = plain ? 0u : (1u << layout.bits) - 1u;
-  std::uint32_t width[P], pack_min[P], offset[P], mine = 0;
-#pragma unroll
-  for (int j = 0; j < P; ++j) {
-    width[j] = plain ? layout.bits : (widths >> (4 * j)) & 15u;
-    pack_min[j] = static_cast<std::uint32_t>(mins >> (layout.bits * static_cast<std::uint32_t>(j))) & min_mask;
-    offset[j] = mine;
-    mine += 2u * width[j];
-  }
-  std::uint32_t inclusive = mine;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const std::uint32_t below = __shfl_up_sync(kFullMask, inclusive, d);
-    if (lane >= d) inclusive += below;
-  }
-  const std::uint32_t base = start + (plain ? 0u : layout.descriptor_bytes) + inclusive - mine;
-#pragma unroll
-  for (int j = 0; j < P; ++j) offset[j] += base;
-#pragma unroll
-  for (int j = 0; j < P; ++j) decode_pack(section, offset[j], width[j], pack_min[j], tile + tile_row<D>(c0 + j));
-}
-
-/// 0x64 | code in both fp16 halves of a word holds 1024 + code; subtracting 1024 leaves the code.
-__device__ __forceinline__ std::uint32_t codes_to_half2(std::uint32_t bytes, std::uint32_t selector) {
-  return hsub2_bits(__byte_perm(bytes, 0x64u, selector), kHalf2Magic);
-}
 
 /// fp16 hi and lo halves of x (hi + lo carries 22 significant bits).
 struct Split2 {
@@ -149,36 +60,6 @@ __device__ __forceinline__ int scale_exponent(float x) {
   const int e = static_cast<int>((__float_as_uint(x) >> 23) & 0xFFu) - 127;
   const int s = 14 - e;
   return s < -100 ? -100 : (s > 100 ? 100 : s);
-}
-
-/// A read-only global load (the non-coherent path: what the read path reads is not written while
-/// the kernel runs).
-template <class U>
-__device__ __forceinline__ U load_global(const U* p) {
-#if defined(PACKKV_CUDA_EMULATION)
-  return *p;
-#else
-  return __ldg(p);
-#endif
-}
-template <class U>
-__device__ __forceinline__ U* load_global(U* const* p) {
-  return reinterpret_cast<U*>(load_global(reinterpret_cast<const unsigned long long*>(p)));
-}
-__device__ __forceinline__ float load_global_float(const float* p) { return load_global(p); }
-__device__ __forceinline__ float load_global_float(const fp16_t* p) {
-  return fp16_bits_to_float(load_global(reinterpret_cast<const unsigned short*>(p)));
-}
-__device__ __forceinline__ float load_global_float(const bf16_t* p) {
-  return __bfloat162float(__ushort_as_bfloat16(load_global(reinterpret_cast<const unsigned short*>(p))));
-}
-
-__device__ __forceinline__ float load_coherent(const float* p) {
-#if defined(PACKKV_CUDA_EMULATION)
-  return *p;
-#else
-  return __ldcg(p);
-#endif
 }
 
 /// What a CTA keeps about each block of its range: where its head's span starts, its length, and
@@ -305,7 +186,8 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   q_abs = warp_max(q_abs);
   __syncwarp();
   const int q_exp = scale_exponent(q_abs);
-  const float q_scale = exp2_int(q_exp), q_unscale = exp2_int(-q_exp);
+  // The codes enter the mma as code * 2^-24 (codes_to_half2): 2^24 comes back with q's unscale.
+  const float q_scale = exp2_int(q_exp), q_unscale = exp2_int(kSubnormalCodeExponent - q_exp);
   // B fragment of K.q: b0 = (channels 2t4, 2t4+1 of k-step ks; column gq), b1 = channels + 8.
   // Column n = 2 * head + part: part 0 holds the hi half of q * 2^qs, part 1 the lo half.
   std::uint32_t qf[kSteps][NT][2];
@@ -338,7 +220,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   }
 
   // ---- running state ----------------------------------------------------------------------
-  float acc[NT][kSteps][4];  // P.V: (channel 16 mt + gq (+8), head t4 + 4 nt hi | lo) in units 2^-v_exp
+  float acc[NT][kSteps][4];  // P.V: (channel 16 mt + gq (+8), head t4 + 4 nt hi | lo) in units 2^(-v_exp-24)
   float run_max[NT], run_sum[NT], run_min[NT];  // log2-domain max; per-lane partial sums
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -539,7 +421,8 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   cp_async_wait<0>();
 
   // ---- tail tokens -------------------------------------------------------------------------
-  const float v_scale = exp2_int(v_exp);
+  // Tail values join the accumulators in their units: 2^(v_exp - 24), as the packed codes.
+  const float v_scale = exp2_int(v_exp - kSubnormalCodeExponent);
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * D;
   for (int t = tail_first; t < tail_end_token; ++t) {
     const std::size_t row = static_cast<std::size_t>(seq.tail_row(t)) * row_elems + static_cast<std::size_t>(kv_head) * D;
@@ -582,7 +465,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
 
   // ---- partial result, then the merge by the last CTA -----------------------------------------
   const int stride = D + 2;
-  const float v_unscale = exp2_int(-v_exp);
+  const float v_unscale = exp2_int(kSubnormalCodeExponent - v_exp);
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     float l = run_sum[nt], wmin = run_min[nt];

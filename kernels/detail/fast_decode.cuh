@@ -1,0 +1,143 @@
+// The decode of the fast read path, shared by its kernels: staged sections (format.hpp) decoded a
+// round (16 tokens) at a time by one warp into a byte tile whose rows ldmatrix reads, and the code
+// bytes turned into fp16 mma operands. Everything here reads shared memory only, except the
+// load_global helpers (the read-only path for what the kernels read and nobody writes meanwhile).
+#pragma once
+
+#include <cstdint>
+
+#include "detail/packed_block.cuh"
+#include "detail/primitives.cuh"
+
+namespace packkv::detail::cuda {
+
+using format::SectionLayout;
+
+/// Byte offset of the 16-byte row of channel c in a byte tile: rows move within their aligned group
+/// of 8 (xor with the decoding lane's index), so that 8 lanes storing rows, or ldmatrix reading 8
+/// consecutive rows, touch 8 different bank quads.
+template <int D>
+__device__ __forceinline__ int tile_row(int c) {
+  return 16 * (c ^ ((c / (D / 32)) & 7));
+}
+
+__device__ __forceinline__ std::uint32_t lds32(const std::uint8_t* p) { return *reinterpret_cast<const std::uint32_t*>(p); }
+__device__ __forceinline__ std::uint64_t lds64(const std::uint8_t* p) { return *reinterpret_cast<const std::uint64_t*>(p); }
+
+/// 32 bits of a byte stream starting at bit `bit`; `base` is 4-byte aligned.
+__device__ __forceinline__ std::uint32_t bits32(const std::uint8_t* base, std::uint32_t bit) {
+  const std::uint8_t* w = base + (bit >> 5) * 4;
+  return __funnelshift_r(lds32(w), lds32(w + 4), bit & 31u);
+}
+
+/// Four values of w bits (w <= 8), value i at bit i * w of `t`, spread to bytes (unmasked): values
+/// 2 and 3 move to the upper half, then the second value of each half to its second byte.
+__device__ __forceinline__ std::uint32_t spread4(std::uint32_t t, std::uint32_t shift_pair, std::uint32_t shift_one) {
+  const std::uint32_t y = __byte_perm(t, t << shift_pair, 0x7610);
+  return __byte_perm(y, y << shift_one, 0x7250);
+}
+
+/// Decodes one pack (16 codes of width w at byte `offset` of the staged section) into a tile row:
+/// byte i is code i (pack minimum added: codes and minimum sum to at most 255, so bytes never carry).
+__device__ __forceinline__ void decode_pack(const std::uint8_t* section, std::uint32_t offset, std::uint32_t w,
+                                            std::uint32_t pack_min, std::uint8_t* row) {
+  const std::uint32_t mask = ((1u << w) - 1u) * 0x01010101u;
+  const std::uint32_t add = pack_min * 0x01010101u;
+  const std::uint32_t shift_pair = 16u - 2u * w, shift_one = 8u - w;
+  std::uint32_t out[4];
+#pragma unroll
+  for (int group = 0; group < 2; ++group) {
+    const std::uint32_t p = offset + static_cast<std::uint32_t>(group) * w;
+    const std::uint8_t* a = section + (p & ~3u);
+    const std::uint32_t w0 = lds32(a), w1 = lds32(a + 4), w2 = lds32(a + 8);
+    // The funnel shift takes its amount modulo 32: 8 * p shifts by the byte offset in the word.
+    const std::uint32_t lo = __funnelshift_r(w0, w1, 8u * p), hi = __funnelshift_r(w1, w2, 8u * p);
+    const std::uint32_t upper = __funnelshift_rc(lo, hi, 4u * w);
+    out[2 * group] = (spread4(lo, shift_pair, shift_one) & mask) + add;
+    out[2 * group + 1] = (spread4(upper, shift_pair, shift_one) & mask) + add;
+  }
+  *reinterpret_cast<uint4*>(row) = uint4{out[0], out[1], out[2], out[3]};
+}
+
+/// Decodes round r of a staged section into a byte tile (format/rounds.hpp: plain, or frame of
+/// reference with 4-bit widths and `bits`-bit minimums per channel).
+template <int D>
+__device__ __forceinline__ void decode_round(const std::uint8_t* section, const SectionLayout& layout, int r,
+                                             std::uint8_t* tile) {
+  constexpr int P = D / 32;
+  const int lane = threadIdx.x & 31, c0 = lane * P;
+  const std::uint8_t* ends = section + layout.round_end_offset;
+  const std::uint32_t begin = r == 0 ? 0u : lds32(ends + 4 * (r - 1));
+  const std::uint32_t end = lds32(ends + 4 * r);
+  const std::uint32_t start = layout.rounds_offset + begin;
+  // One path for both kinds of round (no branch): a plain round reads as if every pack had width
+  // `bits` and minimum 0 and no descriptors.
+  const bool plain = end - begin == layout.plain_round_bytes;
+  const std::uint32_t widths = bits32(section, 8u * start + 4u * static_cast<std::uint32_t>(c0));
+  const std::uint32_t min_bit = 8u * (start + layout.widths_bytes) + layout.bits * static_cast<std::uint32_t>(c0);
+  std::uint64_t mins = bits32(section, min_bit);
+  if (P * 8 > 32) mins |= static_cast<std::uint64_t>(bits32(section, min_bit + 32)) << 32;
+  const std::uint32_t min_mask = plain ? 0u : (1u << layout.bits) - 1u;
+  std::uint32_t width[P], pack_min[P], offset[P], mine = 0;
+#pragma unroll
+  for (int j = 0; j < P; ++j) {
+    width[j] = plain ? layout.bits : (widths >> (4 * j)) & 15u;
+    pack_min[j] = static_cast<std::uint32_t>(mins >> (layout.bits * static_cast<std::uint32_t>(j))) & min_mask;
+    offset[j] = mine;
+    mine += 2u * width[j];
+  }
+  std::uint32_t inclusive = mine;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const std::uint32_t below = __shfl_up_sync(kFullMask, inclusive, d);
+    if (lane >= d) inclusive += below;
+  }
+  const std::uint32_t base = start + (plain ? 0u : layout.descriptor_bytes) + inclusive - mine;
+#pragma unroll
+  for (int j = 0; j < P; ++j) offset[j] += base;
+#pragma unroll
+  for (int j = 0; j < P; ++j) decode_pack(section, offset[j], width[j], pack_min[j], tile + tile_row<D>(c0 + j));
+}
+
+/// Two code bytes of `bytes` (picked by `selector`, whose other nibbles select zero bytes) as the
+/// fp16 subnormals code * 2^-24: exact, one byte permute and no subtraction. Tensor cores take fp16
+/// subnormal inputs at full precision (measured on V100, T4 and A100 by Fasi, Higham, Mikaitis and
+/// Pranesh, "Numerical behavior of NVIDIA tensor cores", 2021); the kernels fold 2^24 into their
+/// fp32 scale factors, so this costs nothing downstream.
+__device__ __forceinline__ std::uint32_t codes_to_half2(std::uint32_t bytes, std::uint32_t selector) {
+  return __byte_perm(bytes, 0u, selector);
+}
+/// The power of two the subnormal codes carry: code * 2^-24 (codes_to_half2).
+inline constexpr int kSubnormalCodeExponent = 24;
+
+/// A read-only global load (the non-coherent path: what the read path reads is not written while
+/// the kernel runs).
+template <class U>
+__device__ __forceinline__ U load_global(const U* p) {
+#if defined(PACKKV_CUDA_EMULATION)
+  return *p;
+#else
+  return __ldg(p);
+#endif
+}
+template <class U>
+__device__ __forceinline__ U* load_global(U* const* p) {
+  return reinterpret_cast<U*>(load_global(reinterpret_cast<const unsigned long long*>(p)));
+}
+__device__ __forceinline__ float load_global_float(const float* p) { return load_global(p); }
+__device__ __forceinline__ float load_global_float(const fp16_t* p) {
+  return fp16_bits_to_float(load_global(reinterpret_cast<const unsigned short*>(p)));
+}
+__device__ __forceinline__ float load_global_float(const bf16_t* p) {
+  return __bfloat162float(__ushort_as_bfloat16(load_global(reinterpret_cast<const unsigned short*>(p))));
+}
+
+__device__ __forceinline__ float load_coherent(const float* p) {
+#if defined(PACKKV_CUDA_EMULATION)
+  return *p;
+#else
+  return __ldcg(p);
+#endif
+}
+
+}  // namespace packkv::detail::cuda
