@@ -9,6 +9,9 @@
 #                                              # K and V sweeps, their pairs, int8 and KIVI-4 (9 min)
 #   scripts/run_accuracy.sh --lever rotate-k   # K rotated, K sweep only (4 min)
 #   scripts/run_accuracy.sh --lever rotate-kv  # both rotated, as rotate-v (9 min)
+#   scripts/run_accuracy.sh --lever per-layer  # V rotated, each layer's rels calibrated on 512 tokens of
+#                                              # GPL-3 outside the windows, 5 KL budgets, beside rotate-v's
+#                                              # sweeps and pairs, int8 and KIVI-4 (about 25 min)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,7 +42,8 @@ if [[ "${1:-}" == "--lever" ]]; then
     rotate-v) extra=(--rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
     rotate-k) extra=(--rotate-k --sweeps k --baselines none) ;;
     rotate-kv) extra=(--rotate-k --rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
-    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv)" >&2; exit 2 ;;
+    per-layer) extra=(--rotate-v --sweeps k,v,pairs --baselines int8,kivi4 --calibrate-layers 0.0005,0.001,0.0015,0.002,0.003) ;;
+    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer)" >&2; exit 2 ;;
   esac
 fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")

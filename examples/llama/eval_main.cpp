@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "layer_calibration.hpp"
 #include "perplexity.hpp"
 #include "tokenizer.hpp"
 
@@ -36,7 +37,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum class Family { exact, packkv_control, packkv_k, packkv_k_channel, packkv_v, packkv_pair, baseline };
+enum class Family { exact, packkv_control, packkv_k, packkv_k_channel, packkv_v, packkv_pair, packkv_layered, baseline };
 
 const char* family_name(Family f) {
   switch (f) {
@@ -46,6 +47,7 @@ const char* family_name(Family f) {
     case Family::packkv_k_channel: return "packkv-K-channel";
     case Family::packkv_v: return "packkv-V";
     case Family::packkv_pair: return "packkv-KV";
+    case Family::packkv_layered: return "packkv-per-layer";
     case Family::baseline: return "baseline";
   }
   return "?";
@@ -124,7 +126,24 @@ struct Options {
   packkv::RepackMethod repack = packkv::RepackMethod::median;
   packkv::Device device = packkv::Device::cpu;
   std::string preset = "full";
+  // Per-layer rels (layer_calibration.hpp): KL budgets on the calibration window, that window
+  // (a stretch of the first text; offset -1: right after its evaluated windows), and the menus.
+  std::vector<double> layer_budgets;
+  int calibration_offset = -1;
+  int calibration_tokens = 512;
+  std::vector<float> layer_menu_k = {0.02f, 0.03f, 0.05f, 0.1f};
+  std::vector<float> layer_menu_v = {0.05f, 0.1f, 0.15f, 0.25f};
 };
+
+template <class T>
+std::vector<T> parse_list(const std::string& text) {
+  std::vector<T> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) {
+    if (!item.empty()) out.push_back(static_cast<T>(std::stod(item)));
+  }
+  return out;
+}
 
 void usage() {
   std::fprintf(stderr,
@@ -146,7 +165,12 @@ void usage() {
                "  --bootstrap  resamples for the 95%% intervals (default 1000)\n"
                "  --bootstrap-unit  positions per resampled unit (default 512; the context: whole windows)\n"
                "  --score-exact  also score the exact cache against itself (KL 0, top-1 100%%: a check)\n"
-               "  --threads    runs at once, one core each (default: all cores)\n");
+               "  --threads    runs at once, one core each (default: all cores)\n"
+               "  --calibrate-layers B1,B2,...  also per-layer rels (layer_calibration.hpp): calibrated on a window\n"
+               "               of the first text outside the evaluated ones, one setting per KL budget (nats)\n"
+               "  --calibration-offset N, --calibration-tokens N  that window (default: after the evaluated\n"
+               "               windows, 512 tokens)\n"
+               "  --layer-menu-k LIST, --layer-menu-v LIST  the rels each layer may take (besides 1/255)\n");
 }
 
 std::vector<int> read_tokens(const std::string& path) {
@@ -484,6 +508,11 @@ int main(int argc, char** argv) {
       else if (arg == "--rotate-v") opt.rotate_v = true;
       else if (arg == "--baselines") opt.baselines = value();
       else if (arg == "--sweeps") opt.sweeps = value();
+      else if (arg == "--calibrate-layers") opt.layer_budgets = parse_list<double>(value());
+      else if (arg == "--calibration-offset") opt.calibration_offset = std::stoi(value());
+      else if (arg == "--calibration-tokens") opt.calibration_tokens = std::stoi(value());
+      else if (arg == "--layer-menu-k") opt.layer_menu_k = parse_list<float>(value());
+      else if (arg == "--layer-menu-v") opt.layer_menu_v = parse_list<float>(value());
       else if (arg == "--repack") {
         const std::string r = value();
         opt.repack = r == "none" ? packkv::RepackMethod::none : r == "greedy" ? packkv::RepackMethod::greedy : packkv::RepackMethod::median;
@@ -622,6 +651,53 @@ int main(int argc, char** argv) {
       if (b == llama::Baseline::kivi2 || b == llama::Baseline::kivi4) name += " (group 32)";
       settings.push_back({name, Family::baseline, 0, 0, packkv::QuantMode::per_token, b,
                           [shape, b, baseline_options] { return llama::make_baseline_cache(shape, b, baseline_options); }});
+    }
+
+    // ---- per-layer rels: calibrated on a window the evaluation does not score ----
+    struct LayerPlanRow {
+      double budget;
+      llama::LayerRelPlan plan;
+      std::string setting_name;
+    };
+    std::vector<LayerPlanRow> layer_plans;
+    std::optional<llama::LayerSensitivity> sensitivity;
+    std::string calibration_summary;
+    if (!opt.layer_budgets.empty()) {
+      const auto& [text_name, ids] = texts.front();
+      int used = static_cast<int>(ids.size()) / opt.context;
+      if (opt.max_windows > 0) used = std::min(used, opt.max_windows);
+      const int offset = opt.calibration_offset >= 0 ? opt.calibration_offset : used * opt.context;
+      if (offset < used * opt.context) {
+        throw std::invalid_argument("--calibration-offset " + std::to_string(offset) + " overlaps the evaluated windows of " + text_name);
+      }
+      if (opt.calibration_tokens < 2 || offset + opt.calibration_tokens > static_cast<int>(ids.size())) {
+        throw std::invalid_argument(text_name + " has " + std::to_string(ids.size()) + " tokens: no calibration window of " +
+                                    std::to_string(opt.calibration_tokens) + " at offset " + std::to_string(offset));
+      }
+      const std::vector<int> calibration(ids.begin() + offset, ids.begin() + offset + opt.calibration_tokens);
+      calibration_summary = text_name + " tokens [" + std::to_string(offset) + ", " + std::to_string(offset + opt.calibration_tokens) + ")";
+      const auto calibration_start = Clock::now();
+      int last_decile = -1;
+      sensitivity = llama::measure_layer_sensitivity(
+          model, calibration, base, opt.layer_menu_k, opt.layer_menu_v, threads, [&](int done, int total) {
+            const int decile = done * 10 / total;
+            if (decile == last_decile && done != total) return;
+            last_decile = decile;
+            std::fprintf(stderr, "layer calibration: %d/%d runs, %.0fs elapsed\n", done, total, Progress::seconds_since(calibration_start));
+          });
+      for (double budget : opt.layer_budgets) {
+        LayerPlanRow row{budget, llama::allocate_layer_rels(*sensitivity, budget), ""};
+        row.setting_name = "PackKV per-layer rels, KL budget " + fmt("%g", budget) + (base.rotate_k ? ", K rotated" : "") +
+                           (base.rotate_v ? ", V rotated" : "");
+        Setting s;
+        s.name = row.setting_name;
+        s.family = Family::packkv_layered;
+        s.make_cache = [shape, base, plan = row.plan] {
+          return llama::make_layered_packkv_cache(shape, base, plan.k_rel, plan.v_rel);
+        };
+        settings.push_back(s);
+        layer_plans.push_back(std::move(row));
+      }
     }
 
     run_exact(model, windows, threads);
@@ -803,6 +879,46 @@ int main(int argc, char** argv) {
       md << "| " << o.setting.name << " | " << fmt("%.2f", o.k_bits()) << " | " << fmt("%.2f", o.v_bits()) << " | "
          << fmt("%.2f", o.kv_bits()) << " | " << pct_interval(o.delta_pct) << " | " << kl_interval(o.kl) << " | "
          << top1_interval(o.top1) << " |\n";
+    }
+
+    if (sensitivity) {
+      const int layers = static_cast<int>(sensitivity->k.size());
+      md << "\n## Per-layer rels\n\n";
+      md << "Calibrated on " << calibration_summary << " (" << sensitivity->positions << " scored positions, not part of "
+            "the evaluated windows): each layer's K, then V, at each rel of the menu alone (everything else at 1/255), its "
+            "mean KL less the control's (" << fmt("%.2g", sensitivity->control_kl) << ") and its bits; then, per KL budget, "
+            "the rels with the fewest bits whose increases add up to at most the budget (Lagrangian relaxation of the "
+            "knapsack). Measured on the evaluated windows:\n\n";
+      md << "| KL budget (calibration) | predicted KL increase | predicted K+V bits | measured K+V bits | measured KL | "
+            "perplexity change | K rels by layer | V rels by layer |\n|---|---|---|---|---|---|---|---|\n";
+      for (const LayerPlanRow& row : layer_plans) {
+        const Outcome* o = nullptr;
+        for (const Outcome& x : outcomes) {
+          if (x.setting.name == row.setting_name) o = &x;
+        }
+        auto rels = [](const std::vector<float>& r) {
+          std::string t;
+          for (float x : r) t += (t.empty() ? "" : " ") + rel_label(x);
+          return t;
+        };
+        md << "| " << fmt("%g", row.budget) << " | " << fmt("%.2g", row.plan.predicted_kl_increase) << " | "
+           << fmt("%.2f", row.plan.predicted_bits) << " | " << (o ? fmt("%.2f", o->kv_bits()) : "") << " | "
+           << (o ? kl_interval(o->kl) : "") << " | " << (o ? pct_interval(o->delta_pct) : "") << " | " << rels(row.plan.k_rel)
+           << " | " << rels(row.plan.v_rel) << " |\n";
+      }
+      md << "\nSensitivity (calibration window): KL increase over the control, and bits, per layer and menu rel.\n\n| layer |";
+      for (const llama::LayerMenuPoint& p : sensitivity->k.front()) md << " K " << rel_label(p.rel) << " |";
+      for (const llama::LayerMenuPoint& p : sensitivity->v.front()) md << " V " << rel_label(p.rel) << " |";
+      md << "\n|---|";
+      for (std::size_t i = 0; i < sensitivity->k.front().size() + sensitivity->v.front().size(); ++i) md << "---|";
+      md << "\n";
+      for (int l = 0; l < layers; ++l) {
+        md << "| " << l << " |";
+        for (const auto* side : {&sensitivity->k[static_cast<std::size_t>(l)], &sensitivity->v[static_cast<std::size_t>(l)]}) {
+          for (const llama::LayerMenuPoint& p : *side) md << " " << fmt("%.2g", p.kl_increase) << " (" << fmt("%.2f", p.bits) << ") |";
+        }
+        md << "\n";
+      }
     }
 
     md << "\n## Baselines\n\n";

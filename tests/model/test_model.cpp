@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "generate.hpp"
+#include "layer_calibration.hpp"
 #include "perplexity.hpp"
 
 namespace {
@@ -280,6 +281,140 @@ TEST(Stories260K, KlDivergenceAgainstTheExactCacheOrdersCachesByError) {
     }
     EXPECT_NEAR(sum, r.kl_sum, 1e-3 * r.kl_sum + 1e-9);
   }
+}
+
+// A layered cache (one PackedKVCache per layer) with every layer at the same rels is the same
+// cache as one PackedKVCache: the same predictions and the same compressed bytes, layer by layer.
+TEST(Stories260K, LayeredCacheWithEqualRelsIsOneCache) {
+  SKIP_WITHOUT_STORIES();
+  Stories s;
+  std::string source;
+  std::vector<int> tokens = s.tokenizer.encode(evaluation_text(&source).substr(0, 2048), true, false);
+  tokens.resize(std::min<std::size_t>(tokens.size(), 160));
+  ASSERT_GE(tokens.size(), 100u);
+  const int n = static_cast<int>(tokens.size());
+  const llama::KvShape shape = s.model.config().kv_shape();
+  const packkv::CacheConfig config = packkv_config(0.1f, 0.2f, 16);
+  auto one = llama::make_packkv_cache(shape, config);
+  const std::vector<float> k_rel(static_cast<std::size_t>(shape.num_layers), 0.1f);
+  const std::vector<float> v_rel(static_cast<std::size_t>(shape.num_layers), 0.2f);
+  auto layered = llama::make_layered_packkv_cache(shape, config, k_rel, v_rel);
+  const auto a = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *one);
+  const auto b = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *layered);
+  EXPECT_EQ(a.predictions, b.predictions);
+  EXPECT_EQ(a.nll_sum, b.nll_sum);
+  EXPECT_GT(a.bytes.k_compressed_bytes, 0.0);
+  EXPECT_EQ(a.bytes.compressed_elements_per_side, b.bytes.compressed_elements_per_side);
+  // The same bytes but for the record each extra cache keeps for its sequence: an empty one-layer
+  // cache less what a second layer adds to it, once per layer beyond the first.
+  llama::KvShape one_layer = shape, two_layers = shape;
+  one_layer.num_layers = 1;
+  two_layers.num_layers = 2;
+  const double e1 = llama::make_packkv_cache(one_layer, config)->bytes().k_compressed_bytes;
+  const double e2 = llama::make_packkv_cache(two_layers, config)->bytes().k_compressed_bytes;
+  const double extra = (shape.num_layers - 1) * (2.0 * e1 - e2);
+  EXPECT_GT(extra, 0.0);
+  EXPECT_EQ(b.bytes.k_compressed_bytes, a.bytes.k_compressed_bytes + extra);
+  EXPECT_EQ(b.bytes.v_compressed_bytes, a.bytes.v_compressed_bytes + extra);
+  ASSERT_EQ(layered->layer_bytes().size(), static_cast<std::size_t>(shape.num_layers));
+
+  // A coarser K on the last layer: fewer bytes there, and nothing else changes (the layers before
+  // see the same values; V of a layer comes before its K is used).
+  const auto last = static_cast<std::size_t>(shape.num_layers - 1);
+  std::vector<float> coarse = k_rel;
+  coarse[last] = 0.5f;
+  auto mixed = llama::make_layered_packkv_cache(shape, config, coarse, v_rel);
+  llama::evaluate_teacher_forced(s.model, tokens.data(), n, *mixed);
+  const auto same = layered->layer_bytes(), changed = mixed->layer_bytes();
+  for (std::size_t l = 0; l < same.size(); ++l) {
+    if (l == last) {
+      EXPECT_LT(changed[l].k_compressed_bytes, same[l].k_compressed_bytes);
+    } else {
+      EXPECT_EQ(changed[l].k_compressed_bytes, same[l].k_compressed_bytes) << "layer " << l;
+    }
+    EXPECT_EQ(changed[l].v_compressed_bytes, same[l].v_compressed_bytes) << "layer " << l;
+  }
+  EXPECT_THROW(llama::make_layered_packkv_cache(shape, config, {0.1f}, {0.2f}), std::invalid_argument);
+}
+
+// The calibration end to end on a short window: a control point first (no KL increase, the most
+// bits), coarser rels cost fewer bits; a zero budget keeps every layer at 1/255 and an unlimited
+// one takes the menu's cheapest rel everywhere.
+TEST(Stories260K, LayerCalibrationMeasuresEveryLayerAndSide) {
+  SKIP_WITHOUT_STORIES();
+  Stories s;
+  std::string source;
+  std::vector<int> tokens = s.tokenizer.encode(evaluation_text(&source).substr(0, 2048), true, false);
+  tokens.resize(std::min<std::size_t>(tokens.size(), 96));
+  packkv::CacheConfig base = packkv_config(0.1f, 0.1f, 16);
+  const llama::LayerSensitivity sens = llama::measure_layer_sensitivity(s.model, tokens, base, {0.3f}, {0.4f}, 1);
+  const auto layers = static_cast<std::size_t>(s.model.config().num_layers);
+  ASSERT_EQ(sens.k.size(), layers);
+  ASSERT_EQ(sens.v.size(), layers);
+  EXPECT_EQ(sens.positions, static_cast<int>(tokens.size()) - 1);
+  double increase = 0.0;
+  for (std::size_t l = 0; l < layers; ++l) {
+    for (const auto* side : {&sens.k[l], &sens.v[l]}) {
+      ASSERT_EQ(side->size(), 2u);
+      EXPECT_EQ((*side)[0].rel, packkv::kMinRel);
+      EXPECT_EQ((*side)[0].kl_increase, 0.0);
+      EXPECT_GE((*side)[1].kl_increase, 0.0);
+      EXPECT_LT((*side)[1].bits, (*side)[0].bits) << "layer " << l;
+      increase += (*side)[1].kl_increase;
+    }
+  }
+  EXPECT_GT(increase, 0.0);  // 2-bit codes somewhere move the predictions
+  const llama::LayerRelPlan none = llama::allocate_layer_rels(sens, 0.0);
+  const llama::LayerRelPlan all = llama::allocate_layer_rels(sens, 1e9);
+  for (std::size_t l = 0; l < layers; ++l) {
+    EXPECT_EQ(none.k_rel[l], packkv::kMinRel);
+    EXPECT_EQ(none.v_rel[l], packkv::kMinRel);
+    EXPECT_EQ(all.k_rel[l], 0.3f);
+    EXPECT_EQ(all.v_rel[l], 0.4f);
+  }
+  EXPECT_LT(all.predicted_bits, none.predicted_bits);
+}
+
+// The allocation against every plan of a small made-up sensitivity: within budget, and no plan
+// spends at most its KL with fewer bits (the Lagrangian answer is optimal for what it spends).
+TEST(LayerCalibration, AllocationIsTheCheapestPlanForTheKlItSpends) {
+  llama::LayerSensitivity sens;
+  // Three layers; a point = (rel, KL increase, bits). Layer 1's K is far more sensitive.
+  const std::vector<std::vector<llama::LayerMenuPoint>> k = {
+      {{packkv::kMinRel, 0, 8}, {0.05f, 0.0002, 4.5}, {0.1f, 0.0009, 3.5}},
+      {{packkv::kMinRel, 0, 8}, {0.05f, 0.003, 4.4}, {0.1f, 0.02, 3.4}},
+      {{packkv::kMinRel, 0, 8}, {0.05f, 0.0004, 4.6}, {0.1f, 0.0015, 3.6}}};
+  const std::vector<std::vector<llama::LayerMenuPoint>> v = {
+      {{packkv::kMinRel, 0, 8.7}, {0.1f, 0.0003, 4.4}, {0.25f, 0.002, 3.1}},
+      {{packkv::kMinRel, 0, 8.7}, {0.1f, 0.0001, 4.3}, {0.25f, 0.0006, 3.0}},
+      {{packkv::kMinRel, 0, 8.7}, {0.1f, 0.0005, 4.5}, {0.25f, 0.004, 3.2}}};
+  sens.k = k;
+  sens.v = v;
+  double previous_bits = 1e9;
+  for (double budget : {0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.03}) {
+    const llama::LayerRelPlan plan = llama::allocate_layer_rels(sens, budget);
+    EXPECT_LE(plan.predicted_kl_increase, budget + 1e-12);
+    EXPECT_LE(plan.predicted_bits, previous_bits);  // more budget never costs bits
+    previous_bits = plan.predicted_bits;
+    // Every plan: 3^6 choices.
+    for (int code = 0; code < 729; ++code) {
+      double kl = 0.0, bits = 0.0;
+      int c = code;
+      for (int l = 0; l < 3; ++l) {
+        const auto& kp = k[static_cast<std::size_t>(l)][static_cast<std::size_t>(c % 3)];
+        c /= 3;
+        const auto& vp = v[static_cast<std::size_t>(l)][static_cast<std::size_t>(c % 3)];
+        c /= 3;
+        kl += kp.kl_increase + vp.kl_increase;
+        bits += kp.bits + vp.bits;
+      }
+      if (kl <= plan.predicted_kl_increase + 1e-12) {
+        EXPECT_GE(bits / 6.0, plan.predicted_bits - 1e-9) << "budget " << budget << ", plan " << code;
+      }
+    }
+  }
+  EXPECT_EQ(llama::allocate_layer_rels(sens, 0.03).k_rel[1], 0.1f);  // everything fits: cheapest everywhere
+  EXPECT_EQ(llama::allocate_layer_rels(sens, 0.001).k_rel[1], packkv::kMinRel);  // layer 1's K stays exact
 }
 
 std::vector<float> head_vector(unsigned seed) {
