@@ -147,6 +147,7 @@ class PackedKVCache {
   /// repacking on/off). Creates the sequence if it does not exist; otherwise every layer in the
   /// image must be empty in it. The image is untrusted: it is validated completely, and a corrupt,
   /// truncated, incompatible or unaffordable image throws packkv::error and changes nothing.
+  /// The entropy-coded form of an image (encode_image_entropy, image_coding.hpp) is accepted too.
   void import_sequence(SeqId id, std::span<const std::uint8_t> image);
 
   // ---- memory ----

@@ -6,6 +6,7 @@
 #include "packkv/cache.hpp"
 #include "packkv/config.hpp"
 #include "packkv/error.hpp"
+#include "packkv/image_coding.hpp"
 #include "packkv/stats.hpp"
 #include "packkv/types.hpp"
 #include "packkv/version.hpp"

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "codec/repack.hpp"
+#include "codec/section_writer.hpp"
 #include "cpu_kernels/kernels.hpp"
 #include "packkv/codec.hpp"
 #include "packkv/error.hpp"
@@ -129,9 +130,12 @@ void quantize_per_channel(const float* x, int head, int tokens, int dim, int max
   }
 }
 
-// Writes one section (params, round ends, rounds, padding); returns its size and adds its parts.
-std::uint32_t write_section(const SectionLayout& layout, const std::uint8_t* codes, const QuantParams* params,
-                            bool per_token_params, const std::uint8_t* order, std::uint8_t* out, BlockBytes& bytes) {
+
+}  // namespace
+
+std::uint32_t detail::write_section(const SectionLayout& layout, const std::uint8_t* codes, const QuantParams* params,
+                                    bool per_token_params, const std::uint8_t* order, std::uint8_t* out,
+                                    BlockBytes& bytes) {
   const std::uint32_t dim = layout.head_dim;
   auto* out_params = reinterpret_cast<QuantParams*>(out);
   for (std::uint32_t i = 0; i < layout.param_count; ++i) out_params[i] = per_token_params ? params[order[i]] : params[i];
@@ -175,7 +179,6 @@ std::uint32_t write_section(const SectionLayout& layout, const std::uint8_t* cod
   return size;
 }
 
-}  // namespace
 
 template <class T>
 std::uint32_t encode_block(const CodecParams& p, const T* k, const T* v, std::size_t row_stride, std::uint8_t* out,
@@ -214,10 +217,10 @@ std::uint32_t encode_block(const CodecParams& p, const T* k, const T* v, std::si
 
     format::HeadEntry entry{};
     entry.k_offset = offset;
-    offset += write_section(g.k_layout(), s.k_codes.data(), s.k_params.data(), !g.k_per_channel, s.order.data(),
+    offset += detail::write_section(g.k_layout(), s.k_codes.data(), s.k_params.data(), !g.k_per_channel, s.order.data(),
                             out + offset, bytes);
     entry.v_offset = offset;
-    offset += write_section(g.v_layout(), s.v_codes.data(), s.v_params.data(), true, s.order.data(), out + offset,
+    offset += detail::write_section(g.v_layout(), s.v_codes.data(), s.v_params.data(), true, s.order.data(), out + offset,
                             bytes);
     format::set_head_entry(out, g, h, entry);
     bytes.k_sections += entry.v_offset - entry.k_offset;

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "core/image_io.hpp"
+#include "packkv/image_coding.hpp"
 #include "core/value_checks.hpp"
 
 namespace packkv::detail {
@@ -739,7 +740,13 @@ std::vector<std::uint8_t> CacheCore<T>::export_sequence(SeqId id, std::span<cons
 
 template <class T>
 void CacheCore<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image) {
-  // Parsing and checking need no lock: they read only the image and the config.
+  // Parsing and checking need no lock: they read only the image and the config. An entropy-coded
+  // image is decoded back to the image it came from first (image_coding.hpp).
+  std::vector<std::uint8_t> decoded;
+  if (is_entropy_coded_image(image)) {
+    decoded = decode_image_entropy(image);
+    image = decoded;
+  }
   const int max_tail = std::min(tails_.max_capacity() + (1 << 20), 1 << 21);
   const std::vector<ParsedLayer> parsed =
       parse_image(image, codec_, cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);

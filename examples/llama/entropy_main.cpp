@@ -1,0 +1,266 @@
+// packkv_entropy: would an entropy-coded form of the sequence images pay? Measures it on a real
+// model's K and V before anyone builds one.
+//
+// One window of a text runs through the model with the exact cache, which records every layer's
+// K and V. Then, per side and rel:
+//   - packkv: a one-layer PackedKVCache per layer takes the recorded K/V (no exact window), and its
+//     memory_stats() give the bits per element, every byte counted;
+//   - an entropy-coded image of the same codes: each (token, head) is quantized exactly as
+//     packkv's encoder does (format/quant.hpp), its (step, min) kept as two fp16, and the codes cost
+//     what an adaptive arithmetic coder would spend on them with one adaptive model per (layer,
+//     head, channel) (Krichevsky-Trofimov estimator: -log2((count + 1/2) / (seen + levels / 2)) per
+//     code, which an arithmetic coder meets within a few bytes per model), in arrival order: plain
+//     codes, or the difference from the previous token's code in the channel. The permutation is
+//     not stored (the encoder derives it from the codes on import), nor are pack descriptors.
+//   - the static entropy of the same codes per (layer, head, channel), a floor for any coder
+//     without context, tables not counted.
+//
+//   packkv_entropy --model smollm2-135m.pkvllama --tokens GPL-3.tokens [--context 2048]
+//                  [--k-rel 0.03,0.05,0.1] [--v-rel 0.1,0.15,0.25] [--markdown FILE]
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <packkv/format/quant.hpp>
+#include <packkv/image_coding.hpp>
+
+#include "perplexity.hpp"
+
+namespace {
+
+/// The exact cache, recording every appended K and V: [layer][token][kv_dim].
+class RecordingCache final : public llama::KvCache {
+ public:
+  explicit RecordingCache(const llama::KvShape& shape)
+      : shape_(shape), exact_(llama::make_exact_cache(shape)), k_(static_cast<std::size_t>(shape.num_layers)), v_(k_.size()) {}
+  void append(int layer, const float* k, const float* v) override {
+    const auto d = static_cast<std::size_t>(shape_.kv_dim());
+    k_[static_cast<std::size_t>(layer)].insert(k_[static_cast<std::size_t>(layer)].end(), k, k + d);
+    v_[static_cast<std::size_t>(layer)].insert(v_[static_cast<std::size_t>(layer)].end(), v, v + d);
+    exact_->append(layer, k, v);
+  }
+  void attend(int layer, const float* q, float* out, float scale) override { exact_->attend(layer, q, out, scale); }
+  llama::KvBytes bytes() const override { return exact_->bytes(); }
+  std::string describe() const override { return "recording exact cache"; }
+  const std::vector<float>& k(int layer) const { return k_[static_cast<std::size_t>(layer)]; }
+  const std::vector<float>& v(int layer) const { return v_[static_cast<std::size_t>(layer)]; }
+
+ private:
+  llama::KvShape shape_;
+  std::unique_ptr<llama::KvCache> exact_;
+  std::vector<std::vector<float>> k_, v_;
+};
+
+/// Code length in bits of a sequence under an adaptive Krichevsky-Trofimov model over `levels` symbols.
+class AdaptiveModel {
+ public:
+  explicit AdaptiveModel(int levels) : counts_(static_cast<std::size_t>(levels), 0.0), levels_(levels) {}
+  double code(int symbol) {
+    const double p = (counts_[static_cast<std::size_t>(symbol)] + 0.5) / (seen_ + levels_ / 2.0);
+    counts_[static_cast<std::size_t>(symbol)] += 1.0;
+    seen_ += 1.0;
+    return -std::log2(p);
+  }
+
+ private:
+  std::vector<double> counts_;
+  double seen_ = 0.0;
+  int levels_;
+};
+
+struct SideResult {
+  double packkv_bits = 0, adaptive_bits = 0, adaptive_delta_bits = 0, static_bits = 0, params_bits = 0;
+};
+
+std::vector<float> parse_list(const std::string& text) {
+  std::vector<float> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) out.push_back(std::stof(item));
+  return out;
+}
+
+std::string f2(double x) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2f", x);
+  return b;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_path, tokens_path, markdown;
+  int context = 2048, offset = 0;
+  std::vector<float> k_rels = {0.03f, 0.05f, 0.1f}, v_rels = {0.1f, 0.15f, 0.25f};
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      auto value = [&]() -> std::string {
+        if (i + 1 >= argc) throw std::invalid_argument(arg + " needs a value");
+        return argv[++i];
+      };
+      if (arg == "--model") model_path = value();
+      else if (arg == "--tokens") tokens_path = value();
+      else if (arg == "--context") context = std::stoi(value());
+      else if (arg == "--offset") offset = std::stoi(value());
+      else if (arg == "--k-rel") k_rels = parse_list(value());
+      else if (arg == "--v-rel") v_rels = parse_list(value());
+      else if (arg == "--markdown") markdown = value();
+      else throw std::invalid_argument("unknown argument " + arg);
+    }
+    if (model_path.empty() || tokens_path.empty()) {
+      std::fprintf(stderr, "usage: packkv_entropy --model FILE --tokens FILE [--context N] [--offset N] [--k-rel LIST] "
+                           "[--v-rel LIST] [--markdown FILE]\n");
+      return 2;
+    }
+    const llama::LlamaModel model = llama::LlamaModel::load(model_path);
+    std::ifstream in(tokens_path, std::ios::binary | std::ios::ate);
+    if (!in) throw std::runtime_error("cannot open " + tokens_path);
+    std::vector<int> ids(static_cast<std::size_t>(in.tellg()) / sizeof(int));
+    in.seekg(0);
+    in.read(reinterpret_cast<char*>(ids.data()), static_cast<std::streamsize>(ids.size() * sizeof(int)));
+    if (offset < 0 || offset + context > static_cast<int>(ids.size())) throw std::invalid_argument("window past the end of the tokens");
+    const std::vector<int> tokens(ids.begin() + offset, ids.begin() + offset + context);
+
+    const llama::KvShape shape = model.config().kv_shape();
+    RecordingCache recording(shape);
+    std::fprintf(stderr, "running %d tokens through the model...\n", context);
+    llama::evaluate_teacher_forced(model, tokens.data(), context, recording);
+    const int n = context, heads = shape.num_kv_heads, dim = shape.head_dim, layers = shape.num_layers;
+    const double elements = static_cast<double>(n) * heads * dim * layers;
+
+    std::ostringstream md;
+    md << "# Would entropy-coded sequence images pay?\n\n";
+    md << "Made by `packkv_entropy --model " << std::filesystem::path(model_path).filename().string() << " --tokens "
+       << std::filesystem::path(tokens_path).filename().string() << " --context " << context << " --offset " << offset
+       << "`: " << layers << " layers, " << heads << " KV heads, head_dim " << dim << ", " << n
+       << " tokens of K and V recorded from the exact cache. Bits per element of the whole window, every layer, no "
+          "exact window. packkv: block 64, median repacking, K per token, memory_stats() (sections, headers, "
+          "permutations, block tables). Entropy-coded image: the same codes (packkv's quantizer), two fp16 per "
+          "(token, head) for step and minimum, codes at the code length of an adaptive model per (layer, head, "
+          "channel) (Krichevsky-Trofimov, what an adaptive arithmetic coder achieves within a few bytes per model), "
+          "plain or as the difference from the previous token's code; static entropy per (layer, head, channel) "
+          "without table costs is a floor for context-free coders.\n\n";
+    md << "| side | rel | packkv bits | image bits, adaptive | saving | image bits, adaptive on differences | "
+          "saving | static entropy + params (floor) | saving |\n|---|---|---|---|---|---|---|---|---|\n";
+
+    for (int side = 0; side < 2; ++side) {
+      for (float rel : side == 0 ? k_rels : v_rels) {
+        SideResult r;
+        const int max_code = packkv::max_code_for_rel(rel);
+        const int levels = max_code + 1;
+        double packkv_bytes = 0;
+        for (int l = 0; l < layers; ++l) {
+          const std::vector<float>& x = side == 0 ? recording.k(l) : recording.v(l);
+          // packkv: this side at rel, the other at the same rel (its bytes are not counted).
+          packkv::CacheConfig c;
+          c.num_layers = 1;
+          c.num_kv_heads = heads;
+          c.num_q_heads = shape.num_q_heads;
+          c.head_dim = dim;
+          c.k_rel = rel;
+          c.v_rel = rel;
+          c.num_threads = 1;
+          packkv::PackedKVCache<float> cache(c);
+          cache.add_sequence(0);
+          cache.append(0, 0, side == 0 ? x.data() : recording.k(l).data(), side == 0 ? recording.v(l).data() : x.data(), n);
+          const packkv::MemoryBreakdown t = cache.memory_stats().total;
+          // The tail ring is allocated even when empty; it is no part of the blocks (nor of an image's).
+          packkv_bytes += (side == 0 ? t.k_bytes() : t.v_bytes()) - static_cast<double>(t.tail) / 2.0;
+          // The image: codes per (head, channel), in arrival order.
+          for (int h = 0; h < heads; ++h) {
+            std::vector<AdaptiveModel> plain(static_cast<std::size_t>(dim), AdaptiveModel(levels));
+            std::vector<AdaptiveModel> delta(static_cast<std::size_t>(dim), AdaptiveModel(levels));
+            std::vector<std::map<int, int>> histogram(static_cast<std::size_t>(dim));
+            std::vector<int> previous(static_cast<std::size_t>(dim), 0);
+            for (int t = 0; t < n; ++t) {
+              const float* row = x.data() + (static_cast<std::size_t>(t) * heads + h) * dim;
+              packkv::format::Range range;
+              for (int ch = 0; ch < dim; ++ch) range.extend(row[ch]);
+              const packkv::format::Quantizer q = packkv::format::make_quantizer(range.lo, range.hi, max_code);
+              r.params_bits += 32.0;
+              for (int ch = 0; ch < dim; ++ch) {
+                const int code = packkv::format::quantize(row[ch], q, max_code);
+                const auto c_ = static_cast<std::size_t>(ch);
+                r.adaptive_bits += plain[c_].code(code);
+                r.adaptive_delta_bits += delta[c_].code((code - previous[c_] + levels) % levels);
+                previous[c_] = code;
+                ++histogram[c_][code];
+              }
+            }
+            for (const auto& hist : histogram) {
+              for (const auto& [code, count] : hist) r.static_bits -= count * std::log2(static_cast<double>(count) / n);
+            }
+          }
+        }
+        const double per = 1.0 / elements;
+        const double pk = 8.0 * packkv_bytes * per, params = r.params_bits * per;
+        const double adaptive = r.adaptive_bits * per + params, adaptive_delta = r.adaptive_delta_bits * per + params;
+        const double floor = r.static_bits * per + params;
+        auto saving = [&](double bits) { return f2(100.0 * (1.0 - bits / pk)) + "%"; };
+        md << "| " << (side == 0 ? "K" : "V") << " | " << rel << " | " << f2(pk) << " | " << f2(adaptive) << " | "
+           << saving(adaptive) << " | " << f2(adaptive_delta) << " | " << saving(adaptive_delta) << " | " << f2(floor)
+           << " | " << saving(floor) << " |\n";
+        std::fprintf(stderr, "%s rel %g: packkv %.2f, adaptive %.2f, delta %.2f, floor %.2f bits\n", side == 0 ? "K" : "V",
+                     rel, pk, adaptive, adaptive_delta, floor);
+      }
+    }
+    // The real thing: packkv images of the whole window (every layer, K and V at a pair of rels),
+    // entropy coded and decoded back (median of 3 timings each, one core).
+    md << "\n## Images, coded and decoded\n\nThe sequence image of the window (`export_sequence`, all " << layers
+       << " layers, K and V at the rels below, no exact window) against its entropy-coded form "
+          "(`encode_image_entropy`, include/packkv/image_coding.hpp), decoded back byte for byte. Times: median of 3, "
+          "one core.\n\n";
+    md << "| K rel | V rel | image bytes | coded bytes | coded / image | bits per element, image / coded | encode MB/s | "
+          "decode MB/s (of image) |\n|---|---|---|---|---|---|---|---|\n";
+    for (std::size_t i = 0; i < std::min(k_rels.size(), v_rels.size()); ++i) {
+      packkv::CacheConfig c;
+      c.num_layers = layers;
+      c.num_kv_heads = heads;
+      c.num_q_heads = shape.num_q_heads;
+      c.head_dim = dim;
+      c.k_rel = k_rels[i];
+      c.v_rel = v_rels[i];
+      c.num_threads = 1;
+      packkv::PackedKVCache<float> cache(c);
+      cache.add_sequence(0);
+      for (int l = 0; l < layers; ++l) cache.append(0, l, recording.k(l).data(), recording.v(l).data(), n);
+      const std::vector<std::uint8_t> image = cache.export_sequence(0);
+      std::vector<std::uint8_t> coded, back;
+      std::vector<double> encode_s, decode_s;
+      for (int rep = 0; rep < 3; ++rep) {
+        auto t0 = std::chrono::steady_clock::now();
+        coded = packkv::encode_image_entropy(image);
+        auto t1 = std::chrono::steady_clock::now();
+        back = packkv::decode_image_entropy(coded);
+        auto t2 = std::chrono::steady_clock::now();
+        encode_s.push_back(std::chrono::duration<double>(t1 - t0).count());
+        decode_s.push_back(std::chrono::duration<double>(t2 - t1).count());
+      }
+      if (back != image) throw std::runtime_error("the decoded image differs from the original");
+      std::sort(encode_s.begin(), encode_s.end());
+      std::sort(decode_s.begin(), decode_s.end());
+      const double mb = static_cast<double>(image.size()) / 1e6;
+      md << "| " << c.k_rel << " | " << c.v_rel << " | " << image.size() << " | " << coded.size() << " | "
+         << f2(static_cast<double>(coded.size()) / static_cast<double>(image.size())) << " | "
+         << f2(8.0 * static_cast<double>(image.size()) / (2 * elements)) << " / "
+         << f2(8.0 * static_cast<double>(coded.size()) / (2 * elements)) << " | " << f2(mb / encode_s[1]) << " | "
+         << f2(mb / decode_s[1]) << " |\n";
+      std::fprintf(stderr, "image K %g / V %g: %zu -> %zu bytes (%.3f), encode %.2f s, decode %.2f s\n", c.k_rel, c.v_rel,
+                   image.size(), coded.size(), static_cast<double>(coded.size()) / static_cast<double>(image.size()),
+                   encode_s[1], decode_s[1]);
+    }
+    std::fputs(md.str().c_str(), stdout);
+    if (!markdown.empty()) std::ofstream(markdown) << md.str();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "packkv_entropy: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,448 @@
+// Entropy-coded sequence images (include/packkv/image_coding.hpp, docs/format.md).
+//
+//   CodedHeader (56 B) | skeleton | code stream
+//
+// The skeleton is the original image without the rounds of its sections (round offsets,
+// descriptors, packs): image header, and per layer its record, block size table, every block's
+// prefix (header, directory, token orders), each section's parameters and the block's trailing
+// bytes, then the tails. The code stream holds every code of every pack, in storage order (layer,
+// block, head, K then V, round, channel, token), range coded with an adaptive model per (layer,
+// head, side, channel). Decoding rebuilds each section with the encoder's section writer; the
+// encoder rebuilds every block the same way before it accepts it, so decoding cannot disagree.
+#include "packkv/image_coding.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+#include <fmt/format.h>
+
+#include "codec/section_writer.hpp"
+#include "core/image_io.hpp"
+#include "packkv/error.hpp"
+#include "packkv/format/rounds.hpp"
+
+namespace packkv {
+
+namespace {
+
+using format::ImageHeader;
+using format::LayerRecord;
+using format::QuantParams;
+using format::SectionLayout;
+using format::Side;
+
+constexpr char kCodedMagic[8] = {'P', 'A', 'C', 'K', 'K', 'V', 'E', 'C'};
+constexpr std::uint32_t kCodedVersion = 1;
+
+struct CodedHeader {
+  char magic[8];
+  std::uint32_t version;
+  std::uint32_t header_bytes;  ///< sizeof(CodedHeader)
+  std::uint64_t image_bytes;   ///< the original image's size
+  std::uint64_t skeleton_bytes;
+  std::uint64_t stream_bytes;
+  std::uint32_t image_crc;   ///< CRC-32C of the original image
+  std::uint32_t body_crc;    ///< CRC-32C of skeleton and stream
+  std::uint32_t header_crc;  ///< CRC-32C of the bytes before it
+  std::uint32_t reserved;    ///< zero
+};
+static_assert(sizeof(CodedHeader) == 56);
+
+// ---- range coder (carry-less, after Subbotin): 32-bit state, byte output ------------------------
+
+constexpr std::uint32_t kTop = 1u << 24, kBottom = 1u << 16;
+
+class RangeEncoder {
+ public:
+  explicit RangeEncoder(std::vector<std::uint8_t>& out) : out_(out) {}
+  void encode(std::uint32_t cum, std::uint32_t freq, std::uint32_t total) {
+    range_ /= total;
+    low_ += cum * range_;
+    range_ *= freq;
+    normalize();
+  }
+  void finish() {
+    for (int i = 0; i < 4; ++i) {
+      out_.push_back(static_cast<std::uint8_t>(low_ >> 24));
+      low_ <<= 8;
+    }
+  }
+
+ private:
+  void normalize() {
+    // Emit the top byte once it can no longer change; when the range gets too small without that,
+    // give up the part of it that straddles the next byte boundary.
+    while ((low_ ^ (low_ + range_)) < kTop || (range_ < kBottom && ((range_ = (0u - low_) & (kBottom - 1u)), true))) {
+      out_.push_back(static_cast<std::uint8_t>(low_ >> 24));
+      low_ <<= 8;
+      range_ <<= 8;
+    }
+  }
+  std::vector<std::uint8_t>& out_;
+  std::uint32_t low_ = 0, range_ = 0xFFFFFFFFu;
+};
+
+class RangeDecoder {
+ public:
+  RangeDecoder(const std::uint8_t* data, std::size_t size) : p_(data), end_(data + size) {
+    for (int i = 0; i < 4; ++i) code_ = (code_ << 8) | next();
+  }
+  /// The cumulative frequency the next symbol's interval contains (then call consume).
+  std::uint32_t target(std::uint32_t total) {
+    range_ /= total;
+    const std::uint32_t v = (code_ - low_) / range_;
+    PACKKV_REQUIRE(v < total, "entropy-coded image: corrupt code stream");
+    return v;
+  }
+  void consume(std::uint32_t cum, std::uint32_t freq) {
+    low_ += cum * range_;
+    range_ *= freq;
+    while ((low_ ^ (low_ + range_)) < kTop || (range_ < kBottom && ((range_ = (0u - low_) & (kBottom - 1u)), true))) {
+      code_ = (code_ << 8) | next();
+      low_ <<= 8;
+      range_ <<= 8;
+    }
+  }
+  /// Bytes read past the stream's end (zeros were read instead; a valid stream reads none).
+  std::size_t overrun() const { return overrun_; }
+
+ private:
+  std::uint32_t next() {
+    if (p_ < end_) return *p_++;
+    ++overrun_;
+    return 0;
+  }
+  const std::uint8_t* p_;
+  const std::uint8_t* end_;
+  std::uint32_t low_ = 0, range_ = 0xFFFFFFFFu, code_ = 0;
+  std::size_t overrun_ = 0;
+};
+
+/// Adaptive frequencies over `levels` symbols: every symbol starts at 1, a coded one gains
+/// kIncrement, and all are halved before the total would pass the coder's limit.
+class AdaptiveModel {
+ public:
+  static constexpr std::uint32_t kIncrement = 24;
+  void reset(int levels) {
+    freq_.assign(static_cast<std::size_t>(levels), 1);
+    total_ = static_cast<std::uint32_t>(levels);
+  }
+  void encode(RangeEncoder& coder, std::uint32_t symbol) {
+    std::uint32_t cum = 0;
+    for (std::uint32_t s = 0; s < symbol; ++s) cum += freq_[s];
+    coder.encode(cum, freq_[symbol], total_);
+    update(symbol);
+  }
+  std::uint32_t decode(RangeDecoder& coder) {
+    const std::uint32_t target = coder.target(total_);
+    std::uint32_t symbol = 0, cum = 0;
+    while (cum + freq_[symbol] <= target) cum += freq_[symbol++];  // target < total: ends in range
+    coder.consume(cum, freq_[symbol]);
+    update(symbol);
+    return symbol;
+  }
+
+ private:
+  void update(std::uint32_t symbol) {
+    freq_[symbol] = static_cast<std::uint16_t>(freq_[symbol] + kIncrement);
+    total_ += kIncrement;
+    if (total_ > kBottom - kIncrement) {
+      total_ = 0;
+      for (std::uint16_t& f : freq_) {
+        f = static_cast<std::uint16_t>((f + 1) / 2);
+        total_ += f;
+      }
+    }
+  }
+  std::vector<std::uint16_t> freq_;
+  std::uint32_t total_ = 0;
+};
+
+// ---- what the image header says ---------------------------------------------------------------
+
+struct ImageShape {
+  CodecParams codec;
+  QuantMode k_mode;
+  std::uint8_t rotation;
+  std::uint8_t dtype;
+  std::size_t value_bytes;
+  int layer_count;
+};
+
+/// The codec an image header describes, its fields checked before any geometry is derived.
+ImageShape image_shape(const ImageHeader& h, const char* what) {
+  auto bad = [&](const std::string& why) { return error(fmt::format("{}: {}", what, why)); };
+  if (std::memcmp(h.magic, format::kImageMagic, sizeof h.magic) != 0) throw bad("not a packkv sequence image (bad magic)");
+  if (h.version != format::kImageVersion) throw bad(fmt::format("image version {} is not supported", h.version));
+  if (h.head_dim < 8 || h.head_dim > 256 || h.head_dim % 8 != 0) throw bad(fmt::format("head_dim {} is invalid", h.head_dim));
+  if (h.block_tokens < 16 || h.block_tokens > 256 || h.block_tokens % 16 != 0) {
+    throw bad(fmt::format("block_tokens {} is invalid", h.block_tokens));
+  }
+  if (h.num_kv_heads < 1) throw bad("no KV heads");
+  if (h.k_mode > 1 || h.permuted > 1 || h.dtype > 2) throw bad("invalid k_mode, permuted or dtype");
+  for (const auto& [max_code, bits] : {std::pair<int, int>{h.k_max_code, h.k_bits}, std::pair<int, int>{h.v_max_code, h.v_bits}}) {
+    if (max_code < 1 || bits != bits_for_max_code(max_code)) throw bad(fmt::format("code range {} with {} bits is invalid", max_code, bits));
+  }
+  ImageShape s{};
+  s.codec.geometry.block_tokens = h.block_tokens;
+  s.codec.geometry.head_dim = h.head_dim;
+  s.codec.geometry.num_heads = h.num_kv_heads;
+  s.codec.geometry.k_bits = h.k_bits;
+  s.codec.geometry.v_bits = h.v_bits;
+  s.codec.geometry.permuted = h.permuted != 0;
+  s.codec.geometry.k_per_channel = h.k_mode == static_cast<std::uint8_t>(QuantMode::per_channel);
+  s.codec.k_max_code = h.k_max_code;
+  s.codec.v_max_code = h.v_max_code;
+  s.codec.repack = h.permuted ? RepackMethod::median : RepackMethod::none;
+  s.k_mode = static_cast<QuantMode>(h.k_mode);
+  s.rotation = h.rotation;
+  s.dtype = h.dtype;
+  s.value_bytes = h.dtype == format::kDtypeFloat ? 4 : 2;
+  s.layer_count = h.layer_count;
+  return s;
+}
+
+/// The models of one image: (layer, head, side, channel), in that order.
+class Models {
+ public:
+  explicit Models(const ImageShape& s)
+      : heads_(s.codec.geometry.num_heads), dim_(s.codec.geometry.head_dim),
+        levels_{s.codec.k_max_code + 1, s.codec.v_max_code + 1},
+        models_(static_cast<std::size_t>(s.layer_count) * heads_ * 2 * dim_) {
+    for (std::size_t i = 0; i < models_.size(); ++i) models_[i].reset(levels_[(i / dim_) % 2]);
+  }
+  AdaptiveModel& at(int layer, int head, Side side, int channel) {
+    return models_[((static_cast<std::size_t>(layer) * heads_ + head) * 2 + (side == Side::k ? 0 : 1)) * dim_ + channel];
+  }
+
+ private:
+  int heads_, dim_;
+  int levels_[2];
+  std::vector<AdaptiveModel> models_;
+};
+
+/// Bounded reads from the skeleton.
+class SkeletonReader {
+ public:
+  explicit SkeletonReader(std::span<const std::uint8_t> bytes) : bytes_(bytes) {}
+  const std::uint8_t* take(std::size_t n, const char* what) {
+    PACKKV_REQUIRE(n <= bytes_.size() - at_,
+                   fmt::format("entropy-coded image: truncated skeleton (reading {}: {} bytes, {} left)", what, n,
+                               bytes_.size() - at_));
+    const std::uint8_t* p = bytes_.data() + at_;
+    at_ += n;
+    return p;
+  }
+  std::size_t remaining() const { return bytes_.size() - at_; }
+
+ private:
+  std::span<const std::uint8_t> bytes_;
+  std::size_t at_ = 0;
+};
+
+void append(std::vector<std::uint8_t>& out, const void* p, std::size_t n) {
+  const auto* b = static_cast<const std::uint8_t*>(p);
+  out.insert(out.end(), b, b + n);
+}
+
+constexpr Side kSides[2] = {Side::k, Side::v};
+
+}  // namespace
+
+bool is_entropy_coded_image(std::span<const std::uint8_t> bytes) {
+  return bytes.size() >= sizeof kCodedMagic && std::memcmp(bytes.data(), kCodedMagic, sizeof kCodedMagic) == 0;
+}
+
+std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> image) {
+  PACKKV_REQUIRE(image.size() >= sizeof(ImageHeader),
+                 fmt::format("entropy coding: image of {} bytes is shorter than its 48-byte header", image.size()));
+  ImageHeader h;
+  std::memcpy(&h, image.data(), sizeof h);
+  const ImageShape shape = image_shape(h, "entropy coding");
+  // The full check of an import (checksums, counts, every block), against the header's own codec.
+  const std::vector<detail::ParsedLayer> layers =
+      detail::parse_image(image, shape.codec, shape.k_mode, shape.rotation, shape.dtype, shape.value_bytes,
+                          format::kMaxImageLayers, std::numeric_limits<int>::max());
+  const format::BlockGeometry& g = shape.codec.geometry;
+  const int tokens = g.block_tokens, dim = g.head_dim;
+  const std::size_t row_bytes = static_cast<std::size_t>(g.num_heads) * dim * shape.value_bytes;
+
+  std::vector<std::uint8_t> skeleton, stream;
+  skeleton.reserve(image.size() / 4);
+  append(skeleton, image.data(), sizeof h);
+  RangeEncoder coder(stream);
+  Models models(shape);
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(tokens) * dim), rebuilt(g.max_block_bytes());
+  std::vector<std::uint8_t> identity(static_cast<std::size_t>(tokens));
+  std::iota(identity.begin(), identity.end(), std::uint8_t{0});
+  std::uint8_t values[format::kPackTokens];
+  for (std::size_t li = 0; li < layers.size(); ++li) {
+    const detail::ParsedLayer& layer = layers[li];
+    const LayerRecord record{static_cast<std::uint32_t>(layer.layer), static_cast<std::uint32_t>(layer.blocks.size()),
+                             static_cast<std::uint32_t>(layer.tail_tokens), 0, static_cast<std::uint64_t>(layer.length)};
+    append(skeleton, &record, sizeof record);
+    for (const auto& block : layer.blocks) {
+      const auto size = static_cast<std::uint32_t>(block.size());
+      append(skeleton, &size, 4);
+    }
+    for (std::size_t b = 0; b < layer.blocks.size(); ++b) {
+      const std::uint8_t* block = layer.blocks[b].data();
+      const std::uint32_t size = static_cast<std::uint32_t>(layer.blocks[b].size());
+      append(skeleton, block, g.sections_offset());
+      std::memcpy(rebuilt.data(), block, g.sections_offset());
+      std::uint32_t offset = g.sections_offset();
+      BlockBytes parts;
+      for (int head = 0; head < g.num_heads; ++head) {
+        for (Side side : kSides) {
+          const SectionLayout layout = g.layout(side);
+          const std::uint8_t* section = format::section(block, g, head, side);
+          append(skeleton, section, layout.round_end_offset);  // the parameters
+          for (std::uint32_t r = 0; r < layout.rounds; ++r) {
+            format::for_each_pack(section, layout, r, [&](std::uint32_t c, const std::uint8_t* pack, std::uint32_t width,
+                                                          std::uint32_t min) {
+              format::unpack16(pack, width, values);
+              AdaptiveModel& model = models.at(static_cast<int>(li), head, side, static_cast<int>(c));
+              for (int i = 0; i < format::kPackTokens; ++i) {
+                const std::uint32_t code = values[i] + min;
+                PACKKV_REQUIRE(code <= static_cast<std::uint32_t>(shape.codec.max_code(side)),
+                               fmt::format("entropy coding: layer {} block {} holds code {} above the image's largest, {}",
+                                           layer.layer, b, code, shape.codec.max_code(side)));
+                codes[(r * format::kPackTokens + static_cast<std::size_t>(i)) * dim + c] = static_cast<std::uint8_t>(code);
+                model.encode(coder, code);
+              }
+            });
+          }
+          offset += detail::write_section(layout, codes.data(), format::section_params(section),
+                                          !g.per_channel(side), identity.data(), rebuilt.data() + offset, parts);
+        }
+      }
+      // Everything after the sections (the trailing slack) is kept as it is.
+      PACKKV_REQUIRE(offset <= size && std::memcmp(rebuilt.data(), block, offset) == 0,
+                     fmt::format("entropy coding: layer {} block {} does not rebuild from its codes (its sections are "
+                                 "not in the encoder's order)",
+                                 layer.layer, b));
+      append(skeleton, block + offset, size - offset);
+    }
+    const std::size_t tail_bytes = static_cast<std::size_t>(layer.tail_tokens) * row_bytes;
+    append(skeleton, layer.tail_k, tail_bytes);
+    append(skeleton, layer.tail_v, tail_bytes);
+  }
+  coder.finish();
+
+  CodedHeader ch{};
+  std::memcpy(ch.magic, kCodedMagic, sizeof ch.magic);
+  ch.version = kCodedVersion;
+  ch.header_bytes = sizeof ch;
+  ch.image_bytes = image.size();
+  ch.skeleton_bytes = skeleton.size();
+  ch.stream_bytes = stream.size();
+  ch.image_crc = detail::crc32c(image.data(), image.size());
+  ch.body_crc = detail::crc32c(stream.data(), stream.size(), detail::crc32c(skeleton.data(), skeleton.size()));
+  ch.header_crc = detail::crc32c(reinterpret_cast<const std::uint8_t*>(&ch), offsetof(CodedHeader, header_crc));
+  std::vector<std::uint8_t> out(sizeof ch + skeleton.size() + stream.size());
+  std::memcpy(out.data(), &ch, sizeof ch);
+  std::memcpy(out.data() + sizeof ch, skeleton.data(), skeleton.size());
+  if (!stream.empty()) std::memcpy(out.data() + sizeof ch + skeleton.size(), stream.data(), stream.size());
+  return out;
+}
+
+std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> coded) {
+  PACKKV_REQUIRE(coded.size() >= sizeof(CodedHeader),
+                 fmt::format("entropy-coded image of {} bytes is shorter than its 56-byte header", coded.size()));
+  CodedHeader ch;
+  std::memcpy(&ch, coded.data(), sizeof ch);
+  PACKKV_REQUIRE(is_entropy_coded_image(coded), "not an entropy-coded packkv image (bad magic)");
+  PACKKV_REQUIRE(detail::crc32c(coded.data(), offsetof(CodedHeader, header_crc)) == ch.header_crc,
+                 "entropy-coded image: header checksum mismatch (corrupt header)");
+  PACKKV_REQUIRE(ch.version == kCodedVersion,
+                 fmt::format("entropy-coded image version {} is not supported (this build reads {})", ch.version,
+                             kCodedVersion));
+  PACKKV_REQUIRE(ch.header_bytes == sizeof ch && ch.reserved == 0, "entropy-coded image: invalid header fields");
+  const std::size_t body = coded.size() - sizeof ch;
+  PACKKV_REQUIRE(ch.skeleton_bytes <= body && ch.stream_bytes == body - ch.skeleton_bytes,
+                 fmt::format("entropy-coded image: body should be {} + {} bytes, {} were given (truncated?)",
+                             ch.skeleton_bytes, ch.stream_bytes, body));
+  const std::span<const std::uint8_t> skeleton = coded.subspan(sizeof ch, ch.skeleton_bytes);
+  const std::span<const std::uint8_t> stream = coded.subspan(sizeof ch + ch.skeleton_bytes);
+  PACKKV_REQUIRE(detail::crc32c(stream.data(), stream.size(), detail::crc32c(skeleton.data(), skeleton.size())) == ch.body_crc,
+                 "entropy-coded image: body checksum mismatch (corrupt data)");
+  // The image can be no larger than the skeleton with every section at its largest; refuse
+  // anything else before allocating.
+  PACKKV_REQUIRE(ch.image_bytes >= sizeof(ImageHeader) && ch.image_bytes / 64 <= ch.skeleton_bytes + stream.size() + 1024,
+                 fmt::format("entropy-coded image: implausible original size {}", ch.image_bytes));
+
+  SkeletonReader in(skeleton);
+  ImageHeader h;
+  std::memcpy(&h, in.take(sizeof h, "the image header"), sizeof h);
+  const ImageShape shape = image_shape(h, "entropy-coded image");
+  const format::BlockGeometry& g = shape.codec.geometry;
+  const int tokens = g.block_tokens, dim = g.head_dim;
+  const std::size_t row_bytes = static_cast<std::size_t>(g.num_heads) * dim * shape.value_bytes;
+  const std::uint32_t min_block = g.min_block_bytes(), max_block = g.max_block_bytes();
+
+  std::vector<std::uint8_t> image;
+  image.reserve(static_cast<std::size_t>(ch.image_bytes));
+  append(image, &h, sizeof h);
+  RangeDecoder coder(stream.data(), stream.size());
+  Models models(shape);
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(tokens) * dim), identity(static_cast<std::size_t>(tokens));
+  std::iota(identity.begin(), identity.end(), std::uint8_t{0});
+  std::vector<QuantParams> params(static_cast<std::size_t>(std::max(tokens, dim)));
+  std::vector<std::uint8_t> scratch(std::max(g.k_layout().max_section_bytes(), g.v_layout().max_section_bytes()));
+  for (int li = 0; li < shape.layer_count; ++li) {
+    LayerRecord record;
+    std::memcpy(&record, in.take(sizeof record, "a layer record"), sizeof record);
+    append(image, &record, sizeof record);
+    PACKKV_REQUIRE(record.block_count <= in.remaining() / 4,
+                   fmt::format("entropy-coded image: layer {} claims {} blocks", record.layer, record.block_count));
+    const std::uint8_t* sizes = in.take(4ull * record.block_count, "a block size table");
+    append(image, sizes, 4ull * record.block_count);
+    for (std::uint32_t b = 0; b < record.block_count; ++b) {
+      std::uint32_t size;
+      std::memcpy(&size, sizes + 4ull * b, 4);
+      PACKKV_REQUIRE(size >= min_block && size <= max_block,
+                     fmt::format("entropy-coded image: layer {} block {} has impossible size {}", record.layer, b, size));
+      const std::size_t block_at = image.size();
+      image.resize(block_at + size);
+      std::memcpy(image.data() + block_at, in.take(g.sections_offset(), "a block prefix"), g.sections_offset());
+      std::uint32_t offset = g.sections_offset();
+      BlockBytes parts;
+      for (int head = 0; head < g.num_heads; ++head) {
+        for (Side side : kSides) {
+          const SectionLayout layout = g.layout(side);
+          std::memcpy(params.data(), in.take(layout.round_end_offset, "section parameters"), layout.round_end_offset);
+          for (std::uint32_t r = 0; r < layout.rounds; ++r) {
+            for (int c = 0; c < dim; ++c) {
+              AdaptiveModel& model = models.at(li, head, side, c);
+              for (int i = 0; i < format::kPackTokens; ++i) {
+                codes[(r * format::kPackTokens + static_cast<std::size_t>(i)) * dim + static_cast<std::size_t>(c)] =
+                    static_cast<std::uint8_t>(model.decode(coder));
+              }
+            }
+          }
+          // A section is at most max_section_bytes: written to scratch, then checked against the block.
+          const std::uint32_t bytes = detail::write_section(layout, codes.data(), params.data(), !g.per_channel(side),
+                                                            identity.data(), scratch.data(), parts);
+          PACKKV_REQUIRE(offset + bytes <= size,
+                         fmt::format("entropy-coded image: layer {} block {}: its sections overrun the block", record.layer, b));
+          std::memcpy(image.data() + block_at + offset, scratch.data(), bytes);
+          offset += bytes;
+        }
+      }
+      std::memcpy(image.data() + block_at + offset, in.take(size - offset, "a block's trailing bytes"), size - offset);
+    }
+    PACKKV_REQUIRE(record.tail_tokens <= in.remaining() / (2 * row_bytes),
+                   fmt::format("entropy-coded image: layer {} claims {} tail tokens", record.layer, record.tail_tokens));
+    const std::size_t tail_bytes = static_cast<std::size_t>(record.tail_tokens) * row_bytes;
+    append(image, in.take(2 * tail_bytes, "the tails"), 2 * tail_bytes);
+  }
+  PACKKV_REQUIRE(in.remaining() == 0 && coder.overrun() <= 4,
+                 "entropy-coded image: the skeleton and the code stream do not end together (corrupt data)");
+  PACKKV_REQUIRE(image.size() == ch.image_bytes && detail::crc32c(image.data(), image.size()) == ch.image_crc,
+                 "entropy-coded image: the decoded image does not match its checksum (corrupt data)");
+  return image;
+}
+
+}  // namespace packkv
