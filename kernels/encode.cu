@@ -1,8 +1,11 @@
 // GPU block encoder: quantize, repack (arrival order or median) and bit-pack with the format's
 // primitives (format/quant.hpp, format/rounds.hpp), producing the CPU encoder's bytes. One CTA
-// encodes one block: it walks the KV heads in order because a head's section offsets depend on
-// the sizes of the heads before it, which keeps the block tight without a second pass. A prefill
-// launches one CTA per full block, all in one grid.
+// encodes one (block, KV head), so a block's heads are encoded side by side on as many SMs. A
+// head's place in the tight block depends on the sizes of the heads before it, which no CTA knows
+// while it encodes: blocks are staged (kernels/launch.hpp, staged_head_offset), each head at its
+// worst-case offset with its section sizes in its directory entry, and compacted by the copy that
+// moves them to their place anyway (compact_block). A prefill launches one CTA per (full block,
+// head), all in one grid.
 #include <cstdint>
 
 #include "detail/packed_block.cuh"
@@ -223,65 +226,135 @@ __device__ std::uint32_t write_section(const SectionLayout& layout, const std::u
   return size;
 }
 
+// One (block, head): the token order at its place, the K and V sections at the head's staged
+// offsets, their sizes in the head's directory entry.
 template <class T>
-__device__ void encode_block(const EncodeParams<T>& p, int block, unsigned char* shared_bytes) {
+__device__ void encode_head(const EncodeParams<T>& p, int block, int head, unsigned char* shared_bytes) {
   EncoderShared s;
   encoder_shared_layout(p.geometry, shared_bytes, &s);
 
   const format::BlockGeometry& g = p.geometry;
-  std::uint8_t* out = p.out_table != nullptr ? p.out_table[block] : p.out_base + block * p.out_stride;
+  std::uint8_t* out = p.out_base + block * p.out_stride;
   const std::int64_t first = p.first_position + static_cast<std::int64_t>(block) * g.block_tokens;
 
-  zero_bytes(out, 0, g.sections_offset());
+  quantize_per_token(p, Side::v, first, head, p.v_max_code, s.v_codes, s.v_params);
+  if (g.k_per_channel) {
+    quantize_k_per_channel(p, first, head, s.k_codes, s.k_params);
+  } else {
+    quantize_per_token(p, Side::k, first, head, p.k_max_code, s.k_codes, s.k_params);
+  }
   __syncthreads();
-
-  std::uint32_t offset = g.sections_offset();
-  for (int head = 0; head < g.num_heads; ++head) {
-    quantize_per_token(p, Side::v, first, head, p.v_max_code, s.v_codes, s.v_params);
-    if (g.k_per_channel) {
-      quantize_k_per_channel(p, first, head, s.k_codes, s.k_params);
-    } else {
-      quantize_per_token(p, Side::k, first, head, p.k_max_code, s.k_codes, s.k_params);
-    }
-    __syncthreads();
-    if (p.median_repack) {
-      order_by_median(s.v_codes, g.block_tokens, g.head_dim, p.v_max_code, s.keys, s.order);
-    } else {
-      for (int t = threadIdx.x; t < g.block_tokens; t += kThreads) s.order[t] = static_cast<std::uint8_t>(t);
-    }
-    __syncthreads();
-    std::uint8_t* order = format::token_order(out, g, head);
-    if (order != nullptr) {
-      for (int t = threadIdx.x; t < g.block_tokens; t += kThreads) order[t] = s.order[t];
-    }
-    format::HeadEntry entry{};
-    entry.k_offset = offset;
-    offset += write_section(g.k_layout(), s.k_codes, s.k_params, !g.k_per_channel, s.order, s, out + offset);
-    entry.v_offset = offset;
-    offset += write_section(g.v_layout(), s.v_codes, s.v_params, true, s.order, s, out + offset);
-    if (threadIdx.x == 0) format::set_head_entry(out, g, head, entry);
-    __syncthreads();  // the code tiles are rewritten by the next head
+  if (p.median_repack) {
+    order_by_median(s.v_codes, g.block_tokens, g.head_dim, p.v_max_code, s.keys, s.order);
+  } else {
+    for (int t = threadIdx.x; t < g.block_tokens; t += kThreads) s.order[t] = static_cast<std::uint8_t>(t);
   }
-  zero_bytes(out, offset, offset + format::kTrailingSlack);
-  if (threadIdx.x == 0) {
-    *reinterpret_cast<format::BlockHeader*>(out) = format::make_block_header(g, offset + format::kTrailingSlack);
-    if (p.block_sizes != nullptr) p.block_sizes[block] = offset + format::kTrailingSlack;
+  __syncthreads();
+  std::uint8_t* order = format::token_order(out, g, head);
+  if (order != nullptr) {
+    for (int t = threadIdx.x; t < g.block_tokens; t += kThreads) order[t] = s.order[t];
   }
+  // The permutation's padding (none while block_tokens is a multiple of 16) is copied as staged.
+  if (head == 0) zero_bytes(out, g.permutation_offset() + g.permutation_bytes(), g.sections_offset());
+  const std::uint32_t k_at = staged_head_offset(g, head);
+  format::HeadEntry sizes{};
+  sizes.k_offset = write_section(g.k_layout(), s.k_codes, s.k_params, !g.k_per_channel, s.order, s, out + k_at);
+  sizes.v_offset = write_section(g.v_layout(), s.v_codes, s.v_params, true, s.order, s,
+                                 out + k_at + g.k_layout().max_section_bytes());
+  if (threadIdx.x == 0) format::set_head_entry(out, g, head, sizes);
 }
 
+// blockIdx.x = block * num_heads + head: the heads of a block, which read the same token rows,
+// are neighbours in the grid.
 template <class T>
 __global__ void __launch_bounds__(kThreads) encode_kernel(const EncodeParams<T> p) {
   PACKKV_DYNAMIC_SHARED(shared_bytes);
-  encode_block(p, blockIdx.x, shared_bytes);
+  const int heads = p.geometry.num_heads;
+  encode_head(p, static_cast<int>(blockIdx.x) / heads, static_cast<int>(blockIdx.x) % heads, shared_bytes);
 }
 
-// A batch of writes: y selects the write, x its block (CTAs past its blocks have nothing to do).
+// A batch of writes: y selects the write, x its (block, head) (CTAs past its blocks have nothing to
+// do). The write's parameters are read where they are used, not copied into registers: a copy
+// held through the kernel made it spill.
 template <class T>
-__global__ void __launch_bounds__(kThreads) encode_batch_kernel(const EncodeParams<T>* batch) {
+__global__ void __launch_bounds__(kThreads, 3) encode_batch_kernel(const EncodeParams<T>* batch) {
   PACKKV_DYNAMIC_SHARED(shared_bytes);
-  const EncodeParams<T> p = batch[blockIdx.y];
-  if (static_cast<int>(blockIdx.x) >= p.num_blocks) return;
-  encode_block(p, blockIdx.x, shared_bytes);
+  const EncodeParams<T>& p = batch[blockIdx.y];
+  const int heads = p.geometry.num_heads, block = static_cast<int>(blockIdx.x) / heads;
+  if (block >= p.num_blocks) return;
+  encode_head(p, block, static_cast<int>(blockIdx.x) % heads, shared_bytes);
+}
+
+// A staged block's size once compacted: the fixed prefix, every head's sections, the slack.
+__device__ std::uint32_t staged_block_bytes(const format::BlockGeometry& g, const std::uint8_t* staged) {
+  std::uint32_t bytes = g.sections_offset() + format::kTrailingSlack;
+  for (int h = 0; h < g.num_heads; ++h) {
+    const format::HeadEntry sizes = format::head_entry(staged, g, h);
+    bytes += sizes.k_offset + sizes.v_offset;
+  }
+  return bytes;
+}
+
+// The tight block from a staged one (`to` may be `from`: encode_blocks compacts in place). The
+// heads' tight offsets are a block scan of their sizes; then header and directory are written and
+// the tight block's 16-byte words are filled in order: the token orders where they are, each
+// section from its staged offset, the trailing slack with zeros. A tight word never lies after its
+// staged source, so in place a pass of kThreads words reads all its sources before it writes.
+template <bool kInPlace>
+__device__ void compact_block(const format::BlockGeometry& g, const std::uint8_t* from, std::uint8_t* to,
+                              std::uint32_t* size_out, unsigned char* shared_bytes) {
+  const int heads = g.num_heads;
+  auto* starts = reinterpret_cast<std::uint32_t*>(shared_bytes);  // [2 * heads + 1]: K, V of each head, end
+  std::uint32_t* scan = starts + 2 * heads + 1;                   // [kWarps]
+  std::uint32_t running = g.sections_offset();                    // the same in every thread
+  for (int first = 0; first < heads; first += kThreads) {
+    const int h = first + static_cast<int>(threadIdx.x);
+    format::HeadEntry sizes{};
+    if (h < heads) sizes = format::head_entry(from, g, h);
+    std::uint32_t total = 0;
+    const std::uint32_t before = block_exclusive_scan(sizes.k_offset + sizes.v_offset, scan, total);
+    if (h < heads) {
+      starts[2 * h] = running + before;
+      starts[2 * h + 1] = running + before + sizes.k_offset;
+    }
+    running += total;
+  }
+  if (threadIdx.x == 0) starts[2 * heads] = running;
+  __syncthreads();  // every staged size is read: the directory may be rewritten
+  const std::uint32_t size = running + format::kTrailingSlack;
+  if (threadIdx.x == 0) {
+    *reinterpret_cast<format::BlockHeader*>(to) = format::make_block_header(g, size);
+    if (heads % 2 != 0) {  // the directory's padding
+      *reinterpret_cast<unsigned long long*>(to + g.directory_offset() + sizeof(format::HeadEntry) * heads) = 0;
+    }
+    if (size_out != nullptr) *size_out = size;
+  }
+  for (int h = static_cast<int>(threadIdx.x); h < heads; h += kThreads) {
+    format::set_head_entry(to, g, h, format::HeadEntry{starts[2 * h], starts[2 * h + 1]});
+  }
+  const std::uint32_t k_max = g.k_layout().max_section_bytes();
+  const std::uint32_t sections = g.sections_offset() / 16u, words = size / 16u;
+  const auto* source = reinterpret_cast<const uint4*>(from);
+  auto* target = reinterpret_cast<uint4*>(to);
+  int segment = -1;  // the last segment (2h: K of head h, 2h + 1: its V, 2 * heads: the slack) started
+  for (std::uint32_t pass = kInPlace ? sections : g.permutation_offset() / 16u; pass < words; pass += kThreads) {
+    const std::uint32_t w = pass + threadIdx.x;
+    uint4 value{0u, 0u, 0u, 0u};
+    if (w < words) {
+      if (w < sections) {
+        value = source[w];  // the token orders, in place in both
+      } else {
+        while (segment < 2 * heads && w * 16u >= starts[segment + 1]) ++segment;
+        if (segment < 2 * heads) {
+          const std::uint32_t staged = staged_head_offset(g, segment / 2) + (segment % 2 != 0 ? k_max : 0u);
+          value = source[(staged + w * 16u - starts[segment]) / 16u];
+        }
+      }
+    }
+    if (kInPlace) __syncthreads();
+    if (w < words) target[w] = value;
+    if (kInPlace) __syncthreads();
+  }
 }
 
 template <class T>
@@ -378,7 +451,7 @@ __device__ void place_blocks(const PlaceParams& p, unsigned char* shared_bytes) 
   if (lane == 0) cursor = *p.cursor;
   for (int first = 0; first < p.num_blocks; first += 32) {
     const int count = p.num_blocks - first < 32 ? p.num_blocks - first : 32;
-    if (lane < count) sizes[lane] = p.sizes[first + lane];
+    if (lane < count) sizes[lane] = staged_block_bytes(p.geometry, p.staging + (first + lane) * p.staging_stride);
     __syncwarp();
     if (lane == 0) {
       for (int i = 0; i < count; ++i) {
@@ -421,18 +494,25 @@ __global__ void place_batch_kernel(const PlaceParams* batch) {
   place_blocks(p, shared_bytes);
 }
 
-// Sizes and offsets are multiples of 16 and staging slots and pages 256-byte aligned: 16-byte copies.
-__device__ void copy_placed_block(const PlaceParams& p, int block) {
-  auto* to = reinterpret_cast<uint4*>(p.table[block]);
+// Staging slots and pages are 256-byte aligned, sizes and offsets multiples of 16: 16-byte copies.
+__device__ void copy_placed_block(const PlaceParams& p, int block, unsigned char* shared_bytes) {
+  std::uint8_t* to = p.table[block];
   if (to == nullptr) return;
-  const auto* from = reinterpret_cast<const uint4*>(p.staging + block * p.staging_stride);
-  const std::uint32_t words = p.sizes[block] / 16u;
-  for (std::uint32_t i = threadIdx.x; i < words; i += kThreads) to[i] = from[i];
+  compact_block<false>(p.geometry, p.staging + block * p.staging_stride, to, nullptr, shared_bytes);
 }
-__global__ void __launch_bounds__(kThreads) copy_placed_kernel(const PlaceParams p) { copy_placed_block(p, blockIdx.x); }
+__global__ void __launch_bounds__(kThreads) copy_placed_kernel(const PlaceParams p) {
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
+  copy_placed_block(p, blockIdx.x, shared_bytes);
+}
 __global__ void __launch_bounds__(kThreads) copy_placed_batch_kernel(const PlaceParams* batch) {
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
   const PlaceParams p = batch[blockIdx.y];
-  if (static_cast<int>(blockIdx.x) < p.num_blocks) copy_placed_block(p, blockIdx.x);
+  if (static_cast<int>(blockIdx.x) < p.num_blocks) copy_placed_block(p, blockIdx.x, shared_bytes);
+}
+__global__ void __launch_bounds__(kThreads) compact_kernel(const CompactParams p) {
+  PACKKV_DYNAMIC_SHARED(shared_bytes);
+  std::uint8_t* block = p.base + blockIdx.x * p.stride;
+  compact_block<true>(p.geometry, block, block, p.sizes != nullptr ? p.sizes + blockIdx.x : nullptr, shared_bytes);
 }
 
 __global__ void __launch_bounds__(kThreads) write_pointers_kernel(const PointerWrite* writes, int count) {
@@ -452,14 +532,25 @@ int grid_for(std::int64_t work_items) {
 }  // namespace
 
 std::size_t encode_shared_bytes(const format::BlockGeometry& g) { return encoder_shared_layout(g, nullptr, nullptr); }
+std::size_t compact_shared_bytes(const format::BlockGeometry& g) {
+  return (2 * static_cast<std::size_t>(g.num_heads) + 1 + kWarps) * sizeof(std::uint32_t);
+}
 
 template <class T>
 cudaError_t launch_encode(const EncodeParams<T>& params, int num_blocks, cudaStream_t stream) {
   if (num_blocks <= 0) return cudaSuccess;
+  const std::int64_t ctas = static_cast<std::int64_t>(num_blocks) * params.geometry.num_heads;
+  if (ctas > 0x7FFFFFFF) return cudaErrorInvalidValue;  // past the grid's x limit
   const std::size_t shared = encode_shared_bytes(params.geometry);
   static const cudaError_t opt_in = opt_in_shared_memory(encode_kernel<T>);
   if (opt_in != cudaSuccess) return opt_in;
-  PACKKV_LAUNCH(encode_kernel<T>, num_blocks, kThreads, shared, stream, params);
+  PACKKV_LAUNCH(encode_kernel<T>, static_cast<unsigned>(ctas), kThreads, shared, stream, params);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_compact_blocks(const CompactParams& params, cudaStream_t stream) {
+  if (params.num_blocks <= 0) return cudaSuccess;
+  PACKKV_LAUNCH(compact_kernel, params.num_blocks, kThreads, compact_shared_bytes(params.geometry), stream, params);
   return cudaGetLastError();
 }
 
@@ -483,7 +574,7 @@ cudaError_t launch_place_blocks(const PlaceParams& params, cudaStream_t stream) 
   PACKKV_LAUNCH(place_kernel, 1, 32, 96 * sizeof(std::uint32_t) + sizeof(PlacementCursor), stream, params);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
-  PACKKV_LAUNCH(copy_placed_kernel, params.num_blocks, kThreads, 0, stream, params);
+  PACKKV_LAUNCH(copy_placed_kernel, params.num_blocks, kThreads, compact_shared_bytes(params.geometry), stream, params);
   return cudaGetLastError();
 }
 
@@ -493,7 +584,9 @@ cudaError_t launch_encode_batch(const EncodeParams<T>* batch, int count, int max
   if (count <= 0 || max_blocks <= 0) return cudaSuccess;
   static const cudaError_t opt_in = opt_in_shared_memory(encode_batch_kernel<T>);
   if (opt_in != cudaSuccess) return opt_in;
-  const dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>(count));
+  const std::int64_t ctas = static_cast<std::int64_t>(max_blocks) * g.num_heads;
+  if (ctas > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(count));
   PACKKV_LAUNCH(encode_batch_kernel<T>, grid, kThreads, encode_shared_bytes(g), stream, batch);
   return cudaGetLastError();
 }
@@ -507,13 +600,14 @@ cudaError_t launch_tail_write_batch(const TailWriteParams<T>* batch, int count, 
   return cudaGetLastError();
 }
 
-cudaError_t launch_place_batch(const PlaceParams* batch, int count, int max_blocks, cudaStream_t stream) {
+cudaError_t launch_place_batch(const PlaceParams* batch, int count, int max_blocks, const format::BlockGeometry& g,
+                               cudaStream_t stream) {
   if (count <= 0 || max_blocks <= 0) return cudaSuccess;
   PACKKV_LAUNCH(place_batch_kernel, count, 32, 96 * sizeof(std::uint32_t) + sizeof(PlacementCursor), stream, batch);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) return status;
   const dim3 grid(static_cast<unsigned>(max_blocks), static_cast<unsigned>(count));
-  PACKKV_LAUNCH(copy_placed_batch_kernel, grid, kThreads, 0, stream, batch);
+  PACKKV_LAUNCH(copy_placed_batch_kernel, grid, kThreads, compact_shared_bytes(g), stream, batch);
   return cudaGetLastError();
 }
 

@@ -46,6 +46,18 @@ struct ErrorContext {
 
 // ---- writing --------------------------------------------------------------------------------
 
+/// The encoder writes each block *staged*, in a worst-case slot: one CTA per (block, KV head), and
+/// a head's section offsets in the tight block depend on the sizes of the heads before it. Head h
+/// writes its token order at its place, its K section at staged_head_offset(g, h), its V section
+/// max K section bytes after it, and the two section sizes in its directory entry (k_offset: K
+/// bytes, v_offset: V bytes); the header is not written. compact_block (encode.cu: the placement
+/// copy, launch_compact_blocks) turns a staged block into the tight one, byte for byte the CPU
+/// encoder's. The staged heads fill exactly max_block_bytes() less the trailing slack.
+PACKKV_HOST_DEVICE constexpr std::uint32_t staged_head_offset(const format::BlockGeometry& g, int head) {
+  return g.sections_offset() +
+         static_cast<std::uint32_t>(head) * (g.k_layout().max_section_bytes() + g.v_layout().max_section_bytes());
+}
+
 template <class T>
 struct EncodeParams {
   format::BlockGeometry geometry;
@@ -54,10 +66,8 @@ struct EncodeParams {
   int median_repack;                ///< 1: median order; 0: arrival order
   TokenRows<T> source;              ///< block b holds positions first_position + [b, b + 1) * block_tokens
   std::int64_t first_position;
-  std::uint8_t* const* out_table;   ///< block b goes to out_table[b] when not null ...
-  std::uint8_t* out_base;           ///< ... else to out_base + b * out_stride
-  std::size_t out_stride;
-  std::uint32_t* block_sizes;       ///< optional: receives each block's size
+  std::uint8_t* out_base;           ///< block b is staged at out_base + b * out_stride
+  std::size_t out_stride;           ///< >= max_block_bytes(), a multiple of 16
   ErrorContext errors;
   int num_blocks;                   ///< blocks of this write (batched launches)
 };
@@ -65,13 +75,25 @@ struct EncodeParams {
 /// Shared memory the encoder needs; the launcher refuses geometries beyond the device's limit.
 std::size_t encode_shared_bytes(const format::BlockGeometry& g);
 
+/// Stages `num_blocks` blocks: one launch, one CTA per (block, KV head).
 template <class T>
 cudaError_t launch_encode(const EncodeParams<T>& params, int num_blocks, cudaStream_t stream);
 /// One launch for the blocks of many writes: `batch` (device memory) holds each write's params,
-/// `max_blocks` the most blocks of one write.
+/// `max_blocks` the most blocks of one write; one CTA per (write, block, KV head).
 template <class T>
 cudaError_t launch_encode_batch(const EncodeParams<T>* batch, int count, int max_blocks, const format::BlockGeometry& g,
                                 cudaStream_t stream);
+
+/// Turns `num_blocks` staged blocks (base + b * stride) into tight blocks in place, each one's size
+/// to sizes[b] (may be null): packkv::cuda::encode_blocks, whose callers get tight blocks.
+struct CompactParams {
+  format::BlockGeometry geometry;
+  std::uint8_t* base;
+  std::size_t stride;
+  std::uint32_t* sizes;
+  int num_blocks;
+};
+cudaError_t launch_compact_blocks(const CompactParams& params, cudaStream_t stream);
 
 /// Copies positions [first, end) of `source` into a tail ring of `ring_capacity` rows (position p
 /// to row p % ring_capacity), checking every value.
@@ -133,14 +155,16 @@ PACKKV_HOST_DEVICE constexpr std::uint32_t progress_offset(unsigned long long w)
   return static_cast<std::uint32_t>(w & 0xFFFFFu) * 16u;
 }
 
-/// Moves encoded blocks from worst-case staging slots to their tight place in the layer's pages:
-/// one warp walks the blocks in order (a block that does not fit the current page starts the
-/// next one) and writes the block table; then one CTA per block copies it. A block that would
-/// land beyond the page list (an accounting error) is not written: it records an error instead.
+/// Moves staged blocks from their worst-case slots to their tight place in the layer's pages:
+/// one warp walks the blocks in order, their sizes summed from the staged directories (a block
+/// that does not fit the current page starts the next one), and writes the block table; then one
+/// CTA per block writes its header and directory and copies its sections into place
+/// (compact_block). A block that would land beyond the page list (an accounting error) is not
+/// written: it records an error instead.
 struct PlaceParams {
-  const std::uint8_t* staging;  ///< block b at staging + b * staging_stride
+  format::BlockGeometry geometry;
+  const std::uint8_t* staging;  ///< staged block b at staging + b * staging_stride
   std::size_t staging_stride;
-  const std::uint32_t* sizes;   ///< encoded sizes, from the encoder
   int num_blocks;
   std::uint8_t* const* pages;   ///< the layer's page list
   std::uint32_t page_count;     ///< entries of `pages`
@@ -152,8 +176,12 @@ struct PlaceParams {
   ErrorContext errors;
 };
 cudaError_t launch_place_blocks(const PlaceParams& params, cudaStream_t stream);
-/// Placement and copies for many writes in two launches (`batch` in device memory).
-cudaError_t launch_place_batch(const PlaceParams* batch, int count, int max_blocks, cudaStream_t stream);
+/// Placement and copies for many writes in two launches (`batch` in device memory, every entry of
+/// geometry `g`).
+cudaError_t launch_place_batch(const PlaceParams* batch, int count, int max_blocks, const format::BlockGeometry& g,
+                               cudaStream_t stream);
+/// Shared memory of the copy and compaction kernels: the tight section offsets of one block.
+std::size_t compact_shared_bytes(const format::BlockGeometry& g);
 
 /// Up to kInlineTableEntries new pointer-table entries, written by one tiny kernel.
 inline constexpr int kInlineTableEntries = 32;

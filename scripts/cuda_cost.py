@@ -283,6 +283,7 @@ SPECS = (
                           _block_codes, "one block, V, one CTA")),
     Spec(r"^read_back_kernel\b", dynamic_smem="read"),
     Spec(r"^encode_(batch_)?kernel\b", dynamic_smem="encode"),
+    Spec(r"^(copy_placed_(batch_)?kernel|compact_kernel)\b", dynamic_smem="compact"),
     Spec(r"^(place_kernel|place_batch_kernel|write_table_kernel)\b", threads=32),
 )
 

@@ -67,9 +67,9 @@ int main() {
   const packkv::detail::cuda::FastPlan fast = packkv::detail::cuda::plan_fast_attention(shape, 227 * 1024);
   std::printf("  \"fast_plan\": {\"usable\": %s, \"heads_per_cta\": %d, \"stages\": %d, \"ctas_per_sm\": %d},\n",
               fast.usable ? "true" : "false", fast.heads_per_cta, fast.stages, fast.ctas_per_sm);
-  std::printf("  \"dynamic_shared_bytes\": {\"read\": %zu, \"encode\": %zu, \"fast\": %zu}\n",
+  std::printf("  \"dynamic_shared_bytes\": {\"read\": %zu, \"encode\": %zu, \"compact\": %zu, \"fast\": %zu}\n",
               packkv::detail::cuda::read_shared_bytes(g), packkv::detail::cuda::encode_shared_bytes(g),
-              fast.shared_bytes);
+              packkv::detail::cuda::compact_shared_bytes(g), fast.shared_bytes);
   std::printf("}\n");
   return 0;
 }

@@ -5,7 +5,7 @@
 
 #if defined(PACKKV_CUDA_EMULATION)
 #define PACKKV_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
-  ::packkv_emulator::launch(grid, block, shared_bytes, [=] { kernel(__VA_ARGS__); })
+  ::packkv_emulator::launch(grid, block, shared_bytes, [=] { kernel(__VA_ARGS__); }, #kernel)
 #define PACKKV_DYNAMIC_SHARED(name) unsigned char* name = ::packkv_emulator::dynamic_shared()
 #define PACKKV_NOINLINE __attribute__((noinline))
 #else

@@ -1,4 +1,5 @@
-// packkv::cuda::encode_blocks: the append path's encoder kernel, callable on its own.
+// packkv::cuda::encode_blocks: the append path's encoder kernel, callable on its own, then a
+// compaction in place (the append path compacts while it copies blocks to their pages).
 #include "packkv/cuda/device_codec.hpp"
 
 #include <cuda_runtime.h>
@@ -43,9 +44,11 @@ void encode_blocks(const CodecParams& params, const T* k, const T* v, int num_bl
   p.first_position = 0;
   p.out_base = out;
   p.out_stride = out_stride;
-  p.block_sizes = block_sizes;
   p.errors = ErrorContext{error_buffer.as<DeviceError>(), claim, 0, 0};
   check_cuda(launch_encode(p, num_blocks, stream), "encode kernel launch");
+  // The encoder stages each block in its worst-case slot (kernels/launch.hpp): tighten them in place.
+  check_cuda(launch_compact_blocks(CompactParams{params.geometry, out, out_stride, block_sizes, num_blocks}, stream),
+             "compaction kernel launch");
 
   DeviceError error{};
   check_cuda(cudaMemcpyAsync(&error, error_buffer.data(), sizeof error, cudaMemcpyDeviceToHost, stream),

@@ -90,7 +90,7 @@ DeviceContext::~DeviceContext() {
 }
 
 std::int64_t DeviceContext::blocks_per_round() const {
-  return std::max<std::int64_t>(1, static_cast<std::int64_t>(kMaxStagingBytes / (slot_bytes + 4)));
+  return std::max<std::int64_t>(1, static_cast<std::int64_t>(kMaxStagingBytes / slot_bytes));
 }
 
 std::size_t DeviceContext::resident_bytes() const { return pool.reserved_bytes() + owned_bytes + scratch_bytes(); }

@@ -114,7 +114,7 @@ class DeviceContext {
   std::size_t blocks_per_page_worst;
   MappedWords progress;
   std::uint32_t next_launch = 1;
-  DeviceBuffer staging;    ///< worst-case slots of the blocks being encoded, then their sizes
+  DeviceBuffer staging;    ///< worst-case slots of the blocks being encoded (staged, launch.hpp)
   DeviceBuffer workspace;  ///< split-attention partials
   DeviceBuffer rotated_queries;  ///< queries rotated into K's space (rotate_k)
   DeviceBuffer tickets;    ///< the fast path's merge counters, zero between launches

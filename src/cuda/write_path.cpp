@@ -176,10 +176,10 @@ void share_blocks(DeviceContext& ctx, CudaLayerStore& store, int shared_blocks, 
 }
 
 // The encoder's parameters for `count` blocks of a write from sequence position `first_position`,
-// encoded into slots of `out_base` (slot_bytes apart) with their sizes in `sizes`.
+// staged in slots of `out_base` (slot_bytes apart).
 template <class T>
 EncodeParams<T> encode_params(const DeviceContext& ctx, const LayerWrite<T>& w, const TokenRows<T>& rows,
-                              std::int64_t first_position, std::uint8_t* out_base, std::uint32_t* sizes, int count) {
+                              std::int64_t first_position, std::uint8_t* out_base, int count) {
   EncodeParams<T> e{};
   e.geometry = ctx.geometry;
   e.k_max_code = ctx.codec.k_max_code;
@@ -189,21 +189,20 @@ EncodeParams<T> encode_params(const DeviceContext& ctx, const LayerWrite<T>& w, 
   e.first_position = first_position;
   e.out_base = out_base;
   e.out_stride = ctx.slot_bytes;
-  e.block_sizes = sizes;
   e.errors = ctx.errors_for(w.id, w.layer);
   e.num_blocks = count;
   return e;
 }
 
-// The placement of `count` encoded blocks from `staging` into the layer's pages, their addresses
+// The placement of `count` staged blocks from `staging` into the layer's pages, their addresses
 // written from table entry `first_entry`; takes the context's next launch number.
 template <class T>
 PlaceParams place_params(DeviceContext& ctx, const CudaLayerStore& store, const LayerWrite<T>& w,
-                         const std::uint8_t* staging, const std::uint32_t* sizes, int count, int first_entry) {
+                         const std::uint8_t* staging, int count, int first_entry) {
   PlaceParams place{};
+  place.geometry = ctx.geometry;
   place.staging = staging;
   place.staging_stride = ctx.slot_bytes;
-  place.sizes = sizes;
   place.num_blocks = count;
   place.pages = store.page_pointers();
   place.page_count = static_cast<std::uint32_t>(store.pages.size());
@@ -216,7 +215,7 @@ PlaceParams place_params(DeviceContext& ctx, const CudaLayerStore& store, const 
   return place;
 }
 
-// Encodes the write's full blocks into staging, then places them tightly in the layer's pages.
+// Stages the write's full blocks, then places them tightly in the layer's pages.
 template <class T>
 void seal_blocks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v) {
   const int block = ctx.geometry.block_tokens;
@@ -225,12 +224,10 @@ void seal_blocks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>&
   int placed = w.num_blocks + static_cast<int>(w.blocks.size());
   for (std::int64_t done = 0; done < total; done += per_round) {
     const int count = static_cast<int>(std::min(per_round, total - done));
-    auto* sizes = reinterpret_cast<std::uint32_t*>(ctx.staging.as<std::uint8_t>() +
-                                                   static_cast<std::size_t>(std::min(per_round, total)) * ctx.slot_bytes);
     const EncodeParams<T> params =
-        encode_params(ctx, w, rows, w.plan.before.begin + done * block, ctx.staging.as<std::uint8_t>(), sizes, count);
+        encode_params(ctx, w, rows, w.plan.before.begin + done * block, ctx.staging.as<std::uint8_t>(), count);
     check_cuda(launch_encode(params, count, ctx.stream), "encode kernel launch");
-    const PlaceParams place = place_params(ctx, store, w, ctx.staging.as<const std::uint8_t>(), sizes, count, placed);
+    const PlaceParams place = place_params(ctx, store, w, ctx.staging.as<const std::uint8_t>(), count, placed);
     check_cuda(launch_place_blocks(place, ctx.stream), "block placement kernel launch");
     store.unseen.push_back(UnseenPlacement{place.launch, count});
     placed += count;
@@ -277,14 +274,13 @@ void write_tail(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& 
 // A batch's new blocks in one staging round: block j of write i in slot first_slot[i] + j.
 template <class T>
 void batch_seal_params(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v,
-                       std::size_t first_slot, std::size_t total_slots, BatchParams<T>& batch) {
+                       std::size_t first_slot, BatchParams<T>& batch) {
   const int count = w.plan.seal_blocks;
   if (count == 0) return;
-  auto* sizes = reinterpret_cast<std::uint32_t*>(ctx.staging.as<std::uint8_t>() + total_slots * ctx.slot_bytes) + first_slot;
   std::uint8_t* slots = ctx.staging.as<std::uint8_t>() + first_slot * ctx.slot_bytes;
-  batch.encodes.push_back(encode_params(ctx, w, rows_of(ctx, w, k, v), w.plan.before.begin, slots, sizes, count));
+  batch.encodes.push_back(encode_params(ctx, w, rows_of(ctx, w, k, v), w.plan.before.begin, slots, count));
   const PlaceParams place =
-      place_params(ctx, store, w, slots, sizes, count, w.num_blocks + static_cast<int>(w.blocks.size()));
+      place_params(ctx, store, w, slots, count, w.num_blocks + static_cast<int>(w.blocks.size()));
   batch.places.push_back(place);
   batch.max_blocks = std::max(batch.max_blocks, count);
   store.unseen.push_back(UnseenPlacement{place.launch, count});
@@ -320,7 +316,7 @@ void launch_batch(DeviceContext& ctx, BatchParams<T>& batch) {
                                  ctx.geometry, ctx.stream),
              "encode kernel launch");
   check_cuda(launch_place_batch(reinterpret_cast<const PlaceParams*>(device + tails + encodes), n_encodes,
-                                batch.max_blocks, ctx.stream),
+                                batch.max_blocks, ctx.geometry, ctx.stream),
              "block placement kernel launch");
   check_cuda(launch_tail_write_batch(reinterpret_cast<const TailWriteParams<T>*>(device),
                                      static_cast<int>(batch.tails.size()), batch.max_tail_elements, ctx.stream),
@@ -514,7 +510,7 @@ std::unique_ptr<PreparedWrite> plan_writes(DeviceContext& ctx, std::span<const L
   const std::size_t slots = prepared->batched ? sealed_total
                                               : static_cast<std::size_t>(std::min<std::int64_t>(
                                                     static_cast<std::int64_t>(sealed_max), ctx.blocks_per_round()));
-  prepared->staging_bytes = slots * (ctx.slot_bytes + 4);
+  prepared->staging_bytes = slots * ctx.slot_bytes;
   if (prepared->batched) {
     std::size_t new_pages = 0;
     for (std::size_t i = 0; i < writes.size(); ++i) {
@@ -621,12 +617,11 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
     write_tail<T>(ctx, store, w, k, v, std::move(grown[i].ring));
   }
   if (prepared.batched) {
-    std::size_t slot = 0, total_slots = 0;
-    for (const LayerWrite<T>& w : prepared.writes) total_slots += static_cast<std::size_t>(w.plan.seal_blocks);
+    std::size_t slot = 0;
     for (std::size_t i = 0; i < prepared.writes.size(); ++i) {
       const LayerWrite<T>& w = prepared.writes[i];
       auto& store = store_of(w.store);
-      batch_seal_params<T>(ctx, store, w, w.k, w.v, slot, total_slots, batch);
+      batch_seal_params<T>(ctx, store, w, w.k, w.v, slot, batch);
       slot += static_cast<std::size_t>(w.plan.seal_blocks);
       const TailWriteParams<T> tail = tail_params(ctx, store, w, w.k, w.v, grown[i].ring);
       batch.max_tail_elements = std::max<std::int64_t>(batch.max_tail_elements, (tail.end - tail.first) * tail.source.row_elems);

@@ -110,8 +110,7 @@ struct EncoderCase {
   QuantMode k_mode;
 };
 
-template <class T>
-void check_encoder_case(const EncoderCase& e, int num_blocks, std::uint64_t seed) {
+CacheConfig encoder_config(const EncoderCase& e) {
   CacheConfig c;
   c.num_kv_heads = e.num_heads;
   c.num_q_heads = e.num_heads;
@@ -121,13 +120,16 @@ void check_encoder_case(const EncoderCase& e, int num_blocks, std::uint64_t seed
   c.v_rel = e.v_rel;
   c.repack = e.repack;
   c.k_mode = e.k_mode;
+  return c;
+}
+
+/// encode_blocks against encode_block, byte for byte, for `num_blocks` blocks of k and v; returns
+/// the CPU blocks.
+template <class T>
+std::vector<std::vector<std::uint8_t>> check_encoder_values(const CacheConfig& c, const std::vector<T>& k,
+                                                            const std::vector<T>& v, int num_blocks) {
   const CodecParams params = make_codec_params(c);
-  const std::size_t row = static_cast<std::size_t>(e.num_heads) * e.head_dim;
-  const std::size_t n = static_cast<std::size_t>(num_blocks) * e.block_tokens * row;
-  // Rounds alternate between plain and frame of reference.
-  const std::size_t tokens = static_cast<std::size_t>(num_blocks) * e.block_tokens;
-  const auto k = convert<T>(test::mixed_rounds_values(tokens, row, seed, 3.0));
-  const auto v = convert<T>(test::mixed_rounds_values(tokens, row, seed + 1, 0.5));
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
   const std::size_t stride = params.geometry.max_block_bytes();
 
   DeviceArray<T> dk(k), dv(v);
@@ -139,16 +141,70 @@ void check_encoder_case(const EncoderCase& e, int num_blocks, std::uint64_t seed
   const auto gpu_sizes = sizes.download();
 
   EncodeScratch scratch;
+  std::vector<std::vector<std::uint8_t>> blocks;
   std::vector<std::uint8_t> cpu(stride);
   for (int b = 0; b < num_blocks; ++b) {
-    const std::size_t at = static_cast<std::size_t>(b) * e.block_tokens * row;
+    const std::size_t at = static_cast<std::size_t>(b) * c.block_tokens * row;
     const std::uint32_t size = encode_block(params, k.data() + at, v.data() + at, row, cpu.data(), scratch);
-    ASSERT_EQ(gpu_sizes[b], size) << "block " << b << " size; " << describe(c);
+    EXPECT_EQ(gpu_sizes[b], size) << "block " << b << " size; " << describe(c);
     const std::uint8_t* g = gpu.data() + static_cast<std::size_t>(b) * stride;
     for (std::uint32_t i = 0; i < size; ++i) {
-      ASSERT_EQ(g[i], cpu[i]) << "block " << b << " byte " << i << " of " << size << "; " << describe(c);
+      if (g[i] != cpu[i]) {
+        ADD_FAILURE() << "block " << b << " byte " << i << " of " << size << "; " << describe(c);
+        return blocks;
+      }
+    }
+    blocks.emplace_back(cpu.begin(), cpu.begin() + size);
+  }
+  return blocks;
+}
+
+template <class T>
+void check_encoder_case(const EncoderCase& e, int num_blocks, std::uint64_t seed) {
+  const CacheConfig c = encoder_config(e);
+  const std::size_t row = static_cast<std::size_t>(e.num_heads) * e.head_dim;
+  // Rounds alternate between plain and frame of reference.
+  const std::size_t tokens = static_cast<std::size_t>(num_blocks) * e.block_tokens;
+  const auto k = convert<T>(test::mixed_rounds_values(tokens, row, seed, 3.0));
+  const auto v = convert<T>(test::mixed_rounds_values(tokens, row, seed + 1, 0.5));
+  check_encoder_values(c, k, v, num_blocks);
+}
+
+/// Tokens whose heads compress very differently, so that every head's place in a block depends on
+/// the sizes before it: head h of K is constant over the block's tokens (frame-of-reference packs
+/// of width 0, the smallest section) when h % 3 == 0, smooth (narrow packs) when h % 3 == 1, noise
+/// (plain rounds, the largest) when h % 3 == 2; V is shifted by one head.
+inline std::vector<float> uneven_heads_values(std::size_t tokens, int heads, int dim, std::uint64_t seed, int shift) {
+  synthetic::Rng rng(seed);
+  const std::size_t row = static_cast<std::size_t>(heads) * dim;
+  std::vector<double> profile(row);
+  for (auto& p : profile) p = rng.normal();
+  std::vector<float> x(tokens * row);
+  for (std::size_t t = 0; t < tokens; ++t) {
+    for (int h = 0; h < heads; ++h) {
+      for (int c = 0; c < dim; ++c) {
+        const std::size_t i = static_cast<std::size_t>(h) * dim + c;
+        const double base = profile[i] * (1 + h % 4);
+        const int kind = (h + shift) % 3;
+        const double r = kind == 0 ? base : kind == 1 ? base + 0.01 * rng.normal() : (4.0 * rng.uniform() - 2.0);
+        x[t * row + i] = static_cast<float>(r);
+      }
     }
   }
+  return x;
+}
+
+/// Section bytes of each head of a block, K then V per head.
+std::vector<std::uint32_t> section_sizes(const std::vector<std::uint8_t>& block, const format::BlockGeometry& g) {
+  std::vector<std::uint32_t> sizes;
+  for (int h = 0; h < g.num_heads; ++h) {
+    const format::HeadEntry e = format::head_entry(block.data(), g, h);
+    const std::uint32_t next = h + 1 < g.num_heads ? format::head_entry(block.data(), g, h + 1).k_offset
+                                                   : static_cast<std::uint32_t>(block.size()) - format::kTrailingSlack;
+    sizes.push_back(e.v_offset - e.k_offset);
+    sizes.push_back(next - e.v_offset);
+  }
+  return sizes;
 }
 
 template <class T>
@@ -164,7 +220,7 @@ TYPED_TEST(CudaTyped, EncoderBytesEqualCpuAcrossGeometries) {
       for (RepackMethod repack : {RepackMethod::none, RepackMethod::median}) {
         for (QuantMode mode : {QuantMode::per_token, QuantMode::per_channel}) {
           check_encoder_case<TypeParam>({dim, block, 3, 0.1f, 0.2f, repack, mode}, 3, seed++);
-          if (this->HasFatalFailure()) return;
+          if (this->HasFailure()) return;
         }
       }
     }
@@ -180,7 +236,40 @@ TYPED_TEST(CudaTyped, EncoderBytesEqualCpuForEveryCodeWidth) {
     check_encoder_case<TypeParam>({128, 64, 2, rels[i], rels[7 - i], RepackMethod::median, QuantMode::per_token}, 2,
                                   seed++);
     check_encoder_case<TypeParam>({64, 16, 1, rels[i], rels[i], RepackMethod::none, QuantMode::per_channel}, 2, seed++);
-    if (this->HasFatalFailure()) return;
+    if (this->HasFailure()) return;
+  }
+}
+
+// Many heads (odd counts: the directory is padded) whose sections differ several times in size:
+// each head is encoded by its own CTA at a worst-case offset and moved to its tight place after,
+// so a wrong offset or size of any head shows here.
+TYPED_TEST(CudaTyped, EncoderBytesEqualCpuWithManyHeadsOfUnevenSizes) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  const EncoderCase cases[] = {
+      {64, 32, 11, 0.1f, 0.2f, RepackMethod::median, QuantMode::per_token},
+      {40, 16, 7, 0.05f, 0.1f, RepackMethod::none, QuantMode::per_channel},
+      {128, 64, 9, 1.0f / 60, 0.3f, RepackMethod::none, QuantMode::per_token},
+      {256, 16, 3, 0.2f, 1.0f / 255, RepackMethod::median, QuantMode::per_channel},
+  };
+  std::uint64_t seed = 500;
+  for (const EncoderCase& e : cases) {
+    const CacheConfig c = encoder_config(e);
+    const int num_blocks = 3;
+    const std::size_t tokens = static_cast<std::size_t>(num_blocks) * e.block_tokens;
+    const auto k = convert<TypeParam>(uneven_heads_values(tokens, e.num_heads, e.head_dim, seed++, 0));
+    const auto v = convert<TypeParam>(uneven_heads_values(tokens, e.num_heads, e.head_dim, seed++, 1));
+    const auto blocks = check_encoder_values(c, k, v, num_blocks);
+    if (this->HasFailure()) return;
+    // The case is what it claims: the largest section of a side is several times its smallest.
+    const std::vector<std::uint32_t> sizes = section_sizes(blocks[0], make_codec_params(c).geometry);
+    for (int side = 0; side < 2; ++side) {
+      std::uint32_t lo = ~0u, hi = 0;
+      for (std::size_t i = side; i < sizes.size(); i += 2) {
+        lo = std::min(lo, sizes[i]);
+        hi = std::max(hi, sizes[i]);
+      }
+      EXPECT_GE(hi, 2 * lo) << "side " << side << "; " << describe(c);
+    }
   }
 }
 
@@ -517,6 +606,52 @@ TEST(Cuda, ShortBatchedStepMatchesCpu) {
   expect_batched_appends_match_cpu({79, 1, 143, 64}, 1, 2);
 }
 
+// Heads of very different sizes, in a batch whose sequences seal different numbers of blocks at
+// different steps: one encoder launch stages the blocks of every sequence, one CTA per (sequence,
+// block, head), and the copy to the pages compacts them. The images must be the CPU's bytes.
+TEST(Cuda, RaggedBatchOfUnevenHeadsMatchesCpuByteForByte) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.num_layers = 1;
+  c.num_kv_heads = 7;
+  c.num_q_heads = 14;
+  c.head_dim = 64;
+  c.block_tokens = 32;
+  c.residual_tokens = 16;
+  CachePair<fp16_t> pair(c);
+  const std::vector<SeqId> ids = {3, 8, 1, 12, 5};
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  // One token stream per sequence, so that a head stays constant, smooth or noisy across steps.
+  std::vector<std::vector<float>> stream_k, stream_v;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    pair.add(ids[i]);
+    stream_k.push_back(uneven_heads_values(300, c.num_kv_heads, c.head_dim, 7000 + 2 * i, 0));
+    stream_v.push_back(uneven_heads_values(300, c.num_kv_heads, c.head_dim, 7001 + 2 * i, 1));
+  }
+  std::vector<std::size_t> used(ids.size(), 0);
+  auto step = [&](const std::vector<int>& counts) {
+    std::vector<float> k, v;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const auto from = static_cast<std::ptrdiff_t>(used[i] * row), to = from + static_cast<std::ptrdiff_t>(counts[i] * row);
+      k.insert(k.end(), stream_k[i].begin() + from, stream_k[i].begin() + to);
+      v.insert(v.end(), stream_v[i].begin() + from, stream_v[i].begin() + to);
+      used[i] += static_cast<std::size_t>(counts[i]);
+    }
+    const auto hk = convert<fp16_t>(k), hv = convert<fp16_t>(v);
+    std::size_t offset = 0;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      pair.cpu.append(ids[i], 0, hk.data() + offset * row, hv.data() + offset * row, counts[i]);
+      offset += static_cast<std::size_t>(counts[i]);
+    }
+    DeviceArray<fp16_t> dk(hk), dv(hv);
+    pair.gpu.append_batch(ids, 0, dk.get(), dv.get(), counts);
+  };
+  step({1, 32 * 3 + 5, 48, 200, 17});  // 0, 2, 1, 5 and 0 blocks sealed
+  for (int t = 0; t < 40; ++t) step({1, 1, 1, 1, 1});
+  for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << "sequence " << id;
+  compare_everything(pair, ids, 0, 21, "ragged batch of uneven heads");
+}
+
 // truncate on the GPU against the CPU: a cut in the tail, one into a block (its kept tokens
 // decoded on the host and re-appended), one to zero, each followed by appends that seal blocks.
 TEST(Cuda, TruncateMatchesCpu) {
@@ -814,6 +949,64 @@ TEST(CudaEmulated, BatchedAppendLaunchesDoNotGrowWithTheBatch) {
   EXPECT_LE(small, 5u);
   EXPECT_EQ(large, small);
   EXPECT_LE(launches(32, 9), 5u);  // prefill chunks
+}
+#endif
+
+#if defined(PACKKV_CUDA_EMULATION)
+// The encoder runs one CTA per (block, KV head), in encode_blocks, in a single append and in a
+// batch (the emulator records every launch's kernel and grid).
+TEST(CudaEmulated, EncoderLaunchesOneCtaPerBlockAndHead) {
+  using packkv_emulator::LaunchRecord;
+  auto launched = [](std::size_t first, const std::string& kernel) {
+    std::vector<LaunchRecord> found;
+    const std::vector<LaunchRecord>& all = packkv_emulator::launches();
+    for (std::size_t i = first; i < all.size(); ++i) {
+      if (std::string(all[i].kernel).rfind(kernel, 0) == 0) found.push_back(all[i]);
+    }
+    return found;
+  };
+  const int heads = 5;
+  {
+    const CacheConfig c = encoder_config({64, 32, heads, 0.1f, 0.2f, RepackMethod::median, QuantMode::per_token});
+    const std::size_t values = 3 * 32 * static_cast<std::size_t>(heads) * 64;
+    DeviceArray<float> dk(random_values(values, 1)), dv(random_values(values, 2));
+    const CodecParams params = make_codec_params(c);
+    DeviceArray<std::uint8_t> out(3 * params.geometry.max_block_bytes());
+    const std::size_t first = packkv_emulator::launches().size();
+    cuda::encode_blocks(params, dk.get(), dv.get(), 3, out.get(), params.geometry.max_block_bytes(), nullptr);
+    const auto encode = launched(first, "encode_kernel<"), compact = launched(first, "compact_kernel");
+    ASSERT_EQ(encode.size(), 1u);
+    EXPECT_EQ(encode[0].grid.x, 3u * heads);
+    EXPECT_EQ(encode[0].grid.y, 1u);
+    EXPECT_EQ(encode[0].block.x, 256u);
+    ASSERT_EQ(compact.size(), 1u);
+    EXPECT_EQ(compact[0].grid.x, 3u);
+  }
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  c.num_layers = 1;
+  c.num_kv_heads = heads;
+  c.num_q_heads = heads;
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  PackedKVCache<float> cache(c);
+  DeviceArray<float> dk(random_values(400 * row, 3));
+  const std::vector<SeqId> ids = {1, 2, 3};
+  for (SeqId id : ids) cache.add_sequence(id);
+  std::size_t first = packkv_emulator::launches().size();
+  cache.append(1, 0, dk.get(), dk.get(), 64 * 3 + 5);  // one write: 3 blocks
+  auto encode = launched(first, "encode_kernel<");
+  ASSERT_EQ(encode.size(), 1u);
+  EXPECT_EQ(encode[0].grid.x, 3u * heads);
+  EXPECT_EQ(launched(first, "copy_placed_kernel").at(0).grid.x, 3u);
+  // A batch whose writes seal 1, 0 and 4 blocks: a grid of (4 blocks x heads, the 2 writes that seal).
+  const std::vector<int> counts = {59, 30, 64 * 4};
+  first = packkv_emulator::launches().size();
+  cache.append_batch(ids, 0, dk.get(), dk.get(), counts);
+  encode = launched(first, "encode_batch_kernel<");
+  ASSERT_EQ(encode.size(), 1u);
+  EXPECT_EQ(encode[0].grid.x, 4u * heads);
+  EXPECT_EQ(encode[0].grid.y, 2u);
+  EXPECT_EQ(launched(first, "copy_placed_batch_kernel").at(0).grid.x, 4u);
 }
 #endif
 

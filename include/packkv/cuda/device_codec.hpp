@@ -1,5 +1,6 @@
 // The GPU block encoder on its own, for tools and tests: the same kernel the CUDA backend runs on
-// append, writing blocks that are byte for byte those of packkv::encode_block.
+// append (one CTA per block and KV head), then a compaction in place, writing blocks that are byte
+// for byte those of packkv::encode_block.
 //
 // Host header: it needs no CUDA headers. Defined only when packkv is built with CUDA (the
 // PACKKV_WITH_CUDA macro is then set for every target linking packkv).

@@ -513,14 +513,20 @@ void mma_m16n8k16(float* d, const unsigned* a, const unsigned* b, const float* c
 
 void set_interleaving_seed(std::uint64_t seed) { scheduler().seed = seed; }
 std::uint64_t launch_count() { return scheduler().launches; }
+std::vector<LaunchRecord>& detail_launches() {
+  thread_local std::vector<LaunchRecord> records;
+  return records;
+}
+const std::vector<LaunchRecord>& launches() { return detail_launches(); }
 std::vector<StreamWait>& detail_stream_waits() {
   thread_local std::vector<StreamWait> waits;
   return waits;
 }
 const std::vector<StreamWait>& stream_waits() { return detail_stream_waits(); }
 
-void launch(dim3 grid, dim3 block, std::size_t shared_bytes, std::function<void()> body) {
+void launch(dim3 grid, dim3 block, std::size_t shared_bytes, std::function<void()> body, const char* kernel) {
   Scheduler& s = scheduler();
+  detail_launches().push_back({kernel != nullptr ? kernel : "", grid, block});
   if (shared_bytes > kMaxSharedBytes) fail("dynamic shared memory above the device limit");
   const std::size_t threads = static_cast<std::size_t>(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024) fail("a block of 0 or more than 1024 threads");

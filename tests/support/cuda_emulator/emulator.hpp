@@ -133,6 +133,16 @@ void mma_m16n8k16(float* d, const unsigned* a, const unsigned* b, const float* c
 /// Kernel launches made by this host thread so far (tests count what a call launches).
 std::uint64_t launch_count();
 
+/// One launch: the kernel as PACKKV_LAUNCH names it (say "encode_kernel<T>"; "" when launched
+/// without a name), its grid and its block.
+struct LaunchRecord {
+  const char* kernel;
+  dim3 grid;
+  dim3 block;
+};
+/// The launches made by this host thread so far, in order (tests check how a call launches).
+const std::vector<LaunchRecord>& launches();
+
 /// One cudaStreamWaitEvent made by this host thread: `waiter` waits for the event last recorded
 /// on `recorded_on` when launch_count() was `launches_before` (tests check how streams are joined).
 struct StreamWait {
@@ -147,18 +157,23 @@ const std::vector<StreamWait>& stream_waits();
 /// It starts as PACKKV_EMULATOR_SEED.
 void set_interleaving_seed(std::uint64_t seed);
 
-void launch(dim3 grid, dim3 block, std::size_t shared_bytes, std::function<void()> body);
-inline void launch(unsigned grid, unsigned block, std::size_t shared_bytes, std::function<void()> body) {
-  launch(dim3(grid), dim3(block), shared_bytes, std::move(body));
+/// `kernel` (a string literal, or null) names the launch in launches().
+void launch(dim3 grid, dim3 block, std::size_t shared_bytes, std::function<void()> body, const char* kernel = nullptr);
+inline void launch(unsigned grid, unsigned block, std::size_t shared_bytes, std::function<void()> body,
+                   const char* kernel = nullptr) {
+  launch(dim3(grid), dim3(block), shared_bytes, std::move(body), kernel);
 }
-inline void launch(int grid, int block, std::size_t shared_bytes, std::function<void()> body) {
-  launch(dim3(static_cast<unsigned>(grid)), dim3(static_cast<unsigned>(block)), shared_bytes, std::move(body));
+inline void launch(int grid, int block, std::size_t shared_bytes, std::function<void()> body,
+                   const char* kernel = nullptr) {
+  launch(dim3(static_cast<unsigned>(grid)), dim3(static_cast<unsigned>(block)), shared_bytes, std::move(body), kernel);
 }
-inline void launch(dim3 grid, int block, std::size_t shared_bytes, std::function<void()> body) {
-  launch(grid, dim3(static_cast<unsigned>(block)), shared_bytes, std::move(body));
+inline void launch(dim3 grid, int block, std::size_t shared_bytes, std::function<void()> body,
+                   const char* kernel = nullptr) {
+  launch(grid, dim3(static_cast<unsigned>(block)), shared_bytes, std::move(body), kernel);
 }
-inline void launch(unsigned grid, int block, std::size_t shared_bytes, std::function<void()> body) {
-  launch(dim3(grid), dim3(static_cast<unsigned>(block)), shared_bytes, std::move(body));
+inline void launch(unsigned grid, int block, std::size_t shared_bytes, std::function<void()> body,
+                   const char* kernel = nullptr) {
+  launch(dim3(grid), dim3(static_cast<unsigned>(block)), shared_bytes, std::move(body), kernel);
 }
 
 /// Acquire-release atomics: ThreadSanitizer sees them as atomics, and the synchronisation they
