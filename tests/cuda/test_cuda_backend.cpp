@@ -3,6 +3,7 @@
 // Without a usable GPU every test skips and says why.
 #include <cuda_runtime.h>
 
+#include <array>
 #include <atomic>
 #include <numeric>
 #include <cstdlib>
@@ -213,6 +214,35 @@ struct CachePair {
   PackedKVCache<T> cpu, gpu;
 };
 
+/// scores_batch and attn_v_batch of `ids` (ragged: sequence i's [num_q_heads][length_i] after the
+/// others') against the CPU backend, outputs poisoned. Weights vary by up to 2^18 in size along the
+/// array (the fast attn_v's power-of-two weight scale changes along a sequence).
+template <class T>
+void compare_batched_primitives(CachePair<T>& pair, const std::vector<SeqId>& ids, int layer, std::uint64_t seed,
+                                const std::string& label) {
+  const CacheConfig& c = pair.cpu.config();
+  std::size_t values = 0;
+  for (SeqId id : ids) values += static_cast<std::size_t>(c.num_q_heads) * pair.cpu.length(id, layer);
+  const std::size_t vectors = ids.size() * c.num_q_heads * c.head_dim;
+  const auto q = convert<T>(random_values(vectors, seed));
+  std::vector<float> cpu_scores(values);
+  pair.cpu.scores_batch(ids, layer, q.data(), cpu_scores.data());
+  DeviceArray<T> dq(q);
+  DeviceArray<float> dscores(values);
+  dscores.poison();
+  pair.gpu.scores_batch(ids, layer, dq.get(), dscores.get());
+  expect_close(dscores.download(), cpu_scores, 1e-4, 1e-5, label + " scores_batch");
+
+  auto weights = random_values(values, seed + 1, 0.01);
+  for (std::size_t i = 0; i < weights.size(); ++i) weights[i] = std::ldexp(weights[i], -6 * static_cast<int>((i / 97) % 4));
+  std::vector<float> cpu_out(vectors);
+  pair.cpu.attn_v_batch(ids, layer, weights.data(), cpu_out.data());
+  DeviceArray<float> dweights(weights), dout(vectors);
+  dout.poison();
+  pair.gpu.attn_v_batch(ids, layer, dweights.get(), dout.get());
+  expect_close(dout.download(), cpu_out, 1e-4, 1e-5, label + " attn_v_batch");
+}
+
 template <class T>
 void compare_everything(CachePair<T>& pair, const std::vector<SeqId>& ids, int layer, std::uint64_t seed,
                         const std::string& label) {
@@ -261,6 +291,8 @@ void compare_everything(CachePair<T>& pair, const std::vector<SeqId>& ids, int l
     expect_bit_identical(dk.download(), ck, where + " read_back K");
     expect_bit_identical(dv.download(), cv, where + " read_back V");
   }
+
+  compare_batched_primitives(pair, ids, layer, seed + 17, label);
 
   const MemoryStats cs = pair.cpu.memory_stats(), gs = pair.gpu.memory_stats();
   EXPECT_EQ(gs.total.payload, cs.total.payload) << label;
@@ -816,6 +848,43 @@ TEST(CudaEmulated, BatchedAppendLaunchesDoNotGrowWithTheBatch) {
   EXPECT_LE(launches(32, 9), 5u);  // prefill chunks
 }
 #endif
+
+// scores and attn_v on the fast read path, batched: every fast head_dim, block sizes 16 to 256,
+// code widths 1 to 8, GQA 1 to 8, ragged batches (tail-only, one-token, empty and block-aligned
+// sequences, an id twice, the order of ids not that of their creation), median-permuted blocks:
+// a kernel that wrote scores or read weights in stored order instead of through the permutation
+// fails here.
+TYPED_TEST(CudaTyped, FastScoresAndAttnVBatchesMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  std::uint64_t seed = 4000;
+  int i = 0;
+  for (int dim : {64, 128, 256}) {
+    for (int block : {16, 32, 64, 128, 256}) {
+      const int group = std::array{1, 2, 4, 8, 3}[static_cast<std::size_t>(i % 5)];
+      const int bits = 1 + (i * 3) % 8;
+      ++i;
+      CacheConfig c = base_config();
+      c.num_layers = 1;
+      c.head_dim = dim;
+      c.block_tokens = block;
+      c.num_kv_heads = 2;
+      c.num_q_heads = 2 * group;
+      c.k_rel = 1.0f / static_cast<float>((1 << bits) - 1);
+      c.v_rel = 1.0f / static_cast<float>((1 << (9 - bits)) - 1);
+      ASSERT_EQ(c.repack, RepackMethod::median);
+      CachePair<TypeParam> pair(c);
+      for (SeqId id : {1, 2, 3, 4, 5}) pair.add(id);  // 5 has no tokens: attn_v gives zeros
+      pair.append(1, 0, 2 * block + 5, seed++);
+      pair.append(2, 0, block - 1, seed++);
+      pair.append(3, 0, 1, seed++);
+      pair.append(4, 0, 3 * block, seed++);
+      compare_batched_primitives(pair, {3, 1, 5, 4, 2, 1}, 0, seed++,
+                                 "dim " + std::to_string(dim) + " block " + std::to_string(block) + " group " +
+                                     std::to_string(group) + " bits " + std::to_string(bits));
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+}
 
 TEST(Cuda, PerChannelKAndNoRepackMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
