@@ -450,6 +450,39 @@ TEST(CudaFastPath, ServesTheCommonGeometriesAndFillsTheSms) {
   EXPECT_FALSE(plan(128, 4, true).usable);  // per-channel K
 }
 
+// scores and attn_v (kernels/fast_primitives.cu) take the same geometries, staging one section.
+TEST(CudaFastPath, ScoresAndAttnVServeTheSameGeometries) {
+  using detail::cuda::plan_fast_primitive;
+  auto shape = [](int dim, int group, bool per_channel, int block = 64) {
+    detail::cuda::ReadShape s{};
+    s.geometry.block_tokens = block;
+    s.geometry.head_dim = dim;
+    s.geometry.num_heads = 8;
+    s.geometry.k_bits = 4;
+    s.geometry.v_bits = 3;
+    s.geometry.permuted = true;
+    s.geometry.k_per_channel = per_channel;
+    s.num_q_heads = 8 * group;
+    s.group = group;
+    s.heads_per_cta = std::min(group, detail::cuda::kMaxHeadsPerCta);
+    s.subgroups = (group + s.heads_per_cta - 1) / s.heads_per_cta;
+    return s;
+  };
+  for (format::Side side : {format::Side::k, format::Side::v}) {
+    const detail::cuda::FastPlan llama = plan_fast_primitive(shape(128, 4, false), 227 * 1024, side);
+    ASSERT_TRUE(llama.usable);
+    EXPECT_EQ(llama.heads_per_cta, 4);
+    EXPECT_EQ(llama.stages, 3);
+    EXPECT_GE(llama.ctas_per_sm, 4);
+    EXPECT_EQ(plan_fast_primitive(shape(128, 8, false), 227 * 1024, side).heads_per_cta, 8);
+    EXPECT_EQ(plan_fast_primitive(shape(256, 8, false), 227 * 1024, side).subgroups, 2);
+    EXPECT_TRUE(plan_fast_primitive(shape(64, 1, false, 256), 227 * 1024, side).usable);
+    EXPECT_TRUE(plan_fast_primitive(shape(256, 4, false, 256), 227 * 1024, side).usable);
+    EXPECT_FALSE(plan_fast_primitive(shape(96, 4, false), 227 * 1024, side).usable);
+    EXPECT_FALSE(plan_fast_primitive(shape(128, 4, true), 227 * 1024, side).usable);
+  }
+}
+
 TEST(Cuda, NonFiniteQueriesAreReportedByTheNextCall) {
   PACKKV_SKIP_WITHOUT_GPU();
   CacheConfig c = base_config();
