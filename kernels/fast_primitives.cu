@@ -58,16 +58,15 @@ __host__ __device__ std::size_t primitive_shared_layout(const format::BlockGeome
 }
 
 /// What a CTA serves: its sequence, KV head, query heads and units.
-template <class T>
 struct CtaWork {
   int kv_head, first_head, head_count;  // query heads kv_head * group + first_head + [0, head_count)
   int block_begin, blocks;              // packed blocks [block_begin, block_begin + blocks)
   int tail_first, tail_end;             // tail tokens [tail_first, tail_end)
 };
 template <class T>
-__device__ CtaWork<T> cta_work(const PrimitiveParams<T>& p, const SeqView<T>& seq) {
+__device__ CtaWork cta_work(const PrimitiveParams<T>& p, const SeqView<T>& seq) {
   const format::BlockGeometry& g = p.shape.geometry;
-  CtaWork<T> w{};
+  CtaWork w{};
   w.kv_head = static_cast<int>(blockIdx.y) / p.shape.subgroups;
   w.first_head = (static_cast<int>(blockIdx.y) % p.shape.subgroups) * p.shape.heads_per_cta;
   w.head_count = min(p.shape.heads_per_cta, p.shape.group - w.first_head);
@@ -83,7 +82,7 @@ __device__ CtaWork<T> cta_work(const PrimitiveParams<T>& p, const SeqView<T>& se
 
 /// Loads the spans of one side of the CTA's blocks (two dependent loads per block, all at once).
 template <class T>
-__device__ void load_spans(const PrimitiveParams<T>& p, const SeqView<T>& seq, const CtaWork<T>& w, format::Side side,
+__device__ void load_spans(const PrimitiveParams<T>& p, const SeqView<T>& seq, const CtaWork& w, format::Side side,
                            BlockSpan* spans) {
   const format::BlockGeometry& g = p.shape.geometry;
   const int lane = threadIdx.x & 31;
@@ -143,7 +142,7 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
   const int lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   const int b = blockIdx.z;
   const SeqView<T>& seq = p.seqs[b];
-  const CtaWork<T> w = cta_work(p, seq);
+  const CtaWork w = cta_work(p, seq);
   if (w.blocks == 0 && w.tail_first >= w.tail_end) return;
   const SectionLayout kl = g.k_layout();
   const int rounds = g.block_tokens / format::kPackTokens;
@@ -270,7 +269,7 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
   const int lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
   const int b = blockIdx.z, split = blockIdx.x;
   const SeqView<T>& seq = p.seqs[b];
-  const CtaWork<T> w = cta_work(p, seq);
+  const CtaWork w = cta_work(p, seq);
   if (w.head_count <= 0) return;
   const SectionLayout vl = g.v_layout();
   const int rounds = g.block_tokens / format::kPackTokens;

@@ -132,8 +132,9 @@ class PackedKVCache {
   ///   scores   sequence i's [num_q_heads][L_i] (original token order) at offset
   ///   weights  num_q_heads * (L_0 + ... + L_{i-1}): num_q_heads * sum(L_i) floats in all
   ///   out      [ids.size()][num_q_heads][head_dim]
-  /// The same values as the per-sequence calls. Refused (packkv::error, nothing written) for an
-  /// empty batch, an unknown id, a bad layer or a null pointer; an id may repeat (read-only).
+  /// The same values as the per-sequence calls (on CUDA up to rounding: a batch may split the work
+  /// differently). Refused (packkv::error, nothing written) for an empty batch, an unknown id, a bad
+  /// layer or a null pointer, and on the CPU for a NaN or Inf in q or the weights; an id may repeat.
   void scores_batch(std::span<const SeqId> ids, int layer, const T* q, float* scores,
                     void* cuda_stream = nullptr) const;
   void attn_v_batch(std::span<const SeqId> ids, int layer, const float* weights, float* out,
