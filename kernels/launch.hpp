@@ -304,6 +304,38 @@ FastPlan plan_fast_attention(const ReadShape& shape, int shared_limit);
 template <class T>
 cudaError_t launch_fast_attention(const AttentionParams<T>& params, std::size_t shared_bytes, cudaStream_t stream);
 
+/// `scores` and `attn_v` on the fast read path (fast_primitives.cu), batched: sequence b's scores
+/// and weights are [num_q_heads][length[b]] floats at offset first[b] of the call's array (original
+/// token order), its queries and attn_v outputs row b of [batch][num_q_heads][head_dim].
+template <class T>
+struct PrimitiveParams {
+  ReadShape shape;  ///< heads_per_cta and subgroups from the plan
+  SeqView<T> seqs[kMaxBatchPerLaunch];
+  std::int64_t first[kMaxBatchPerLaunch];
+  std::int64_t length[kMaxBatchPerLaunch];
+  int batch;
+  const T* q;            ///< scores: [batch][num_q_heads][head_dim]
+  float* scores;         ///< scores: the output
+  const float* weights;  ///< attn_v: the input
+  float* out;            ///< attn_v: [batch][num_q_heads][head_dim]
+  int units_per_split;
+  int num_splits;
+  int stages;            ///< FastPlan::stages
+  float* partials;       ///< attn_v: [batch][num_q_heads][num_splits][head_dim]
+  unsigned* tickets;     ///< attn_v: [batch][num_kv_heads * subgroups], zero between launches
+};
+/// Whether the fast path serves `scores` (side k: only K sections are staged) or `attn_v` (side v)
+/// for a geometry, and how.
+FastPlan plan_fast_primitive(const ReadShape& shape, int shared_limit, format::Side side);
+/// One launch for the scores of `params.batch` sequences.
+template <class T>
+cudaError_t launch_fast_scores(const PrimitiveParams<T>& params, std::size_t shared_bytes, cudaStream_t stream);
+/// One launch for attn_v of `params.batch` sequences: partial sums and, in the last CTA of each
+/// (sequence, KV head, subgroup), their sum.
+template <class T>
+cudaError_t launch_fast_attn_v(const PrimitiveParams<T>& params, std::size_t shared_bytes, cudaStream_t stream);
+
+/// The first read path's scores and attn_v (attention.cu): one sequence, any geometry.
 template <class T>
 struct ScoresParams {
   ReadShape shape;

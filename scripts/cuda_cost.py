@@ -249,12 +249,50 @@ _FAST_PER_CODE = PerCode(
     "one packed block of one KV head (K and V), one warp",
 )
 
+# scores and attn_v on the fast read path (kernels/fast_primitives.cu): the same decode, one section
+# staged per block (K for scores, V for attn_v). scores' main loop is the round loop (decode, K.q
+# by mma, the scores written through the stored order); attn_v's is the chunk loop (the weights of up
+# to 4 rounds gathered through the order and scaled, then up to 4 rounds of decode and P.V by mma).
+def _fast_section_copy_iterations(bits):
+    def iterations(g):  # cp.async iterations per block: 512 bytes per warp iteration, at worst
+        return math.ceil((g.block_tokens * 4 + g.block_tokens // 16 * 4
+                          + g.block_tokens * g.head_dim * getattr(g, bits) // 8) / 512)
+    return iterations
+
+
+def _fast_primitive_per_code(main_runs, main_why, bits, side):
+    return PerCode(
+        (
+            Term(innermost_with("HMMA"), main_runs, why=main_why),
+            Term(loop_at("for (int i = 0; i < w.blocks; ++i) {"), lambda g: 1, why="block loop, once per block"),
+            Term(loop_at("for (int k = 0; k < mine; ++k) cp_async_16", "issue_span(s.spans, i + p.stages - 1,"),
+                 lambda g: 1, _fast_section_copy_iterations(bits), unroll_by=("LDGSTS", 1),
+                 why=f"cp.async of a block's {side} section (worst-case size), 16 bytes per lane"),
+        ),
+        _block_codes,
+        f"one packed block of one KV head ({side}), one warp",
+    )
+
+
+_FAST_SCORES_PER_CODE = _fast_primitive_per_code(
+    lambda g: g.block_tokens // 16, "round loop: 16 tokens x head_dim codes of K", "k_bits", "K")
+_FAST_ATTN_V_PER_CODE = _fast_primitive_per_code(
+    lambda g: math.ceil(g.block_tokens / 64), "chunk loop: 4 rounds of V (16 tokens x head_dim codes each)",
+    "v_bits", "V")
+
 SPECS = (
     # The fast path does not reach 4 instructions per code yet (docs/cuda.md says where they go):
     # reported on every run, not a CI failure; its spills, byte loads and occupancy are enforced.
     Spec(r"^fast_attention_kernel<[^,]+, 128, 1>", dynamic_smem="fast", targets=True, per_code=_FAST_PER_CODE,
          waive=("instr_per_code",)),
     Spec(r"^fast_attention_kernel\b", dynamic_smem="fast"),
+    # scores and attn_v share fast attention's decode, hence its shortfall (waived the same way).
+    Spec(r"^fast_scores_kernel<[^,]+, 128, 1>", dynamic_smem="fast_scores", targets=True,
+         per_code=_FAST_SCORES_PER_CODE, waive=("instr_per_code",)),
+    Spec(r"^fast_scores_kernel\b", dynamic_smem="fast_scores"),
+    Spec(r"^fast_attn_v_kernel<[^,]+, 128, 1>", dynamic_smem="fast_attn_v", targets=True,
+         per_code=_FAST_ATTN_V_PER_CODE, waive=("instr_per_code",)),
+    Spec(r"^fast_attn_v_kernel\b", dynamic_smem="fast_attn_v"),
     Spec(r"^attention_split_kernel\b", dynamic_smem="read", waive=("byte_loads",),
          per_code=PerCode(_unpack_terms("K", "packed_block_scores(block, g, heads, p.softmax_scale")
                           + _scores_terms("packed_block_scores(block, g, heads, p.softmax_scale") + _SOFTMAX_TERMS

@@ -67,9 +67,15 @@ int main() {
   const packkv::detail::cuda::FastPlan fast = packkv::detail::cuda::plan_fast_attention(shape, 227 * 1024);
   std::printf("  \"fast_plan\": {\"usable\": %s, \"heads_per_cta\": %d, \"stages\": %d, \"ctas_per_sm\": %d},\n",
               fast.usable ? "true" : "false", fast.heads_per_cta, fast.stages, fast.ctas_per_sm);
-  std::printf("  \"dynamic_shared_bytes\": {\"read\": %zu, \"encode\": %zu, \"compact\": %zu, \"fast\": %zu}\n",
+  const packkv::detail::cuda::FastPlan fast_scores =
+      packkv::detail::cuda::plan_fast_primitive(shape, 227 * 1024, packkv::format::Side::k);
+  const packkv::detail::cuda::FastPlan fast_attn_v =
+      packkv::detail::cuda::plan_fast_primitive(shape, 227 * 1024, packkv::format::Side::v);
+  std::printf("  \"dynamic_shared_bytes\": {\"read\": %zu, \"encode\": %zu, \"compact\": %zu, \"fast\": %zu, "
+              "\"fast_scores\": %zu, \"fast_attn_v\": %zu}\n",
               packkv::detail::cuda::read_shared_bytes(g), packkv::detail::cuda::encode_shared_bytes(g),
-              packkv::detail::cuda::compact_shared_bytes(g), fast.shared_bytes);
+              packkv::detail::cuda::compact_shared_bytes(g), fast.shared_bytes, fast_scores.shared_bytes,
+              fast_attn_v.shared_bytes);
   std::printf("}\n");
   return 0;
 }

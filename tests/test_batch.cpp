@@ -2,6 +2,7 @@
 // calls it replaces, and its refusals.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -155,6 +156,90 @@ TEST(AppendBatch, OverBudgetRefusesTheWholeBatch) {
                "memory budget");
   EXPECT_EQ(snapshot(cache), before);
   EXPECT_EQ(cache.length(2, 0), 64);
+}
+
+// scores_batch and attn_v_batch: the per-sequence calls, back to back (ragged layout).
+TEST(ScoresAttnVBatch, EqualThePerSequenceCalls) {
+  const CacheConfig c = batch_config();
+  PackedKVCache<float> cache(c);
+  const int lengths[] = {70, 1, 31, 96};
+  for (SeqId id : {1, 2, 3, 4}) {
+    cache.add_sequence(id);
+    const int n = lengths[id - 1];
+    const std::vector<float> k = tokens(c, n, 10 + id), v = tokens(c, n, 20 + id);
+    cache.append(id, 1, k.data(), v.data(), n);
+  }
+  cache.add_sequence(5);  // no tokens: no scores, attn_v gives zeros
+  const std::vector<SeqId> ids = {3, 1, 5, 4, 2, 1};
+  const std::size_t vector = static_cast<std::size_t>(c.num_q_heads) * c.head_dim;
+  const std::vector<float> q = random_values(ids.size() * vector, 5, 1.0);
+  std::size_t values = 0;
+  for (SeqId id : ids) values += static_cast<std::size_t>(c.num_q_heads) * cache.length(id, 1);
+  std::vector<float> scores(values, NAN);
+  cache.scores_batch(ids, 1, q.data(), scores.data());
+  const std::vector<float> weights = random_values(values, 6, 0.1);
+  std::vector<float> out(ids.size() * vector, NAN);
+  cache.attn_v_batch(ids, 1, weights.data(), out.data());
+
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    const std::size_t n = static_cast<std::size_t>(c.num_q_heads) * cache.length(ids[i], 1);
+    std::vector<float> one(n + 1, NAN), one_out(vector, NAN);  // + 1: never a null pointer
+    cache.scores(ids[i], 1, q.data() + i * vector, one.data());
+    one.pop_back();
+    EXPECT_EQ(std::vector<float>(scores.begin() + static_cast<std::ptrdiff_t>(at),
+                                 scores.begin() + static_cast<std::ptrdiff_t>(at + n)),
+              one)
+        << "scores of entry " << i;
+    cache.attn_v(ids[i], 1, weights.data() + at, one_out.data());
+    EXPECT_EQ(std::vector<float>(out.begin() + static_cast<std::ptrdiff_t>(i * vector),
+                                 out.begin() + static_cast<std::ptrdiff_t>((i + 1) * vector)),
+              one_out)
+        << "attn_v of entry " << i;
+    at += n;
+  }
+  EXPECT_EQ(at, values);
+  EXPECT_EQ(std::vector<float>(out.begin() + 2 * static_cast<std::ptrdiff_t>(vector),
+                               out.begin() + 3 * static_cast<std::ptrdiff_t>(vector)),
+            std::vector<float>(vector, 0.0f))
+      << "a sequence without tokens";
+}
+
+TEST(ScoresAttnVBatch, BadBatchesAreRefusedAndWriteNothing) {
+  const CacheConfig c = batch_config();
+  PackedKVCache<float> cache(c);
+  for (SeqId id : {1, 2}) {
+    cache.add_sequence(id);
+    const std::vector<float> k = tokens(c, 40, id), v = tokens(c, 40, 5 + id);
+    cache.append(id, 0, k.data(), v.data(), 40);
+  }
+  const SeqId ids[] = {2, 1};
+  const std::size_t vector = static_cast<std::size_t>(c.num_q_heads) * c.head_dim;
+  std::vector<float> q = random_values(2 * vector, 3, 1.0);
+  std::vector<float> weights = random_values(2 * 40 * static_cast<std::size_t>(c.num_q_heads), 4, 0.1);
+  std::vector<float> scores(weights.size(), 7.0f), out(2 * vector, 7.0f);
+  const test::Snapshot before = snapshot(cache);
+  auto both = [&](auto&& call, const std::string& needle) {
+    expect_error(call, needle);
+    EXPECT_EQ(scores, std::vector<float>(scores.size(), 7.0f)) << needle;
+    EXPECT_EQ(out, std::vector<float>(out.size(), 7.0f)) << needle;
+  };
+  const SeqId unknown[] = {1, 9};
+  both([&] { cache.scores_batch(unknown, 0, q.data(), scores.data()); }, "unknown sequence id 9");
+  both([&] { cache.attn_v_batch(unknown, 0, weights.data(), out.data()); }, "unknown sequence id 9");
+  both([&] { cache.scores_batch({}, 0, q.data(), scores.data()); }, "empty");
+  both([&] { cache.attn_v_batch({}, 0, weights.data(), out.data()); }, "empty");
+  both([&] { cache.scores_batch(ids, 2, q.data(), scores.data()); }, "layer 2 is out of range");
+  both([&] { cache.attn_v_batch(ids, -1, weights.data(), out.data()); }, "out of range");
+  both([&] { cache.scores_batch(ids, 0, nullptr, scores.data()); }, "must not be null");
+  both([&] { cache.scores_batch(ids, 0, q.data(), nullptr); }, "must not be null");
+  both([&] { cache.attn_v_batch(ids, 0, nullptr, out.data()); }, "must not be null");
+  both([&] { cache.attn_v_batch(ids, 0, weights.data(), nullptr); }, "must not be null");
+  q[vector + 3] = NAN;  // the last entry's query
+  both([&] { cache.scores_batch(ids, 0, q.data(), scores.data()); }, "query");
+  weights.back() = INFINITY;  // the last entry's last weight
+  both([&] { cache.attn_v_batch(ids, 0, weights.data(), out.data()); }, "weight");
+  EXPECT_EQ(snapshot(cache), before);
 }
 
 TEST(PollDeviceError, TheCpuRefusesInTheCallSoThereIsNothingToPoll) {

@@ -413,7 +413,7 @@ struct AttnFixture {
 
   DeviceBuffer<fp16_t> q, out;        // [batch][q_heads][dim]
   DeviceBuffer<float> scores;         // [batch][q_heads][len]
-  DeviceBuffer<float> weights;        // [q_heads][len], the packed attn_v's weights
+  DeviceBuffer<float> weights;        // [batch][q_heads][len], the packed attn_v's weights (equal rows)
   DeviceBuffer<fp16_t> weights16;     // [batch][q_heads][len], the same weights in fp16 for cuBLAS
   DeviceBuffer<fp16_t> attn_weights;  // [batch][q_heads][len], softmax output of the cuBLAS attention
   DeviceBuffer<float> av_out;         // [batch][q_heads][dim]
@@ -501,7 +501,7 @@ std::unique_ptr<AttnFixture> build_attn_fixture(const Shape& s) {
   f->q = DeviceBuffer<fp16_t>(q_elems);
   f->out = DeviceBuffer<fp16_t>(q_elems);
   f->scores = DeviceBuffer<float>(score_elems);
-  f->weights = DeviceBuffer<float>(weight_elems);
+  f->weights = DeviceBuffer<float>(score_elems);
   f->weights16 = DeviceBuffer<fp16_t>(score_elems);
   f->attn_weights = DeviceBuffer<fp16_t>(score_elems);
   f->av_out = DeviceBuffer<float>(q_elems);
@@ -509,14 +509,19 @@ std::unique_ptr<AttnFixture> build_attn_fixture(const Shape& s) {
   check(packkv::bench::fill_random(f->weights.get(), weight_elems, 97, 2.0f / static_cast<float>(len), g_stream),
         "fill weights");
   {
-    // The fp16 weights are the fp32 ones rounded, for every sequence of the batch.
+    // Every sequence of the batch gets the first one's weights (attn_v_batch reads [batch][q_heads][len]);
+    // the fp16 weights of cuBLAS are the fp32 ones rounded.
     const std::vector<float> w = download(f->weights.get(), weight_elems);
     std::vector<fp16_t> w16(weight_elems);
     for (std::size_t i = 0; i < weight_elems; ++i) w16[i] = packkv::fp16_from_float(w[i]);
-    for (int b = 0; b < s.batch; ++b)
+    for (int b = 0; b < s.batch; ++b) {
+      check(cudaMemcpy(f->weights.get() + b * weight_elems, w.data(), weight_elems * sizeof(float),
+                       cudaMemcpyHostToDevice),
+            "upload weights");
       check(cudaMemcpy(f->weights16.get() + b * weight_elems, w16.data(), weight_elems * sizeof(fp16_t),
                        cudaMemcpyHostToDevice),
             "upload fp16 weights");
+    }
   }
 
   f->plan = packkv::bench::plan_dense_decode(s.batch, m.kv_heads, len, g_sm_count, g_dense_ctas_per_sm);
@@ -628,11 +633,9 @@ void bench_attn(benchmark::State& state, std::string name, Shape s, Op op, std::
             if (impl == "cublas") {
               body = [&](std::int64_t i) { kq_gemm(static_cast<int>(i % replicas)); };
             } else {
-              add_note("one scores() call per sequence");
+              add_note("one scores_batch() call");
               body = [&](std::int64_t i) {
-                const auto& ids = f.ids[static_cast<std::size_t>(i % replicas)];
-                for (int b = 0; b < s.batch; ++b)
-                  f.cache->scores(ids[b], 0, f.q.get() + b * q_stride, f.scores.get() + b * score_stride);
+                f.cache->scores_batch(f.ids[static_cast<std::size_t>(i % replicas)], 0, f.q.get(), f.scores.get());
               };
             }
             verify = [&] {
@@ -653,10 +656,9 @@ void bench_attn(benchmark::State& state, std::string name, Shape s, Op op, std::
                       "cuBLAS attn.V");
               };
             } else {
-              add_note("one attn_v() call per sequence");
+              add_note("one attn_v_batch() call");
               body = [&](std::int64_t i) {
-                const auto& ids = f.ids[static_cast<std::size_t>(i % replicas)];
-                for (int b = 0; b < s.batch; ++b) f.cache->attn_v(ids[b], 0, f.weights.get(), f.av_out.get() + b * q_stride);
+                f.cache->attn_v_batch(f.ids[static_cast<std::size_t>(i % replicas)], 0, f.weights.get(), f.av_out.get());
               };
             }
             verify = [&] {

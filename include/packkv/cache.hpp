@@ -30,6 +30,7 @@ class CacheCore;
 ///   q, out   [batch][num_q_heads][head_dim]
 ///   scores   [num_q_heads][length]                 (original token order)
 ///   weights  [num_q_heads][length]
+///   (scores_batch, attn_v_batch: one such array per sequence, back to back; see there)
 /// On Device::cuda every pointer is a device pointer and work is queued on the cache's stream.
 /// Query heads map to KV heads in groups: q head j reads KV head j / (num_q_heads / num_kv_heads).
 ///
@@ -124,6 +125,20 @@ class PackedKVCache {
   void scores(SeqId id, int layer, const T* q, float* scores, void* cuda_stream = nullptr) const;
   /// out[h][c] = sum_t weights[h][t] * V_t[c].
   void attn_v(SeqId id, int layer, const float* weights, float* out, void* cuda_stream = nullptr) const;
+  /// scores() and attn_v() for a batch of sequences in one call (on CUDA, one launch per 32
+  /// sequences on the fast read path). Ragged layout, L_i = length(ids[i], layer), the sequences
+  /// one after another in the order of ids:
+  ///   q        [ids.size()][num_q_heads][head_dim]
+  ///   scores   sequence i's [num_q_heads][L_i] (original token order) at offset
+  ///   weights  num_q_heads * (L_0 + ... + L_{i-1}): num_q_heads * sum(L_i) floats in all
+  ///   out      [ids.size()][num_q_heads][head_dim]
+  /// The same values as the per-sequence calls (on CUDA up to rounding: a batch may split the work
+  /// differently). Refused (packkv::error, nothing written) for an empty batch, an unknown id, a bad
+  /// layer or a null pointer, and on the CPU for a NaN or Inf in q or the weights; an id may repeat.
+  void scores_batch(std::span<const SeqId> ids, int layer, const T* q, float* scores,
+                    void* cuda_stream = nullptr) const;
+  void attn_v_batch(std::span<const SeqId> ids, int layer, const float* weights, float* out,
+                    void* cuda_stream = nullptr) const;
 
   // ---- inspection ----
   /// Dequantized K and V of a sequence, original token order: [length][num_kv_heads][head_dim].

@@ -110,6 +110,33 @@ __device__ __forceinline__ std::uint32_t codes_to_half2(std::uint32_t bytes, std
 /// The power of two the subnormal codes carry: code * 2^-24 (codes_to_half2).
 inline constexpr int kSubnormalCodeExponent = 24;
 
+/// fp16 hi and lo halves of x (hi + lo carries 22 significant bits).
+struct Split2 {
+  float hi, lo;
+};
+__device__ __forceinline__ Split2 split_half(float x) {
+  const float hi = __half2float(__float2half_rn(x));
+  return Split2{hi, __half2float(__float2half_rn(x - hi))};
+}
+
+/// 2^e as a float, for e in [-126, 127].
+__device__ __forceinline__ float exp2_int(int e) { return __uint_as_float(static_cast<std::uint32_t>(e + 127) << 23); }
+/// The power of two that scales x > 0 into [2^14, 2^15) (x = 0: 1).
+__device__ __forceinline__ int scale_exponent(float x) {
+  if (!(x > 0.0f)) return 0;
+  const int e = static_cast<int>((__float_as_uint(x) >> 23) & 0xFFu) - 127;
+  const int s = 14 - e;
+  return s < -100 ? -100 : (s > 100 ? 100 : s);
+}
+
+/// What a CTA keeps about each block of its range: where its head's span starts, its length, and
+/// where the V section starts in it.
+struct BlockSpan {
+  const std::uint8_t* k_section;
+  std::uint32_t bytes;
+  std::uint32_t v_offset;
+};
+
 /// A read-only global load (the non-coherent path: what the read path reads is not written while
 /// the kernel runs).
 template <class U>

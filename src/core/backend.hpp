@@ -139,8 +139,10 @@ class Backend {
   /// `stream`: the caller's CUDA stream, null for the cache's (ignored by the CPU).
   virtual void attention(std::span<const LayerRead> batch, const T* q, T* out, float* lse, float scale,
                          void* stream) const = 0;
-  virtual void scores(const LayerRead& layer, const T* q, float* scores, void* stream) const = 0;
-  virtual void attn_v(const LayerRead& layer, const float* weights, float* out, void* stream) const = 0;
+  /// scores and attn_v of a batch: sequence i's scores (weights) are [num_q_heads][length_i] floats
+  /// after those of sequences 0 .. i-1; q and out [batch][num_q_heads][head_dim].
+  virtual void scores(std::span<const LayerRead> batch, const T* q, float* scores, void* stream) const = 0;
+  virtual void attn_v(std::span<const LayerRead> batch, const float* weights, float* out, void* stream) const = 0;
   virtual void read_back(const LayerRead& layer, float* k, float* v) const = 0;
   /// Bytes of each layer. A block that several layers share (fork) counts in `blocks` of the first
   /// of `layers` that holds it and in `shared` of the others.

@@ -88,11 +88,21 @@ void PackedKVCache<T>::attention_causal(std::span<const SeqId> ids, std::span<co
 }
 template <class T>
 void PackedKVCache<T>::scores(SeqId id, int layer, const T* q, float* scores, void* cuda_stream) const {
-  core("scores").scores(id, layer, q, scores, cuda_stream);
+  core("scores").scores(std::span<const SeqId>(&id, 1), layer, q, scores, cuda_stream, "scores");
 }
 template <class T>
 void PackedKVCache<T>::attn_v(SeqId id, int layer, const float* weights, float* out, void* cuda_stream) const {
-  core("attn_v").attn_v(id, layer, weights, out, cuda_stream);
+  core("attn_v").attn_v(std::span<const SeqId>(&id, 1), layer, weights, out, cuda_stream, "attn_v");
+}
+template <class T>
+void PackedKVCache<T>::scores_batch(std::span<const SeqId> ids, int layer, const T* q, float* scores,
+                                    void* cuda_stream) const {
+  core("scores_batch").scores(ids, layer, q, scores, cuda_stream, "scores_batch");
+}
+template <class T>
+void PackedKVCache<T>::attn_v_batch(std::span<const SeqId> ids, int layer, const float* weights, float* out,
+                                    void* cuda_stream) const {
+  core("attn_v_batch").attn_v(ids, layer, weights, out, cuda_stream, "attn_v_batch");
 }
 template <class T>
 void PackedKVCache<T>::read_back(SeqId id, int layer, float* k, float* v) const {

@@ -555,23 +555,45 @@ void CacheCore<T>::attention(std::span<const SeqId> ids, std::span<const int> n_
 }
 
 template <class T>
-void CacheCore<T>::scores(SeqId id, int layer, const T* q, float* scores, void* stream) const {
-  check_layer(layer, "scores");
-  PACKKV_REQUIRE(q != nullptr && scores != nullptr, "scores: q and scores must not be null");
+void CacheCore<T>::scores(std::span<const SeqId> ids, int layer, const T* q, float* scores, void* stream,
+                          const char* what) const {
+  check_layer(layer, what);
+  PACKKV_REQUIRE(!ids.empty(), fmt::format("{}: the batch of sequence ids is empty", what));
+  PACKKV_REQUIRE(q != nullptr && scores != nullptr, fmt::format("{}: q and scores must not be null", what));
   const std::shared_lock table(table_lock_);
-  const Sequence& seq = sequence(id, "scores");
-  const std::shared_lock lock(seq.lock);
-  backend_->scores(read_view(seq.layers[static_cast<std::size_t>(layer)]), q, scores, stream);
+  SharedLocks locks;
+  std::vector<const Sequence*> seqs;
+  seqs.reserve(ids.size());
+  for (SeqId id : ids) {
+    seqs.push_back(&sequence(id, what));
+    locks.add(id, seqs.back()->lock);
+  }
+  locks.lock();
+  std::vector<LayerRead> batch;
+  batch.reserve(ids.size());
+  for (const Sequence* seq : seqs) batch.push_back(read_view(seq->layers[static_cast<std::size_t>(layer)]));
+  backend_->scores(batch, q, scores, stream);
 }
 
 template <class T>
-void CacheCore<T>::attn_v(SeqId id, int layer, const float* weights, float* out, void* stream) const {
-  check_layer(layer, "attn_v");
-  PACKKV_REQUIRE(weights != nullptr && out != nullptr, "attn_v: weights and out must not be null");
+void CacheCore<T>::attn_v(std::span<const SeqId> ids, int layer, const float* weights, float* out, void* stream,
+                          const char* what) const {
+  check_layer(layer, what);
+  PACKKV_REQUIRE(!ids.empty(), fmt::format("{}: the batch of sequence ids is empty", what));
+  PACKKV_REQUIRE(weights != nullptr && out != nullptr, fmt::format("{}: weights and out must not be null", what));
   const std::shared_lock table(table_lock_);
-  const Sequence& seq = sequence(id, "attn_v");
-  const std::shared_lock lock(seq.lock);
-  backend_->attn_v(read_view(seq.layers[static_cast<std::size_t>(layer)]), weights, out, stream);
+  SharedLocks locks;
+  std::vector<const Sequence*> seqs;
+  seqs.reserve(ids.size());
+  for (SeqId id : ids) {
+    seqs.push_back(&sequence(id, what));
+    locks.add(id, seqs.back()->lock);
+  }
+  locks.lock();
+  std::vector<LayerRead> batch;
+  batch.reserve(ids.size());
+  for (const Sequence* seq : seqs) batch.push_back(read_view(seq->layers[static_cast<std::size_t>(layer)]));
+  backend_->attn_v(batch, weights, out, stream);
 }
 
 template <class T>

@@ -52,8 +52,11 @@ class CacheCore {
   /// n_queries empty: one query per sequence.
   void attention(std::span<const SeqId> ids, std::span<const int> n_queries, int layer, const T* q, T* out,
                  float softmax_scale, float* lse, void* stream, const char* what) const;
-  void scores(SeqId id, int layer, const T* q, float* scores, void* stream) const;
-  void attn_v(SeqId id, int layer, const float* weights, float* out, void* stream) const;
+  /// scores and attn_v of a batch of sequences (one id: the single-sequence calls); `what` names
+  /// the public call in refusals.
+  void scores(std::span<const SeqId> ids, int layer, const T* q, float* scores, void* stream, const char* what) const;
+  void attn_v(std::span<const SeqId> ids, int layer, const float* weights, float* out, void* stream,
+              const char* what) const;
   void read_back(SeqId id, int layer, float* k, float* v) const;
   MemoryStats memory_stats() const;
   std::size_t worst_case_bytes(std::span<const SeqId> ids, std::span<const int> n_tokens,

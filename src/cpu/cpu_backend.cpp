@@ -337,14 +337,24 @@ class CpuBackend final : public Backend<T> {
     check_finite(q, queries * static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim, "attention: query");
     causal_attention<T>(read_, batch, q, out, lse, scale);
   }
-  void scores(const LayerRead& layer, const T* q, float* out, void*) const override {
-    check_finite(q, static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim, "scores: query");
-    cpu::scores<T>(read_, layer, q, out);
+  void scores(std::span<const LayerRead> batch, const T* q, float* out, void*) const override {
+    const std::size_t vector = static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim;
+    check_finite(q, batch.size() * vector, "scores: query");
+    for (const LayerRead& layer : batch) {
+      cpu::scores<T>(read_, layer, q, out);
+      q += vector;
+      out += static_cast<std::size_t>(read_.num_q_heads) * static_cast<std::size_t>(layer.length);
+    }
   }
-  void attn_v(const LayerRead& layer, const float* weights, float* out, void*) const override {
-    check_finite(weights, static_cast<std::size_t>(read_.num_q_heads) * static_cast<std::size_t>(layer.length),
-                 "attn_v: weights");
-    cpu::attn_v<T>(read_, layer, weights, out);
+  void attn_v(std::span<const LayerRead> batch, const float* weights, float* out, void*) const override {
+    std::size_t values = 0;
+    for (const LayerRead& layer : batch) values += static_cast<std::size_t>(read_.num_q_heads) * layer.length;
+    check_finite(weights, values, "attn_v: weights");
+    for (const LayerRead& layer : batch) {
+      cpu::attn_v<T>(read_, layer, weights, out);
+      weights += static_cast<std::size_t>(read_.num_q_heads) * static_cast<std::size_t>(layer.length);
+      out += static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim;
+    }
   }
   void read_back(const LayerRead& layer, float* k, float* v) const override { cpu::read_back<T>(read_, layer, k, v); }
 

@@ -114,16 +114,16 @@ class CudaBackend final : public Backend<T> {
     cuda::attention<T>(ctx_, batch, q, out, lse, scale);
     caller.finish();
   }
-  void scores(const LayerRead& layer, const T* q, float* out, void* stream) const override {
+  void scores(std::span<const LayerRead> batch, const T* q, float* out, void* stream) const override {
     const std::lock_guard lock(ctx_.mutex);
     CallerStream caller(ctx_, stream);
-    cuda::scores<T>(ctx_, layer, q, out);
+    cuda::scores<T>(ctx_, batch, q, out);
     caller.finish();
   }
-  void attn_v(const LayerRead& layer, const float* weights, float* out, void* stream) const override {
+  void attn_v(std::span<const LayerRead> batch, const float* weights, float* out, void* stream) const override {
     const std::lock_guard lock(ctx_.mutex);
     CallerStream caller(ctx_, stream);
-    cuda::attn_v<T>(ctx_, layer, weights, out);
+    cuda::attn_v<T>(ctx_, batch, weights, out);
     caller.finish();
   }
   void read_back(const LayerRead& layer, float* k, float* v) const override {

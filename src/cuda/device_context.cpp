@@ -57,6 +57,8 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
   shape.heads_per_cta = heads_per_cta;
   shape.subgroups = subgroups;
   fast = plan_fast_attention(shape, shared_optin);
+  fast_scores = plan_fast_primitive(shape, shared_optin, format::Side::k);
+  fast_attn_v = plan_fast_primitive(shape, shared_optin, format::Side::v);
   shape.group = kMaxHeadsPerCta;  // as many rows per CTA as the kernel takes (several queries)
   fast_multi = plan_fast_attention(shape, shared_optin);
   const std::size_t needed = std::max(encode_shared_bytes(geometry), read_shared_bytes(geometry));

@@ -107,6 +107,8 @@ class DeviceContext {
   int sm_count = 1;
   FastPlan fast{};            ///< the fast read path's plan for this geometry (usable or not)
   FastPlan fast_multi{};      ///< the same with the most rows per CTA (attention of several queries)
+  FastPlan fast_scores{};     ///< the fast path's plans for scores (K staged) and attn_v (V staged)
+  FastPlan fast_attn_v{};
 
   // ---- device state ----
   cudaStream_t stream = nullptr;

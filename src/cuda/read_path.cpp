@@ -144,33 +144,101 @@ void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q,
   rotate_back(ctx, out, vectors, ctx.rotate_v, "output rotation kernel launch");
 }
 
+// scores and attn_v over a batch: sequence i's scores (weights) are [num_q_heads][length_i] at
+// num_q_heads * (length_0 + ... + length_{i-1}); its queries and outputs are row i of
+// [batch][num_q_heads][head_dim]. The fast path takes up to kMaxBatchPerLaunch sequences per launch;
+// the first path one sequence per launch.
 template <class T>
-void scores(DeviceContext& ctx, const LayerRead& layer, const T* q, float* scores) {
-  ctx.raise_device_error();
-  ScoresParams<T> params{};
+PrimitiveParams<T> primitive_params(DeviceContext& ctx, std::span<const LayerRead> batch, std::size_t first,
+                                    int count, std::int64_t first_value, const FastPlan& plan) {
+  PrimitiveParams<T> params{};
   params.shape = read_shape(ctx);
-  params.seq = view<T>(ctx, layer);
-  params.q = rotated_queries(ctx, q, static_cast<std::size_t>(ctx.num_q_heads));
-  params.scores = scores;
-  params.length = layer.length;
-  check_cuda(launch_scores(params, ctx.stream), "scores kernel launch");
+  params.shape.heads_per_cta = plan.heads_per_cta;
+  params.shape.subgroups = plan.subgroups;
+  params.batch = count;
+  params.stages = plan.stages;
+  int max_units = 0;
+  std::int64_t at = first_value;
+  for (int b = 0; b < count; ++b) {
+    const LayerRead& layer = batch[first + static_cast<std::size_t>(b)];
+    params.seqs[b] = view<T>(ctx, layer);
+    params.first[b] = at;
+    params.length[b] = layer.length;
+    at += static_cast<std::int64_t>(ctx.num_q_heads) * layer.length;
+    max_units = std::max(max_units, params.seqs[b].num_units(ctx.geometry.block_tokens));
+  }
+  const Split split = choose_fast_split(ctx, plan, max_units, count * ctx.geometry.num_heads * plan.subgroups);
+  params.units_per_split = split.units_per_split;
+  params.num_splits = split.splits;
+  return params;
 }
 
 template <class T>
-void attn_v(DeviceContext& ctx, const LayerRead& layer, const float* weights, float* out) {
+void scores(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, float* scores) {
   ctx.raise_device_error();
-  AttnVParams<T> params{};
-  params.shape = read_shape(ctx);
-  params.seq = view<T>(ctx, layer);
-  params.weights = weights;
-  params.out = out;
-  params.length = layer.length;
-  const Split split = choose_split(ctx, params.seq.num_units(ctx.geometry.block_tokens), ctx.geometry.num_heads * ctx.subgroups);
-  params.units_per_split = split.units_per_split;
-  params.num_splits = split.splits;
-  params.partials = ctx.workspace_floats(static_cast<std::size_t>(ctx.num_q_heads) * split.splits * ctx.geometry.head_dim);
-  check_cuda(launch_attn_v(params, ctx.stream), "attn_v kernel launch");
-  rotate_back(ctx, out, static_cast<std::size_t>(ctx.num_q_heads), ctx.rotate_v, "output rotation kernel launch");
+  const std::size_t q_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.geometry.head_dim;
+  q = rotated_queries(ctx, q, batch.size() * static_cast<std::size_t>(ctx.num_q_heads));
+  std::int64_t first_value = 0;
+  if (ctx.fast_scores.usable) {
+    for (std::size_t first = 0; first < batch.size(); first += kMaxBatchPerLaunch) {
+      const int count = static_cast<int>(std::min<std::size_t>(kMaxBatchPerLaunch, batch.size() - first));
+      PrimitiveParams<T> params = primitive_params<T>(ctx, batch, first, count, 0, ctx.fast_scores);
+      params.q = q + first * q_stride;
+      params.scores = scores + first_value;
+      check_cuda(launch_fast_scores(params, ctx.fast_scores.shared_bytes, ctx.stream), "scores kernel launch");
+      for (int b = 0; b < count; ++b) first_value += static_cast<std::int64_t>(ctx.num_q_heads) * params.length[b];
+    }
+    return;
+  }
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    ScoresParams<T> params{};
+    params.shape = read_shape(ctx);
+    params.seq = view<T>(ctx, batch[i]);
+    params.q = q + i * q_stride;
+    params.scores = scores + first_value;
+    params.length = batch[i].length;
+    check_cuda(launch_scores(params, ctx.stream), "scores kernel launch");
+    first_value += static_cast<std::int64_t>(ctx.num_q_heads) * batch[i].length;
+  }
+}
+
+template <class T>
+void attn_v(DeviceContext& ctx, std::span<const LayerRead> batch, const float* weights, float* out) {
+  ctx.raise_device_error();
+  const std::size_t out_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.geometry.head_dim;
+  std::int64_t first_value = 0;
+  if (ctx.fast_attn_v.usable) {
+    for (std::size_t first = 0; first < batch.size(); first += kMaxBatchPerLaunch) {
+      const int count = static_cast<int>(std::min<std::size_t>(kMaxBatchPerLaunch, batch.size() - first));
+      PrimitiveParams<T> params = primitive_params<T>(ctx, batch, first, count, 0, ctx.fast_attn_v);
+      params.weights = weights + first_value;
+      params.out = out + first * out_stride;
+      params.partials = ctx.workspace_floats(static_cast<std::size_t>(count) * ctx.num_q_heads * params.num_splits *
+                                             ctx.geometry.head_dim);
+      params.tickets = ctx.ticket_words(static_cast<std::size_t>(count) * ctx.geometry.num_heads * params.shape.subgroups);
+      check_cuda(launch_fast_attn_v(params, ctx.fast_attn_v.shared_bytes, ctx.stream), "attn_v kernel launch");
+      for (int b = 0; b < count; ++b) first_value += static_cast<std::int64_t>(ctx.num_q_heads) * params.length[b];
+    }
+  } else {
+    for (std::size_t i = 0; i < batch.size(); ++i) {
+      AttnVParams<T> params{};
+      params.shape = read_shape(ctx);
+      params.seq = view<T>(ctx, batch[i]);
+      params.weights = weights + first_value;
+      params.out = out + i * out_stride;
+      params.length = batch[i].length;
+      const Split split =
+          choose_split(ctx, params.seq.num_units(ctx.geometry.block_tokens), ctx.geometry.num_heads * ctx.subgroups);
+      params.units_per_split = split.units_per_split;
+      params.num_splits = split.splits;
+      params.partials =
+          ctx.workspace_floats(static_cast<std::size_t>(ctx.num_q_heads) * split.splits * ctx.geometry.head_dim);
+      check_cuda(launch_attn_v(params, ctx.stream), "attn_v kernel launch");
+      first_value += static_cast<std::int64_t>(ctx.num_q_heads) * batch[i].length;
+    }
+  }
+  rotate_back(ctx, out, batch.size() * static_cast<std::size_t>(ctx.num_q_heads), ctx.rotate_v,
+              "output rotation kernel launch");
 }
 
 template <class T>
@@ -346,8 +414,8 @@ void download_tail(DeviceContext& ctx, const LayerRead& layer, T* tail_k, T* tai
 
 #define PACKKV_INSTANTIATE_READS(T)                                                                       \
   template void attention<T>(DeviceContext&, std::span<const LayerRead>, const T*, T*, float*, float);           \
-  template void scores<T>(DeviceContext&, const LayerRead&, const T*, float*);                           \
-  template void attn_v<T>(DeviceContext&, const LayerRead&, const float*, float*);                       \
+  template void scores<T>(DeviceContext&, std::span<const LayerRead>, const T*, float*);                 \
+  template void attn_v<T>(DeviceContext&, std::span<const LayerRead>, const float*, float*);             \
   template void read_back<T>(DeviceContext&, const LayerRead&, float*, float*);                          \
   template void download<T>(DeviceContext&, const LayerRead&, std::vector<std::uint32_t>&,              \
                             std::vector<std::uint8_t>&, T*, T*);                                          \

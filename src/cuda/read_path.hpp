@@ -11,10 +11,13 @@ namespace packkv::detail::cuda {
 
 template <class T>
 void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float* lse, float scale);
+/// scores and attn_v of a batch of sequences: sequence i's scores (weights) are [num_q_heads][length_i]
+/// floats after those of sequences 0 .. i-1; its queries and outputs row i of
+/// [batch][num_q_heads][head_dim].
 template <class T>
-void scores(DeviceContext& ctx, const LayerRead& layer, const T* q, float* scores);
+void scores(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, float* scores);
 template <class T>
-void attn_v(DeviceContext& ctx, const LayerRead& layer, const float* weights, float* out);
+void attn_v(DeviceContext& ctx, std::span<const LayerRead> batch, const float* weights, float* out);
 template <class T>
 void read_back(DeviceContext& ctx, const LayerRead& layer, float* k, float* v);
 /// Measures the layers' blocks on the device (one kernel per layer, one download); waits.

@@ -3,6 +3,7 @@
 // Without a usable GPU every test skips and says why.
 #include <cuda_runtime.h>
 
+#include <array>
 #include <atomic>
 #include <numeric>
 #include <cstdlib>
@@ -302,6 +303,35 @@ struct CachePair {
   PackedKVCache<T> cpu, gpu;
 };
 
+/// scores_batch and attn_v_batch of `ids` (ragged: sequence i's [num_q_heads][length_i] after the
+/// others') against the CPU backend, outputs poisoned. Weights vary by up to 2^18 in size along the
+/// array (the fast attn_v's power-of-two weight scale changes along a sequence).
+template <class T>
+void compare_batched_primitives(CachePair<T>& pair, const std::vector<SeqId>& ids, int layer, std::uint64_t seed,
+                                const std::string& label) {
+  const CacheConfig& c = pair.cpu.config();
+  std::size_t values = 0;
+  for (SeqId id : ids) values += static_cast<std::size_t>(c.num_q_heads) * pair.cpu.length(id, layer);
+  const std::size_t vectors = ids.size() * c.num_q_heads * c.head_dim;
+  const auto q = convert<T>(random_values(vectors, seed));
+  std::vector<float> cpu_scores(values);
+  pair.cpu.scores_batch(ids, layer, q.data(), cpu_scores.data());
+  DeviceArray<T> dq(q);
+  DeviceArray<float> dscores(values);
+  dscores.poison();
+  pair.gpu.scores_batch(ids, layer, dq.get(), dscores.get());
+  expect_close(dscores.download(), cpu_scores, 1e-4, 1e-5, label + " scores_batch");
+
+  auto weights = random_values(values, seed + 1, 0.01);
+  for (std::size_t i = 0; i < weights.size(); ++i) weights[i] = std::ldexp(weights[i], -6 * static_cast<int>((i / 97) % 4));
+  std::vector<float> cpu_out(vectors);
+  pair.cpu.attn_v_batch(ids, layer, weights.data(), cpu_out.data());
+  DeviceArray<float> dweights(weights), dout(vectors);
+  dout.poison();
+  pair.gpu.attn_v_batch(ids, layer, dweights.get(), dout.get());
+  expect_close(dout.download(), cpu_out, 1e-4, 1e-5, label + " attn_v_batch");
+}
+
 template <class T>
 void compare_everything(CachePair<T>& pair, const std::vector<SeqId>& ids, int layer, std::uint64_t seed,
                         const std::string& label) {
@@ -350,6 +380,8 @@ void compare_everything(CachePair<T>& pair, const std::vector<SeqId>& ids, int l
     expect_bit_identical(dk.download(), ck, where + " read_back K");
     expect_bit_identical(dv.download(), cv, where + " read_back V");
   }
+
+  compare_batched_primitives(pair, ids, layer, seed + 17, label);
 
   const MemoryStats cs = pair.cpu.memory_stats(), gs = pair.gpu.memory_stats();
   EXPECT_EQ(gs.total.payload, cs.total.payload) << label;
@@ -505,6 +537,39 @@ TEST(CudaFastPath, ServesTheCommonGeometriesAndFillsTheSms) {
   EXPECT_FALSE(plan(96, 4, false).usable);
   EXPECT_FALSE(plan(40, 4, false).usable);
   EXPECT_FALSE(plan(128, 4, true).usable);  // per-channel K
+}
+
+// scores and attn_v (kernels/fast_primitives.cu) take the same geometries, staging one section.
+TEST(CudaFastPath, ScoresAndAttnVServeTheSameGeometries) {
+  using detail::cuda::plan_fast_primitive;
+  auto shape = [](int dim, int group, bool per_channel, int block = 64) {
+    detail::cuda::ReadShape s{};
+    s.geometry.block_tokens = block;
+    s.geometry.head_dim = dim;
+    s.geometry.num_heads = 8;
+    s.geometry.k_bits = 4;
+    s.geometry.v_bits = 3;
+    s.geometry.permuted = true;
+    s.geometry.k_per_channel = per_channel;
+    s.num_q_heads = 8 * group;
+    s.group = group;
+    s.heads_per_cta = std::min(group, detail::cuda::kMaxHeadsPerCta);
+    s.subgroups = (group + s.heads_per_cta - 1) / s.heads_per_cta;
+    return s;
+  };
+  for (format::Side side : {format::Side::k, format::Side::v}) {
+    const detail::cuda::FastPlan llama = plan_fast_primitive(shape(128, 4, false), 227 * 1024, side);
+    ASSERT_TRUE(llama.usable);
+    EXPECT_EQ(llama.heads_per_cta, 4);
+    EXPECT_EQ(llama.stages, 3);
+    EXPECT_GE(llama.ctas_per_sm, 4);
+    EXPECT_EQ(plan_fast_primitive(shape(128, 8, false), 227 * 1024, side).heads_per_cta, 8);
+    EXPECT_EQ(plan_fast_primitive(shape(256, 8, false), 227 * 1024, side).subgroups, 2);
+    EXPECT_TRUE(plan_fast_primitive(shape(64, 1, false, 256), 227 * 1024, side).usable);
+    EXPECT_TRUE(plan_fast_primitive(shape(256, 4, false, 256), 227 * 1024, side).usable);
+    EXPECT_FALSE(plan_fast_primitive(shape(96, 4, false), 227 * 1024, side).usable);
+    EXPECT_FALSE(plan_fast_primitive(shape(128, 4, true), 227 * 1024, side).usable);
+  }
 }
 
 TEST(Cuda, NonFiniteQueriesAreReportedByTheNextCall) {
@@ -1009,6 +1074,43 @@ TEST(CudaEmulated, EncoderLaunchesOneCtaPerBlockAndHead) {
   EXPECT_EQ(launched(first, "copy_placed_batch_kernel").at(0).grid.x, 4u);
 }
 #endif
+
+// scores and attn_v on the fast read path, batched: every fast head_dim, block sizes 16 to 256,
+// code widths 1 to 8, GQA 1 to 8, ragged batches (tail-only, one-token, empty and block-aligned
+// sequences, an id twice, the order of ids not that of their creation), median-permuted blocks:
+// a kernel that wrote scores or read weights in stored order instead of through the permutation
+// fails here.
+TYPED_TEST(CudaTyped, FastScoresAndAttnVBatchesMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  std::uint64_t seed = 4000;
+  int i = 0;
+  for (int dim : {64, 128, 256}) {
+    for (int block : {16, 32, 64, 128, 256}) {
+      const int group = std::array{1, 2, 4, 8, 3}[static_cast<std::size_t>(i % 5)];
+      const int bits = 1 + (i * 3) % 8;
+      ++i;
+      CacheConfig c = base_config();
+      c.num_layers = 1;
+      c.head_dim = dim;
+      c.block_tokens = block;
+      c.num_kv_heads = 2;
+      c.num_q_heads = 2 * group;
+      c.k_rel = 1.0f / static_cast<float>((1 << bits) - 1);
+      c.v_rel = 1.0f / static_cast<float>((1 << (9 - bits)) - 1);
+      ASSERT_EQ(c.repack, RepackMethod::median);
+      CachePair<TypeParam> pair(c);
+      for (SeqId id : {1, 2, 3, 4, 5}) pair.add(id);  // 5 has no tokens: attn_v gives zeros
+      pair.append(1, 0, 2 * block + 5, seed++);
+      pair.append(2, 0, block - 1, seed++);
+      pair.append(3, 0, 1, seed++);
+      pair.append(4, 0, 3 * block, seed++);
+      compare_batched_primitives(pair, {3, 1, 5, 4, 2, 1}, 0, seed++,
+                                 "dim " + std::to_string(dim) + " block " + std::to_string(block) + " group " +
+                                     std::to_string(group) + " bits " + std::to_string(bits));
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+}
 
 TEST(Cuda, PerChannelKAndNoRepackMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
