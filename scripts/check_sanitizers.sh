@@ -55,8 +55,8 @@ echo "== fuzzers, ${fuzz_seconds}s each"
 CC=clang CXX=clang++ cmake -S "$root" -B "$work/fuzz" -DPACKKV_FUZZ=ON -DPACKKV_CUDA=OFF -DPACKKV_BUILD_TESTS=OFF \
   -DPACKKV_BUILD_BENCH=OFF -DPACKKV_BUILD_EXAMPLES=OFF -DPACKKV_INSTALL=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   "-DCMAKE_CXX_FLAGS=-fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=undefined"
-cmake --build "$work/fuzz" -j"$jobs" --target fuzz_import fuzz_block
-for target in import block; do
+cmake --build "$work/fuzz" -j"$jobs" --target fuzz_import fuzz_block fuzz_image_coding
+for target in import block image_coding; do
   corpus="$work/corpus-$target"
   mkdir -p "$corpus"
   "$work/fuzz/tests/fuzz/fuzz_$target" -max_total_time="$fuzz_seconds" -rss_limit_mb=2048 -print_final_stats=1 \

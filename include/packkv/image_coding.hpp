@@ -8,9 +8,9 @@
 // of the original image, and import_sequence takes either form.
 //
 // What the coded form keeps as it is: the image header, layer records, block size tables, block
-// headers, directories, token orders, per-token parameters and tails. What it codes: the codes of
-// every pack. Pack descriptors and round offsets are not stored: the section writer derives them
-// from the codes on decoding, as the encoder did.
+// headers, directories, token orders and tails. What it codes: the (step, min) parameters and the
+// codes of every pack. Pack descriptors and round offsets are not stored: the section writer
+// derives them from the codes on decoding, as the encoder did.
 #pragma once
 
 #include <cstdint>

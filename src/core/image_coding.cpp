@@ -2,13 +2,14 @@
 //
 //   CodedHeader (56 B) | skeleton | code stream
 //
-// The skeleton is the original image without the rounds of its sections (round offsets,
-// descriptors, packs): image header, and per layer its record, block size table, every block's
-// prefix (header, directory, token orders), each section's parameters and the block's trailing
-// bytes, then the tails. The code stream holds every code of every pack, in storage order (layer,
-// block, head, K then V, round, channel, token), range coded with an adaptive model per (layer,
-// head, side, channel). Decoding rebuilds each section with the encoder's section writer; the
-// encoder rebuilds every block the same way before it accepts it, so decoding cannot disagree.
+// The skeleton is the original image without the parameters and rounds of its sections (round
+// offsets, descriptors, packs): image header, and per layer its record, block size table, every
+// block's prefix (header, directory, token orders) and trailing bytes, then the tails. The code
+// stream holds every section's parameters, byte by byte, then every code of its packs, in storage
+// order (layer, block, head, K then V, round, channel, token), range coded with adaptive models
+// per (layer, head, side, channel) for codes and per (layer, head, side, byte) for parameters.
+// Decoding rebuilds each section with the encoder's section writer; the encoder rebuilds every
+// block the same way before it accepts it, so decoding cannot disagree.
 #include "packkv/image_coding.hpp"
 
 #include <algorithm>
@@ -204,23 +205,32 @@ ImageShape image_shape(const ImageHeader& h, const char* what) {
   return s;
 }
 
-/// The models of one image: (layer, head, side, channel), in that order.
+/// The models of one image: codes per (layer, head, side, channel); parameter bytes per (layer,
+/// head, side) and byte of the (step, min) pair (fp16 high bytes, sign and exponent, are far from
+/// uniform; low bytes nearly are).
 class Models {
  public:
   explicit Models(const ImageShape& s)
       : heads_(s.codec.geometry.num_heads), dim_(s.codec.geometry.head_dim),
         levels_{s.codec.k_max_code + 1, s.codec.v_max_code + 1},
-        models_(static_cast<std::size_t>(s.layer_count) * heads_ * 2 * dim_) {
+        models_(static_cast<std::size_t>(s.layer_count) * heads_ * 2 * dim_),
+        param_models_(static_cast<std::size_t>(s.layer_count) * heads_ * 2 * sizeof(QuantParams)) {
     for (std::size_t i = 0; i < models_.size(); ++i) models_[i].reset(levels_[(i / dim_) % 2]);
+    for (AdaptiveModel& m : param_models_) m.reset(256);
   }
   AdaptiveModel& at(int layer, int head, Side side, int channel) {
     return models_[((static_cast<std::size_t>(layer) * heads_ + head) * 2 + (side == Side::k ? 0 : 1)) * dim_ + channel];
+  }
+  AdaptiveModel& param_byte(int layer, int head, Side side, int byte) {
+    return param_models_[((static_cast<std::size_t>(layer) * heads_ + head) * 2 + (side == Side::k ? 0 : 1)) *
+                             sizeof(QuantParams) +
+                         byte];
   }
 
  private:
   int heads_, dim_;
   int levels_[2];
-  std::vector<AdaptiveModel> models_;
+  std::vector<AdaptiveModel> models_, param_models_;
 };
 
 /// Bounded reads from the skeleton.
@@ -298,7 +308,9 @@ std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> ima
         for (Side side : kSides) {
           const SectionLayout layout = g.layout(side);
           const std::uint8_t* section = format::section(block, g, head, side);
-          append(skeleton, section, layout.round_end_offset);  // the parameters
+          for (std::uint32_t i = 0; i < layout.round_end_offset; ++i) {  // the parameters, byte by byte
+            models.param_byte(static_cast<int>(li), head, side, static_cast<int>(i % sizeof(QuantParams))).encode(coder, section[i]);
+          }
           for (std::uint32_t r = 0; r < layout.rounds; ++r) {
             format::for_each_pack(section, layout, r, [&](std::uint32_t c, const std::uint8_t* pack, std::uint32_t width,
                                                           std::uint32_t min) {
@@ -412,7 +424,11 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
       for (int head = 0; head < g.num_heads; ++head) {
         for (Side side : kSides) {
           const SectionLayout layout = g.layout(side);
-          std::memcpy(params.data(), in.take(layout.round_end_offset, "section parameters"), layout.round_end_offset);
+          auto* param_bytes = reinterpret_cast<std::uint8_t*>(params.data());
+          for (std::uint32_t i = 0; i < layout.round_end_offset; ++i) {
+            param_bytes[i] = static_cast<std::uint8_t>(
+                models.param_byte(li, head, side, static_cast<int>(i % sizeof(QuantParams))).decode(coder));
+          }
           for (std::uint32_t r = 0; r < layout.rounds; ++r) {
             for (int c = 0; c < dim; ++c) {
               AdaptiveModel& model = models.at(li, head, side, c);

@@ -47,6 +47,8 @@ int main(int argc, char** argv) {
       cache.append(seed, 0, k.data(), v.data(), tokens);
       cache.append(seed, 1, k.data(), v.data(), tokens / 2 + 1);
       write(dir + "/import/seed" + std::to_string(seed) + ".bin", cache.export_sequence(seed));
+      write(dir + "/image_coding/seed" + std::to_string(seed) + ".bin",
+            packkv::encode_image_entropy(cache.export_sequence(seed)));
       ++seed;
     }
   };
