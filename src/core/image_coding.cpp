@@ -205,26 +205,26 @@ ImageShape image_shape(const ImageHeader& h, const char* what) {
   return s;
 }
 
-/// The models of one image: codes per (layer, head, side, channel); parameter bytes per (layer,
-/// head, side) and byte of the (step, min) pair (fp16 high bytes, sign and exponent, are far from
-/// uniform; low bytes nearly are).
+/// The models of the layer being coded: codes per (head, side, channel); parameter bytes per
+/// (head, side, byte of the (step, min) pair: fp16 high bytes, sign and exponent, are far from
+/// uniform; low bytes nearly are). A layer starts from fresh models, made only when it has blocks,
+/// so what a header claims costs memory only once the bytes behind it are there.
 class Models {
  public:
   explicit Models(const ImageShape& s)
       : heads_(s.codec.geometry.num_heads), dim_(s.codec.geometry.head_dim),
-        levels_{s.codec.k_max_code + 1, s.codec.v_max_code + 1},
-        models_(static_cast<std::size_t>(s.layer_count) * heads_ * 2 * dim_),
-        param_models_(static_cast<std::size_t>(s.layer_count) * heads_ * 2 * sizeof(QuantParams)) {
+        levels_{s.codec.k_max_code + 1, s.codec.v_max_code + 1} {}
+  void start_layer() {
+    models_.resize(static_cast<std::size_t>(heads_) * 2 * dim_);
     for (std::size_t i = 0; i < models_.size(); ++i) models_[i].reset(levels_[(i / dim_) % 2]);
+    param_models_.resize(static_cast<std::size_t>(heads_) * 2 * sizeof(QuantParams));
     for (AdaptiveModel& m : param_models_) m.reset(256);
   }
-  AdaptiveModel& at(int layer, int head, Side side, int channel) {
-    return models_[((static_cast<std::size_t>(layer) * heads_ + head) * 2 + (side == Side::k ? 0 : 1)) * dim_ + channel];
+  AdaptiveModel& at(int head, Side side, int channel) {
+    return models_[(static_cast<std::size_t>(head) * 2 + (side == Side::k ? 0 : 1)) * dim_ + channel];
   }
-  AdaptiveModel& param_byte(int layer, int head, Side side, int byte) {
-    return param_models_[((static_cast<std::size_t>(layer) * heads_ + head) * 2 + (side == Side::k ? 0 : 1)) *
-                             sizeof(QuantParams) +
-                         byte];
+  AdaptiveModel& param_byte(int head, Side side, int byte) {
+    return param_models_[(static_cast<std::size_t>(head) * 2 + (side == Side::k ? 0 : 1)) * sizeof(QuantParams) + byte];
   }
 
  private:
@@ -297,6 +297,7 @@ std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> ima
       const auto size = static_cast<std::uint32_t>(block.size());
       append(skeleton, &size, 4);
     }
+    if (!layer.blocks.empty()) models.start_layer();
     for (std::size_t b = 0; b < layer.blocks.size(); ++b) {
       const std::uint8_t* block = layer.blocks[b].data();
       const std::uint32_t size = static_cast<std::uint32_t>(layer.blocks[b].size());
@@ -309,13 +310,13 @@ std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> ima
           const SectionLayout layout = g.layout(side);
           const std::uint8_t* section = format::section(block, g, head, side);
           for (std::uint32_t i = 0; i < layout.round_end_offset; ++i) {  // the parameters, byte by byte
-            models.param_byte(static_cast<int>(li), head, side, static_cast<int>(i % sizeof(QuantParams))).encode(coder, section[i]);
+            models.param_byte(head, side, static_cast<int>(i % sizeof(QuantParams))).encode(coder, section[i]);
           }
           for (std::uint32_t r = 0; r < layout.rounds; ++r) {
             format::for_each_pack(section, layout, r, [&](std::uint32_t c, const std::uint8_t* pack, std::uint32_t width,
                                                           std::uint32_t min) {
               format::unpack16(pack, width, values);
-              AdaptiveModel& model = models.at(static_cast<int>(li), head, side, static_cast<int>(c));
+              AdaptiveModel& model = models.at(head, side, static_cast<int>(c));
               for (int i = 0; i < format::kPackTokens; ++i) {
                 const std::uint32_t code = values[i] + min;
                 PACKKV_REQUIRE(code <= static_cast<std::uint32_t>(shape.codec.max_code(side)),
@@ -380,10 +381,13 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
   const std::span<const std::uint8_t> stream = coded.subspan(sizeof ch + ch.skeleton_bytes);
   PACKKV_REQUIRE(detail::crc32c(stream.data(), stream.size(), detail::crc32c(skeleton.data(), skeleton.size())) == ch.body_crc,
                  "entropy-coded image: body checksum mismatch (corrupt data)");
-  // The image can be no larger than the skeleton with every section at its largest; refuse
-  // anything else before allocating.
-  PACKKV_REQUIRE(ch.image_bytes >= sizeof(ImageHeader) && ch.image_bytes / 64 <= ch.skeleton_bytes + stream.size() + 1024,
-                 fmt::format("entropy-coded image: implausible original size {}", ch.image_bytes));
+  // Codes can be coded in far less than a bit each, so the stream alone does not bound what it
+  // decodes to: the recorded original size does, checked against what a coded image can be (images
+  // code to 3/4 of their size or more; 256 times is beyond any) and before every block grows the
+  // decoded image.
+  PACKKV_REQUIRE(ch.image_bytes >= sizeof(ImageHeader) && ch.image_bytes / 256 <= coded.size(),
+                 fmt::format("entropy-coded image: implausible original size {} for {} coded bytes", ch.image_bytes,
+                             coded.size()));
 
   SkeletonReader in(skeleton);
   ImageHeader h;
@@ -395,8 +399,13 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
   const std::uint32_t min_block = g.min_block_bytes(), max_block = g.max_block_bytes();
 
   std::vector<std::uint8_t> image;
-  image.reserve(static_cast<std::size_t>(ch.image_bytes));
+  image.reserve(static_cast<std::size_t>(std::min<std::uint64_t>(ch.image_bytes, 4 * coded.size())));
   append(image, &h, sizeof h);
+  auto fits = [&](std::size_t more, const char* what) {
+    PACKKV_REQUIRE(more <= ch.image_bytes - std::min<std::uint64_t>(ch.image_bytes, image.size()),
+                   fmt::format("entropy-coded image: {} would make the image larger than its recorded {} bytes", what,
+                               ch.image_bytes));
+  };
   RangeDecoder coder(stream.data(), stream.size());
   Models models(shape);
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(tokens) * dim), identity(static_cast<std::size_t>(tokens));
@@ -406,16 +415,25 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
   for (int li = 0; li < shape.layer_count; ++li) {
     LayerRecord record;
     std::memcpy(&record, in.take(sizeof record, "a layer record"), sizeof record);
+    fits(sizeof record, "a layer record");
     append(image, &record, sizeof record);
     PACKKV_REQUIRE(record.block_count <= in.remaining() / 4,
                    fmt::format("entropy-coded image: layer {} claims {} blocks", record.layer, record.block_count));
     const std::uint8_t* sizes = in.take(4ull * record.block_count, "a block size table");
+    fits(4ull * record.block_count, "a block size table");
     append(image, sizes, 4ull * record.block_count);
+    if (record.block_count > 0) {
+      // The first block's prefix (at least 8 bytes per head) must be there before the models are.
+      PACKKV_REQUIRE(g.sections_offset() <= in.remaining(),
+                     fmt::format("entropy-coded image: truncated skeleton in layer {}", record.layer));
+      models.start_layer();
+    }
     for (std::uint32_t b = 0; b < record.block_count; ++b) {
       std::uint32_t size;
       std::memcpy(&size, sizes + 4ull * b, 4);
       PACKKV_REQUIRE(size >= min_block && size <= max_block,
                      fmt::format("entropy-coded image: layer {} block {} has impossible size {}", record.layer, b, size));
+      fits(size, "a block");
       const std::size_t block_at = image.size();
       image.resize(block_at + size);
       std::memcpy(image.data() + block_at, in.take(g.sections_offset(), "a block prefix"), g.sections_offset());
@@ -427,11 +445,11 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
           auto* param_bytes = reinterpret_cast<std::uint8_t*>(params.data());
           for (std::uint32_t i = 0; i < layout.round_end_offset; ++i) {
             param_bytes[i] = static_cast<std::uint8_t>(
-                models.param_byte(li, head, side, static_cast<int>(i % sizeof(QuantParams))).decode(coder));
+                models.param_byte(head, side, static_cast<int>(i % sizeof(QuantParams))).decode(coder));
           }
           for (std::uint32_t r = 0; r < layout.rounds; ++r) {
             for (int c = 0; c < dim; ++c) {
-              AdaptiveModel& model = models.at(li, head, side, c);
+              AdaptiveModel& model = models.at(head, side, c);
               for (int i = 0; i < format::kPackTokens; ++i) {
                 codes[(r * format::kPackTokens + static_cast<std::size_t>(i)) * dim + static_cast<std::size_t>(c)] =
                     static_cast<std::uint8_t>(model.decode(coder));
@@ -452,7 +470,9 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
     PACKKV_REQUIRE(record.tail_tokens <= in.remaining() / (2 * row_bytes),
                    fmt::format("entropy-coded image: layer {} claims {} tail tokens", record.layer, record.tail_tokens));
     const std::size_t tail_bytes = static_cast<std::size_t>(record.tail_tokens) * row_bytes;
-    append(image, in.take(2 * tail_bytes, "the tails"), 2 * tail_bytes);
+    const std::uint8_t* tails = in.take(2 * tail_bytes, "the tails");
+    fits(2 * tail_bytes, "the tails");
+    append(image, tails, 2 * tail_bytes);
   }
   PACKKV_REQUIRE(in.remaining() == 0 && coder.overrun() <= 4,
                  "entropy-coded image: the skeleton and the code stream do not end together (corrupt data)");

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "packkv/codec.hpp"
 #include "packkv/packkv.hpp"
 #include "packkv/synthetic.hpp"
 
