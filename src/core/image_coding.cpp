@@ -398,9 +398,9 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
   const std::size_t row_bytes = static_cast<std::size_t>(g.num_heads) * dim * shape.value_bytes;
   const std::uint32_t min_block = g.min_block_bytes(), max_block = g.max_block_bytes();
 
-  std::vector<std::uint8_t> image;
+  std::vector<std::uint8_t> image(sizeof h);
+  std::memcpy(image.data(), &h, sizeof h);
   image.reserve(static_cast<std::size_t>(std::min<std::uint64_t>(ch.image_bytes, 4 * coded.size())));
-  append(image, &h, sizeof h);
   auto fits = [&](std::size_t more, const char* what) {
     PACKKV_REQUIRE(more <= ch.image_bytes - std::min<std::uint64_t>(ch.image_bytes, image.size()),
                    fmt::format("entropy-coded image: {} would make the image larger than its recorded {} bytes", what,
