@@ -12,6 +12,7 @@
 #   scripts/run_accuracy.sh --lever per-layer  # V rotated, each layer's rels calibrated on 512 tokens of
 #                                              # GPL-3 outside the windows, 5 KL budgets, beside rotate-v's
 #                                              # sweeps and pairs, int8 and KIVI-4 (about 25 min)
+#   scripts/run_accuracy.sh --lever entropy-images  # entropy-coded images of one window's K/V (3 min)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,11 +30,18 @@ fi
 echo "== building packkv_eval in $build"
 # The model runs on this machine only: tune its matrix code for it (the library dispatches anyway).
 cmake -S "$repo" -B "$build" -DPACKKV_CUDA=OFF -DPACKKV_NATIVE=ON -DCMAKE_BUILD_TYPE=Release > /dev/null
-cmake --build "$build" --target packkv_eval -j "${PACKKV_JOBS:-2}" > /dev/null
+cmake --build "$build" --target packkv_eval packkv_entropy -j "${PACKKV_JOBS:-2}" > /dev/null
 
 mkdir -p "$results"
 name=accuracy
 extra=()
+if [[ "${1:-}" == "--lever" && "${2:-}" == "entropy-images" ]]; then
+  # Not a cache setting: the entropy-coded form of sequence images, on one window's K/V.
+  echo "== packkv_entropy (docs/results/entropy-images.md)"
+  "$build/examples/packkv_entropy" --model "$model_dir/smollm2-135m.pkvllama" --tokens "$model_dir/GPL-3.tokens" \
+    --context 2048 --markdown "$results/entropy-images.md" > /dev/null
+  exit 0
+fi
 if [[ "${1:-}" == "--lever" ]]; then
   # One lever measured against the main run's windows and exact cache (same texts, same windows).
   name=${2:?"--lever needs a name: rotate-v"}
@@ -43,7 +51,7 @@ if [[ "${1:-}" == "--lever" ]]; then
     rotate-k) extra=(--rotate-k --sweeps k --baselines none) ;;
     rotate-kv) extra=(--rotate-k --rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
     per-layer) extra=(--rotate-v --sweeps k,v,pairs --baselines int8,kivi4 --calibrate-layers 0.0005,0.001,0.0015,0.002,0.003) ;;
-    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer)" >&2; exit 2 ;;
+    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, entropy-images)" >&2; exit 2 ;;
   esac
 fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")
