@@ -109,7 +109,6 @@ __device__ PACKKV_NOINLINE MaskBits causal_mask_bits(const std::uint8_t* order, 
 template <class T, int D, int NT>
 __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionParams<T> p) {
   constexpr int kSteps = D / 16;    // k-steps of K.q and m-tiles of P.V
-  constexpr int kGroups = D / 32;   // ldmatrix.x4 loads per round
   PACKKV_DYNAMIC_SHARED(shared_bytes);
   const format::BlockGeometry& g = p.shape.geometry;
   FastShared s;
@@ -256,22 +255,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
         decode_round<D>(k_sec, kl, r, tile);
         __syncwarp();
         float c[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) c[nt][e] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < kGroups; ++kk) {
-          std::uint32_t m[4];
-          ldmatrix_x4_trans(m, tile + tile_row<D>(32 * kk + lane));
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const std::uint32_t a[4] = {codes_to_half2(m[2 * h], 0x4240), codes_to_half2(m[2 * h], 0x4341),
-                                        codes_to_half2(m[2 * h + 1], 0x4240), codes_to_half2(m[2 * h + 1], 0x4341)};
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma_16816(c[nt], a, qf[2 * kk + h][nt]);
-          }
-        }
+        kq_round<D, NT>(tile, qf, c);
         // Per-token K: q . k_t = step_t * (q . codes_t) + min_t * sum(q).
         const std::uint64_t kp = lds64(k_sec + 4 * (16 * r + 2 * gq));
 #pragma unroll
@@ -356,8 +340,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
         std::uint8_t* tile = s.tiles + (r & 1) * 16 * D;
         decode_round<D>(v_sec, vl, r, tile);
         __syncwarp();
-        // B fragment: b0 = weights of tokens 4 t4, 4 t4 + 1 for column gq, b1 = tokens + 2; the
-        // lane holding tokens 2 g', 2 g' + 1 of head t4' is lane 4 g' + t4'.
+        // Weights times the V steps of their tokens, as mma B fragments.
         std::uint32_t b[NT][2];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -365,28 +348,9 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
 #pragma unroll
           for (int j = 0; j < 2; ++j)
             w[j] = score[rr][j][nt] * fp16_bits_to_float(static_cast<std::uint16_t>(vp[rr] >> (32 * j))) * weight_scale;
-          const Split2 w0 = split_half(w[0]), w1 = split_half(w[1]);
-          const std::uint32_t hi = half2_bits(w0.hi, w1.hi), lo = half2_bits(w0.lo, w1.lo);
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int source = 4 * (2 * t4 + e) + gq / 2;
-            const std::uint32_t from_hi = __shfl_sync(kFullMask, hi, source);
-            const std::uint32_t from_lo = __shfl_sync(kFullMask, lo, source);
-            b[nt][e] = (gq & 1) ? from_lo : from_hi;
-          }
+          weight_fragment(w[0], w[1], b[nt]);
         }
-#pragma unroll
-        for (int kk = 0; kk < kGroups; ++kk) {
-          std::uint32_t m[4];
-          ldmatrix_x4(m, tile + tile_row<D>(32 * kk + lane));
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const std::uint32_t a[4] = {codes_to_half2(m[2 * h], 0x4140), codes_to_half2(m[2 * h + 1], 0x4140),
-                                        codes_to_half2(m[2 * h], 0x4342), codes_to_half2(m[2 * h + 1], 0x4342)};
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma_16816(acc[nt][2 * kk + h], a, b[nt]);
-          }
-        }
+        pv_round<D, NT>(tile, b, acc);
       }
     }
     __syncwarp();  // the stage is refilled by the next iteration's copies

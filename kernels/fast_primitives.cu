@@ -134,7 +134,7 @@ __device__ __forceinline__ TokenPair token_pair(const std::uint8_t* order, int r
 /// scores[h][t] = K_t . q[h]. NT n-tiles of 8 columns: 4 query heads (hi and lo halves) each.
 template <class T, int D, int NT>
 __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParams<T> p) {
-  constexpr int kSteps = D / 16, kGroups = D / 32;
+  constexpr int kSteps = D / 16;
   PACKKV_DYNAMIC_SHARED(shared_bytes);
   const format::BlockGeometry& g = p.shape.geometry;
   PrimitiveShared s;
@@ -203,22 +203,7 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
       decode_round<D>(k_sec, kl, r, tile);
       __syncwarp();
       float c[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) c[nt][e] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < kGroups; ++kk) {
-        std::uint32_t m[4];
-        ldmatrix_x4_trans(m, tile + tile_row<D>(32 * kk + lane));
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const std::uint32_t a[4] = {codes_to_half2(m[2 * h], 0x4240), codes_to_half2(m[2 * h], 0x4341),
-                                      codes_to_half2(m[2 * h + 1], 0x4240), codes_to_half2(m[2 * h + 1], 0x4341)};
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma_16816(c[nt], a, qf[2 * kk + h][nt]);
-        }
-      }
+      kq_round<D, NT>(tile, qf, c);
       // Per-token K: q . k_t = step_t * (q . codes_t) + min_t * sum(q), tokens 2 gq + j.
       const std::uint64_t kp = lds64(k_sec + 4 * (16 * r + 2 * gq));
       const TokenPair token = token_pair(order, r, gq);
@@ -261,7 +246,7 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
 /// out[h][c] = sum_t weights[h][t] V_t[c]. NT n-tiles of 8 columns: 4 query heads (hi and lo).
 template <class T, int D, int NT>
 __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParams<T> p) {
-  constexpr int kSteps = D / 16, kGroups = D / 32;
+  constexpr int kSteps = D / 16;
   PACKKV_DYNAMIC_SHARED(shared_bytes);
   const format::BlockGeometry& g = p.shape.geometry;
   PrimitiveShared s;
@@ -351,33 +336,11 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
         std::uint8_t* tile = s.tiles + (r & 1) * 16 * D;
         decode_round<D>(v_sec, vl, r, tile);
         __syncwarp();
-        // B fragment: b0 = weights of tokens 4 t4, 4 t4 + 1 for column gq, b1 = tokens + 2; the
-        // lane holding tokens 2 g', 2 g' + 1 of head t4' is lane 4 g' + t4'.
+        // The weights as mma B fragments.
         std::uint32_t bf[NT][2];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const Split2 w0 = split_half(ws[rr][0][nt] * weight_scale), w1 = split_half(ws[rr][1][nt] * weight_scale);
-          const std::uint32_t hi = half2_bits(w0.hi, w1.hi), lo = half2_bits(w0.lo, w1.lo);
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int source = 4 * (2 * t4 + e) + gq / 2;
-            const std::uint32_t from_hi = __shfl_sync(kFullMask, hi, source);
-            const std::uint32_t from_lo = __shfl_sync(kFullMask, lo, source);
-            bf[nt][e] = (gq & 1) ? from_lo : from_hi;
-          }
-        }
-#pragma unroll
-        for (int kk = 0; kk < kGroups; ++kk) {
-          std::uint32_t m[4];
-          ldmatrix_x4(m, tile + tile_row<D>(32 * kk + lane));
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const std::uint32_t a[4] = {codes_to_half2(m[2 * h], 0x4140), codes_to_half2(m[2 * h + 1], 0x4140),
-                                        codes_to_half2(m[2 * h], 0x4342), codes_to_half2(m[2 * h + 1], 0x4342)};
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma_16816(acc[nt][2 * kk + h], a, bf[nt]);
-          }
-        }
+        for (int nt = 0; nt < NT; ++nt) weight_fragment(ws[rr][0][nt] * weight_scale, ws[rr][1][nt] * weight_scale, bf[nt]);
+        pv_round<D, NT>(tile, bf, acc);
       }
     }
     __syncwarp();  // the stage is refilled by the next iteration's copies

@@ -167,4 +167,68 @@ __device__ __forceinline__ float load_coherent(const float* p) {
 #endif
 }
 
+// ---- the tensor-core steps of a decoded round (lane l: gq = l / 4, t4 = l % 4) -----------------
+
+/// K.q of a decoded round (16 tokens x D codes in the tile): c[nt] holds this lane's accumulators
+/// of n-tile nt (tokens 2 gq, 2 gq + 1, then + 8; columns: 4 query heads x hi, lo halves of q),
+/// q given as B fragments qf[k-step][nt]. The codes enter as code * 2^-24 (codes_to_half2).
+template <int D, int NT>
+__device__ __forceinline__ void kq_round(const std::uint8_t* tile, const std::uint32_t (&qf)[D / 16][NT][2],
+                                         float (&c)[NT][4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[nt][e] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 32; ++kk) {
+    std::uint32_t m[4];
+    ldmatrix_x4_trans(m, tile + tile_row<D>(32 * kk + lane));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const std::uint32_t a[4] = {codes_to_half2(m[2 * h], 0x4240), codes_to_half2(m[2 * h], 0x4341),
+                                  codes_to_half2(m[2 * h + 1], 0x4240), codes_to_half2(m[2 * h + 1], 0x4341)};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_16816(c[nt], a, qf[2 * kk + h][nt]);
+    }
+  }
+}
+
+/// The P.V B fragment of one n-tile from this lane's weights w0, w1 (tokens 2 gq and 2 gq + 1 of
+/// head t4 + 4 nt, already scaled): b[0] = weights of tokens 4 t4, 4 t4 + 1 for column gq (head
+/// gq / 2, hi or lo half by gq's parity), b[1] = tokens + 2. The lane holding tokens 2 g', 2 g' + 1
+/// of head t4' is lane 4 g' + t4'.
+__device__ __forceinline__ void weight_fragment(float w0, float w1, std::uint32_t (&b)[2]) {
+  const int lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  const Split2 s0 = split_half(w0), s1 = split_half(w1);
+  const std::uint32_t hi = half2_bits(s0.hi, s1.hi), lo = half2_bits(s0.lo, s1.lo);
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int source = 4 * (2 * t4 + e) + gq / 2;
+    const std::uint32_t from_hi = __shfl_sync(kFullMask, hi, source);
+    const std::uint32_t from_lo = __shfl_sync(kFullMask, lo, source);
+    b[e] = (gq & 1) ? from_lo : from_hi;
+  }
+}
+
+/// P.V of a decoded round: acc[nt][mt] (channels 16 mt + gq, + 8; heads t4 + 4 nt hi | lo) gains
+/// the round's V codes times the weights in b[nt] (weight_fragment).
+template <int D, int NT>
+__device__ __forceinline__ void pv_round(const std::uint8_t* tile, const std::uint32_t (&b)[NT][2],
+                                         float (&acc)[NT][D / 16][4]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < D / 32; ++kk) {
+    std::uint32_t m[4];
+    ldmatrix_x4(m, tile + tile_row<D>(32 * kk + lane));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const std::uint32_t a[4] = {codes_to_half2(m[2 * h], 0x4140), codes_to_half2(m[2 * h + 1], 0x4140),
+                                  codes_to_half2(m[2 * h], 0x4342), codes_to_half2(m[2 * h + 1], 0x4342)};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_16816(acc[nt][2 * kk + h], a, b[nt]);
+    }
+  }
+}
+
 }  // namespace packkv::detail::cuda
