@@ -61,6 +61,21 @@ if [ -z "$test_bin$bench_bin" ]; then
   [ -n "$peer" ] || peer=$here/sdpa_peer.py
 fi
 [ -d "$here/lib" ] && pkg_lib=$here/lib
+# A package over its size limit carries its binaries gzip-compressed (gpu_check.sh): unpack them
+# into a temporary folder, outside the package, so that the package itself stays as it came.
+unpacked=""
+for var in test_bin bench_bin; do
+  path=${!var}
+  if [ -n "$path" ] && [ ! -e "$path" ] && [ -f "$path.gz" ]; then
+    if [ -z "$unpacked" ]; then
+      unpacked=$(mktemp -d "${TMPDIR:-/tmp}/packkv-gpu-bin.XXXXXX")
+      trap 'rm -rf "$unpacked"' EXIT
+    fi
+    target=$unpacked/$(basename "$path")
+    gzip -dc "$path.gz" > "$target" && chmod +x "$target"
+    printf -v "$var" '%s' "$target"
+  fi
+done
 if [ -z "$commit" ]; then
   if [ -f "$here/COMMIT" ]; then
     commit=$(head -1 "$here/COMMIT")
