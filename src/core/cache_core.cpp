@@ -515,6 +515,29 @@ void CacheCore<T>::truncate(SeqId id, std::int64_t new_length) {
 // ---- reads ---------------------------------------------------------------------------------------
 
 template <class T>
+template <class Fn>
+void CacheCore<T>::read_batch(std::span<const SeqId> ids, const char* what, Fn&& read) const {
+  const std::shared_lock table(table_lock_);
+  SharedLocks locks;
+  std::vector<const Sequence*> seqs;
+  seqs.reserve(ids.size());
+  for (SeqId id : ids) {
+    seqs.push_back(&sequence(id, what));
+    locks.add(id, seqs.back()->lock);
+  }
+  locks.lock();
+  read(seqs);
+}
+
+template <class T>
+std::vector<LayerRead> CacheCore<T>::layer_views(const std::vector<const Sequence*>& seqs, int layer) const {
+  std::vector<LayerRead> views;
+  views.reserve(seqs.size());
+  for (const Sequence* seq : seqs) views.push_back(read_view(seq->layers[static_cast<std::size_t>(layer)]));
+  return views;
+}
+
+template <class T>
 void CacheCore<T>::attention(std::span<const SeqId> ids, std::span<const int> n_queries, int layer, const T* q, T* out,
                              float softmax_scale, float* lse, void* stream, const char* what) const {
   check_layer(layer, what);
@@ -527,31 +550,24 @@ void CacheCore<T>::attention(std::span<const SeqId> ids, std::span<const int> n_
     PACKKV_REQUIRE(n_queries[b] >= 1, fmt::format("{}: n_queries[{}] (sequence {}) must be at least 1, got {}", what, b,
                                                   ids[b], n_queries[b]));
   }
-  const std::shared_lock table(table_lock_);
-  SharedLocks locks;
-  std::vector<const Sequence*> seqs;
-  seqs.reserve(ids.size());
-  for (SeqId id : ids) {
-    seqs.push_back(&sequence(id, what));
-    locks.add(id, seqs.back()->lock);
-  }
-  locks.lock();
-  std::vector<LayerRead> batch;
-  batch.reserve(ids.size());
-  for (std::size_t b = 0; b < ids.size(); ++b) {
-    const Layer& l = seqs[b]->layers[static_cast<std::size_t>(layer)];
-    PACKKV_REQUIRE(l.length > 0, fmt::format("{}: sequence {} has no tokens at layer {}", what, ids[b], layer));
-    LayerRead read = read_view(l);
-    if (!n_queries.empty()) {
-      PACKKV_REQUIRE(n_queries[b] <= l.length,
-                     fmt::format("{}: n_queries[{}] = {} exceeds the {} tokens of sequence {} at layer {} (the "
-                                 "queries' keys must be appended first)",
-                                 what, b, n_queries[b], l.length, ids[b], layer));
-      read.queries = n_queries[b];
+  read_batch(ids, what, [&](const std::vector<const Sequence*>& seqs) {
+    std::vector<LayerRead> batch;
+    batch.reserve(ids.size());
+    for (std::size_t b = 0; b < ids.size(); ++b) {
+      const Layer& l = seqs[b]->layers[static_cast<std::size_t>(layer)];
+      PACKKV_REQUIRE(l.length > 0, fmt::format("{}: sequence {} has no tokens at layer {}", what, ids[b], layer));
+      LayerRead read = read_view(l);
+      if (!n_queries.empty()) {
+        PACKKV_REQUIRE(n_queries[b] <= l.length,
+                       fmt::format("{}: n_queries[{}] = {} exceeds the {} tokens of sequence {} at layer {} (the "
+                                   "queries' keys must be appended first)",
+                                   what, b, n_queries[b], l.length, ids[b], layer));
+        read.queries = n_queries[b];
+      }
+      batch.push_back(read);
     }
-    batch.push_back(read);
-  }
-  backend_->attention(batch, q, out, lse, softmax_scale, stream);
+    backend_->attention(batch, q, out, lse, softmax_scale, stream);
+  });
 }
 
 template <class T>
@@ -560,19 +576,9 @@ void CacheCore<T>::scores(std::span<const SeqId> ids, int layer, const T* q, flo
   check_layer(layer, what);
   PACKKV_REQUIRE(!ids.empty(), fmt::format("{}: the batch of sequence ids is empty", what));
   PACKKV_REQUIRE(q != nullptr && scores != nullptr, fmt::format("{}: q and scores must not be null", what));
-  const std::shared_lock table(table_lock_);
-  SharedLocks locks;
-  std::vector<const Sequence*> seqs;
-  seqs.reserve(ids.size());
-  for (SeqId id : ids) {
-    seqs.push_back(&sequence(id, what));
-    locks.add(id, seqs.back()->lock);
-  }
-  locks.lock();
-  std::vector<LayerRead> batch;
-  batch.reserve(ids.size());
-  for (const Sequence* seq : seqs) batch.push_back(read_view(seq->layers[static_cast<std::size_t>(layer)]));
-  backend_->scores(batch, q, scores, stream);
+  read_batch(ids, what, [&](const std::vector<const Sequence*>& seqs) {
+    backend_->scores(layer_views(seqs, layer), q, scores, stream);
+  });
 }
 
 template <class T>
@@ -581,19 +587,9 @@ void CacheCore<T>::attn_v(std::span<const SeqId> ids, int layer, const float* we
   check_layer(layer, what);
   PACKKV_REQUIRE(!ids.empty(), fmt::format("{}: the batch of sequence ids is empty", what));
   PACKKV_REQUIRE(weights != nullptr && out != nullptr, fmt::format("{}: weights and out must not be null", what));
-  const std::shared_lock table(table_lock_);
-  SharedLocks locks;
-  std::vector<const Sequence*> seqs;
-  seqs.reserve(ids.size());
-  for (SeqId id : ids) {
-    seqs.push_back(&sequence(id, what));
-    locks.add(id, seqs.back()->lock);
-  }
-  locks.lock();
-  std::vector<LayerRead> batch;
-  batch.reserve(ids.size());
-  for (const Sequence* seq : seqs) batch.push_back(read_view(seq->layers[static_cast<std::size_t>(layer)]));
-  backend_->attn_v(batch, weights, out, stream);
+  read_batch(ids, what, [&](const std::vector<const Sequence*>& seqs) {
+    backend_->attn_v(layer_views(seqs, layer), weights, out, stream);
+  });
 }
 
 template <class T>

@@ -86,6 +86,12 @@ class CacheCore {
   Sequence& sequence(SeqId id, const char* what) const;
   void check_layer(int layer, const char* what) const;
   LayerRead read_view(const Layer& layer) const;
+  /// Takes the table and every sequence of `ids` shared, in id order, and calls read(seqs) while
+  /// they are held: the reads of a batch (attention, scores, attn_v).
+  template <class Fn>
+  void read_batch(std::span<const SeqId> ids, const char* what, Fn&& read) const;
+  /// The read views of one layer of each sequence.
+  std::vector<LayerRead> layer_views(const std::vector<const Sequence*>& seqs, int layer) const;
   std::unique_ptr<Sequence> new_sequence() const;
   /// Host bookkeeping of one sequence, counted in the statistics and the budget.
   std::size_t sequence_bookkeeping_bytes() const;
