@@ -39,7 +39,6 @@ namespace {
 
 using format::SectionLayout;
 
-constexpr int kStagesMax = 3;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -209,29 +208,11 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   __syncwarp();  // spans
 
   // ---- packed blocks -------------------------------------------------------------------------
-  auto issue = [&](int i, int into) {
-    if (i < blocks) {
-      const BlockSpan span = s.spans[i];
-      // Lane l copies 16-byte chunks l, l + 32, ...: one LDGSTS and immediate offsets per chunk.
-      const int chunks = static_cast<int>(span.bytes / 16u), mine = (chunks - lane + 31) / 32;
-      std::uint8_t* dst = s.stages + static_cast<std::size_t>(into) * stage_bytes + 16 * lane;
-      const std::uint8_t* src = span.k_section + 16 * lane;
-#pragma unroll 4
-      for (int k = 0; k < mine; ++k) cp_async_16(dst + 512 * k, src + 512 * k);
-    }
-    cp_async_commit();  // one group per block, empty past the end: the wait counts stay uniform
-  };
-  for (int i = 0; i < p.stages - 1; ++i) issue(i, i);
+  start_staging(s.spans, blocks, s.stages, stage_bytes, p.stages);
 
-  int stage = 0;  // i % stages, kept without a division
+  int stage = 0;
   for (int i = 0; i < blocks; ++i) {
-    issue(i + p.stages - 1, stage == 0 ? p.stages - 1 : stage - 1);
-    // Everything but the newest stages - 1 groups has landed: block i is here.
-    if (p.stages == 3) cp_async_wait<2>();
-    else cp_async_wait<1>();
-    __syncwarp();
-    const std::uint8_t* k_sec = s.stages + static_cast<std::size_t>(stage) * stage_bytes;
-    stage = stage + 1 == p.stages ? 0 : stage + 1;
+    const std::uint8_t* k_sec = next_staged_block(s.spans, i, blocks, s.stages, stage_bytes, p.stages, stage);
     const std::uint8_t* v_sec = k_sec + s.spans[i].v_offset;
     // Causal mask (several queries): bit 2 r + j of masked[nt] says that the lane's token 2 gq + j
     // of round r is at or past row t4 + 4 nt's limit. Worked out once per block, and only for the
@@ -470,26 +451,9 @@ cudaError_t launch_fast_kind(const AttentionParams<T>& p, std::size_t shared, cu
 }  // namespace
 
 FastPlan plan_fast_attention(const ReadShape& shape, int shared_limit) {
-  FastPlan plan{};
-  const format::BlockGeometry& g = shape.geometry;
-  if (g.head_dim != 64 && g.head_dim != 128 && g.head_dim != 256) return plan;
-  if (g.k_per_channel) return plan;
-  // Two n-tiles (8 heads) would not fit the registers at head_dim 256.
-  plan.heads_per_cta = std::min(shape.group, g.head_dim == 256 ? 4 : 8);
-  plan.subgroups = (shape.group + plan.heads_per_cta - 1) / plan.heads_per_cta;
-  for (int stages = kStagesMax; stages >= 2; --stages) {
-    const std::size_t bytes = fast_shared_layout(g, stages, plan.heads_per_cta, nullptr, nullptr);
-    if (bytes <= static_cast<std::size_t>(shared_limit)) {
-      plan.usable = true;
-      plan.stages = stages;
-      plan.shared_bytes = bytes;
-      // Resident CTAs per SM from shared memory (228 KiB per SM, 1 KiB reserved per CTA), at most
-      // 32; registers allow more than that for one-warp CTAs.
-      plan.ctas_per_sm = static_cast<int>(std::min<std::size_t>(32, (228u * 1024u) / (bytes + 1024u)));
-      return plan;
-    }
-  }
-  return plan;
+  return plan_fast_kernels(shape, shared_limit, [&](int stages, int heads) {
+    return fast_shared_layout(shape.geometry, stages, heads, nullptr, nullptr);
+  });
 }
 
 template <class T>

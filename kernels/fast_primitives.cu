@@ -29,7 +29,6 @@ namespace {
 
 using format::SectionLayout;
 
-constexpr int kStagesMax = 3;
 
 /// Shared memory of one staged section: the geometry's worst case, plus slack for the 12-byte reads
 /// a decoder makes at a pack's start.
@@ -103,22 +102,6 @@ __device__ void load_spans(const PrimitiveParams<T>& p, const SeqView<T>& seq, c
   }
 }
 
-/// Issues the cp.async copies of span i into stage `into` (one commit group per call, empty past
-/// the end, so that the wait counts stay uniform).
-__device__ __forceinline__ void issue_span(const BlockSpan* spans, int i, int blocks, std::uint8_t* stages,
-                                           std::size_t stage_bytes, int into) {
-  const int lane = threadIdx.x & 31;
-  if (i < blocks) {
-    const BlockSpan span = spans[i];
-    const int chunks = static_cast<int>(span.bytes / 16u), mine = (chunks - lane + 31) / 32;
-    std::uint8_t* dst = stages + static_cast<std::size_t>(into) * stage_bytes + 16 * lane;
-    const std::uint8_t* src = span.k_section + 16 * lane;
-#pragma unroll 4
-    for (int k = 0; k < mine; ++k) cp_async_16(dst + 512 * k, src + 512 * k);
-  }
-  cp_async_commit();
-}
-
 /// The stored order of tokens 16 r + 2 gq and + 1 of a block as their offsets in the block: one
 /// 32-bit load (the read path makes no byte-wide global load); identity without a permutation.
 struct TokenPair {
@@ -187,15 +170,10 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
     sum_q[nt] = sum;
   }
 
-  for (int i = 0; i < p.stages - 1; ++i) issue_span(s.spans, i, w.blocks, s.stages, stage_bytes, i);
+  start_staging(s.spans, w.blocks, s.stages, stage_bytes, p.stages);
   int stage = 0;
   for (int i = 0; i < w.blocks; ++i) {
-    issue_span(s.spans, i + p.stages - 1, w.blocks, s.stages, stage_bytes, stage == 0 ? p.stages - 1 : stage - 1);
-    if (p.stages == 3) cp_async_wait<2>();
-    else cp_async_wait<1>();
-    __syncwarp();
-    const std::uint8_t* k_sec = s.stages + static_cast<std::size_t>(stage) * stage_bytes;
-    stage = stage + 1 == p.stages ? 0 : stage + 1;
+    const std::uint8_t* k_sec = next_staged_block(s.spans, i, w.blocks, s.stages, stage_bytes, p.stages, stage);
     const std::uint8_t* order = format::token_order(load_global(seq.blocks + w.block_begin + i), g, w.kv_head);
     const std::int64_t block_position = static_cast<std::int64_t>(w.block_begin + i) * g.block_tokens;
     for (int r = 0; r < rounds; ++r) {
@@ -281,15 +259,10 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
   }
   int w_exp = 100;  // the largest scale_exponent gives
 
-  for (int i = 0; i < p.stages - 1; ++i) issue_span(s.spans, i, w.blocks, s.stages, stage_bytes, i);
+  start_staging(s.spans, w.blocks, s.stages, stage_bytes, p.stages);
   int stage = 0;
   for (int i = 0; i < w.blocks; ++i) {
-    issue_span(s.spans, i + p.stages - 1, w.blocks, s.stages, stage_bytes, stage == 0 ? p.stages - 1 : stage - 1);
-    if (p.stages == 3) cp_async_wait<2>();
-    else cp_async_wait<1>();
-    __syncwarp();
-    const std::uint8_t* v_sec = s.stages + static_cast<std::size_t>(stage) * stage_bytes;
-    stage = stage + 1 == p.stages ? 0 : stage + 1;
+    const std::uint8_t* v_sec = next_staged_block(s.spans, i, w.blocks, s.stages, stage_bytes, p.stages, stage);
     const std::uint8_t* order = format::token_order(load_global(seq.blocks + w.block_begin + i), g, w.kv_head);
     const std::int64_t block_position = static_cast<std::int64_t>(w.block_begin + i) * g.block_tokens;
     for (int r0 = 0; r0 < rounds; r0 += 4) {
@@ -435,23 +408,9 @@ cudaError_t launch_attn_v_kind(const PrimitiveParams<T>& p, std::size_t shared, 
 }  // namespace
 
 FastPlan plan_fast_primitive(const ReadShape& shape, int shared_limit, format::Side side) {
-  FastPlan plan{};
-  const format::BlockGeometry& g = shape.geometry;
-  if (g.head_dim != 64 && g.head_dim != 128 && g.head_dim != 256) return plan;
-  if (g.k_per_channel) return plan;
-  plan.heads_per_cta = std::min(shape.group, g.head_dim == 256 ? 4 : 8);
-  plan.subgroups = (shape.group + plan.heads_per_cta - 1) / plan.heads_per_cta;
-  for (int stages = kStagesMax; stages >= 2; --stages) {
-    const std::size_t bytes = primitive_shared_layout(g, side, stages, plan.heads_per_cta, nullptr, nullptr);
-    if (bytes <= static_cast<std::size_t>(shared_limit)) {
-      plan.usable = true;
-      plan.stages = stages;
-      plan.shared_bytes = bytes;
-      plan.ctas_per_sm = static_cast<int>(std::min<std::size_t>(32, (228u * 1024u) / (bytes + 1024u)));
-      return plan;
-    }
-  }
-  return plan;
+  return plan_fast_kernels(shape, shared_limit, [&](int stages, int heads) {
+    return primitive_shared_layout(shape.geometry, side, stages, heads, nullptr, nullptr);
+  });
 }
 
 template <class T>

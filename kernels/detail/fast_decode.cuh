@@ -8,6 +8,7 @@
 
 #include "detail/packed_block.cuh"
 #include "detail/primitives.cuh"
+#include "launch.hpp"
 
 namespace packkv::detail::cuda {
 
@@ -137,6 +138,44 @@ struct BlockSpan {
   std::uint32_t v_offset;
 };
 
+/// Issues the cp.async copies of span i into stage `into`: lane l copies 16-byte chunks l, l + 32,
+/// ... (one LDGSTS and immediate offsets per chunk). One commit group per call, empty past the
+/// end, so that the wait counts stay uniform.
+__device__ __forceinline__ void issue_span(const BlockSpan* spans, int i, int blocks, std::uint8_t* stages,
+                                           std::size_t stage_bytes, int into) {
+  const int lane = threadIdx.x & 31;
+  if (i < blocks) {
+    const BlockSpan span = spans[i];
+    const int chunks = static_cast<int>(span.bytes / 16u), mine = (chunks - lane + 31) / 32;
+    std::uint8_t* dst = stages + static_cast<std::size_t>(into) * stage_bytes + 16 * lane;
+    const std::uint8_t* src = span.k_section + 16 * lane;
+#pragma unroll 4
+    for (int k = 0; k < mine; ++k) cp_async_16(dst + 512 * k, src + 512 * k);
+  }
+  cp_async_commit();
+}
+
+/// The staging pipeline of a CTA's blocks, `depth` (2 or 3) stages deep: start_staging issues the
+/// first depth - 1 blocks; next_staged_block(i) issues block i + depth - 1 into the stage block
+/// i - 1 used, waits until block i has landed and returns its stage. `stage` is i % depth, kept
+/// without a division.
+__device__ __forceinline__ void start_staging(const BlockSpan* spans, int blocks, std::uint8_t* stages,
+                                              std::size_t stage_bytes, int depth) {
+  for (int i = 0; i < depth - 1; ++i) issue_span(spans, i, blocks, stages, stage_bytes, i);
+}
+__device__ __forceinline__ const std::uint8_t* next_staged_block(const BlockSpan* spans, int i, int blocks,
+                                                                 std::uint8_t* stages, std::size_t stage_bytes,
+                                                                 int depth, int& stage) {
+  issue_span(spans, i + depth - 1, blocks, stages, stage_bytes, stage == 0 ? depth - 1 : stage - 1);
+  // Everything but the newest depth - 1 groups has landed: block i is here.
+  if (depth == 3) cp_async_wait<2>();
+  else cp_async_wait<1>();
+  __syncwarp();
+  const std::uint8_t* staged = stages + static_cast<std::size_t>(stage) * stage_bytes;
+  stage = stage + 1 == depth ? 0 : stage + 1;
+  return staged;
+}
+
 /// A read-only global load (the non-coherent path: what the read path reads is not written while
 /// the kernel runs).
 template <class U>
@@ -229,6 +268,37 @@ __device__ __forceinline__ void pv_round(const std::uint8_t* tile, const std::ui
       for (int nt = 0; nt < NT; ++nt) mma_16816(acc[nt][2 * kk + h], a, b[nt]);
     }
   }
+}
+
+// ---- planning (host) ----------------------------------------------------------------------------
+
+/// Deepest staging the fast kernels use (two blocks ahead of the one being decoded).
+inline constexpr int kFastStagesMax = 3;
+
+/// The fast path's plan for a geometry (head_dim 64, 128 or 256, per-token K; unusable otherwise):
+/// query heads per CTA (8, or 4 at head_dim 256, where two n-tiles would not fit the registers),
+/// and the deepest staging whose shared memory, `shared_bytes(stages, heads_per_cta)`, fits.
+template <class SharedBytes>
+inline FastPlan plan_fast_kernels(const ReadShape& shape, int shared_limit, SharedBytes&& shared_bytes) {
+  FastPlan plan{};
+  const format::BlockGeometry& g = shape.geometry;
+  if (g.head_dim != 64 && g.head_dim != 128 && g.head_dim != 256) return plan;
+  if (g.k_per_channel) return plan;
+  plan.heads_per_cta = shape.group < (g.head_dim == 256 ? 4 : 8) ? shape.group : (g.head_dim == 256 ? 4 : 8);
+  plan.subgroups = (shape.group + plan.heads_per_cta - 1) / plan.heads_per_cta;
+  for (int stages = kFastStagesMax; stages >= 2; --stages) {
+    const std::size_t bytes = shared_bytes(stages, plan.heads_per_cta);
+    if (bytes <= static_cast<std::size_t>(shared_limit)) {
+      plan.usable = true;
+      plan.stages = stages;
+      plan.shared_bytes = bytes;
+      // Resident CTAs per SM from shared memory (228 KiB per SM, 1 KiB reserved per CTA), at most
+      // 32; registers allow more than that for one-warp CTAs.
+      plan.ctas_per_sm = static_cast<int>((228u * 1024u) / (bytes + 1024u) < 32u ? (228u * 1024u) / (bytes + 1024u) : 32u);
+      return plan;
+    }
+  }
+  return plan;
 }
 
 }  // namespace packkv::detail::cuda
