@@ -114,7 +114,7 @@ TEST(SequenceImage, IncompatibleCachesAreRefused) {
   refused(c, "shape");
   c = config();
   c.k_rel = 0.05f;
-  refused(c, "code ranges");
+  refused(c, "layer 0 was stored with codes up to K 10 V 5; this cache's layer 0 stores codes up to K 20");
   c = config();
   c.k_mode = QuantMode::per_channel;
   refused(c, "k_mode");

@@ -37,7 +37,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum class Family { exact, packkv_control, packkv_k, packkv_k_channel, packkv_v, packkv_pair, packkv_layered, baseline };
+enum class Family { exact, packkv_control, packkv_k, packkv_k_channel, packkv_v, packkv_pair, packkv_per_layer, baseline };
 
 const char* family_name(Family f) {
   switch (f) {
@@ -47,7 +47,7 @@ const char* family_name(Family f) {
     case Family::packkv_k_channel: return "packkv-K-channel";
     case Family::packkv_v: return "packkv-V";
     case Family::packkv_pair: return "packkv-KV";
-    case Family::packkv_layered: return "packkv-per-layer";
+    case Family::packkv_per_layer: return "packkv-per-layer";
     case Family::baseline: return "baseline";
   }
   return "?";
@@ -691,9 +691,9 @@ int main(int argc, char** argv) {
                            (base.rotate_v ? ", V rotated" : "");
         Setting s;
         s.name = row.setting_name;
-        s.family = Family::packkv_layered;
+        s.family = Family::packkv_per_layer;
         s.make_cache = [shape, base, plan = row.plan] {
-          return llama::make_layered_packkv_cache(shape, base, plan.k_rel, plan.v_rel);
+          return llama::make_packkv_cache(shape, base, plan.k_rel, plan.v_rel);
         };
         settings.push_back(s);
         layer_plans.push_back(std::move(row));

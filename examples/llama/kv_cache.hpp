@@ -66,11 +66,10 @@ std::unique_ptr<KvCache> make_exact_cache(const KvShape& shape);
 
 /// packkv's PackedKVCache<float> on `config.device`. The model's shape overrides the config's.
 std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config);
-/// packkv with a relative error bound of its own per layer and side (k_rel[l], v_rel[l]): one
-/// single-layer PackedKVCache per layer, each with `config` but for its rels. It stores and attends
-/// exactly as one cache whose config held per-layer rels would; layer_bytes() tells the layers apart.
-std::unique_ptr<KvCache> make_layered_packkv_cache(const KvShape& shape, packkv::CacheConfig config,
-                                                   const std::vector<float>& k_rel, const std::vector<float>& v_rel);
+/// The same with a relative error bound of its own per layer and side (k_rel[l], v_rel[l]:
+/// CacheConfig::layer_k_rel / layer_v_rel); layer_bytes() tells the layers apart.
+std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config, std::vector<float> k_rel,
+                                           std::vector<float> v_rel);
 
 /// Quantize-dequantize baselines: attention sees exactly the values their stored codes decode to,
 /// and bytes() counts the codes plus their fp16 scales and zero points (and fp16 recent tokens).

@@ -64,7 +64,7 @@ LayerSensitivity measure_layer_sensitivity(const LlamaModel& model, const std::v
       const Probe& probe = probes[static_cast<std::size_t>(p)];
       std::vector<float> k_rel(static_cast<std::size_t>(layers), packkv::kMinRel), v_rel = k_rel;
       if (probe.layer >= 0) (probe.k_side ? k_rel : v_rel)[static_cast<std::size_t>(probe.layer)] = probe.rel;
-      auto cache = make_layered_packkv_cache(shape, base, k_rel, v_rel);
+      auto cache = make_packkv_cache(shape, base, k_rel, v_rel);
       const TeacherForcedResult r = evaluate_teacher_forced(model, tokens.data(), n, *cache, {}, &reference);
       measured[static_cast<std::size_t>(p)] = {r.kl_sum / r.positions, cache->layer_bytes()};
     } catch (const std::exception& e) {

@@ -92,6 +92,7 @@ class PackkvCache final : public KvCache {
     cache_.attention(ids, layer, q, out, scale);
   }
   KvBytes bytes() const override;
+  std::vector<KvBytes> layer_bytes() const override;
   std::string describe() const override { return packkv::describe(cache_.config()); }
   const packkv::PackedKVCache<float>& cache() const { return cache_; }
 
@@ -103,10 +104,19 @@ class PackkvCache final : public KvCache {
 #endif
   packkv::PackedKVCache<float> cache_;
   std::size_t q_floats() const { return static_cast<std::size_t>(shape_.num_q_heads) * shape_.head_dim; }
+  /// K and V bytes of all layers (memory_stats().total) or of one.
+  KvBytes kv_bytes(const packkv::MemoryBreakdown& t) const;
 };
 
-KvBytes PackkvCache::bytes() const {
-  const packkv::MemoryBreakdown t = cache_.memory_stats().total;
+KvBytes PackkvCache::bytes() const { return kv_bytes(cache_.memory_stats().total); }
+
+std::vector<KvBytes> PackkvCache::layer_bytes() const {
+  std::vector<KvBytes> out;
+  for (const packkv::MemoryBreakdown& layer : cache_.memory_stats().layers) out.push_back(kv_bytes(layer));
+  return out;
+}
+
+KvBytes PackkvCache::kv_bytes(const packkv::MemoryBreakdown& t) const {
   KvBytes bytes;
   bytes.fp16_bytes_per_side = static_cast<double>(t.original_fp16_bytes) / 2.0;
   // Each side's sections, plus half of what serves both (block headers, directories,
@@ -121,64 +131,7 @@ KvBytes PackkvCache::bytes() const {
   return bytes;
 }
 
-/// One single-layer PackkvCache per layer (make_layered_packkv_cache).
-class LayeredPackkvCache final : public KvCache {
- public:
-  LayeredPackkvCache(const KvShape& shape, const packkv::CacheConfig& config, const std::vector<float>& k_rel,
-                     const std::vector<float>& v_rel) {
-    if (k_rel.size() != static_cast<std::size_t>(shape.num_layers) || v_rel.size() != k_rel.size()) {
-      throw std::invalid_argument("layered packkv cache: one K and one V rel per layer expected, got " +
-                                  std::to_string(k_rel.size()) + " and " + std::to_string(v_rel.size()) + " for " +
-                                  std::to_string(shape.num_layers) + " layers");
-    }
-    KvShape one = shape;
-    one.num_layers = 1;
-    for (int l = 0; l < shape.num_layers; ++l) {
-      packkv::CacheConfig c = config;
-      c.num_layers = 1;
-      c.num_kv_heads = shape.num_kv_heads;
-      c.num_q_heads = shape.num_q_heads;
-      c.head_dim = shape.head_dim;
-      c.k_rel = k_rel[static_cast<std::size_t>(l)];
-      c.v_rel = v_rel[static_cast<std::size_t>(l)];
-      layers_.push_back(std::make_unique<PackkvCache>(one, c));
-    }
-  }
-  void append(int layer, const float* k, const float* v) override { layers_.at(static_cast<std::size_t>(layer))->append(0, k, v); }
-  void attend(int layer, const float* q, float* out, float scale) override {
-    layers_.at(static_cast<std::size_t>(layer))->attend(0, q, out, scale);
-  }
-  KvBytes bytes() const override {
-    KvBytes t;
-    for (const KvBytes& b : layer_bytes()) {
-      t.k_bytes += b.k_bytes;
-      t.v_bytes += b.v_bytes;
-      t.fp16_bytes_per_side += b.fp16_bytes_per_side;
-      t.k_compressed_bytes += b.k_compressed_bytes;
-      t.v_compressed_bytes += b.v_compressed_bytes;
-      t.compressed_elements_per_side += b.compressed_elements_per_side;
-    }
-    return t;
-  }
-  std::vector<KvBytes> layer_bytes() const override {
-    std::vector<KvBytes> out;
-    for (const auto& l : layers_) out.push_back(l->bytes());
-    return out;
-  }
-  std::string describe() const override {
-    return "per-layer rels; layer 0: " + (layers_.empty() ? std::string() : layers_.front()->describe());
-  }
-
- private:
-  std::vector<std::unique_ptr<PackkvCache>> layers_;
-};
-
 }  // namespace
-
-std::unique_ptr<KvCache> make_layered_packkv_cache(const KvShape& shape, packkv::CacheConfig config,
-                                                   const std::vector<float>& k_rel, const std::vector<float>& v_rel) {
-  return std::make_unique<LayeredPackkvCache>(shape, config, k_rel, v_rel);
-}
 
 std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config) {
   config.num_layers = shape.num_layers;
@@ -186,6 +139,13 @@ std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheCo
   config.num_q_heads = shape.num_q_heads;
   config.head_dim = shape.head_dim;
   return std::make_unique<PackkvCache>(shape, config);
+}
+
+std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config, std::vector<float> k_rel,
+                                           std::vector<float> v_rel) {
+  config.layer_k_rel = std::move(k_rel);
+  config.layer_v_rel = std::move(v_rel);
+  return make_packkv_cache(shape, std::move(config));
 }
 
 }  // namespace llama

@@ -21,9 +21,14 @@ struct CodecParams {
   RepackMethod repack;
 
   int max_code(format::Side side) const { return side == format::Side::k ? k_max_code : v_max_code; }
+  bool operator==(const CodecParams&) const = default;
 };
 
-CodecParams make_codec_params(const CacheConfig& config);
+/// The codec of one layer (its K and V bounds: k_rel_of / v_rel_of); every layer shares the shape.
+CodecParams make_codec_params(const CacheConfig& config, int layer = 0);
+
+/// The codec of every layer, index = layer.
+std::vector<CodecParams> make_layer_codecs(const CacheConfig& config);
 
 /// Reusable scratch for encode_block (avoids allocations on the append path).
 struct EncodeScratch {

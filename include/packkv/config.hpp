@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace packkv {
 
@@ -40,6 +41,12 @@ struct CacheConfig {
   int residual_tokens = 0;    ///< most recent tokens always kept uncompressed (>= 0)
   float k_rel = 0.1f;         ///< relative error bound for K, in [1/255, 1]
   float v_rel = 0.2f;         ///< relative error bound for V, in [1/255, 1]
+  /// Per-layer bounds, replacing k_rel (v_rel) layer by layer: empty, or num_layers values in
+  /// [1/255, 1]. Layers differ in sensitivity by more than an order of magnitude, so bounds
+  /// calibrated per layer store fewer bits at the same accuracy (docs/results/levers.md). Each
+  /// layer's blocks are ordinary blocks of that layer's code width; images record every layer's.
+  std::vector<float> layer_k_rel;
+  std::vector<float> layer_v_rel;
   QuantMode k_mode = QuantMode::per_token;
   RepackMethod repack = RepackMethod::median;
   /// Store K (rotate_k) or V (rotate_v) head vectors rotated by a fixed orthogonal matrix, a
@@ -60,6 +67,10 @@ struct CacheConfig {
   /// PackedKVCache::poll_device_error(), never thrown by a later, unrelated call.
   bool cuda_poll_errors = false;
 };
+
+/// The bound layer `layer` stores K (V) under: layer_k_rel[layer] when given, else k_rel.
+float k_rel_of(const CacheConfig& config, int layer);
+float v_rel_of(const CacheConfig& config, int layer);
 
 /// Throws packkv::error naming the first invalid field.
 void validate(const CacheConfig& config);

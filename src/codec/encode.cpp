@@ -18,11 +18,12 @@ using format::QuantParams;
 using format::SectionLayout;
 using format::Side;
 
-CodecParams make_codec_params(const CacheConfig& config) {
-  validate(config);
+namespace {
+/// make_codec_params for a config already validated.
+CodecParams layer_codec(const CacheConfig& config, int layer) {
   CodecParams p{};
-  p.k_max_code = max_code_for_rel(config.k_rel);
-  p.v_max_code = max_code_for_rel(config.v_rel);
+  p.k_max_code = max_code_for_rel(k_rel_of(config, layer));
+  p.v_max_code = max_code_for_rel(v_rel_of(config, layer));
   p.repack = config.repack;
   p.geometry.block_tokens = config.block_tokens;
   p.geometry.head_dim = config.head_dim;
@@ -32,6 +33,22 @@ CodecParams make_codec_params(const CacheConfig& config) {
   p.geometry.permuted = config.repack != RepackMethod::none;
   p.geometry.k_per_channel = config.k_mode == QuantMode::per_channel;
   return p;
+}
+}  // namespace
+
+CodecParams make_codec_params(const CacheConfig& config, int layer) {
+  validate(config);
+  PACKKV_REQUIRE(layer >= 0 && layer < config.num_layers,
+                 fmt::format("layer {} is out of range (the config has {} layers)", layer, config.num_layers));
+  return layer_codec(config, layer);
+}
+
+std::vector<CodecParams> make_layer_codecs(const CacheConfig& config) {
+  validate(config);
+  std::vector<CodecParams> codecs;
+  codecs.reserve(static_cast<std::size_t>(config.num_layers));
+  for (int l = 0; l < config.num_layers; ++l) codecs.push_back(layer_codec(config, l));
+  return codecs;
 }
 
 BlockBytes& BlockBytes::operator+=(const BlockBytes& o) {

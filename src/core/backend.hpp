@@ -58,6 +58,7 @@ struct LayerRead {
   /// Attention only: queries for the last `queries` positions, causal among themselves (query j
   /// attends to positions < length - queries + j + 1).
   int queries = 1;
+  int layer = 0;  ///< which layer of the model (its codec: CacheConfig::layer_k_rel / layer_v_rel)
 };
 
 /// Work prepared by Backend::prepare, applied by Backend::commit or dropped.
@@ -161,10 +162,10 @@ class Backend {
 };
 
 template <class T>
-std::unique_ptr<Backend<T>> make_cpu_backend(const CacheConfig& config, const CodecParams& codec);
+std::unique_ptr<Backend<T>> make_cpu_backend(const CacheConfig& config, std::span<const CodecParams> layer_codecs);
 
 /// Defined by the CUDA backend when packkv is built with CUDA; otherwise throws packkv::error.
 template <class T>
-std::unique_ptr<Backend<T>> make_cuda_backend(const CacheConfig& config, const CodecParams& codec);
+std::unique_ptr<Backend<T>> make_cuda_backend(const CacheConfig& config, std::span<const CodecParams> layer_codecs);
 
 }  // namespace packkv::detail

@@ -55,10 +55,10 @@ using ExclusiveLocks = SequenceLocks<true>;
 template <class T>
 CacheCore<T>::CacheCore(const CacheConfig& config)
     : cfg_(config),
-      codec_(make_codec_params(config)),
+      codecs_(make_layer_codecs(config)),
       tails_{config.block_tokens, config.residual_tokens},
       row_(static_cast<std::size_t>(config.num_kv_heads) * config.head_dim) {
-  backend_ = config.device == Device::cpu ? make_cpu_backend<T>(cfg_, codec_) : make_cuda_backend<T>(cfg_, codec_);
+  backend_ = config.device == Device::cpu ? make_cpu_backend<T>(cfg_, codecs_) : make_cuda_backend<T>(cfg_, codecs_);
 }
 
 template <class T>
@@ -85,7 +85,9 @@ void CacheCore<T>::check_layer(int layer, const char* what) const {
 
 template <class T>
 LayerRead CacheCore<T>::read_view(const Layer& layer) const {
-  return LayerRead{layer.store.get(), layer.length, layer.num_blocks, layer.tail};
+  LayerRead read{layer.store.get(), layer.length, layer.num_blocks, layer.tail};
+  read.layer = layer.index;
+  return read;
 }
 
 template <class T>
@@ -103,7 +105,10 @@ std::unique_ptr<typename CacheCore<T>::Sequence> CacheCore<T>::new_sequence() co
   try {
     auto seq = std::make_unique<Sequence>();
     seq->layers.resize(static_cast<std::size_t>(cfg_.num_layers));
-    for (Layer& layer : seq->layers) layer.store = backend_->new_layer_store();
+    for (std::size_t l = 0; l < seq->layers.size(); ++l) {
+      seq->layers[l].index = static_cast<int>(l);
+      seq->layers[l].store = backend_->new_layer_store();
+    }
     return seq;
   } catch (const std::bad_alloc&) {
     throw_out_of_memory(fmt::format("the bookkeeping of a sequence of {} layers", cfg_.num_layers));
@@ -442,7 +447,7 @@ void CacheCore<T>::truncate(SeqId id, std::int64_t new_length) {
         if (kept_tokens > 0) {
           block_k.resize(static_cast<std::size_t>(block_tokens) * row_);
           block_v.resize(block_k.size());
-          decode_block(codec_, r.bytes.data() + offset, block_k.data(), block_v.data(), row_);
+          decode_block(codecs_[static_cast<std::size_t>(r.layer)], r.bytes.data() + offset, block_k.data(), block_v.data(), row_);
           const std::size_t n = static_cast<std::size_t>(kept_tokens) * row_;
           r.k.resize(n);
           r.v.resize(n);
@@ -479,7 +484,8 @@ void CacheCore<T>::truncate(SeqId id, std::int64_t new_length) {
         rows.in_k = w.k;
         rows.in_v = w.v;
         rows.row_elems = static_cast<int>(row_);
-        check_append_values(codec_, rows, w.plan, fmt::format("{}: layer {}", where, r.layer));
+        check_append_values(codecs_[static_cast<std::size_t>(r.layer)], rows, w.plan,
+                            fmt::format("{}: layer {}", where, r.layer));
       }
     }
     if (!writes.empty()) {
@@ -722,7 +728,7 @@ std::vector<std::uint8_t> CacheCore<T>::export_sequence(SeqId id, std::span<cons
   const std::shared_lock lock(seq.lock);
   try {
     std::vector<std::uint8_t> image(sizeof(format::ImageHeader));
-    format::ImageHeader header = make_image_header(codec_, cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>());
+    format::ImageHeader header = make_image_header(codecs_[0], cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>());
     header.layer_count = static_cast<std::uint16_t>(chosen.size());
     std::memcpy(image.data(), &header, sizeof header);
     auto put = [&image](const void* data, std::size_t n) {
@@ -738,11 +744,8 @@ std::vector<std::uint8_t> CacheCore<T>::export_sequence(SeqId id, std::span<cons
       tail_k.resize(tail_values);
       tail_v.resize(tail_values);
       backend_->download(read_view(layer), sizes, blocks, tail_k.data(), tail_v.data());
-      format::LayerRecord record{};
-      record.layer = static_cast<std::uint32_t>(l);
-      record.block_count = static_cast<std::uint32_t>(sizes.size());
-      record.tail_tokens = static_cast<std::uint32_t>(layer.tail.len);
-      record.length = static_cast<std::uint64_t>(layer.length);
+      const format::LayerRecord record = make_layer_record(codecs_[static_cast<std::size_t>(l)], l,
+                                                           static_cast<int>(sizes.size()), layer.tail.len, layer.length);
       put(&record, sizeof record);
       put(sizes.data(), sizes.size() * sizeof(std::uint32_t));
       put(blocks.data(), blocks.size());
@@ -767,7 +770,7 @@ void CacheCore<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image
   }
   const int max_tail = std::min(tails_.max_capacity() + (1 << 20), 1 << 21);
   const std::vector<ParsedLayer> parsed =
-      parse_image(image, codec_, cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);
+      parse_image(image, codecs_[0], codecs_, cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);
   std::vector<std::vector<T>> tails(parsed.size() * 2);
   std::vector<LayerWrite<T>> writes(parsed.size());
   for (std::size_t i = 0; i < parsed.size(); ++i) {
@@ -797,7 +800,7 @@ void CacheCore<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image
       rows.in_k = w.k;
       rows.in_v = w.v;
       rows.row_elems = static_cast<int>(row_);
-      check_append_values(codec_, rows, w.plan, fmt::format("import: layer {} tail", p.layer));
+      check_append_values(p.codec, rows, w.plan, fmt::format("import: layer {} tail", p.layer));
     }
   }
   const std::string what = fmt::format("import of sequence {}", id);

@@ -71,6 +71,7 @@ class CacheCore {
 
  private:
   struct Layer {
+    int index = 0;  ///< which layer of the model
     std::int64_t length = 0;
     int num_blocks = 0;
     TailRing tail;
@@ -109,7 +110,7 @@ class CacheCore {
   RotatedInput<T> rotated(const T* k, const T* v, std::size_t rows, void* stream) const;
 
   CacheConfig cfg_;
-  CodecParams codec_;
+  std::vector<CodecParams> codecs_;  ///< per layer (CacheConfig::layer_k_rel / layer_v_rel)
   TailPolicy tails_;
   std::size_t row_;  // values per token: num_kv_heads * head_dim
   std::unique_ptr<Backend<T>> backend_;

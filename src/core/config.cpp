@@ -1,5 +1,6 @@
 #include "packkv/config.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -52,6 +53,17 @@ void validate(const CacheConfig& c) {
                  fmt::format("k_rel must be in [1/255, 1], got {}", c.k_rel));
   PACKKV_REQUIRE(std::isfinite(c.v_rel) && c.v_rel >= kMinRel && c.v_rel <= kMaxRel,
                  fmt::format("v_rel must be in [1/255, 1], got {}", c.v_rel));
+  for (const auto& [name, rels] : {std::pair<const char*, const std::vector<float>*>{"layer_k_rel", &c.layer_k_rel},
+                                   std::pair<const char*, const std::vector<float>*>{"layer_v_rel", &c.layer_v_rel}}) {
+    PACKKV_REQUIRE(rels->empty() || rels->size() == static_cast<std::size_t>(c.num_layers),
+                   fmt::format("{} must be empty or hold one bound per layer ({}), got {} values", name, c.num_layers,
+                               rels->size()));
+    for (std::size_t l = 0; l < rels->size(); ++l) {
+      const float rel = (*rels)[l];
+      PACKKV_REQUIRE(std::isfinite(rel) && rel >= kMinRel && rel <= kMaxRel,
+                     fmt::format("{}[{}] must be in [1/255, 1], got {}", name, l, rel));
+    }
+  }
   PACKKV_REQUIRE(c.k_mode == QuantMode::per_token || c.k_mode == QuantMode::per_channel,
                  fmt::format("unknown k_mode {}", static_cast<int>(c.k_mode)));
   PACKKV_REQUIRE(c.repack == RepackMethod::none || c.repack == RepackMethod::median ||
@@ -66,12 +78,28 @@ void validate(const CacheConfig& c) {
                  "cuda_strict and cuda_poll_errors cannot both be set: strict appends report their own errors");
 }
 
+float k_rel_of(const CacheConfig& config, int layer) {
+  return config.layer_k_rel.empty() ? config.k_rel : config.layer_k_rel.at(static_cast<std::size_t>(layer));
+}
+float v_rel_of(const CacheConfig& config, int layer) {
+  return config.layer_v_rel.empty() ? config.v_rel : config.layer_v_rel.at(static_cast<std::size_t>(layer));
+}
+
+namespace {
+/// "0.1", or "per layer [0.05 .. 0.25]" when a per-layer list replaces it.
+std::string rel_text(float rel, const std::vector<float>& per_layer) {
+  if (per_layer.empty()) return fmt::format("{}", rel);
+  const auto [lo, hi] = std::minmax_element(per_layer.begin(), per_layer.end());
+  return fmt::format("per-layer[{}..{}]", *lo, *hi);
+}
+}  // namespace
+
 std::string describe(const CacheConfig& c) {
   return fmt::format(
       "layers={} kv_heads={} q_heads={} head_dim={} block={} residual={} k_rel={} v_rel={} k_mode={} "
       "repack={} rotate_k={} rotate_v={} budget={} device={} cuda_strict={} cuda_poll_errors={}",
-      c.num_layers, c.num_kv_heads, c.num_q_heads, c.head_dim, c.block_tokens, c.residual_tokens, c.k_rel,
-      c.v_rel, to_string(c.k_mode), to_string(c.repack), c.rotate_k, c.rotate_v, c.memory_budget_bytes, to_string(c.device), c.cuda_strict,
+      c.num_layers, c.num_kv_heads, c.num_q_heads, c.head_dim, c.block_tokens, c.residual_tokens,
+      rel_text(c.k_rel, c.layer_k_rel), rel_text(c.v_rel, c.layer_v_rel), to_string(c.k_mode), to_string(c.repack), c.rotate_k, c.rotate_v, c.memory_budget_bytes, to_string(c.device), c.cuda_strict,
       c.cuda_poll_errors);
 }
 

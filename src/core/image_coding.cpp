@@ -164,7 +164,8 @@ class AdaptiveModel {
 // ---- what the image header says ---------------------------------------------------------------
 
 struct ImageShape {
-  CodecParams codec;
+  CodecParams codec;  ///< the shape; the code ranges of version 1 (one for every layer)
+  bool uniform;       ///< version 1
   QuantMode k_mode;
   std::uint8_t rotation;
   std::uint8_t dtype;
@@ -176,26 +177,35 @@ struct ImageShape {
 ImageShape image_shape(const ImageHeader& h, const char* what) {
   auto bad = [&](const std::string& why) { return error(fmt::format("{}: {}", what, why)); };
   if (std::memcmp(h.magic, format::kImageMagic, sizeof h.magic) != 0) throw bad("not a packkv sequence image (bad magic)");
-  if (h.version != format::kImageVersion) throw bad(fmt::format("image version {} is not supported", h.version));
+  if (h.version != format::kImageVersion && h.version != format::kImageVersionUniform) {
+    throw bad(fmt::format("image version {} is not supported", h.version));
+  }
   if (h.head_dim < 8 || h.head_dim > 256 || h.head_dim % 8 != 0) throw bad(fmt::format("head_dim {} is invalid", h.head_dim));
   if (h.block_tokens < 16 || h.block_tokens > 256 || h.block_tokens % 16 != 0) {
     throw bad(fmt::format("block_tokens {} is invalid", h.block_tokens));
   }
   if (h.num_kv_heads < 1) throw bad("no KV heads");
   if (h.k_mode > 1 || h.permuted > 1 || h.dtype > 2) throw bad("invalid k_mode, permuted or dtype");
-  for (const auto& [max_code, bits] : {std::pair<int, int>{h.k_max_code, h.k_bits}, std::pair<int, int>{h.v_max_code, h.v_bits}}) {
-    if (max_code < 1 || bits != bits_for_max_code(max_code)) throw bad(fmt::format("code range {} with {} bits is invalid", max_code, bits));
+  const bool uniform = h.version == format::kImageVersionUniform;
+  if (uniform) {
+    for (const auto& [max_code, bits] : {std::pair<int, int>{h.k_max_code, h.k_bits}, std::pair<int, int>{h.v_max_code, h.v_bits}}) {
+      if (max_code < 1 || bits != bits_for_max_code(max_code)) throw bad(fmt::format("code range {} with {} bits is invalid", max_code, bits));
+    }
+  } else if (h.k_max_code != 0 || h.v_max_code != 0 || h.k_bits != 0 || h.v_bits != 0) {
+    throw bad("a version 2 header's code ranges must be zero (they are in the layer records)");
   }
   ImageShape s{};
+  s.uniform = uniform;
   s.codec.geometry.block_tokens = h.block_tokens;
   s.codec.geometry.head_dim = h.head_dim;
   s.codec.geometry.num_heads = h.num_kv_heads;
-  s.codec.geometry.k_bits = h.k_bits;
-  s.codec.geometry.v_bits = h.v_bits;
+  // Version 2: the widest codes, so that the shape's sizes bound every layer's (layer_codec).
+  s.codec.geometry.k_bits = uniform ? h.k_bits : 8;
+  s.codec.geometry.v_bits = uniform ? h.v_bits : 8;
   s.codec.geometry.permuted = h.permuted != 0;
   s.codec.geometry.k_per_channel = h.k_mode == static_cast<std::uint8_t>(QuantMode::per_channel);
-  s.codec.k_max_code = h.k_max_code;
-  s.codec.v_max_code = h.v_max_code;
+  s.codec.k_max_code = uniform ? h.k_max_code : 255;
+  s.codec.v_max_code = uniform ? h.v_max_code : 255;
   s.codec.repack = h.permuted ? RepackMethod::median : RepackMethod::none;
   s.k_mode = static_cast<QuantMode>(h.k_mode);
   s.rotation = h.rotation;
@@ -205,18 +215,33 @@ ImageShape image_shape(const ImageHeader& h, const char* what) {
   return s;
 }
 
+/// The codec of one layer: the header's code ranges (version 1) or its record's (version 2).
+CodecParams layer_codec(const ImageShape& s, const LayerRecord& record, const char* what) {
+  if (s.uniform) {
+    if (record.k_max_code != 0 || record.v_max_code != 0) {
+      throw error(fmt::format("{}: layer {}: a version 1 layer record's code fields must be zero", what, record.layer));
+    }
+    return s.codec;
+  }
+  if (record.k_max_code < 1 || record.v_max_code < 1) {
+    throw error(fmt::format("{}: layer {} records code ranges K {} V {}; both must be at least 1", what, record.layer,
+                            record.k_max_code, record.v_max_code));
+  }
+  return detail::codec_with_codes(s.codec, record.k_max_code, record.v_max_code);
+}
+
 /// The models of the layer being coded: codes per (head, side, channel); parameter bytes per
 /// (head, side, byte of the (step, min) pair: fp16 high bytes, sign and exponent, are far from
 /// uniform; low bytes nearly are). A layer starts from fresh models, made only when it has blocks,
 /// so what a header claims costs memory only once the bytes behind it are there.
 class Models {
  public:
-  explicit Models(const ImageShape& s)
-      : heads_(s.codec.geometry.num_heads), dim_(s.codec.geometry.head_dim),
-        levels_{s.codec.k_max_code + 1, s.codec.v_max_code + 1} {}
-  void start_layer() {
+  explicit Models(const ImageShape& s) : heads_(s.codec.geometry.num_heads), dim_(s.codec.geometry.head_dim) {}
+  /// Fresh models for a layer of this codec (its code ranges set the alphabets).
+  void start_layer(const CodecParams& codec) {
+    const int levels[2] = {codec.k_max_code + 1, codec.v_max_code + 1};
     models_.resize(static_cast<std::size_t>(heads_) * 2 * dim_);
-    for (std::size_t i = 0; i < models_.size(); ++i) models_[i].reset(levels_[(i / dim_) % 2]);
+    for (std::size_t i = 0; i < models_.size(); ++i) models_[i].reset(levels[(i / dim_) % 2]);
     param_models_.resize(static_cast<std::size_t>(heads_) * 2 * sizeof(QuantParams));
     for (AdaptiveModel& m : param_models_) m.reset(256);
   }
@@ -229,7 +254,6 @@ class Models {
 
  private:
   int heads_, dim_;
-  int levels_[2];
   std::vector<AdaptiveModel> models_, param_models_;
 };
 
@@ -273,31 +297,33 @@ std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> ima
   const ImageShape shape = image_shape(h, "entropy coding");
   // The full check of an import (checksums, counts, every block), against the header's own codec.
   const std::vector<detail::ParsedLayer> layers =
-      detail::parse_image(image, shape.codec, shape.k_mode, shape.rotation, shape.dtype, shape.value_bytes,
+      detail::parse_image(image, shape.codec, {}, shape.k_mode, shape.rotation, shape.dtype, shape.value_bytes,
                           format::kMaxImageLayers, std::numeric_limits<int>::max());
-  const format::BlockGeometry& g = shape.codec.geometry;
-  const int tokens = g.block_tokens, dim = g.head_dim;
-  const std::size_t row_bytes = static_cast<std::size_t>(g.num_heads) * dim * shape.value_bytes;
+  const format::BlockGeometry& shape_g = shape.codec.geometry;
+  const int tokens = shape_g.block_tokens, dim = shape_g.head_dim;
+  const std::size_t row_bytes = static_cast<std::size_t>(shape_g.num_heads) * dim * shape.value_bytes;
 
   std::vector<std::uint8_t> skeleton, stream;
   skeleton.reserve(image.size() / 4);
   append(skeleton, image.data(), sizeof h);
   RangeEncoder coder(stream);
   Models models(shape);
-  std::vector<std::uint8_t> codes(static_cast<std::size_t>(tokens) * dim), rebuilt(g.max_block_bytes());
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(tokens) * dim), rebuilt(shape_g.max_block_bytes());
   std::vector<std::uint8_t> identity(static_cast<std::size_t>(tokens));
   std::iota(identity.begin(), identity.end(), std::uint8_t{0});
   std::uint8_t values[format::kPackTokens];
   for (std::size_t li = 0; li < layers.size(); ++li) {
     const detail::ParsedLayer& layer = layers[li];
-    const LayerRecord record{static_cast<std::uint32_t>(layer.layer), static_cast<std::uint32_t>(layer.blocks.size()),
-                             static_cast<std::uint32_t>(layer.tail_tokens), 0, static_cast<std::uint64_t>(layer.length)};
+    const format::BlockGeometry& g = layer.codec.geometry;
+    LayerRecord record = detail::make_layer_record(layer.codec, layer.layer, static_cast<int>(layer.blocks.size()),
+                                                   layer.tail_tokens, layer.length);
+    if (shape.uniform) record.k_max_code = record.v_max_code = 0;
     append(skeleton, &record, sizeof record);
     for (const auto& block : layer.blocks) {
       const auto size = static_cast<std::uint32_t>(block.size());
       append(skeleton, &size, 4);
     }
-    if (!layer.blocks.empty()) models.start_layer();
+    if (!layer.blocks.empty()) models.start_layer(layer.codec);
     for (std::size_t b = 0; b < layer.blocks.size(); ++b) {
       const std::uint8_t* block = layer.blocks[b].data();
       const std::uint32_t size = static_cast<std::uint32_t>(layer.blocks[b].size());
@@ -319,9 +345,9 @@ std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> ima
               AdaptiveModel& model = models.at(head, side, static_cast<int>(c));
               for (int i = 0; i < format::kPackTokens; ++i) {
                 const std::uint32_t code = values[i] + min;
-                PACKKV_REQUIRE(code <= static_cast<std::uint32_t>(shape.codec.max_code(side)),
+                PACKKV_REQUIRE(code <= static_cast<std::uint32_t>(layer.codec.max_code(side)),
                                fmt::format("entropy coding: layer {} block {} holds code {} above the image's largest, {}",
-                                           layer.layer, b, code, shape.codec.max_code(side)));
+                                           layer.layer, b, code, layer.codec.max_code(side)));
                 codes[(r * format::kPackTokens + static_cast<std::size_t>(i)) * dim + c] = static_cast<std::uint8_t>(code);
                 model.encode(coder, code);
               }
@@ -393,10 +419,9 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
   ImageHeader h;
   std::memcpy(&h, in.take(sizeof h, "the image header"), sizeof h);
   const ImageShape shape = image_shape(h, "entropy-coded image");
-  const format::BlockGeometry& g = shape.codec.geometry;
-  const int tokens = g.block_tokens, dim = g.head_dim;
-  const std::size_t row_bytes = static_cast<std::size_t>(g.num_heads) * dim * shape.value_bytes;
-  const std::uint32_t min_block = g.min_block_bytes(), max_block = g.max_block_bytes();
+  const format::BlockGeometry& shape_g = shape.codec.geometry;
+  const int tokens = shape_g.block_tokens, dim = shape_g.head_dim;
+  const std::size_t row_bytes = static_cast<std::size_t>(shape_g.num_heads) * dim * shape.value_bytes;
 
   std::vector<std::uint8_t> image(sizeof h);
   std::memcpy(image.data(), &h, sizeof h);
@@ -411,12 +436,15 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(tokens) * dim), identity(static_cast<std::size_t>(tokens));
   std::iota(identity.begin(), identity.end(), std::uint8_t{0});
   std::vector<QuantParams> params(static_cast<std::size_t>(std::max(tokens, dim)));
-  std::vector<std::uint8_t> scratch(std::max(g.k_layout().max_section_bytes(), g.v_layout().max_section_bytes()));
+  std::vector<std::uint8_t> scratch(std::max(shape_g.k_layout().max_section_bytes(), shape_g.v_layout().max_section_bytes()));
   for (int li = 0; li < shape.layer_count; ++li) {
     LayerRecord record;
     std::memcpy(&record, in.take(sizeof record, "a layer record"), sizeof record);
     fits(sizeof record, "a layer record");
     append(image, &record, sizeof record);
+    const CodecParams codec = layer_codec(shape, record, "entropy-coded image");
+    const format::BlockGeometry& g = codec.geometry;
+    const std::uint32_t min_block = g.min_block_bytes(), max_block = g.max_block_bytes();
     PACKKV_REQUIRE(record.block_count <= in.remaining() / 4,
                    fmt::format("entropy-coded image: layer {} claims {} blocks", record.layer, record.block_count));
     const std::uint8_t* sizes = in.take(4ull * record.block_count, "a block size table");
@@ -426,7 +454,7 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
       // The first block's prefix (at least 8 bytes per head) must be there before the models are.
       PACKKV_REQUIRE(g.sections_offset() <= in.remaining(),
                      fmt::format("entropy-coded image: truncated skeleton in layer {}", record.layer));
-      models.start_layer();
+      models.start_layer(codec);
     }
     for (std::uint32_t b = 0; b < record.block_count; ++b) {
       std::uint32_t size;

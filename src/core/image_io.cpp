@@ -104,14 +104,32 @@ format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode
   h.k_mode = static_cast<std::uint8_t>(k_mode);
   h.rotation = rotation;
   h.permuted = codec.geometry.permuted ? 1 : 0;
-  h.k_bits = static_cast<std::uint8_t>(codec.geometry.k_bits);
-  h.v_bits = static_cast<std::uint8_t>(codec.geometry.v_bits);
-  h.k_max_code = static_cast<std::uint8_t>(codec.k_max_code);
-  h.v_max_code = static_cast<std::uint8_t>(codec.v_max_code);
+  // Code ranges are per layer, in the layer records (make_layer_record).
   h.num_kv_heads = static_cast<std::uint16_t>(codec.geometry.num_heads);
   h.head_dim = static_cast<std::uint16_t>(codec.geometry.head_dim);
   h.block_tokens = static_cast<std::uint16_t>(codec.geometry.block_tokens);
   return h;
+}
+
+format::LayerRecord make_layer_record(const CodecParams& codec, int layer, int block_count, int tail_tokens,
+                                      std::int64_t length) {
+  format::LayerRecord r{};
+  r.layer = static_cast<std::uint32_t>(layer);
+  r.block_count = static_cast<std::uint32_t>(block_count);
+  r.tail_tokens = static_cast<std::uint32_t>(tail_tokens);
+  r.k_max_code = static_cast<std::uint8_t>(codec.k_max_code);
+  r.v_max_code = static_cast<std::uint8_t>(codec.v_max_code);
+  r.length = static_cast<std::uint64_t>(length);
+  return r;
+}
+
+CodecParams codec_with_codes(const CodecParams& shape, int k_max_code, int v_max_code) {
+  CodecParams c = shape;
+  c.k_max_code = k_max_code;
+  c.v_max_code = v_max_code;
+  c.geometry.k_bits = bits_for_max_code(k_max_code);
+  c.geometry.v_bits = bits_for_max_code(v_max_code);
+  return c;
 }
 
 void seal_image(std::vector<std::uint8_t>& image) {
@@ -124,9 +142,9 @@ void seal_image(std::vector<std::uint8_t>& image) {
   std::memcpy(image.data(), &h, sizeof h);
 }
 
-std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec, QuantMode k_mode,
-                                     std::uint8_t rotation, std::uint8_t dtype, std::size_t value_bytes, int num_layers,
-                                     int max_tail_tokens) {
+std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec,
+                                     std::span<const CodecParams> layer_codecs, QuantMode k_mode, std::uint8_t rotation,
+                                     std::uint8_t dtype, std::size_t value_bytes, int num_layers, int max_tail_tokens) {
   using format::ImageHeader;
   using format::LayerRecord;
   PACKKV_REQUIRE(image.size() >= sizeof(ImageHeader),
@@ -137,9 +155,10 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
                  "import: not a packkv sequence image (bad magic)");
   PACKKV_REQUIRE(crc32c(image.data(), offsetof(format::ImageHeader, header_crc)) == h.header_crc,
                  "import: image header checksum mismatch (corrupt header)");
-  PACKKV_REQUIRE(h.version == format::kImageVersion,
-                 fmt::format("import: image version {} is not supported (this build reads {})", h.version,
-                             format::kImageVersion));
+  PACKKV_REQUIRE(h.version == format::kImageVersion || h.version == format::kImageVersionUniform,
+                 fmt::format("import: image version {} is not supported (this build reads {} and {})", h.version,
+                             format::kImageVersionUniform, format::kImageVersion));
+  const bool uniform = h.version == format::kImageVersionUniform;
   PACKKV_REQUIRE(h.header_bytes == sizeof(ImageHeader),
                  fmt::format("import: header size {} should be {}", h.header_bytes, sizeof(ImageHeader)));
   PACKKV_REQUIRE(h.body_bytes == image.size() - sizeof h,
@@ -165,14 +184,18 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
   PACKKV_REQUIRE(h.k_mode == want.k_mode && h.permuted == want.permuted,
                  fmt::format("import: image k_mode {} / permuted {} do not match this cache ({} / {})", h.k_mode,
                              h.permuted, want.k_mode, want.permuted));
-  PACKKV_REQUIRE(h.k_max_code == want.k_max_code && h.v_max_code == want.v_max_code && h.k_bits == want.k_bits &&
-                     h.v_bits == want.v_bits,
-                 fmt::format("import: image code ranges (K {} V {}) do not match this cache's rel (K {} V {})",
-                             h.k_max_code, h.v_max_code, want.k_max_code, want.v_max_code));
+  if (uniform) {
+    PACKKV_REQUIRE(h.k_max_code >= 1 && h.v_max_code >= 1 && h.k_bits == bits_for_max_code(h.k_max_code) &&
+                       h.v_bits == bits_for_max_code(h.v_max_code),
+                   fmt::format("import: version 1 image code ranges (K {} in {} bits, V {} in {} bits) are invalid",
+                               h.k_max_code, h.k_bits, h.v_max_code, h.v_bits));
+  } else {
+    PACKKV_REQUIRE(h.k_max_code == 0 && h.v_max_code == 0 && h.k_bits == 0 && h.v_bits == 0,
+                   "import: a version 2 image keeps its code ranges in the layer records; the header's must be zero");
+  }
   PACKKV_REQUIRE(h.layer_count >= 1 && h.layer_count <= num_layers,
                  fmt::format("import: image has {} layers, this cache {}", h.layer_count, num_layers));
 
-  const std::uint32_t min_block = codec.geometry.min_block_bytes(), max_block = codec.geometry.max_block_bytes();
   const std::size_t row_bytes = static_cast<std::size_t>(h.num_kv_heads) * h.head_dim * value_bytes;
   std::vector<bool> seen(static_cast<std::size_t>(num_layers), false);
   std::vector<ParsedLayer> layers;
@@ -183,6 +206,26 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
                    fmt::format("import: layer index {} is out of range or repeated", record.layer));
     seen[record.layer] = true;
     PACKKV_REQUIRE(record.reserved == 0, "import: a reserved layer field is not zero");
+    if (uniform) {
+      PACKKV_REQUIRE(record.k_max_code == 0 && record.v_max_code == 0,
+                     fmt::format("import: layer {}: a version 1 layer record's code fields must be zero", record.layer));
+    } else {
+      PACKKV_REQUIRE(record.k_max_code >= 1 && record.v_max_code >= 1,
+                     fmt::format("import: layer {} records code ranges K {} V {}; both must be at least 1",
+                                 record.layer, record.k_max_code, record.v_max_code));
+    }
+    const CodecParams layer_codec = uniform ? codec_with_codes(codec, h.k_max_code, h.v_max_code)
+                                            : codec_with_codes(codec, record.k_max_code, record.v_max_code);
+    if (!layer_codecs.empty()) {
+      const CodecParams& mine = layer_codecs[record.layer];
+      PACKKV_REQUIRE(layer_codec.k_max_code == mine.k_max_code && layer_codec.v_max_code == mine.v_max_code,
+                     fmt::format("import: layer {} was stored with codes up to K {} V {}; this cache's layer {} stores "
+                                 "codes up to K {} V {} (its k_rel / v_rel differ)",
+                                 record.layer, layer_codec.k_max_code, layer_codec.v_max_code, record.layer,
+                                 mine.k_max_code, mine.v_max_code));
+    }
+    const std::uint32_t min_block = layer_codec.geometry.min_block_bytes();
+    const std::uint32_t max_block = layer_codec.geometry.max_block_bytes();
     // Counts must be affordable by the bytes present before anything is allocated from them.
     PACKKV_REQUIRE(record.block_count <= in.remaining() / (4 + static_cast<std::size_t>(min_block)),
                    fmt::format("import: layer {} claims {} blocks, more than the image can hold", record.layer,
@@ -194,6 +237,7 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
                    fmt::format("import: layer {} length {} does not equal {} blocks x {} + {} tail tokens",
                                record.layer, record.length, record.block_count, h.block_tokens, record.tail_tokens));
     ParsedLayer layer;
+    layer.codec = layer_codec;
     layer.layer = static_cast<int>(record.layer);
     layer.length = static_cast<std::int64_t>(record.length);
     layer.tail_tokens = static_cast<int>(record.tail_tokens);
@@ -207,7 +251,7 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
                                  record.layer, b, size, min_block, max_block));
       const std::span<const std::uint8_t> block(in.take(size, "a block"), size);
       try {
-        validate_block(codec, block);
+        validate_block(layer_codec, block);
       } catch (const error& e) {
         throw error(fmt::format("import: layer {} block {}: {}", record.layer, b, e.message()));
       }

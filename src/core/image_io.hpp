@@ -26,10 +26,18 @@ inline std::uint8_t rotation_bits(const CacheConfig& c) {
 format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t rotation,
                                       std::uint8_t dtype);
 
+/// The record of one layer of an image, with that layer's code ranges.
+format::LayerRecord make_layer_record(const CodecParams& codec, int layer, int block_count, int tail_tokens,
+                                      std::int64_t length);
+
+/// `shape` with other code ranges (and the code widths they need).
+CodecParams codec_with_codes(const CodecParams& shape, int k_max_code, int v_max_code);
+
 /// Fills in body size and both checksums; `image` starts with the header.
 void seal_image(std::vector<std::uint8_t>& image);
 
 struct ParsedLayer {
+  CodecParams codec{};  ///< the codec the layer's blocks were validated against
   int layer = 0;
   std::int64_t length = 0;
   std::vector<std::span<const std::uint8_t>> blocks;
@@ -39,9 +47,12 @@ struct ParsedLayer {
 };
 
 /// Validates an image completely (header, checksums, compatibility, counts, every block) and
-/// returns views into it. Throws packkv::error describing the first problem.
-std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec, QuantMode k_mode,
-                                     std::uint8_t rotation, std::uint8_t dtype, std::size_t value_bytes, int num_layers,
-                                     int max_tail_tokens);
+/// returns views into it. `codec` gives the shape (block, head_dim, heads, repacking, K mode);
+/// `layer_codecs` (index = layer) the code ranges each layer must have, or, empty, accepts the
+/// ranges the image records (version 1: the header's for every layer). Throws packkv::error
+/// describing the first problem.
+std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec,
+                                     std::span<const CodecParams> layer_codecs, QuantMode k_mode, std::uint8_t rotation,
+                                     std::uint8_t dtype, std::size_t value_bytes, int num_layers, int max_tail_tokens);
 
 }  // namespace packkv::detail

@@ -58,7 +58,7 @@ template <class T>
 void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const float* qf, const std::int64_t* limits,
                int rows, int begin, int end, bool with_tail, float* row_max, float* row_sum, float* o) {
   const Kernels& kern = kernels();
-  const format::BlockGeometry& g = ctx.codec.geometry;
+  const format::BlockGeometry& g = ctx.codec(layer.layer).geometry;
   const CpuLayerStore<T>& store = store_of<T>(layer);
   const int dim = g.head_dim, block = g.block_tokens;
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
@@ -168,7 +168,7 @@ void rotate_rows_back(float* x, std::size_t vectors, int head_dim, int threads) 
 template <class T>
 void causal_attention(const ReadContext& ctx, std::span<const LayerRead> batch, const T* q, T* out, float* lse,
                       float scale) {
-  const format::BlockGeometry& g = ctx.codec.geometry;
+  const format::BlockGeometry& g = ctx.codecs.front().geometry;  // the shape, which every layer shares
   const int kv_heads = g.num_heads, dim = g.head_dim, threads = ctx.threads;
   const int group = ctx.num_q_heads / kv_heads;
 
@@ -277,7 +277,7 @@ void causal_attention(const ReadContext& ctx, std::span<const LayerRead> batch, 
 
 template <class T>
 void scores(const ReadContext& ctx, const LayerRead& layer, const T* q, float* scores) {
-  const format::BlockGeometry& g = ctx.codec.geometry;
+  const format::BlockGeometry& g = ctx.codec(layer.layer).geometry;
   const CpuLayerStore<T>& store = store_of<T>(layer);
   const Kernels& kern = kernels();
   const int dim = g.head_dim, group = ctx.num_q_heads / g.num_heads, block = g.block_tokens;
@@ -318,7 +318,7 @@ void scores(const ReadContext& ctx, const LayerRead& layer, const T* q, float* s
 
 template <class T>
 void attn_v(const ReadContext& ctx, const LayerRead& layer, const float* weights, float* out) {
-  const format::BlockGeometry& g = ctx.codec.geometry;
+  const format::BlockGeometry& g = ctx.codec(layer.layer).geometry;
   const CpuLayerStore<T>& store = store_of<T>(layer);
   const Kernels& kern = kernels();
   const int dim = g.head_dim, group = ctx.num_q_heads / g.num_heads, block = g.block_tokens;
@@ -357,13 +357,13 @@ void attn_v(const ReadContext& ctx, const LayerRead& layer, const float* weights
 
 template <class T>
 void read_back(const ReadContext& ctx, const LayerRead& layer, float* k, float* v) {
-  const format::BlockGeometry& g = ctx.codec.geometry;
+  const format::BlockGeometry& g = ctx.codec(layer.layer).geometry;
   const CpuLayerStore<T>& store = store_of<T>(layer);
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * g.head_dim;
   const std::size_t block_elems = static_cast<std::size_t>(g.block_tokens) * row_elems;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(ctx.threads) if (layer.num_blocks > 1)
   for (int b = 0; b < layer.num_blocks; ++b) {
-    decode_block(ctx.codec, store.blocks[static_cast<std::size_t>(b)].data, k + b * block_elems, v + b * block_elems,
+    decode_block(ctx.codec(layer.layer), store.blocks[static_cast<std::size_t>(b)].data, k + b * block_elems, v + b * block_elems,
                  row_elems);
   }
   const std::size_t tail_at = static_cast<std::size_t>(layer.num_blocks) * block_elems;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <span>
+#include <vector>
 
 #include "core/backend.hpp"
 #include "packkv/codec.hpp"
@@ -10,7 +11,8 @@
 namespace packkv::detail::cpu {
 
 struct ReadContext {
-  CodecParams codec;
+  std::vector<CodecParams> codecs;  ///< per layer (LayerRead::layer)
+  const CodecParams& codec(int layer) const { return codecs[static_cast<std::size_t>(layer)]; }
   int num_q_heads;
   int threads;
   bool rotate_k = false;  ///< CacheConfig::rotate_k: queries are rotated (rounded to T)

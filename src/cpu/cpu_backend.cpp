@@ -53,14 +53,28 @@ class CpuPrepared final : public PreparedWrite {
   std::size_t growth_bytes = 0;       ///< tail rings and block tables that grow
 };
 
+/// Bounds on a block's size over every layer's codec.
+std::uint32_t largest_block_bytes(std::span<const CodecParams> codecs) {
+  std::uint32_t most = 0;
+  for (const CodecParams& c : codecs) most = std::max(most, c.geometry.max_block_bytes());
+  return most;
+}
+std::uint32_t smallest_block_bytes(std::span<const CodecParams> codecs) {
+  std::uint32_t least = codecs.front().geometry.min_block_bytes();
+  for (const CodecParams& c : codecs) least = std::min(least, c.geometry.min_block_bytes());
+  return least;
+}
+
 template <class T>
 class CpuBackend final : public Backend<T> {
  public:
-  CpuBackend(const CacheConfig& config, const CodecParams& codec)
-      : codec_(codec),
-        pool_(codec.geometry.max_block_bytes()),
+  CpuBackend(const CacheConfig& config, std::span<const CodecParams> layer_codecs)
+      : shape_(layer_codecs.front().geometry),
+        max_block_bytes_(largest_block_bytes(layer_codecs)),
+        min_block_bytes_(smallest_block_bytes(layer_codecs)),
+        pool_(max_block_bytes_),
         row_(static_cast<std::size_t>(config.num_kv_heads) * config.head_dim),
-        read_{codec, config.num_q_heads, config.num_threads > 0 ? config.num_threads : omp_get_max_threads(),
+        read_{{layer_codecs.begin(), layer_codecs.end()}, config.num_q_heads, config.num_threads > 0 ? config.num_threads : omp_get_max_threads(),
               config.rotate_k, config.rotate_v} {}
 
   std::unique_ptr<LayerStore> new_layer_store() override {
@@ -93,8 +107,8 @@ class CpuBackend final : public Backend<T> {
   // ---- writes ----
 
   RotatedInput<T> rotate_input(const T* k, const T* v, std::size_t rows, void*) override {
-    const std::size_t vectors = rows * static_cast<std::size_t>(codec_.geometry.num_heads);
-    const int dim = codec_.geometry.head_dim;
+    const std::size_t vectors = rows * static_cast<std::size_t>(shape_.num_heads);
+    const int dim = shape_.head_dim;
     auto copies = std::make_shared<std::vector<T>>();
     try {
       copies->resize((read_.rotate_k ? vectors * dim : 0) + (read_.rotate_v ? vectors * dim : 0));
@@ -117,15 +131,15 @@ class CpuBackend final : public Backend<T> {
 
   void check_values(std::span<const LayerWrite<T>> writes) override {
     for (const LayerWrite<T>& w : writes) {
-      check_append_values(codec_, rows_of(w), w.plan, fmt::format("append to sequence {} layer {}", w.id, w.layer));
+      check_append_values(read_.codec(w.layer), rows_of(w), w.plan, fmt::format("append to sequence {} layer {}", w.id, w.layer));
     }
   }
 
   std::unique_ptr<PreparedWrite> prepare(std::span<const LayerWrite<T>> writes) override {
     auto prepared = std::make_unique<CpuPrepared<T>>();
     prepared->backend = this;
-    const std::uint32_t max_bytes = codec_.geometry.max_block_bytes();
-    const int block = codec_.geometry.block_tokens;
+    const std::uint32_t max_bytes = max_block_bytes_;
+    const int block = shape_.block_tokens;
     std::size_t sealed = 0;
     for (const LayerWrite<T>& w : writes) sealed += static_cast<std::size_t>(w.plan.seal_blocks);
     try {
@@ -150,7 +164,7 @@ class CpuBackend final : public Backend<T> {
       layer.first_block = prepared->blocks.size();
       for (const auto& bytes : w.blocks) {
         prepared->blocks.push_back({bytes.data(), static_cast<std::uint32_t>(bytes.size()),
-                                    block_bytes_breakdown(codec_, bytes.data())});
+                                    block_bytes_breakdown(read_.codec(w.layer), bytes.data())});
       }
       for (int b = 0; b < w.plan.seal_blocks; ++b) {
         std::uint8_t* out = prepared->staging.data() + staged++ * max_bytes;
@@ -203,7 +217,7 @@ class CpuBackend final : public Backend<T> {
           v_rows = gathered_v.data();
         }
         auto& target = prepared->blocks[job.block];
-        target.size = encode_block(codec_, k_rows, v_rows, row_, job.out, scratch, &target.parts);
+        target.size = encode_block(read_.codec(job.write->layer), k_rows, v_rows, row_, job.out, scratch, &target.parts);
       } catch (const std::exception& e) {
         failures[j] = e.what();
       }
@@ -321,8 +335,7 @@ class CpuBackend final : public Backend<T> {
       if (needed > capacity) growth += (std::max(needed, 2 * capacity) - capacity) * sizeof(SlotRef);
       if (q.plan.ring_grows()) growth += ring_bytes(q.plan.after.capacity) - ring_bytes(q.plan.before.capacity);
     }
-    return growth + pool_.worst_case_extra_bytes(blocks, codec_.geometry.min_block_bytes(),
-                                                 codec_.geometry.max_block_bytes());
+    return growth + pool_.worst_case_extra_bytes(blocks, min_block_bytes_, max_block_bytes_);
   }
   std::size_t reclaimable_bytes() const override {
     const std::size_t after = pool_.reserved_after_compaction({});
@@ -334,11 +347,11 @@ class CpuBackend final : public Backend<T> {
   void attention(std::span<const LayerRead> batch, const T* q, T* out, float* lse, float scale, void*) const override {
     std::size_t queries = 0;
     for (const LayerRead& l : batch) queries += static_cast<std::size_t>(l.queries);
-    check_finite(q, queries * static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim, "attention: query");
+    check_finite(q, queries * static_cast<std::size_t>(read_.num_q_heads) * shape_.head_dim, "attention: query");
     causal_attention<T>(read_, batch, q, out, lse, scale);
   }
   void scores(std::span<const LayerRead> batch, const T* q, float* out, void*) const override {
-    const std::size_t vector = static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim;
+    const std::size_t vector = static_cast<std::size_t>(read_.num_q_heads) * shape_.head_dim;
     check_finite(q, batch.size() * vector, "scores: query");
     for (const LayerRead& layer : batch) {
       cpu::scores<T>(read_, layer, q, out);
@@ -353,7 +366,7 @@ class CpuBackend final : public Backend<T> {
     for (const LayerRead& layer : batch) {
       cpu::attn_v<T>(read_, layer, weights, out);
       weights += static_cast<std::size_t>(read_.num_q_heads) * static_cast<std::size_t>(layer.length);
-      out += static_cast<std::size_t>(read_.num_q_heads) * codec_.geometry.head_dim;
+      out += static_cast<std::size_t>(read_.num_q_heads) * shape_.head_dim;
     }
   }
   void read_back(const LayerRead& layer, float* k, float* v) const override { cpu::read_back<T>(read_, layer, k, v); }
@@ -368,7 +381,7 @@ class CpuBackend final : public Backend<T> {
       out[i].shared = 0;
       for (const SlotRef& ref : store.blocks) {
         if (!pool_.shared(ref) || counted.insert(ref.data).second) continue;
-        const BlockBytes parts = block_bytes_breakdown(codec_, ref.data);
+        const BlockBytes parts = block_bytes_breakdown(read_.codec(layers[i].layer), ref.data);
         out[i].blocks -= parts;
         out[i].shared += parts.total();
       }
@@ -437,7 +450,9 @@ class CpuBackend final : public Backend<T> {
     }
   }
 
-  CodecParams codec_;
+  format::BlockGeometry shape_;  ///< what every layer shares (code widths aside)
+  std::uint32_t max_block_bytes_;  ///< the largest block of any layer (the staging stride)
+  std::uint32_t min_block_bytes_;  ///< the smallest of any layer
   SlotPool pool_;
   std::size_t row_;
   ReadContext read_;
@@ -465,12 +480,12 @@ std::optional<std::size_t> CpuPrepared<T>::resident_after_reclaim() const {
 namespace packkv::detail {
 
 template <class T>
-std::unique_ptr<Backend<T>> make_cpu_backend(const CacheConfig& config, const CodecParams& codec) {
-  return std::make_unique<cpu::CpuBackend<T>>(config, codec);
+std::unique_ptr<Backend<T>> make_cpu_backend(const CacheConfig& config, std::span<const CodecParams> layer_codecs) {
+  return std::make_unique<cpu::CpuBackend<T>>(config, layer_codecs);
 }
 
-template std::unique_ptr<Backend<float>> make_cpu_backend<float>(const CacheConfig&, const CodecParams&);
-template std::unique_ptr<Backend<fp16_t>> make_cpu_backend<fp16_t>(const CacheConfig&, const CodecParams&);
-template std::unique_ptr<Backend<bf16_t>> make_cpu_backend<bf16_t>(const CacheConfig&, const CodecParams&);
+template std::unique_ptr<Backend<float>> make_cpu_backend<float>(const CacheConfig&, std::span<const CodecParams>);
+template std::unique_ptr<Backend<fp16_t>> make_cpu_backend<fp16_t>(const CacheConfig&, std::span<const CodecParams>);
+template std::unique_ptr<Backend<bf16_t>> make_cpu_backend<bf16_t>(const CacheConfig&, std::span<const CodecParams>);
 
 }  // namespace packkv::detail

@@ -6,6 +6,7 @@
 #include <deque>
 #include <memory>
 
+
 #include "core/backend.hpp"
 #include "cuda/device_context.hpp"
 #include "cuda/read_path.hpp"
@@ -18,7 +19,8 @@ namespace {
 template <class T>
 class CudaBackend final : public Backend<T> {
  public:
-  CudaBackend(const CacheConfig& config, const CodecParams& codec) : ctx_(config, codec, sizeof(T)) {}
+  CudaBackend(const CacheConfig& config, std::span<const CodecParams> layer_codecs)
+      : ctx_(config, layer_codecs, sizeof(T)) {}
 
   std::unique_ptr<LayerStore> new_layer_store() override {
     auto store = std::make_unique<CudaLayerStore>(ctx_);
@@ -177,12 +179,12 @@ class CudaBackend final : public Backend<T> {
 namespace packkv::detail {
 
 template <class T>
-std::unique_ptr<Backend<T>> make_cuda_backend(const CacheConfig& config, const CodecParams& codec) {
-  return std::make_unique<cuda::CudaBackend<T>>(config, codec);
+std::unique_ptr<Backend<T>> make_cuda_backend(const CacheConfig& config, std::span<const CodecParams> layer_codecs) {
+  return std::make_unique<cuda::CudaBackend<T>>(config, layer_codecs);
 }
 
-template std::unique_ptr<Backend<float>> make_cuda_backend<float>(const CacheConfig&, const CodecParams&);
-template std::unique_ptr<Backend<fp16_t>> make_cuda_backend<fp16_t>(const CacheConfig&, const CodecParams&);
-template std::unique_ptr<Backend<bf16_t>> make_cuda_backend<bf16_t>(const CacheConfig&, const CodecParams&);
+template std::unique_ptr<Backend<float>> make_cuda_backend<float>(const CacheConfig&, std::span<const CodecParams>);
+template std::unique_ptr<Backend<fp16_t>> make_cuda_backend<fp16_t>(const CacheConfig&, std::span<const CodecParams>);
+template std::unique_ptr<Backend<bf16_t>> make_cuda_backend<bf16_t>(const CacheConfig&, std::span<const CodecParams>);
 
 }  // namespace packkv::detail

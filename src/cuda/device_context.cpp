@@ -21,9 +21,21 @@ CudaLayerStore::~CudaLayerStore() {
   context_.stores.erase(this);
 }
 
-DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec_params, std::size_t value_size)
-    : codec(codec_params),
-      geometry(codec_params.geometry),
+namespace {
+/// The shape every layer shares, with the widest code bits of any layer.
+format::BlockGeometry widest_geometry(std::span<const CodecParams> layer_codecs) {
+  format::BlockGeometry g = layer_codecs.front().geometry;
+  for (const CodecParams& c : layer_codecs) {
+    g.k_bits = std::max(g.k_bits, c.geometry.k_bits);
+    g.v_bits = std::max(g.v_bits, c.geometry.v_bits);
+  }
+  return g;
+}
+}  // namespace
+
+DeviceContext::DeviceContext(const CacheConfig& config, std::span<const CodecParams> layer_codecs_, std::size_t value_size)
+    : layer_codecs(layer_codecs_.begin(), layer_codecs_.end()),
+      widest(widest_geometry(layer_codecs_)),
       row_elems(static_cast<std::size_t>(config.num_kv_heads) * config.head_dim),
       value_bytes(value_size),
       num_q_heads(config.num_q_heads),
@@ -35,7 +47,7 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
       poll_errors(config.cuda_poll_errors),
       rotate_k(config.rotate_k),
       rotate_v(config.rotate_v),
-      slot_bytes((geometry.max_block_bytes() + kSlotAlign - 1) / kSlotAlign * kSlotAlign),
+      slot_bytes((widest.max_block_bytes() + kSlotAlign - 1) / kSlotAlign * kSlotAlign),
       // Eight worst-case blocks per page: the block that does not fit at a page's end wastes
       // about half a block per page (~6%), and a layer's last page is on average half empty.
       pool((8 * slot_bytes + 65535) / 65536 * 65536),
@@ -51,7 +63,7 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
   check_cuda(cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "query shared memory");
   ReadShape shape{};
-  shape.geometry = geometry;
+  shape.geometry = widest;
   shape.num_q_heads = num_q_heads;
   shape.group = group;
   shape.heads_per_cta = heads_per_cta;
@@ -61,7 +73,7 @@ DeviceContext::DeviceContext(const CacheConfig& config, const CodecParams& codec
   fast_attn_v = plan_fast_primitive(shape, shared_optin, format::Side::v);
   shape.group = kMaxHeadsPerCta;  // as many rows per CTA as the kernel takes (several queries)
   fast_multi = plan_fast_attention(shape, shared_optin);
-  const std::size_t needed = std::max(encode_shared_bytes(geometry), read_shared_bytes(geometry));
+  const std::size_t needed = std::max(encode_shared_bytes(widest), read_shared_bytes(widest));
   PACKKV_REQUIRE(needed <= static_cast<std::size_t>(shared_optin),
                  fmt::format("block_tokens {} x head_dim {} needs {} bytes of shared memory per CUDA block, the "
                              "device allows {}: use smaller blocks",

@@ -1,4 +1,4 @@
-// What every part of the CUDA backend shares: the geometry, the stream, the device page pool,
+// What every part of the CUDA backend shares: the layers' geometries, the stream, the device page pool,
 // the mapped error record and placement words, scratch buffers, and each layer's device storage
 // (CudaLayerStore). The write path (write_path.cpp), the read path (read_path.cpp) and the
 // backend facade (cuda_backend.cpp) work on one DeviceContext, under its mutex.
@@ -18,6 +18,7 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -84,14 +85,17 @@ inline CudaLayerStore& store_of(LayerStore* store) { return static_cast<CudaLaye
 
 class DeviceContext {
  public:
-  DeviceContext(const CacheConfig& config, const CodecParams& codec, std::size_t value_bytes);
+  DeviceContext(const CacheConfig& config, std::span<const CodecParams> layer_codecs, std::size_t value_bytes);
   ~DeviceContext();
   DeviceContext(const DeviceContext&) = delete;
   DeviceContext& operator=(const DeviceContext&) = delete;
 
   // ---- fixed by the config ----
-  CodecParams codec;
-  format::BlockGeometry geometry;
+  std::vector<CodecParams> layer_codecs;  ///< per layer (CacheConfig::layer_k_rel / layer_v_rel)
+  /// Every layer's shape with the widest code bits of any layer: what sizes staging slots, shared
+  /// memory and the fast path's plans, so that any layer's blocks fit. A kernel that reads or
+  /// writes a layer's blocks takes that layer's geometry (geometry_of).
+  format::BlockGeometry widest;
   std::size_t row_elems;      ///< values per token: num_kv_heads * head_dim
   std::size_t value_bytes;    ///< sizeof(T)
   int num_q_heads;
@@ -130,6 +134,8 @@ class DeviceContext {
   std::mutex mutex;
 
   // ---- helpers ----
+  const CodecParams& codec_of(int layer) const { return layer_codecs[static_cast<std::size_t>(layer)]; }
+  const format::BlockGeometry& geometry_of(int layer) const { return codec_of(layer).geometry; }
   std::size_t table_bytes(std::size_t capacity) const { return capacity * sizeof(std::uint8_t*); }
   std::size_t page_list_bytes(std::size_t capacity) const {
     return capacity == 0 ? 0 : sizeof(PlacementCursor) + capacity * sizeof(std::uint8_t*);

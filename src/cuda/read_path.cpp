@@ -30,9 +30,10 @@ SeqView<T> view(const DeviceContext& ctx, const LayerRead& layer) {
   return v;
 }
 
-ReadShape read_shape(const DeviceContext& ctx) {
+/// The read shape of one layer (every sequence of a read batch is at the same layer).
+ReadShape read_shape(const DeviceContext& ctx, int layer) {
   ReadShape s{};
-  s.geometry = ctx.geometry;
+  s.geometry = ctx.geometry_of(layer);
   s.num_q_heads = ctx.num_q_heads;
   s.group = ctx.group;
   s.heads_per_cta = ctx.heads_per_cta;
@@ -71,8 +72,8 @@ namespace {
 template <class T>
 const T* rotated_queries(DeviceContext& ctx, const T* q, std::size_t vectors) {
   if (!ctx.rotate_k) return q;
-  T* out = static_cast<T*>(ctx.rotated_query_bytes(vectors * ctx.geometry.head_dim * sizeof(T)));
-  check_cuda(launch_rotate(RotateParams<T, T>{q, out, vectors, ctx.geometry.head_dim, 1}, ctx.stream),
+  T* out = static_cast<T*>(ctx.rotated_query_bytes(vectors * ctx.widest.head_dim * sizeof(T)));
+  check_cuda(launch_rotate(RotateParams<T, T>{q, out, vectors, ctx.widest.head_dim, 1}, ctx.stream),
              "query rotation kernel launch");
   return out;
 }
@@ -81,7 +82,7 @@ const T* rotated_queries(DeviceContext& ctx, const T* q, std::size_t vectors) {
 template <class U>
 void rotate_back(DeviceContext& ctx, U* x, std::size_t vectors, bool rotated, const char* what) {
   if (!rotated) return;
-  check_cuda(launch_rotate(RotateParams<U, U>{x, x, vectors, ctx.geometry.head_dim, 0}, ctx.stream), what);
+  check_cuda(launch_rotate(RotateParams<U, U>{x, x, vectors, ctx.widest.head_dim, 0}, ctx.stream), what);
 }
 
 }  // namespace
@@ -93,7 +94,7 @@ void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q,
   for (const LayerRead& l : batch) all_queries += static_cast<std::size_t>(l.queries);
   const std::size_t vectors = all_queries * static_cast<std::size_t>(ctx.num_q_heads);
   q = rotated_queries(ctx, q, vectors);
-  const std::size_t q_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.geometry.head_dim;
+  const std::size_t q_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.widest.head_dim;
   const bool fast = ctx.fast.usable;
   // Several queries per sequence: a CTA takes as many rows as the kernel allows, so each packed
   // block is decoded once per 8 (query, head) rows instead of once per query.
@@ -104,7 +105,7 @@ void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q,
   for (std::size_t first = 0; first < batch.size(); first += kMaxBatchPerLaunch) {
     const int count = static_cast<int>(std::min<std::size_t>(kMaxBatchPerLaunch, batch.size() - first));
     AttentionParams<T> params{};
-    params.shape = read_shape(ctx);
+    params.shape = read_shape(ctx, batch[first].layer);
     params.batch = count;
     int max_units = 0, max_rows = 0, queries = 0;
     for (int b = 0; b < count; ++b) {
@@ -113,14 +114,14 @@ void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q,
       params.query_first[b] = queries;
       params.query_count[b] = layer.queries;
       queries += layer.queries;
-      max_units = std::max(max_units, params.seqs[b].num_units(ctx.geometry.block_tokens));
+      max_units = std::max(max_units, params.seqs[b].num_units(ctx.widest.block_tokens));
       max_rows = std::max(max_rows, layer.queries * ctx.group);
     }
     params.queries = queries;
     // CTAs per KV head cover the longest sequence's rows; a shorter one's extra CTAs return at once.
     params.shape.heads_per_cta = std::min(heads_per_cta, max_rows);
     params.shape.subgroups = (max_rows + params.shape.heads_per_cta - 1) / params.shape.heads_per_cta;
-    const int ctas_per_split = count * ctx.geometry.num_heads * params.shape.subgroups;
+    const int ctas_per_split = count * ctx.widest.num_heads * params.shape.subgroups;
     const Split split =
         fast ? choose_fast_split(ctx, plan, max_units, ctas_per_split) : choose_split(ctx, max_units, ctas_per_split);
     params.units_per_split = split.units_per_split;
@@ -130,10 +131,10 @@ void attention(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q,
     params.lse = lse != nullptr ? lse + first_query * static_cast<std::size_t>(ctx.num_q_heads) : nullptr;
     params.softmax_scale = scale;
     params.partials = ctx.workspace_floats(static_cast<std::size_t>(queries) * ctx.num_q_heads * split.splits *
-                                           (ctx.geometry.head_dim + 2));
+                                           (ctx.widest.head_dim + 2));
     if (fast) {
       params.stages = plan.stages;
-      params.tickets = ctx.ticket_words(static_cast<std::size_t>(count) * ctx.geometry.num_heads * params.shape.subgroups);
+      params.tickets = ctx.ticket_words(static_cast<std::size_t>(count) * ctx.widest.num_heads * params.shape.subgroups);
       params.errors = ctx.errors_for(first, 0);  // the kernel adds its batch index
       check_cuda(launch_fast_attention(params, plan.shared_bytes, ctx.stream), "attention kernel launch");
     } else {
@@ -152,7 +153,7 @@ template <class T>
 PrimitiveParams<T> primitive_params(DeviceContext& ctx, std::span<const LayerRead> batch, std::size_t first,
                                     int count, std::int64_t first_value, const FastPlan& plan) {
   PrimitiveParams<T> params{};
-  params.shape = read_shape(ctx);
+  params.shape = read_shape(ctx, batch[first].layer);
   params.shape.heads_per_cta = plan.heads_per_cta;
   params.shape.subgroups = plan.subgroups;
   params.batch = count;
@@ -165,9 +166,9 @@ PrimitiveParams<T> primitive_params(DeviceContext& ctx, std::span<const LayerRea
     params.first[b] = at;
     params.length[b] = layer.length;
     at += static_cast<std::int64_t>(ctx.num_q_heads) * layer.length;
-    max_units = std::max(max_units, params.seqs[b].num_units(ctx.geometry.block_tokens));
+    max_units = std::max(max_units, params.seqs[b].num_units(ctx.widest.block_tokens));
   }
-  const Split split = choose_fast_split(ctx, plan, max_units, count * ctx.geometry.num_heads * plan.subgroups);
+  const Split split = choose_fast_split(ctx, plan, max_units, count * ctx.widest.num_heads * plan.subgroups);
   params.units_per_split = split.units_per_split;
   params.num_splits = split.splits;
   return params;
@@ -176,7 +177,7 @@ PrimitiveParams<T> primitive_params(DeviceContext& ctx, std::span<const LayerRea
 template <class T>
 void scores(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, float* scores) {
   ctx.raise_device_error();
-  const std::size_t q_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.geometry.head_dim;
+  const std::size_t q_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.widest.head_dim;
   q = rotated_queries(ctx, q, batch.size() * static_cast<std::size_t>(ctx.num_q_heads));
   std::int64_t first_value = 0;
   if (ctx.fast_scores.usable) {
@@ -192,7 +193,7 @@ void scores(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, fl
   }
   for (std::size_t i = 0; i < batch.size(); ++i) {
     ScoresParams<T> params{};
-    params.shape = read_shape(ctx);
+    params.shape = read_shape(ctx, batch[i].layer);
     params.seq = view<T>(ctx, batch[i]);
     params.q = q + i * q_stride;
     params.scores = scores + first_value;
@@ -205,7 +206,7 @@ void scores(DeviceContext& ctx, std::span<const LayerRead> batch, const T* q, fl
 template <class T>
 void attn_v(DeviceContext& ctx, std::span<const LayerRead> batch, const float* weights, float* out) {
   ctx.raise_device_error();
-  const std::size_t out_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.geometry.head_dim;
+  const std::size_t out_stride = static_cast<std::size_t>(ctx.num_q_heads) * ctx.widest.head_dim;
   std::int64_t first_value = 0;
   if (ctx.fast_attn_v.usable) {
     for (std::size_t first = 0; first < batch.size(); first += kMaxBatchPerLaunch) {
@@ -214,25 +215,25 @@ void attn_v(DeviceContext& ctx, std::span<const LayerRead> batch, const float* w
       params.weights = weights + first_value;
       params.out = out + first * out_stride;
       params.partials = ctx.workspace_floats(static_cast<std::size_t>(count) * ctx.num_q_heads * params.num_splits *
-                                             ctx.geometry.head_dim);
-      params.tickets = ctx.ticket_words(static_cast<std::size_t>(count) * ctx.geometry.num_heads * params.shape.subgroups);
+                                             ctx.widest.head_dim);
+      params.tickets = ctx.ticket_words(static_cast<std::size_t>(count) * ctx.widest.num_heads * params.shape.subgroups);
       check_cuda(launch_fast_attn_v(params, ctx.fast_attn_v.shared_bytes, ctx.stream), "attn_v kernel launch");
       for (int b = 0; b < count; ++b) first_value += static_cast<std::int64_t>(ctx.num_q_heads) * params.length[b];
     }
   } else {
     for (std::size_t i = 0; i < batch.size(); ++i) {
       AttnVParams<T> params{};
-      params.shape = read_shape(ctx);
+      params.shape = read_shape(ctx, batch[i].layer);
       params.seq = view<T>(ctx, batch[i]);
       params.weights = weights + first_value;
       params.out = out + i * out_stride;
       params.length = batch[i].length;
       const Split split =
-          choose_split(ctx, params.seq.num_units(ctx.geometry.block_tokens), ctx.geometry.num_heads * ctx.subgroups);
+          choose_split(ctx, params.seq.num_units(ctx.widest.block_tokens), ctx.widest.num_heads * ctx.subgroups);
       params.units_per_split = split.units_per_split;
       params.num_splits = split.splits;
       params.partials =
-          ctx.workspace_floats(static_cast<std::size_t>(ctx.num_q_heads) * split.splits * ctx.geometry.head_dim);
+          ctx.workspace_floats(static_cast<std::size_t>(ctx.num_q_heads) * split.splits * ctx.widest.head_dim);
       check_cuda(launch_attn_v(params, ctx.stream), "attn_v kernel launch");
       first_value += static_cast<std::int64_t>(ctx.num_q_heads) * batch[i].length;
     }
@@ -245,12 +246,12 @@ template <class T>
 void read_back(DeviceContext& ctx, const LayerRead& layer, float* k, float* v) {
   ctx.raise_device_error();
   ReadBackParams<T> params{};
-  params.geometry = ctx.geometry;
+  params.geometry = ctx.geometry_of(layer.layer);
   params.seq = view<T>(ctx, layer);
   params.k = k;
   params.v = v;
   check_cuda(launch_read_back(params, ctx.stream), "read_back kernel launch");
-  const std::size_t vectors = static_cast<std::size_t>(layer.length) * ctx.geometry.num_heads;
+  const std::size_t vectors = static_cast<std::size_t>(layer.length) * ctx.widest.num_heads;
   rotate_back(ctx, k, vectors, ctx.rotate_k, "read_back rotation kernel launch");
   rotate_back(ctx, v, vectors, ctx.rotate_v, "read_back rotation kernel launch");
   // An inspection call: it waits, so that device-reported errors surface here at the latest.
@@ -269,7 +270,7 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
   check_cuda(cudaMemsetAsync(device_counters.data(), 0, device_counters.bytes(), ctx.stream), "memory_stats memset");
   for (std::size_t i = 0; i < layers.size(); ++i) {
     const CudaLayerStore& store = store_of(layers[i]);
-    check_cuda(launch_block_stats(ctx.geometry, store.table.as<const std::uint8_t* const>(),
+    check_cuda(launch_block_stats(ctx.geometry_of(layers[i].layer), store.table.as<const std::uint8_t* const>(),
                                   layers[i].num_blocks, device_counters.as<unsigned long long>() + kCounters * i,
                                   ctx.stream),
                "block statistics kernel launch");
@@ -310,7 +311,7 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
       std::size_t at = 0;
       for (std::size_t i = 0; i < layers.size(); ++i) {
         if (lists[i].empty()) continue;
-        check_cuda(launch_block_stats(ctx.geometry, device_list.as<const std::uint8_t* const>() + at,
+        check_cuda(launch_block_stats(ctx.geometry_of(layers[i].layer), device_list.as<const std::uint8_t* const>() + at,
                                       static_cast<int>(lists[i].size()),
                                       device_counters.as<unsigned long long>() + kCounters * i, ctx.stream),
                    "block statistics kernel launch");
@@ -322,9 +323,10 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
       check_cuda(cudaStreamSynchronize(ctx.stream), "memory_stats");
     }
   }
-  const format::SectionLayout kl = ctx.geometry.k_layout(), vl = ctx.geometry.v_layout();
+  // Parameters and token orders take the same bytes at every code width.
+  const format::SectionLayout kl = ctx.widest.k_layout(), vl = ctx.widest.v_layout();
   const std::size_t params =
-      static_cast<std::size_t>(ctx.geometry.num_heads) * (kl.param_count + vl.param_count) * sizeof(format::QuantParams);
+      static_cast<std::size_t>(ctx.widest.num_heads) * (kl.param_count + vl.param_count) * sizeof(format::QuantParams);
   for (std::size_t i = 0; i < layers.size(); ++i) {
     const CudaLayerStore& store = store_of(layers[i]);
     unsigned long long* c = counters.data() + kCounters * i;
@@ -336,7 +338,7 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
     b.payload = c[0];
     b.descriptors = c[1];
     b.params = n * params;
-    b.permutations = n * ctx.geometry.permutation_bytes();
+    b.permutations = n * ctx.widest.permutation_bytes();
     b.headers = c[2] - b.payload - b.params - b.descriptors - b.permutations;
     b.k_sections = c[3];
     b.v_sections = c[4];
@@ -385,7 +387,8 @@ void download(DeviceContext& ctx, const LayerRead& layer, std::vector<std::uint3
     }
     const std::size_t offset = static_cast<std::size_t>(table[b] - store.pages[page]);
     const std::uint32_t size = format::block_bytes(copy.data() + offset);
-    PACKKV_REQUIRE(size >= ctx.geometry.min_block_bytes() && size <= ctx.geometry.max_block_bytes() &&
+    PACKKV_REQUIRE(size >= ctx.geometry_of(layer.layer).min_block_bytes() &&
+                       size <= ctx.geometry_of(layer.layer).max_block_bytes() &&
                        offset + size <= page_bytes,
                    fmt::format("export_sequence: block {} has impossible size {} (device state corrupt)", b, size));
     sizes.push_back(size);

@@ -181,9 +181,10 @@ template <class T>
 EncodeParams<T> encode_params(const DeviceContext& ctx, const LayerWrite<T>& w, const TokenRows<T>& rows,
                               std::int64_t first_position, std::uint8_t* out_base, int count) {
   EncodeParams<T> e{};
-  e.geometry = ctx.geometry;
-  e.k_max_code = ctx.codec.k_max_code;
-  e.v_max_code = ctx.codec.v_max_code;
+  const CodecParams& codec = ctx.codec_of(w.layer);
+  e.geometry = codec.geometry;
+  e.k_max_code = codec.k_max_code;
+  e.v_max_code = codec.v_max_code;
   e.median_repack = ctx.median_repack ? 1 : 0;
   e.source = rows;
   e.first_position = first_position;
@@ -200,7 +201,7 @@ template <class T>
 PlaceParams place_params(DeviceContext& ctx, const CudaLayerStore& store, const LayerWrite<T>& w,
                          const std::uint8_t* staging, int count, int first_entry) {
   PlaceParams place{};
-  place.geometry = ctx.geometry;
+  place.geometry = ctx.geometry_of(w.layer);
   place.staging = staging;
   place.staging_stride = ctx.slot_bytes;
   place.num_blocks = count;
@@ -218,7 +219,7 @@ PlaceParams place_params(DeviceContext& ctx, const CudaLayerStore& store, const 
 // Stages the write's full blocks, then places them tightly in the layer's pages.
 template <class T>
 void seal_blocks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const T* k, const T* v) {
-  const int block = ctx.geometry.block_tokens;
+  const int block = ctx.widest.block_tokens;
   const std::int64_t total = w.plan.seal_blocks, per_round = ctx.blocks_per_round();
   const detail::TokenRows<T> rows = rows_of(ctx, w, k, v);
   int placed = w.num_blocks + static_cast<int>(w.blocks.size());
@@ -251,7 +252,7 @@ TailWriteParams<T> tail_params(DeviceContext& ctx, CudaLayerStore& store, const 
   tail.ring_capacity = plan.after.capacity;
   tail.first = grows ? plan.after.begin : std::max(plan.after.begin, plan.before.end());
   tail.end = plan.after.end();
-  tail.head_dim = ctx.geometry.head_dim;
+  tail.head_dim = ctx.widest.head_dim;
   tail.errors = ctx.errors_for(w.id, w.layer);
   return tail;
 }
@@ -313,10 +314,10 @@ void launch_batch(DeviceContext& ctx, BatchParams<T>& batch) {
   std::uint8_t* device = base + pointers;
   const int n_encodes = static_cast<int>(batch.encodes.size());
   check_cuda(launch_encode_batch(reinterpret_cast<const EncodeParams<T>*>(device + tails), n_encodes, batch.max_blocks,
-                                 ctx.geometry, ctx.stream),
+                                 ctx.widest, ctx.stream),
              "encode kernel launch");
   check_cuda(launch_place_batch(reinterpret_cast<const PlaceParams*>(device + tails + encodes), n_encodes,
-                                batch.max_blocks, ctx.geometry, ctx.stream),
+                                batch.max_blocks, ctx.widest, ctx.stream),
              "block placement kernel launch");
   check_cuda(launch_tail_write_batch(reinterpret_cast<const TailWriteParams<T>*>(device),
                                      static_cast<int>(batch.tails.size()), batch.max_tail_elements, ctx.stream),
@@ -337,9 +338,10 @@ void check_values(DeviceContext& ctx, std::span<const LayerWrite<T>> writes) {
     ValidateParams<T> params{};
     params.rows = rows_of(ctx, w, w.k, w.v);
     params.n_tokens = w.plan.n_tokens;
-    params.geometry = ctx.geometry;
-    params.k_max_code = ctx.codec.k_max_code;
-    params.v_max_code = ctx.codec.v_max_code;
+    const CodecParams& codec = ctx.codec_of(w.layer);
+    params.geometry = codec.geometry;
+    params.k_max_code = codec.k_max_code;
+    params.v_max_code = codec.v_max_code;
     params.errors = ctx.errors_for(w.id, w.layer);
     check_cuda(launch_validate(params, ctx.stream), "validation kernel launch");
   }
@@ -363,19 +365,19 @@ std::unique_ptr<PreparedWrite> prepare_write(DeviceContext& ctx, std::span<const
 
 template <class T>
 RotatedInput<T> rotate_write_input(DeviceContext& ctx, const T* k, const T* v, std::size_t rows) {
-  const std::size_t vectors = rows * static_cast<std::size_t>(ctx.geometry.num_heads);
-  const std::size_t side = vectors * ctx.geometry.head_dim;
+  const std::size_t vectors = rows * static_cast<std::size_t>(ctx.widest.num_heads);
+  const std::size_t side = vectors * ctx.widest.head_dim;
   auto copies = std::make_shared<DeviceBuffer>(((ctx.rotate_k ? side : 0) + (ctx.rotate_v ? side : 0)) * sizeof(T), ctx.stream);
   RotatedInput<T> in{k, v, copies};
   T* next = copies->as<T>();
   if (ctx.rotate_k) {
-    check_cuda(launch_rotate(RotateParams<T, T>{k, next, vectors, ctx.geometry.head_dim, 1}, ctx.stream),
+    check_cuda(launch_rotate(RotateParams<T, T>{k, next, vectors, ctx.widest.head_dim, 1}, ctx.stream),
                "K rotation kernel launch");
     in.k = next;
     next += side;
   }
   if (ctx.rotate_v) {
-    check_cuda(launch_rotate(RotateParams<T, T>{v, next, vectors, ctx.geometry.head_dim, 1}, ctx.stream),
+    check_cuda(launch_rotate(RotateParams<T, T>{v, next, vectors, ctx.widest.head_dim, 1}, ctx.stream),
                "V rotation kernel launch");
     in.v = next;
   }

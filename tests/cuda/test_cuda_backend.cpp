@@ -627,6 +627,36 @@ TEST(Cuda, PolledErrorsAreReportedOnlyByThePoll) {
   test::expect_error([&] { PackedKVCache<float> refused(both); }, "cuda_strict and cuda_poll_errors cannot both be set");
 }
 
+// Per-layer bounds: each layer's blocks with its own code widths, the same bytes as the CPU's, and
+// every read of each layer against the CPU. Layer 1 has the widest codes, so the staging slots and
+// shared memory are sized by it while layers 0 and 2 stage smaller blocks; fast and first read
+// paths both serve layers of different widths (head_dim 128 and 96).
+TEST(Cuda, PerLayerBoundsMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  for (int dim : {128, 96}) {
+    CacheConfig c = base_config();
+    c.num_layers = 3;
+    c.head_dim = dim;
+    c.layer_k_rel = {0.3f, 0.02f, 0.1f};
+    c.layer_v_rel = {0.05f, 0.5f, 1.0f / 255.0f};
+    CachePair<float> pair(c);
+    const std::vector<SeqId> ids = {4, 8};
+    const int lengths[] = {64 * 3 + 9, 150};
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      pair.add(ids[i]);
+      for (int l = 0; l < c.num_layers; ++l) pair.append(ids[i], l, lengths[i], 300 + 10 * i + l);
+    }
+    for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << "sequence " << id;
+    for (int l = 0; l < c.num_layers; ++l) {
+      compare_everything(pair, ids, l, 60 + l, "dim " + std::to_string(dim) + " layer " + std::to_string(l));
+    }
+    // Images move between backends layer by layer.
+    const std::vector<std::uint8_t> image = pair.cpu.export_sequence(4);
+    pair.gpu.import_sequence(12, image);
+    EXPECT_EQ(pair.gpu.export_sequence(12), image);
+  }
+}
+
 // append_batch on the GPU against per-sequence appends on the CPU: the same bytes, the same reads.
 // A ragged prefill per layer, then decode steps of one token per sequence.
 void expect_batched_appends_match_cpu(const std::vector<int>& prefill, int layers, int decode_steps) {

@@ -22,6 +22,9 @@ packkv::CacheConfig fuzz_config() {
   c.block_tokens = 16;
   c.residual_tokens = 4;
   c.num_threads = 1;
+  // Layers of different code widths: each image layer is checked against its own range.
+  c.layer_k_rel = {0.1f, 0.05f};
+  c.layer_v_rel = {0.2f, 0.3f};
   return c;
 }
 

@@ -31,6 +31,8 @@ int main(int argc, char** argv) {
   c.head_dim = 16;
   c.block_tokens = 16;
   c.residual_tokens = 4;
+  c.layer_k_rel = {0.1f, 0.05f};
+  c.layer_v_rel = {0.2f, 0.3f};
   int seed = 0;
   auto images = [&](auto type_tag) {
     using T = decltype(type_tag);

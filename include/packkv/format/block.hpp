@@ -111,6 +111,8 @@ struct BlockGeometry {
   bool permuted;
   bool k_per_channel;
 
+  constexpr bool operator==(const BlockGeometry&) const = default;
+
   PACKKV_HOST_DEVICE constexpr std::uint8_t flags() const {
     return static_cast<std::uint8_t>((permuted ? kFlagPermuted : 0) | (k_per_channel ? kFlagKPerChannel : 0));
   }

@@ -16,7 +16,11 @@
 namespace packkv::format {
 
 inline constexpr char kImageMagic[8] = {'P', 'A', 'C', 'K', 'K', 'V', 'S', 'Q'};
-inline constexpr std::uint32_t kImageVersion = 1;
+/// Version 2 records each layer's code ranges in its LayerRecord (per-layer bounds) and leaves the
+/// header's four code fields zero; version 1 (one range in the header for every layer, record
+/// fields zero) is still read.
+inline constexpr std::uint32_t kImageVersion = 2;
+inline constexpr std::uint32_t kImageVersionUniform = 1;
 
 /// Storage type codes of images.
 enum DtypeCode : std::uint8_t { kDtypeFloat = 0, kDtypeFp16 = 1, kDtypeBf16 = 2 };
@@ -35,8 +39,8 @@ struct ImageHeader {
   std::uint8_t dtype;          ///< DtypeCode
   std::uint8_t k_mode;         ///< QuantMode
   std::uint8_t permuted;       ///< 1 when blocks carry a token permutation
-  std::uint8_t k_bits, v_bits;
-  std::uint8_t k_max_code, v_max_code;
+  std::uint8_t k_bits, v_bits;          ///< version 1 only (zero in version 2)
+  std::uint8_t k_max_code, v_max_code;  ///< version 1 only (zero in version 2)
   std::uint8_t rotation;   ///< bit 0: K rotated, bit 1: V rotated (CacheConfig::rotate_k/v); others zero
   std::uint16_t num_kv_heads, head_dim, block_tokens, layer_count;
   std::uint64_t body_bytes;
@@ -53,7 +57,9 @@ struct LayerRecord {
   std::uint32_t layer;
   std::uint32_t block_count;
   std::uint32_t tail_tokens;
-  std::uint32_t reserved;  ///< zero
+  std::uint8_t k_max_code;  ///< the layer's largest K and V codes (version 2; zero in version 1),
+  std::uint8_t v_max_code;  ///< code widths follow from them (bits_for_max_code)
+  std::uint16_t reserved;   ///< zero
   std::uint64_t length;    ///< block_count * block_tokens + tail_tokens
 };
 static_assert(sizeof(LayerRecord) == 24);
