@@ -12,6 +12,8 @@
 #   scripts/run_accuracy.sh --lever per-layer  # V rotated, each layer's rels calibrated on 512 tokens of
 #                                              # GPL-3 outside the windows, 5 KL budgets, beside rotate-v's
 #                                              # sweeps and pairs, int8 and KIVI-4 (about 25 min)
+#   scripts/run_accuracy.sh --lever k-before-rope  # K stored before RoPE, rotated at attention:
+#                                                  # K per-token and per-channel sweeps
 #   scripts/run_accuracy.sh --lever entropy-images  # entropy-coded images of one window's K/V (3 min)
 set -euo pipefail
 
@@ -51,7 +53,8 @@ if [[ "${1:-}" == "--lever" ]]; then
     rotate-k) extra=(--rotate-k --sweeps k --baselines none) ;;
     rotate-kv) extra=(--rotate-k --rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
     per-layer) extra=(--rotate-v --sweeps k,v,pairs --baselines int8,kivi4 --calibrate-layers 0.0005,0.001,0.0015,0.002,0.003) ;;
-    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, entropy-images)" >&2; exit 2 ;;
+    k-before-rope) extra=(--k-before-rope --sweeps k,k-channel --baselines none) ;;
+    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, k-before-rope, entropy-images)" >&2; exit 2 ;;
   esac
 fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")

@@ -121,6 +121,7 @@ struct Options {
   int bootstrap_unit = 512;
   bool score_exact = false;
   bool rotate_k = false, rotate_v = false;  // PackKV settings store that side Hadamard-rotated
+  bool keys_before_rope = false;            // PackKV settings store K before RoPE
   std::string baselines = "all";  // or a comma list of short names (baseline_key), or "none"
   std::string sweeps = "k,k-channel,v,pairs";
   packkv::RepackMethod repack = packkv::RepackMethod::median;
@@ -151,13 +152,15 @@ void usage() {
                "                   [--context N] [--windows N] [--threads N] [--preset full|quick]\n"
                "                   [--block N] [--residual N] [--repack none|median|greedy] [--device cpu|cuda]\n"
                "                   [--bootstrap N] [--bootstrap-unit N] [--score-exact] [--markdown FILE] [--csv FILE]\n"
-               "                   [--rotate-k] [--rotate-v] [--sweeps k,k-channel,v,pairs] [--baselines all|none|LIST]\n"
+               "                   [--rotate-k] [--rotate-v] [--k-before-rope] [--sweeps k,k-channel,v,pairs]\n"
+               "                   [--baselines all|none|LIST]\n"
                "  --tokens     int32 token ids (scripts/prepare_smollm2.py writes them); repeat for more texts\n"
                "  --text       a text file, tokenized with --tokenizer (llama2.c models); repeatable\n"
                "  --context    tokens per window (default 2048); each text gives its full windows\n"
                "  --windows    at most N windows per text (default: all)\n"
                "  --residual   recent tokens every cache keeps exact (default 128)\n"
                "  --rotate-k, --rotate-v  PackKV settings rotate that side (CacheConfig::rotate_k / rotate_v)\n"
+               "  --k-before-rope  PackKV settings store K before RoPE and rotate the decoded keys at attention\n"
                "  --sweeps     which PackKV sweeps to run (default all)\n"
                "  --baselines  which baselines: all (default), none, or a list of int8,fp8,int4,kivi4,kivi2,\n"
                "               q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl\n"
@@ -506,6 +509,7 @@ int main(int argc, char** argv) {
       else if (arg == "--score-exact") opt.score_exact = true;
       else if (arg == "--rotate-k") opt.rotate_k = true;
       else if (arg == "--rotate-v") opt.rotate_v = true;
+      else if (arg == "--k-before-rope") opt.keys_before_rope = true;
       else if (arg == "--baselines") opt.baselines = value();
       else if (arg == "--sweeps") opt.sweeps = value();
       else if (arg == "--calibrate-layers") opt.layer_budgets = parse_list<double>(value());
@@ -580,6 +584,14 @@ int main(int argc, char** argv) {
     llama::BaselineOptions baseline_options;
     baseline_options.residual = opt.residual;  // the same exact window and the same
     baseline_options.block = opt.block;        // quantization steps as packkv's tail rule
+    // A PackKV cache of this run: K after RoPE as the model appends it, or before (--k-before-rope).
+    const float rope_theta = mc.rope_theta;
+    const bool keys_before_rope = opt.keys_before_rope;
+    auto make_packkv = [shape, rope_theta, keys_before_rope](const packkv::CacheConfig& c) {
+      return keys_before_rope ? llama::make_packkv_cache_keys_before_rope(shape, c, rope_theta)
+                              : llama::make_packkv_cache(shape, c);
+    };
+    const std::string k_note = keys_before_rope ? " before RoPE" : "";
     auto packkv_setting = [&](Family family, float k_rel, float v_rel,
                               packkv::QuantMode k_mode = packkv::QuantMode::per_token) {
       Setting s;
@@ -588,14 +600,14 @@ int main(int argc, char** argv) {
       s.v_rel = v_rel;
       s.k_mode = k_mode;
       s.name = std::string("PackKV K ") + (k_mode == packkv::QuantMode::per_channel ? "per-channel " : "") +
-               rel_label(k_rel) + (base.rotate_k ? " rotated" : "") + " / V " + rel_label(v_rel) +
+               rel_label(k_rel) + (base.rotate_k ? " rotated" : "") + k_note + " / V " + rel_label(v_rel) +
                (base.rotate_v ? " rotated" : "");
-      s.make_cache = [shape, base, k_rel, v_rel, k_mode] {
+      s.make_cache = [make_packkv, base, k_rel, v_rel, k_mode] {
         packkv::CacheConfig c = base;
         c.k_rel = k_rel;
         c.v_rel = v_rel;
         c.k_mode = k_mode;
-        return llama::make_packkv_cache(shape, c);
+        return make_packkv(c);
       };
       return s;
     };
@@ -688,12 +700,15 @@ int main(int argc, char** argv) {
       for (double budget : opt.layer_budgets) {
         LayerPlanRow row{budget, llama::allocate_layer_rels(*sensitivity, budget), ""};
         row.setting_name = "PackKV per-layer rels, KL budget " + fmt("%g", budget) + (base.rotate_k ? ", K rotated" : "") +
-                           (base.rotate_v ? ", V rotated" : "");
+                           (keys_before_rope ? ", K before RoPE" : "") + (base.rotate_v ? ", V rotated" : "");
         Setting s;
         s.name = row.setting_name;
         s.family = Family::packkv_per_layer;
-        s.make_cache = [shape, base, plan = row.plan] {
-          return llama::make_packkv_cache(shape, base, plan.k_rel, plan.v_rel);
+        s.make_cache = [make_packkv, base, plan = row.plan] {
+          packkv::CacheConfig c = base;
+          c.layer_k_rel = plan.k_rel;
+          c.layer_v_rel = plan.v_rel;
+          return make_packkv(c);
         };
         settings.push_back(s);
         layer_plans.push_back(std::move(row));

@@ -66,6 +66,11 @@ std::unique_ptr<KvCache> make_exact_cache(const KvShape& shape);
 
 /// packkv's PackedKVCache<float> on `config.device`. The model's shape overrides the config's.
 std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config);
+/// packkv storing K before RoPE (KVQuant's pre-RoPE keys), RoPE on adjacent pairs with `rope_theta`
+/// applied to the decoded keys at attention: the accuracy lever measured through the library as it
+/// is (attention over decoded copies, CPU only).
+std::unique_ptr<KvCache> make_packkv_cache_keys_before_rope(const KvShape& shape, packkv::CacheConfig config,
+                                                            float rope_theta);
 /// The same with a relative error bound of its own per layer and side (k_rel[l], v_rel[l]:
 /// CacheConfig::layer_k_rel / layer_v_rel); layer_bytes() tells the layers apart.
 std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config, std::vector<float> k_rel,

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kv_cache.hpp"
+#include "tensor_ops.hpp"
 
 #if defined(PACKKV_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -95,9 +96,9 @@ class PackkvCache final : public KvCache {
   std::vector<KvBytes> layer_bytes() const override;
   std::string describe() const override { return packkv::describe(cache_.config()); }
   const packkv::PackedKVCache<float>& cache() const { return cache_; }
+  static constexpr packkv::SeqId kSeq = 0;  ///< the one sequence
 
  private:
-  static constexpr packkv::SeqId kSeq = 0;
   KvShape shape_;
 #if defined(PACKKV_WITH_CUDA)
   std::unique_ptr<DeviceStaging> staging_;  // before cache_: outlives it, as the cache works on its stream
@@ -131,7 +132,80 @@ KvBytes PackkvCache::kv_bytes(const packkv::MemoryBreakdown& t) const {
   return bytes;
 }
 
+/// K stored before RoPE (as KVQuant does): the cache quantizes each key without its position's
+/// rotation, and attention rotates the decoded keys. This measures the lever with the library as it
+/// is: attention runs densely over what a kernel would compute on the fly, each compressed token's
+/// decoded K rotated to its position and decoded V, and the exact window's values as appended.
+/// Tokens leave the window a block at a time (packkv's tail rule), so the decoded copy is refreshed
+/// once per block.
+class KeysBeforeRopeCache final : public KvCache {
+ public:
+  KeysBeforeRopeCache(const KvShape& shape, const packkv::CacheConfig& config, float rope_theta)
+      : shape_(shape),
+        inner_(shape, config),
+        theta_(rope_theta),
+        residual_(config.residual_tokens),
+        block_(config.block_tokens),
+        k_(static_cast<std::size_t>(shape.num_layers)),
+        v_(static_cast<std::size_t>(shape.num_layers)),
+        compressed_(static_cast<std::size_t>(shape.num_layers), 0) {}
+
+  void append(int layer, const float* k, const float* v) override {
+    const auto l = static_cast<std::size_t>(layer);
+    const std::size_t kvd = static_cast<std::size_t>(shape_.kv_dim());
+    const auto pos = static_cast<std::int64_t>(k_[l].size() / kvd);
+    k_[l].insert(k_[l].end(), k, k + kvd);
+    v_[l].insert(v_[l].end(), v, v + kvd);
+    std::vector<float> before_rope(k, k + kvd);
+    rope_adjacent_pairs(before_rope.data(), shape_.num_kv_heads, shape_.head_dim, static_cast<int>(-pos), theta_);
+    inner_.append(layer, before_rope.data(), v);
+    const std::int64_t n = pos + 1;
+    const std::int64_t compressed = n > residual_ ? (n - residual_) / block_ * block_ : 0;
+    if (compressed == compressed_[l]) return;
+    if (static_cast<std::int64_t>(inner_.cache().memory_stats().layers[l].compressed_tokens) != compressed) {
+      throw std::logic_error("K before RoPE: the cache compressed a different number of tokens than the tail rule says");
+    }
+    std::vector<float> k_back(static_cast<std::size_t>(n) * kvd), v_back(k_back.size());
+    inner_.cache().read_back(PackkvCache::kSeq, layer, k_back.data(), v_back.data());
+    for (std::int64_t t = compressed_[l]; t < compressed; ++t) {
+      float* key = k_back.data() + static_cast<std::size_t>(t) * kvd;
+      rope_adjacent_pairs(key, shape_.num_kv_heads, shape_.head_dim, static_cast<int>(t), theta_);
+      std::memcpy(k_[l].data() + static_cast<std::size_t>(t) * kvd, key, kvd * sizeof(float));
+      std::memcpy(v_[l].data() + static_cast<std::size_t>(t) * kvd, v_back.data() + static_cast<std::size_t>(t) * kvd,
+                  kvd * sizeof(float));
+    }
+    compressed_[l] = compressed;
+  }
+  void attend(int layer, const float* q, float* out, float scale) override {
+    const auto l = static_cast<std::size_t>(layer);
+    const int n = static_cast<int>(k_[l].size() / static_cast<std::size_t>(shape_.kv_dim()));
+    dense_attention(shape_, k_[l].data(), v_[l].data(), n, q, out, scale, scratch_);
+  }
+  KvBytes bytes() const override { return inner_.bytes(); }
+  std::vector<KvBytes> layer_bytes() const override { return inner_.layer_bytes(); }
+  std::string describe() const override { return "K before RoPE; " + inner_.describe(); }
+
+ private:
+  KvShape shape_;
+  PackkvCache inner_;
+  float theta_;
+  std::int64_t residual_, block_;
+  std::vector<std::vector<float>> k_, v_;  ///< per layer: what attention sees
+  std::vector<std::int64_t> compressed_;   ///< per layer: tokens whose decoded values are in k_, v_
+  std::vector<float> scratch_;
+};
+
 }  // namespace
+
+std::unique_ptr<KvCache> make_packkv_cache_keys_before_rope(const KvShape& shape, packkv::CacheConfig config,
+                                                            float rope_theta) {
+  if (config.device != packkv::Device::cpu) throw std::invalid_argument("K before RoPE is measured on the CPU backend");
+  config.num_layers = shape.num_layers;
+  config.num_kv_heads = shape.num_kv_heads;
+  config.num_q_heads = shape.num_q_heads;
+  config.head_dim = shape.head_dim;
+  return std::make_unique<KeysBeforeRopeCache>(shape, config, rope_theta);
+}
 
 std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config) {
   config.num_layers = shape.num_layers;

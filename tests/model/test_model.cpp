@@ -328,6 +328,36 @@ TEST(Stories260K, PerLayerRelsOnTheModel) {
   EXPECT_THROW(llama::make_packkv_cache(shape, config, {0.1f}, {0.2f}), packkv::error);
 }
 
+// K stored before RoPE, rotated after decoding: with 8-bit codes the model's predictions and
+// perplexity stay those of the exact cache (a key rotated the wrong way, or not back, would not),
+// and the cache holds what K after RoPE would (the same shape, bits within a few percent).
+TEST(Stories260K, KeysBeforeRopeAttendLikeTheExactCache) {
+  SKIP_WITHOUT_STORIES();
+  Stories s;
+  std::string source;
+  std::vector<int> tokens = s.tokenizer.encode(evaluation_text(&source).substr(0, 2048), true, false);
+  tokens.resize(std::min<std::size_t>(tokens.size(), 160));
+  ASSERT_GE(tokens.size(), 100u);
+  const int n = static_cast<int>(tokens.size());
+  const llama::KvShape shape = s.model.config().kv_shape();
+  packkv::CacheConfig config = packkv_config(packkv::kMinRel, packkv::kMinRel, 16);
+  config.residual_tokens = 8;  // most tokens compressed
+  auto exact = llama::make_exact_cache(shape);
+  auto before = llama::make_packkv_cache_keys_before_rope(shape, config, s.model.config().rope_theta);
+  auto after = llama::make_packkv_cache(shape, config);
+  const auto e = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *exact);
+  const auto b = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *before);
+  const auto a = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *after);
+  int same = 0;
+  for (std::size_t i = 0; i < e.predictions.size(); ++i) same += e.predictions[i] == b.predictions[i];
+  EXPECT_GE(same, static_cast<int>(e.predictions.size()) - 2);
+  EXPECT_NEAR(b.perplexity / e.perplexity, 1.0, 0.01);
+  EXPECT_GT(b.bytes.compressed_elements_per_side, 0.8 * (n - 8) * shape.kv_dim() * shape.num_layers);
+  EXPECT_EQ(b.bytes.compressed_elements_per_side, a.bytes.compressed_elements_per_side);
+  EXPECT_NEAR(b.bytes.k_compressed_bits() / a.bytes.k_compressed_bits(), 1.0, 0.1);
+  EXPECT_NE(before->describe().find("K before RoPE"), std::string::npos);
+}
+
 // The calibration end to end on a short window: a control point first (no KL increase, the most
 // bits), coarser rels cost fewer bits; a zero budget keeps every layer at 1/255 and an unlimited
 // one takes the menu's cheapest rel everywhere.
