@@ -122,6 +122,7 @@ struct Options {
   bool score_exact = false;
   bool rotate_k = false, rotate_v = false;  // PackKV settings store that side Hadamard-rotated
   bool keys_before_rope = false;            // PackKV settings store K before RoPE
+  int sinks = 0;                            // the first tokens of a window stay exact, for every method
   std::string baselines = "all";  // or a comma list of short names (baseline_key), or "none"
   std::string sweeps = "k,k-channel,v,pairs";
   packkv::RepackMethod repack = packkv::RepackMethod::median;
@@ -152,7 +153,7 @@ void usage() {
                "                   [--context N] [--windows N] [--threads N] [--preset full|quick]\n"
                "                   [--block N] [--residual N] [--repack none|median|greedy] [--device cpu|cuda]\n"
                "                   [--bootstrap N] [--bootstrap-unit N] [--score-exact] [--markdown FILE] [--csv FILE]\n"
-               "                   [--rotate-k] [--rotate-v] [--k-before-rope] [--sweeps k,k-channel,v,pairs]\n"
+               "                   [--rotate-k] [--rotate-v] [--k-before-rope] [--sinks N] [--sweeps k,k-channel,v,pairs]\n"
                "                   [--baselines all|none|LIST]\n"
                "  --tokens     int32 token ids (scripts/prepare_smollm2.py writes them); repeat for more texts\n"
                "  --text       a text file, tokenized with --tokenizer (llama2.c models); repeatable\n"
@@ -161,6 +162,7 @@ void usage() {
                "  --residual   recent tokens every cache keeps exact (default 128)\n"
                "  --rotate-k, --rotate-v  PackKV settings rotate that side (CacheConfig::rotate_k / rotate_v)\n"
                "  --k-before-rope  PackKV settings store K before RoPE and rotate the decoded keys at attention\n"
+               "  --sinks      the first N tokens of each window stay exact for every method (default 0)\n"
                "  --sweeps     which PackKV sweeps to run (default all)\n"
                "  --baselines  which baselines: all (default), none, or a list of int8,fp8,int4,kivi4,kivi2,\n"
                "               q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl\n"
@@ -510,6 +512,7 @@ int main(int argc, char** argv) {
       else if (arg == "--rotate-k") opt.rotate_k = true;
       else if (arg == "--rotate-v") opt.rotate_v = true;
       else if (arg == "--k-before-rope") opt.keys_before_rope = true;
+      else if (arg == "--sinks") opt.sinks = std::stoi(value());
       else if (arg == "--baselines") opt.baselines = value();
       else if (arg == "--sweeps") opt.sweeps = value();
       else if (arg == "--calibrate-layers") opt.layer_budgets = parse_list<double>(value());
@@ -584,12 +587,16 @@ int main(int argc, char** argv) {
     llama::BaselineOptions baseline_options;
     baseline_options.residual = opt.residual;  // the same exact window and the same
     baseline_options.block = opt.block;        // quantization steps as packkv's tail rule
+    baseline_options.sinks = opt.sinks;        // and the same exact sinks
     // A PackKV cache of this run: K after RoPE as the model appends it, or before (--k-before-rope).
-    const float rope_theta = mc.rope_theta;
-    const bool keys_before_rope = opt.keys_before_rope;
-    auto make_packkv = [shape, rope_theta, keys_before_rope](const packkv::CacheConfig& c) {
-      return keys_before_rope ? llama::make_packkv_cache_keys_before_rope(shape, c, rope_theta)
-                              : llama::make_packkv_cache(shape, c);
+    llama::PackkvLevers levers;
+    levers.keys_before_rope = opt.keys_before_rope;
+    levers.rope_theta = mc.rope_theta;
+    levers.sinks = opt.sinks;
+    const bool keys_before_rope = levers.keys_before_rope;
+    auto make_packkv = [shape, levers](const packkv::CacheConfig& c) {
+      return levers.keys_before_rope || levers.sinks > 0 ? llama::make_packkv_cache_with_levers(shape, c, levers)
+                                                         : llama::make_packkv_cache(shape, c);
     };
     const std::string k_note = keys_before_rope ? " before RoPE" : "";
     auto packkv_setting = [&](Family family, float k_rel, float v_rel,
@@ -841,7 +848,15 @@ int main(int argc, char** argv) {
     md << "- Same window for every method: the most recent " << opt.residual << " tokens stay exact, and tokens leave "
        << "that window " << opt.block << " at a time (packkv's tail rule with residual " << opt.residual << ", block "
        << opt.block << "), so at every step every cache holds the same tokens exact and the same tokens quantized. "
-          "No sink tokens are kept exact (none of the methods).\n";
+       << (opt.sinks > 0 ? "The first " + std::to_string(opt.sinks) + " tokens of each window (attention sinks) stay exact for "
+                               "every method, counted at fp16 beside the window (the baselines leave them out of their "
+                               "groups; packkv's blocks still hold them, a conservative count of its compressed bits, and "
+                               "its attention runs over decoded copies).\n"
+                         : std::string("No sink tokens are kept exact (none of the methods).\n"));
+    if (opt.keys_before_rope) {
+      md << "- PackKV settings store K before RoPE and rotate the decoded keys at attention (KVQuant's pre-RoPE keys), "
+            "attention running over decoded copies (llama::make_packkv_cache_with_levers).\n";
+    }
     md << "- Bits per element: of the compressed part only, every byte counted (codes, fp16 scales and minimums, "
           "pack descriptors, permutations, block headers and tables; for packkv `memory_stats()` without its tail, "
           "each side's sections plus half of the bytes both share). The exact window costs 16 bits per element of "

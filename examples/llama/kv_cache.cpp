@@ -243,7 +243,9 @@ class QuantizedCache final : public KvCache {
  public:
   QuantizedCache(const KvShape& shape, Baseline kind, BaselineOptions options)
       : store_(shape), kind_(kind), options_(options), quantized_(static_cast<std::size_t>(shape.num_layers), 0) {
-    if (options_.block < 1 || options_.residual < 0) throw std::invalid_argument("baseline: block >= 1 and residual >= 0");
+    if (options_.block < 1 || options_.residual < 0 || options_.sinks < 0) {
+      throw std::invalid_argument("baseline: block >= 1, residual >= 0 and sinks >= 0");
+    }
     if (is_kivi(kind_) && options_.block % options_.group != 0) {
       throw std::invalid_argument("KIVI: block must be a multiple of group");
     }
@@ -265,8 +267,9 @@ class QuantizedCache final : public KvCache {
     const KvShape& s = store_.shape();
     double quantized = 0, exact = 0;
     for (int l = 0; l < s.num_layers; ++l) {
-      quantized += quantized_[l];
-      exact += store_.length(l) - quantized_[l];
+      const int sinks = std::min(options_.sinks, quantized_[l]);  // exact, though behind the window
+      quantized += quantized_[l] - sinks;
+      exact += store_.length(l) - quantized_[l] + sinks;
     }
     KvBytes b;
     b.fp16_bytes_per_side = store_.fp16_bytes_per_side();
@@ -288,16 +291,21 @@ class QuantizedCache final : public KvCache {
     if (is_kivi(kind_)) {
       const int bits = kind_ == Baseline::kivi2 ? 2 : 4;
       for (int g = t0; g < t0 + options_.block; g += options_.group) {
-        for (std::size_t c = 0; c < kv_dim; ++c) quantize_minmax(store_.k_row(layer, g) + c, options_.group, kv_dim, bits);
+        // Sink tokens leave their group: it covers the tokens after them.
+        const int first = std::max(g, std::min(options_.sinks, g + options_.group));
+        if (first == g + options_.group) continue;
+        for (std::size_t c = 0; c < kv_dim; ++c) {
+          quantize_minmax(store_.k_row(layer, first) + c, g + options_.group - first, kv_dim, bits);
+        }
       }
       const int channel_group = std::min(options_.group, hd);
-      for (int t = t0; t < t0 + options_.block; ++t) {
+      for (int t = std::max(t0, options_.sinks); t < t0 + options_.block; ++t) {
         float* row = store_.v_row(layer, t);
         for (std::size_t c = 0; c < kv_dim; c += static_cast<std::size_t>(channel_group)) quantize_minmax(row + c, channel_group, 1, bits);
       }
       return;
     }
-    for (int t = t0; t < t0 + options_.block; ++t) {
+    for (int t = std::max(t0, options_.sinks); t < t0 + options_.block; ++t) {
       for (float* row : {store_.k_row(layer, t), store_.v_row(layer, t)}) {
         for (int h = 0; h < s.num_kv_heads; ++h) quantize_head(row + static_cast<std::size_t>(h) * hd, hd);
       }

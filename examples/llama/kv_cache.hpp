@@ -66,11 +66,18 @@ std::unique_ptr<KvCache> make_exact_cache(const KvShape& shape);
 
 /// packkv's PackedKVCache<float> on `config.device`. The model's shape overrides the config's.
 std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config);
-/// packkv storing K before RoPE (KVQuant's pre-RoPE keys), RoPE on adjacent pairs with `rope_theta`
-/// applied to the decoded keys at attention: the accuracy lever measured through the library as it
-/// is (attention over decoded copies, CPU only).
-std::unique_ptr<KvCache> make_packkv_cache_keys_before_rope(const KvShape& shape, packkv::CacheConfig config,
-                                                            float rope_theta);
+/// What packkv's attention would see with the library extended: K stored before RoPE (KVQuant's
+/// pre-RoPE keys; RoPE on adjacent pairs with `rope_theta` applied to the decoded keys), and/or the
+/// first `sinks` tokens kept exact (attention sinks). Attention runs densely over decoded copies
+/// (CPU only); the cache still holds the sink tokens compressed, so its compressed bytes include
+/// them (a conservative count: sinks / compressed tokens more, 0.2% at 4 of 2048).
+struct PackkvLevers {
+  bool keys_before_rope = false;
+  float rope_theta = 10000.0f;
+  int sinks = 0;
+};
+std::unique_ptr<KvCache> make_packkv_cache_with_levers(const KvShape& shape, packkv::CacheConfig config,
+                                                       PackkvLevers levers);
 /// The same with a relative error bound of its own per layer and side (k_rel[l], v_rel[l]:
 /// CacheConfig::layer_k_rel / layer_v_rel); layer_bytes() tells the layers apart.
 std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config, std::vector<float> k_rel,
@@ -100,6 +107,7 @@ struct BaselineOptions {
   int group = 32;     ///< KIVI: tokens per K group (per channel), channels per V group (per token)
   int residual = 0;   ///< recent tokens kept exact (counted at fp16)
   int block = 64;     ///< tokens quantized at a time: a multiple of group
+  int sinks = 0;      ///< the first tokens of the sequence, kept exact (counted at fp16)
 };
 std::unique_ptr<KvCache> make_baseline_cache(const KvShape& shape, Baseline kind, BaselineOptions options = {});
 /// Replaces one (token, head) vector of a per-token kind (int8, int4, fp8, the llama.cpp types) by

@@ -132,18 +132,18 @@ KvBytes PackkvCache::kv_bytes(const packkv::MemoryBreakdown& t) const {
   return bytes;
 }
 
-/// K stored before RoPE (as KVQuant does): the cache quantizes each key without its position's
-/// rotation, and attention rotates the decoded keys. This measures the lever with the library as it
-/// is: attention runs densely over what a kernel would compute on the fly, each compressed token's
-/// decoded K rotated to its position and decoded V, and the exact window's values as appended.
-/// Tokens leave the window a block at a time (packkv's tail rule), so the decoded copy is refreshed
-/// once per block.
-class KeysBeforeRopeCache final : public KvCache {
+/// packkv with levers the library does not have yet, measured with the library as it is
+/// (make_packkv_cache_with_levers): K stored before RoPE, as KVQuant does (the cache quantizes each
+/// key unrotated and attention rotates the decoded keys), and exact sink tokens. Attention runs
+/// densely over what a kernel would compute on the fly: each compressed token's decoded K (rotated
+/// to its position) and V, the sinks' and the exact window's values as appended. Tokens leave the
+/// window a block at a time (packkv's tail rule), so the decoded copy is refreshed once per block.
+class DecodedCopyCache final : public KvCache {
  public:
-  KeysBeforeRopeCache(const KvShape& shape, const packkv::CacheConfig& config, float rope_theta)
+  DecodedCopyCache(const KvShape& shape, const packkv::CacheConfig& config, PackkvLevers levers)
       : shape_(shape),
         inner_(shape, config),
-        theta_(rope_theta),
+        levers_(levers),
         residual_(config.residual_tokens),
         block_(config.block_tokens),
         k_(static_cast<std::size_t>(shape.num_layers)),
@@ -156,20 +156,24 @@ class KeysBeforeRopeCache final : public KvCache {
     const auto pos = static_cast<std::int64_t>(k_[l].size() / kvd);
     k_[l].insert(k_[l].end(), k, k + kvd);
     v_[l].insert(v_[l].end(), v, v + kvd);
-    std::vector<float> before_rope(k, k + kvd);
-    rope_adjacent_pairs(before_rope.data(), shape_.num_kv_heads, shape_.head_dim, static_cast<int>(-pos), theta_);
-    inner_.append(layer, before_rope.data(), v);
+    std::vector<float> stored(k, k + kvd);
+    if (levers_.keys_before_rope) {
+      rope_adjacent_pairs(stored.data(), shape_.num_kv_heads, shape_.head_dim, static_cast<int>(-pos), levers_.rope_theta);
+    }
+    inner_.append(layer, stored.data(), v);
     const std::int64_t n = pos + 1;
     const std::int64_t compressed = n > residual_ ? (n - residual_) / block_ * block_ : 0;
     if (compressed == compressed_[l]) return;
     if (static_cast<std::int64_t>(inner_.cache().memory_stats().layers[l].compressed_tokens) != compressed) {
-      throw std::logic_error("K before RoPE: the cache compressed a different number of tokens than the tail rule says");
+      throw std::logic_error("packkv levers: the cache compressed a different number of tokens than the tail rule says");
     }
     std::vector<float> k_back(static_cast<std::size_t>(n) * kvd), v_back(k_back.size());
     inner_.cache().read_back(PackkvCache::kSeq, layer, k_back.data(), v_back.data());
-    for (std::int64_t t = compressed_[l]; t < compressed; ++t) {
+    for (std::int64_t t = std::max<std::int64_t>(compressed_[l], levers_.sinks); t < compressed; ++t) {
       float* key = k_back.data() + static_cast<std::size_t>(t) * kvd;
-      rope_adjacent_pairs(key, shape_.num_kv_heads, shape_.head_dim, static_cast<int>(t), theta_);
+      if (levers_.keys_before_rope) {
+        rope_adjacent_pairs(key, shape_.num_kv_heads, shape_.head_dim, static_cast<int>(t), levers_.rope_theta);
+      }
       std::memcpy(k_[l].data() + static_cast<std::size_t>(t) * kvd, key, kvd * sizeof(float));
       std::memcpy(v_[l].data() + static_cast<std::size_t>(t) * kvd, v_back.data() + static_cast<std::size_t>(t) * kvd,
                   kvd * sizeof(float));
@@ -181,14 +185,34 @@ class KeysBeforeRopeCache final : public KvCache {
     const int n = static_cast<int>(k_[l].size() / static_cast<std::size_t>(shape_.kv_dim()));
     dense_attention(shape_, k_[l].data(), v_[l].data(), n, q, out, scale, scratch_);
   }
-  KvBytes bytes() const override { return inner_.bytes(); }
-  std::vector<KvBytes> layer_bytes() const override { return inner_.layer_bytes(); }
-  std::string describe() const override { return "K before RoPE; " + inner_.describe(); }
+  KvBytes bytes() const override { return with_sinks(inner_.bytes(), shape_.num_layers); }
+  std::vector<KvBytes> layer_bytes() const override {
+    std::vector<KvBytes> out = inner_.layer_bytes();
+    for (KvBytes& b : out) b = with_sinks(b, 1);
+    return out;
+  }
+  std::string describe() const override {
+    std::string levers = levers_.keys_before_rope ? "K before RoPE; " : "";
+    if (levers_.sinks > 0) levers += std::to_string(levers_.sinks) + " exact sinks; ";
+    return levers + inner_.describe();
+  }
 
  private:
+  /// The sinks' exact copies (fp16, K and V) on top of what the cache holds, per layer counted.
+  KvBytes with_sinks(KvBytes b, int layers) const {
+    const double sink_bytes = static_cast<double>(layers) * std::min<std::int64_t>(levers_.sinks, length()) *
+                              shape_.kv_dim() * 2.0;
+    b.k_bytes += sink_bytes;
+    b.v_bytes += sink_bytes;
+    return b;
+  }
+  std::int64_t length() const {
+    return k_.empty() ? 0 : static_cast<std::int64_t>(k_.front().size() / static_cast<std::size_t>(shape_.kv_dim()));
+  }
+
   KvShape shape_;
   PackkvCache inner_;
-  float theta_;
+  PackkvLevers levers_;
   std::int64_t residual_, block_;
   std::vector<std::vector<float>> k_, v_;  ///< per layer: what attention sees
   std::vector<std::int64_t> compressed_;   ///< per layer: tokens whose decoded values are in k_, v_
@@ -197,14 +221,15 @@ class KeysBeforeRopeCache final : public KvCache {
 
 }  // namespace
 
-std::unique_ptr<KvCache> make_packkv_cache_keys_before_rope(const KvShape& shape, packkv::CacheConfig config,
-                                                            float rope_theta) {
-  if (config.device != packkv::Device::cpu) throw std::invalid_argument("K before RoPE is measured on the CPU backend");
+std::unique_ptr<KvCache> make_packkv_cache_with_levers(const KvShape& shape, packkv::CacheConfig config,
+                                                       PackkvLevers levers) {
+  if (config.device != packkv::Device::cpu) throw std::invalid_argument("packkv levers are measured on the CPU backend");
+  if (levers.sinks < 0) throw std::invalid_argument("packkv levers: sinks must be >= 0");
   config.num_layers = shape.num_layers;
   config.num_kv_heads = shape.num_kv_heads;
   config.num_q_heads = shape.num_q_heads;
   config.head_dim = shape.head_dim;
-  return std::make_unique<KeysBeforeRopeCache>(shape, config, rope_theta);
+  return std::make_unique<DecodedCopyCache>(shape, config, levers);
 }
 
 std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config) {

@@ -343,7 +343,10 @@ TEST(Stories260K, KeysBeforeRopeAttendLikeTheExactCache) {
   packkv::CacheConfig config = packkv_config(packkv::kMinRel, packkv::kMinRel, 16);
   config.residual_tokens = 8;  // most tokens compressed
   auto exact = llama::make_exact_cache(shape);
-  auto before = llama::make_packkv_cache_keys_before_rope(shape, config, s.model.config().rope_theta);
+  llama::PackkvLevers levers;
+  levers.keys_before_rope = true;
+  levers.rope_theta = s.model.config().rope_theta;
+  auto before = llama::make_packkv_cache_with_levers(shape, config, levers);
   auto after = llama::make_packkv_cache(shape, config);
   const auto e = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *exact);
   const auto b = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *before);
@@ -356,6 +359,60 @@ TEST(Stories260K, KeysBeforeRopeAttendLikeTheExactCache) {
   EXPECT_EQ(b.bytes.compressed_elements_per_side, a.bytes.compressed_elements_per_side);
   EXPECT_NEAR(b.bytes.k_compressed_bits() / a.bytes.k_compressed_bits(), 1.0, 0.1);
   EXPECT_NE(before->describe().find("K before RoPE"), std::string::npos);
+}
+
+// Exact sinks: a query that attends to token 0 alone reads its V exactly once the token is behind
+// the window, for a baseline (even KIVI, whose first K group then starts after the sinks) and for
+// packkv through decoded copies; without sinks the same read is quantized. Sinks count as exact
+// bytes, not compressed elements.
+TEST(Harness, SinkTokensStayExactForEveryMethod) {
+  const llama::KvShape shape{1, 1, 1, 32};
+  const int n = 96;
+  std::vector<float> k(static_cast<std::size_t>(n) * 32), v(k.size());
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = 0.01f * std::sin(0.37f * static_cast<float>(i));
+    v[i] = std::cos(0.11f * static_cast<float>(i)) + 0.3f;
+  }
+  for (int c = 0; c < 32; ++c) k[static_cast<std::size_t>(c)] = 1.0f;  // token 0: the one q selects
+  std::vector<float> q(32, 50.0f), out(32);
+  std::vector<double> packed_k_bytes;
+  auto read_token0 = [&](llama::KvCache& cache) {
+    for (int t = 0; t < n; ++t) cache.append(0, &k[static_cast<std::size_t>(t) * 32], &v[static_cast<std::size_t>(t) * 32]);
+    cache.attend(0, q.data(), out.data(), 1.0f);
+    double worst = 0.0;
+    for (int c = 0; c < 32; ++c) worst = std::max(worst, std::fabs(static_cast<double>(out[c]) - v[c]));
+    return worst;
+  };
+  for (int sinks : {0, 4}) {
+    llama::BaselineOptions options;
+    options.residual = 16;
+    options.block = 32;
+    options.sinks = sinks;
+    for (llama::Baseline kind : {llama::Baseline::int4_per_token, llama::Baseline::kivi2}) {
+      auto cache = llama::make_baseline_cache(shape, kind, options);
+      const double error = read_token0(*cache);
+      if (sinks > 0) {
+        EXPECT_LT(error, 1e-6) << llama::to_string(kind);
+        EXPECT_EQ(cache->bytes().compressed_elements_per_side, (64 - sinks) * 32.0) << llama::to_string(kind);
+      } else {
+        EXPECT_GT(error, 1e-3) << llama::to_string(kind);
+      }
+    }
+    packkv::CacheConfig config = packkv_config(0.3f, 0.3f, 32);
+    config.residual_tokens = 16;
+    llama::PackkvLevers levers;
+    levers.sinks = sinks;
+    auto packed = llama::make_packkv_cache_with_levers(shape, config, levers);
+    const double error = read_token0(*packed);
+    packed_k_bytes.push_back(packed->bytes().k_bytes);
+    if (sinks > 0) {
+      EXPECT_LT(error, 1e-6);
+    } else {
+      EXPECT_GT(error, 1e-3);
+    }
+  }
+  // The same blocks, plus the sinks' fp16 copies (4 tokens x 32 values x 2 bytes per side).
+  EXPECT_EQ(packed_k_bytes[1] - packed_k_bytes[0], 4 * 32 * 2.0);
 }
 
 // The calibration end to end on a short window: a control point first (no KL increase, the most
