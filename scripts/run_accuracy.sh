@@ -14,6 +14,7 @@
 #                                              # sweeps and pairs, int8 and KIVI-4 (about 25 min)
 #   scripts/run_accuracy.sh --lever k-before-rope  # K stored before RoPE, rotated at attention:
 #                                                  # K per-token and per-channel sweeps
+#   scripts/run_accuracy.sh --lever sinks      # as rotate-v, with the first 4 tokens exact for every method
 #   scripts/run_accuracy.sh --lever entropy-images  # entropy-coded images of one window's K/V (3 min)
 set -euo pipefail
 
@@ -54,7 +55,8 @@ if [[ "${1:-}" == "--lever" ]]; then
     rotate-kv) extra=(--rotate-k --rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
     per-layer) extra=(--rotate-v --sweeps k,v,pairs --baselines int8,kivi4 --calibrate-layers 0.0005,0.001,0.0015,0.002,0.003) ;;
     k-before-rope) extra=(--k-before-rope --sweeps k,k-channel --baselines none) ;;
-    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, k-before-rope, entropy-images)" >&2; exit 2 ;;
+    sinks) extra=(--sinks 4 --rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
+    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, k-before-rope, sinks, entropy-images)" >&2; exit 2 ;;
   esac
 fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")
