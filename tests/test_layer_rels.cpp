@@ -3,10 +3,12 @@
 // and mismatches are refused whole.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "core/image_io.hpp"
+#include "packkv/calibration.hpp"
 #include "packkv/image_coding.hpp"
 #include "packkv/packkv.hpp"
 #include "test_util.hpp"
@@ -242,6 +244,82 @@ TEST(LayerRels, VersionOneImagesStillImport) {
   detail::seal_image(bad);
   expect_error([&] { target.import_sequence(5, bad); }, "both must be at least 1");
   EXPECT_EQ(target.sequence_ids(), std::vector<SeqId>{4});
+}
+
+// The choice against every plan of a small made-up menu: within budget, and no plan spends at
+// most its loss with fewer bits (the Lagrangian answer is optimal for what it spends).
+TEST(LayerBoundChoice, IsTheCheapestPlanForTheLossItSpends) {
+  LayerBoundMenu menu;
+  // Three layers; a choice = (rel, loss, bits). Layer 1's K is far more sensitive.
+  menu.k = {{{kMinRel, 0, 8}, {0.05f, 0.0002, 4.5}, {0.1f, 0.0009, 3.5}},
+            {{kMinRel, 0, 8}, {0.05f, 0.003, 4.4}, {0.1f, 0.02, 3.4}},
+            {{kMinRel, 0, 8}, {0.05f, 0.0004, 4.6}, {0.1f, 0.0015, 3.6}}};
+  menu.v = {{{kMinRel, 0, 8.7}, {0.1f, 0.0003, 4.4}, {0.25f, 0.002, 3.1}},
+            {{kMinRel, 0, 8.7}, {0.1f, 0.0001, 4.3}, {0.25f, 0.0006, 3.0}},
+            {{kMinRel, 0, 8.7}, {0.1f, 0.0005, 4.5}, {0.25f, 0.004, 3.2}}};
+  double previous_bits = 1e9;
+  for (double budget : {0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.03}) {
+    const LayerBounds plan = choose_layer_bounds(menu, budget);
+    EXPECT_LE(plan.predicted_loss, budget + 1e-12);
+    EXPECT_LE(plan.predicted_bits, previous_bits);  // more budget never costs bits
+    previous_bits = plan.predicted_bits;
+    // Every plan: 3^6 choices.
+    for (int code = 0; code < 729; ++code) {
+      double loss = 0.0, bits = 0.0;
+      int c = code;
+      for (std::size_t l = 0; l < 3; ++l) {
+        const BoundChoice& kc = menu.k[l][static_cast<std::size_t>(c % 3)];
+        c /= 3;
+        const BoundChoice& vc = menu.v[l][static_cast<std::size_t>(c % 3)];
+        c /= 3;
+        loss += kc.loss + vc.loss;
+        bits += kc.bits + vc.bits;
+      }
+      if (loss <= plan.predicted_loss + 1e-12) {
+        EXPECT_GE(bits / 6.0, plan.predicted_bits - 1e-9) << "budget " << budget << ", plan " << code;
+      }
+    }
+  }
+  EXPECT_EQ(choose_layer_bounds(menu, 0.03).k_rel[1], 0.1f);     // everything fits: cheapest everywhere
+  EXPECT_EQ(choose_layer_bounds(menu, 0.001).k_rel[1], kMinRel);  // layer 1's K stays near exact
+  // Losses in other units (a budget in percent of perplexity, say) are found as well.
+  LayerBoundMenu scaled = menu;
+  for (auto* side : {&scaled.k, &scaled.v}) {
+    for (auto& layer : *side) {
+      for (BoundChoice& c : layer) c.loss *= 1e6;
+    }
+  }
+  EXPECT_EQ(choose_layer_bounds(scaled, 1000.0).k_rel, choose_layer_bounds(menu, 0.001).k_rel);
+
+  // The plan goes into a config and the cache stores by it.
+  CacheConfig c = base_config();
+  const LayerBounds plan = choose_layer_bounds(menu, 0.002);
+  plan.apply_to(c);
+  EXPECT_EQ(c.layer_k_rel, plan.k_rel);
+  EXPECT_EQ(c.layer_v_rel, plan.v_rel);
+  EXPECT_EQ(make_codec_params(c, 1).k_max_code, max_code_for_rel(plan.k_rel[1]));
+  c.num_layers = 4;
+  expect_error([&] { plan.apply_to(c); }, "do not fit a config of 4 layers");
+}
+
+TEST(LayerBoundChoice, RefusesMalformedMenus) {
+  LayerBoundMenu menu;
+  expect_error([&] { choose_layer_bounds(menu, 0.1); }, "K has 0 layers and V 0");
+  menu.k = {{{0.1f, 0.0, 3.0}}};
+  menu.v = {{}};
+  expect_error([&] { choose_layer_bounds(menu, 0.1); }, "layer 0 V has no choices");
+  menu.v = {{{2.0f, 0.0, 3.0}}};
+  expect_error([&] { choose_layer_bounds(menu, 0.1); }, "layer 0 V offers rel 2");
+  menu.v = {{{0.2f, -1.0, 3.0}}};
+  expect_error([&] { choose_layer_bounds(menu, 0.1); }, "both must be finite and >= 0");
+  menu.v = {{{0.2f, 0.0, std::nan("")}}};
+  expect_error([&] { choose_layer_bounds(menu, 0.1); }, "both must be finite and >= 0");
+  menu.v = {{{0.2f, 0.01, 3.0}}};
+  expect_error([&] { choose_layer_bounds(menu, -1.0); }, "loss budget must be finite and >= 0");
+  // Over budget even at the smallest losses: those, the closest it can get.
+  const LayerBounds tight = choose_layer_bounds(menu, 0.001);
+  EXPECT_EQ(tight.v_rel[0], 0.2f);
+  EXPECT_GT(tight.predicted_loss, 0.001);
 }
 
 }  // namespace

@@ -675,7 +675,7 @@ int main(int argc, char** argv) {
     // ---- per-layer rels: calibrated on a window the evaluation does not score ----
     struct LayerPlanRow {
       double budget;
-      llama::LayerRelPlan plan;
+      packkv::LayerBounds plan;
       std::string setting_name;
     };
     std::vector<LayerPlanRow> layer_plans;
@@ -705,7 +705,7 @@ int main(int argc, char** argv) {
             std::fprintf(stderr, "layer calibration: %d/%d runs, %.0fs elapsed\n", done, total, Progress::seconds_since(calibration_start));
           });
       for (double budget : opt.layer_budgets) {
-        LayerPlanRow row{budget, llama::allocate_layer_rels(*sensitivity, budget), ""};
+        LayerPlanRow row{budget, packkv::choose_layer_bounds(sensitivity->menu, budget), ""};
         row.setting_name = "PackKV per-layer rels, KL budget " + fmt("%g", budget) + (base.rotate_k ? ", K rotated" : "") +
                            (keys_before_rope ? ", K before RoPE" : "") + (base.rotate_v ? ", V rotated" : "");
         Setting s;
@@ -912,7 +912,7 @@ int main(int argc, char** argv) {
     }
 
     if (sensitivity) {
-      const int layers = static_cast<int>(sensitivity->k.size());
+      const int layers = static_cast<int>(sensitivity->menu.k.size());
       md << "\n## Per-layer rels\n\n";
       md << "Calibrated on " << calibration_summary << " (" << sensitivity->positions << " scored positions, not part of "
             "the evaluated windows): each layer's K, then V, at each rel of the menu alone (everything else at 1/255), its "
@@ -931,21 +931,21 @@ int main(int argc, char** argv) {
           for (float x : r) t += (t.empty() ? "" : " ") + rel_label(x);
           return t;
         };
-        md << "| " << fmt("%g", row.budget) << " | " << fmt("%.2g", row.plan.predicted_kl_increase) << " | "
+        md << "| " << fmt("%g", row.budget) << " | " << fmt("%.2g", row.plan.predicted_loss) << " | "
            << fmt("%.2f", row.plan.predicted_bits) << " | " << (o ? fmt("%.2f", o->kv_bits()) : "") << " | "
            << (o ? kl_interval(o->kl) : "") << " | " << (o ? pct_interval(o->delta_pct) : "") << " | " << rels(row.plan.k_rel)
            << " | " << rels(row.plan.v_rel) << " |\n";
       }
       md << "\nSensitivity (calibration window): KL increase over the control, and bits, per layer and menu rel.\n\n| layer |";
-      for (const llama::LayerMenuPoint& p : sensitivity->k.front()) md << " K " << rel_label(p.rel) << " |";
-      for (const llama::LayerMenuPoint& p : sensitivity->v.front()) md << " V " << rel_label(p.rel) << " |";
+      for (const packkv::BoundChoice& p : sensitivity->menu.k.front()) md << " K " << rel_label(p.rel) << " |";
+      for (const packkv::BoundChoice& p : sensitivity->menu.v.front()) md << " V " << rel_label(p.rel) << " |";
       md << "\n|---|";
-      for (std::size_t i = 0; i < sensitivity->k.front().size() + sensitivity->v.front().size(); ++i) md << "---|";
+      for (std::size_t i = 0; i < sensitivity->menu.k.front().size() + sensitivity->menu.v.front().size(); ++i) md << "---|";
       md << "\n";
       for (int l = 0; l < layers; ++l) {
         md << "| " << l << " |";
-        for (const auto* side : {&sensitivity->k[static_cast<std::size_t>(l)], &sensitivity->v[static_cast<std::size_t>(l)]}) {
-          for (const llama::LayerMenuPoint& p : *side) md << " " << fmt("%.2g", p.kl_increase) << " (" << fmt("%.2f", p.bits) << ") |";
+        for (const auto* side : {&sensitivity->menu.k[static_cast<std::size_t>(l)], &sensitivity->menu.v[static_cast<std::size_t>(l)]}) {
+          for (const packkv::BoundChoice& p : *side) md << " " << fmt("%.2g", p.loss) << " (" << fmt("%.2f", p.bits) << ") |";
         }
         md << "\n";
       }

@@ -83,58 +83,21 @@ LayerSensitivity measure_layer_sensitivity(const LlamaModel& model, const std::v
   LayerSensitivity s;
   s.positions = n - 1;
   s.control_kl = measured[0].kl;
-  s.k.resize(static_cast<std::size_t>(layers));
-  s.v.resize(static_cast<std::size_t>(layers));
+  s.menu.k.resize(static_cast<std::size_t>(layers));
+  s.menu.v.resize(static_cast<std::size_t>(layers));
   for (int l = 0; l < layers; ++l) {
     const KvBytes& control = measured[0].bytes[static_cast<std::size_t>(l)];
-    s.k[static_cast<std::size_t>(l)].push_back({packkv::kMinRel, 0.0, control.k_compressed_bits()});
-    s.v[static_cast<std::size_t>(l)].push_back({packkv::kMinRel, 0.0, control.v_compressed_bits()});
+    s.menu.k[static_cast<std::size_t>(l)].push_back({packkv::kMinRel, 0.0, control.k_compressed_bits()});
+    s.menu.v[static_cast<std::size_t>(l)].push_back({packkv::kMinRel, 0.0, control.v_compressed_bits()});
   }
   for (std::size_t p = 1; p < probes.size(); ++p) {
     const Probe& probe = probes[p];
     const KvBytes& b = measured[p].bytes[static_cast<std::size_t>(probe.layer)];
-    LayerMenuPoint point{probe.rel, std::max(0.0, measured[p].kl - s.control_kl),
+    packkv::BoundChoice point{probe.rel, std::max(0.0, measured[p].kl - s.control_kl),
                          probe.k_side ? b.k_compressed_bits() : b.v_compressed_bits()};
-    (probe.k_side ? s.k : s.v)[static_cast<std::size_t>(probe.layer)].push_back(point);
+    (probe.k_side ? s.menu.k : s.menu.v)[static_cast<std::size_t>(probe.layer)].push_back(point);
   }
   return s;
-}
-
-LayerRelPlan allocate_layer_rels(const LayerSensitivity& s, double kl_budget) {
-  const std::size_t layers = s.k.size();
-  if (layers == 0 || s.v.size() != layers) throw std::invalid_argument("layer allocation: no sensitivity measured");
-  // For price lambda, each (layer, side) independently takes its cheapest point in bits + lambda * KL.
-  auto plan_at = [&](double lambda) {
-    LayerRelPlan plan;
-    plan.k_rel.resize(layers);
-    plan.v_rel.resize(layers);
-    double bits = 0.0;
-    for (std::size_t l = 0; l < layers; ++l) {
-      for (int side = 0; side < 2; ++side) {
-        const std::vector<LayerMenuPoint>& menu = side == 0 ? s.k[l] : s.v[l];
-        const LayerMenuPoint* best = &menu.front();
-        for (const LayerMenuPoint& p : menu) {
-          const double cost = p.bits + lambda * p.kl_increase, best_cost = best->bits + lambda * best->kl_increase;
-          // Ties go to the smaller KL, so that a huge lambda always lands on the control.
-          if (cost < best_cost || (cost == best_cost && p.kl_increase < best->kl_increase)) best = &p;
-        }
-        (side == 0 ? plan.k_rel : plan.v_rel)[l] = best->rel;
-        plan.predicted_kl_increase += best->kl_increase;
-        bits += best->bits;
-      }
-    }
-    plan.predicted_bits = bits / (2.0 * static_cast<double>(layers));
-    return plan;
-  };
-  // The KL spent falls as lambda grows; bisect (in log space) the smallest lambda within budget.
-  double lo = 1e-3, hi = 1e9;
-  if (plan_at(lo).predicted_kl_increase <= kl_budget) return plan_at(lo);
-  for (int i = 0; i < 100; ++i) {
-    const double mid = std::sqrt(lo * hi);
-    if (plan_at(mid).predicted_kl_increase <= kl_budget) hi = mid;
-    else lo = mid;
-  }
-  return plan_at(hi);
 }
 
 }  // namespace llama

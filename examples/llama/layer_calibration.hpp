@@ -6,11 +6,8 @@
 // the control). Its mean KL against the exact cache, less the control's, and that layer-side's
 // bits per element are recorded.
 //
-// Allocation: one rel per (layer, side) with the fewest bits such that the predicted KL (the sum of
-// the one-at-a-time increases: small errors add up) stays within a budget. That is a
-// multiple-choice knapsack; it is solved by Lagrangian relaxation: for a price lambda each
-// (layer, side) takes the rel with the least bits + lambda * KL increase, and lambda is bisected
-// until the budget holds. The answer is optimal for the budget it actually spends.
+// Allocation: packkv::choose_layer_bounds (include/packkv/calibration.hpp) picks, for a KL budget,
+// one rel per (layer, side) with the fewest bits whose increases add up to the budget.
 #pragma once
 
 #include <functional>
@@ -18,26 +15,17 @@
 
 #include "kv_cache.hpp"
 #include "llama_model.hpp"
+#include "packkv/calibration.hpp"
 
 namespace llama {
 
-struct LayerMenuPoint {
-  float rel = 0.0f;
-  double kl_increase = 0.0;  ///< mean KL less the control's, clamped at 0 (noise can make it negative)
-  double bits = 0.0;         ///< that layer-side's compressed bits per element
-};
-
+/// A menu's measurements: loss = mean KL less the control's (clamped at 0: noise can make it
+/// negative), bits = that layer-side's compressed bits per element; per layer the control (rel
+/// 1/255) first, then the menu in its order.
 struct LayerSensitivity {
-  /// [layer][point]: the control (rel 1/255) first, then the menu in its order.
-  std::vector<std::vector<LayerMenuPoint>> k, v;
+  packkv::LayerBoundMenu menu;
   double control_kl = 0.0;  ///< every side at 1/255
   int positions = 0;        ///< scored positions of the calibration window
-};
-
-struct LayerRelPlan {
-  std::vector<float> k_rel, v_rel;  ///< per layer
-  double predicted_kl_increase = 0.0;
-  double predicted_bits = 0.0;  ///< K and V together, mean over layers (the layers hold equal token counts)
 };
 
 /// Runs the menu on `tokens` (the calibration window). `base` gives everything but the rels;
@@ -46,8 +34,5 @@ LayerSensitivity measure_layer_sensitivity(const LlamaModel& model, const std::v
                                            const packkv::CacheConfig& base, const std::vector<float>& k_menu,
                                            const std::vector<float>& v_menu, int threads,
                                            const std::function<void(int done, int total)>& progress = {});
-
-/// The plan with the fewest bits whose predicted KL increase is at most `kl_budget`.
-LayerRelPlan allocate_layer_rels(const LayerSensitivity& sensitivity, double kl_budget);
 
 }  // namespace llama

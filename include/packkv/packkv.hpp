@@ -4,6 +4,7 @@
 #pragma once
 
 #include "packkv/cache.hpp"
+#include "packkv/calibration.hpp"
 #include "packkv/config.hpp"
 #include "packkv/error.hpp"
 #include "packkv/image_coding.hpp"
