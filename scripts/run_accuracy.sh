@@ -15,6 +15,8 @@
 #   scripts/run_accuracy.sh --lever k-before-rope  # K stored before RoPE, rotated at attention:
 #                                                  # K per-token and per-channel sweeps
 #   scripts/run_accuracy.sh --lever sinks      # as rotate-v, with the first 4 tokens exact for every method
+#   scripts/run_accuracy.sh --lever per-layer-aligned  # per-layer, V menu on whole code widths
+#   scripts/run_accuracy.sh --lever per-layer-sinks    # the same with 4 exact sinks for every method
 #   scripts/run_accuracy.sh --lever entropy-images  # entropy-coded images of one window's K/V (3 min)
 set -euo pipefail
 
@@ -56,7 +58,13 @@ if [[ "${1:-}" == "--lever" ]]; then
     per-layer) extra=(--rotate-v --sweeps k,v,pairs --baselines int8,kivi4 --calibrate-layers 0.0005,0.001,0.0015,0.002,0.003) ;;
     k-before-rope) extra=(--k-before-rope --sweeps k,k-channel --baselines none) ;;
     sinks) extra=(--sinks 4 --rotate-v --sweeps k,v,pairs --baselines int8,kivi4) ;;
-    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, k-before-rope, sinks, entropy-images)" >&2; exit 2 ;;
+    # V rels on whole code widths (2^b - 1 codes: 1/31, 1/15, 1/7, 1/3), where plain rounds waste
+    # nothing, for the per-layer menu; without and with exact sinks.
+    per-layer-aligned) extra=(--rotate-v --sweeps none --baselines kivi4 --calibrate-layers 0.0005,0.001,0.002,0.003
+                              --layer-menu-v 0.0323,0.0667,0.143,0.334) ;;
+    per-layer-sinks) extra=(--rotate-v --sinks 4 --sweeps none --baselines kivi4 --calibrate-layers 0.0005,0.001,0.002,0.003
+                            --layer-menu-v 0.0323,0.0667,0.143,0.334) ;;
+    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, per-layer-aligned, per-layer-sinks, k-before-rope, sinks, entropy-images)" >&2; exit 2 ;;
   esac
 fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")

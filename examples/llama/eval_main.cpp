@@ -703,7 +703,8 @@ int main(int argc, char** argv) {
             if (decile == last_decile && done != total) return;
             last_decile = decile;
             std::fprintf(stderr, "layer calibration: %d/%d runs, %.0fs elapsed\n", done, total, Progress::seconds_since(calibration_start));
-          });
+          },
+          make_packkv);
       for (double budget : opt.layer_budgets) {
         LayerPlanRow row{budget, packkv::choose_layer_bounds(sensitivity->menu, budget), ""};
         row.setting_name = "PackKV per-layer rels, KL budget " + fmt("%g", budget) + (base.rotate_k ? ", K rotated" : "") +

@@ -28,7 +28,8 @@ struct Probe {
 LayerSensitivity measure_layer_sensitivity(const LlamaModel& model, const std::vector<int>& tokens,
                                            const packkv::CacheConfig& base, const std::vector<float>& k_menu,
                                            const std::vector<float>& v_menu, int threads,
-                                           const std::function<void(int done, int total)>& progress) {
+                                           const std::function<void(int done, int total)>& progress,
+                                           const CacheFactory& make_cache) {
   const KvShape shape = model.config().kv_shape();
   const int layers = shape.num_layers;
   const int n = static_cast<int>(tokens.size());
@@ -64,7 +65,10 @@ LayerSensitivity measure_layer_sensitivity(const LlamaModel& model, const std::v
       const Probe& probe = probes[static_cast<std::size_t>(p)];
       std::vector<float> k_rel(static_cast<std::size_t>(layers), packkv::kMinRel), v_rel = k_rel;
       if (probe.layer >= 0) (probe.k_side ? k_rel : v_rel)[static_cast<std::size_t>(probe.layer)] = probe.rel;
-      auto cache = make_packkv_cache(shape, base, k_rel, v_rel);
+      packkv::CacheConfig config = base;
+      config.layer_k_rel = k_rel;
+      config.layer_v_rel = v_rel;
+      auto cache = make_cache ? make_cache(config) : make_packkv_cache(shape, config);
       const TeacherForcedResult r = evaluate_teacher_forced(model, tokens.data(), n, *cache, {}, &reference);
       measured[static_cast<std::size_t>(p)] = {r.kl_sum / r.positions, cache->layer_bytes()};
     } catch (const std::exception& e) {

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "kv_cache.hpp"
@@ -28,11 +29,16 @@ struct LayerSensitivity {
   int positions = 0;        ///< scored positions of the calibration window
 };
 
+/// The cache a calibration run measures, from its config (rels per layer set).
+using CacheFactory = std::function<std::unique_ptr<KvCache>(const packkv::CacheConfig&)>;
+
 /// Runs the menu on `tokens` (the calibration window). `base` gives everything but the rels;
-/// `threads` runs at a time; `progress(done, total)` after each run.
+/// `threads` runs at a time; `progress(done, total)` after each run; `make_cache` makes each run's
+/// cache (default: make_packkv_cache), so that the menu is measured with the levers it is used with.
 LayerSensitivity measure_layer_sensitivity(const LlamaModel& model, const std::vector<int>& tokens,
                                            const packkv::CacheConfig& base, const std::vector<float>& k_menu,
                                            const std::vector<float>& v_menu, int threads,
-                                           const std::function<void(int done, int total)>& progress = {});
+                                           const std::function<void(int done, int total)>& progress = {},
+                                           const CacheFactory& make_cache = {});
 
 }  // namespace llama
