@@ -655,6 +655,24 @@ TEST(Cuda, PerLayerBoundsMatchCpu) {
     pair.gpu.import_sequence(12, image);
     EXPECT_EQ(pair.gpu.export_sequence(12), image);
   }
+  // One write that seals blocks of layers of different widths together: an image whose tails are
+  // longer than the target's window is imported, its tails compressed in the import's one write.
+  CacheConfig c = base_config();
+  c.num_layers = 3;
+  c.layer_k_rel = {0.3f, 0.02f, 0.1f};
+  c.layer_v_rel = {0.05f, 0.5f, 1.0f / 255.0f};
+  c.residual_tokens = 100;
+  CachePair<float> source(c);
+  source.add(1);
+  for (int l = 0; l < c.num_layers; ++l) source.append(1, l, 64 * 2 + 150, 700 + l);  // tails of 150 tokens
+  c.residual_tokens = 0;
+  CachePair<float> target(c);
+  const std::vector<std::uint8_t> image = source.cpu.export_sequence(1);
+  target.cpu.import_sequence(1, image);
+  target.gpu.import_sequence(1, image);
+  EXPECT_EQ(target.gpu.export_sequence(1), target.cpu.export_sequence(1));
+  EXPECT_EQ(target.cpu.memory_stats().total.compressed_tokens, 3u * 256u);  // 128 adopted + 128 sealed, per layer
+  for (int l = 0; l < c.num_layers; ++l) compare_everything(target, {1}, l, 80 + l, "imported layer " + std::to_string(l));
 }
 
 // append_batch on the GPU against per-sequence appends on the CPU: the same bytes, the same reads.
