@@ -194,22 +194,14 @@ std::vector<std::uint8_t> as_version_1(std::vector<std::uint8_t> image, const Co
   h.k_bits = static_cast<std::uint8_t>(codec.geometry.k_bits);
   h.v_bits = static_cast<std::uint8_t>(codec.geometry.v_bits);
   std::memcpy(image.data(), &h, sizeof h);
-  std::size_t at = sizeof h;
-  for (int l = 0; l < h.layer_count; ++l) {
+  const std::vector<test::ImageLayerAt> layers = test::image_layers(image, sizeof(float));
+  EXPECT_EQ(layers.back().end, image.size());
+  for (const test::ImageLayerAt& layer : layers) {
     format::LayerRecord r;
-    std::memcpy(&r, image.data() + at, sizeof r);
+    std::memcpy(&r, image.data() + layer.record, sizeof r);
     r.k_max_code = r.v_max_code = 0;
-    std::memcpy(image.data() + at, &r, sizeof r);
-    at += sizeof r;
-    std::uint32_t total = 0;
-    for (std::uint32_t b = 0; b < r.block_count; ++b) {
-      std::uint32_t size;
-      std::memcpy(&size, image.data() + at + 4 * b, 4);
-      total += size;
-    }
-    at += 4ull * r.block_count + total + 2ull * r.tail_tokens * kRow * sizeof(float);
+    std::memcpy(image.data() + layer.record, &r, sizeof r);
   }
-  EXPECT_EQ(at, image.size());
   detail::seal_image(image);
   return image;
 }

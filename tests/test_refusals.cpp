@@ -45,25 +45,9 @@ void fill_growing(PackedKVCache<float>& cache, SeqId id, int layer, std::uint64_
 /// Rewrites an image's checksums after a deliberate edit (what a hostile producer can do).
 void reseal(std::vector<std::uint8_t>& image) { detail::seal_image(image); }
 
-/// Offset of layer record `index`'s tail K rows in an image (walks the framing of docs/format.md).
+/// Offset of layer record `index`'s tail K rows in an image of float values.
 std::size_t tail_k_offset(const std::vector<std::uint8_t>& image, int index) {
-  std::size_t at = sizeof(format::ImageHeader);
-  for (int i = 0;; ++i) {
-    format::LayerRecord record;
-    std::memcpy(&record, image.data() + at, sizeof record);
-    at += sizeof record;
-    std::size_t blocks = 0;
-    for (std::uint32_t b = 0; b < record.block_count; ++b) {
-      std::uint32_t size;
-      std::memcpy(&size, image.data() + at + 4 * b, 4);
-      blocks += size;
-    }
-    at += 4 * record.block_count + blocks;
-    if (i == index) return at;
-    format::ImageHeader h;
-    std::memcpy(&h, image.data(), sizeof h);
-    at += 2 * static_cast<std::size_t>(record.tail_tokens) * h.num_kv_heads * h.head_dim * 4;  // float rows
-  }
+  return test::image_layers(image, sizeof(float)).at(static_cast<std::size_t>(index)).tail_k;
 }
 
 // ---- import is all-or-nothing under a memory budget -----------------------------------------------

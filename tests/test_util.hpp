@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -130,6 +131,39 @@ inline double fp16_ulp(double x) {
 inline double error_bound(double lo, double hi, double rel) {
   const double step = rel * (hi - lo + fp16_ulp(lo)) * (1 + 0x1p-10) + 0x1p-24;
   return step / 2 * (1 + 1e-6) + 4 * 0x1p-24 * std::max(std::fabs(lo), std::fabs(hi));
+}
+
+/// Where each layer of a sequence image sits (its framing, docs/format.md): the offset of its
+/// LayerRecord, of its tail K rows, and its end; `value_bytes` is sizeof(T) of the cache that
+/// wrote it.
+struct ImageLayerAt {
+  std::size_t record;
+  std::size_t tail_k;
+  std::size_t end;
+};
+inline std::vector<ImageLayerAt> image_layers(const std::vector<std::uint8_t>& image, std::size_t value_bytes) {
+  format::ImageHeader h;
+  std::memcpy(&h, image.data(), sizeof h);
+  std::vector<ImageLayerAt> layers;
+  std::size_t at = sizeof h;
+  for (int i = 0; i < h.layer_count; ++i) {
+    format::LayerRecord record;
+    std::memcpy(&record, image.data() + at, sizeof record);
+    ImageLayerAt layer{at, 0, 0};
+    at += sizeof record;
+    std::size_t blocks = 0;
+    for (std::uint32_t b = 0; b < record.block_count; ++b) {
+      std::uint32_t size;
+      std::memcpy(&size, image.data() + at + 4 * b, 4);
+      blocks += size;
+    }
+    at += 4ull * record.block_count + blocks;
+    layer.tail_k = at;
+    at += 2ull * record.tail_tokens * h.num_kv_heads * h.head_dim * value_bytes;
+    layer.end = at;
+    layers.push_back(layer);
+  }
+  return layers;
 }
 
 /// Runs `fn`, expects a packkv::error whose message contains `needle`.

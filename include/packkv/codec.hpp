@@ -30,6 +30,11 @@ CodecParams make_codec_params(const CacheConfig& config, int layer = 0);
 /// The codec of every layer, index = layer.
 std::vector<CodecParams> make_layer_codecs(const CacheConfig& config);
 
+/// The shape every layer shares with the widest K and V code bits of any layer: its block and
+/// section bounds hold every layer's (sizes grow with the code bits), so it sizes what all layers
+/// share (staging, slots, shared memory).
+format::BlockGeometry widest_geometry(std::span<const CodecParams> layer_codecs);
+
 /// Reusable scratch for encode_block (avoids allocations on the append path).
 struct EncodeScratch {
   std::vector<std::uint8_t> k_codes, v_codes;  // [block_tokens][head_dim], original order

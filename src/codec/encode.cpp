@@ -51,6 +51,16 @@ std::vector<CodecParams> make_layer_codecs(const CacheConfig& config) {
   return codecs;
 }
 
+format::BlockGeometry widest_geometry(std::span<const CodecParams> layer_codecs) {
+  PACKKV_REQUIRE(!layer_codecs.empty(), "widest_geometry: no layer codecs");
+  format::BlockGeometry g = layer_codecs.front().geometry;
+  for (const CodecParams& c : layer_codecs) {
+    g.k_bits = std::max(g.k_bits, c.geometry.k_bits);
+    g.v_bits = std::max(g.v_bits, c.geometry.v_bits);
+  }
+  return g;
+}
+
 BlockBytes& BlockBytes::operator+=(const BlockBytes& o) {
   payload += o.payload;
   params += o.params;

@@ -53,12 +53,7 @@ class CpuPrepared final : public PreparedWrite {
   std::size_t growth_bytes = 0;       ///< tail rings and block tables that grow
 };
 
-/// Bounds on a block's size over every layer's codec.
-std::uint32_t largest_block_bytes(std::span<const CodecParams> codecs) {
-  std::uint32_t most = 0;
-  for (const CodecParams& c : codecs) most = std::max(most, c.geometry.max_block_bytes());
-  return most;
-}
+/// The smallest block of any layer (the narrowest codes bound it).
 std::uint32_t smallest_block_bytes(std::span<const CodecParams> codecs) {
   std::uint32_t least = codecs.front().geometry.min_block_bytes();
   for (const CodecParams& c : codecs) least = std::min(least, c.geometry.min_block_bytes());
@@ -70,7 +65,7 @@ class CpuBackend final : public Backend<T> {
  public:
   CpuBackend(const CacheConfig& config, std::span<const CodecParams> layer_codecs)
       : shape_(layer_codecs.front().geometry),
-        max_block_bytes_(largest_block_bytes(layer_codecs)),
+        max_block_bytes_(widest_geometry(layer_codecs).max_block_bytes()),
         min_block_bytes_(smallest_block_bytes(layer_codecs)),
         pool_(max_block_bytes_),
         row_(static_cast<std::size_t>(config.num_kv_heads) * config.head_dim),

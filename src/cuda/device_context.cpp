@@ -21,18 +21,6 @@ CudaLayerStore::~CudaLayerStore() {
   context_.stores.erase(this);
 }
 
-namespace {
-/// The shape every layer shares, with the widest code bits of any layer.
-format::BlockGeometry widest_geometry(std::span<const CodecParams> layer_codecs) {
-  format::BlockGeometry g = layer_codecs.front().geometry;
-  for (const CodecParams& c : layer_codecs) {
-    g.k_bits = std::max(g.k_bits, c.geometry.k_bits);
-    g.v_bits = std::max(g.v_bits, c.geometry.v_bits);
-  }
-  return g;
-}
-}  // namespace
-
 DeviceContext::DeviceContext(const CacheConfig& config, std::span<const CodecParams> layer_codecs_, std::size_t value_size)
     : layer_codecs(layer_codecs_.begin(), layer_codecs_.end()),
       widest(widest_geometry(layer_codecs_)),

@@ -93,6 +93,14 @@ std::string evaluation_text(std::string* source) {
   return {};
 }
 
+/// The first `count` tokens (at most) of the evaluation text's first 2048 characters.
+std::vector<int> evaluation_tokens(const Stories& s, std::size_t count) {
+  std::string source;
+  std::vector<int> tokens = s.tokenizer.encode(evaluation_text(&source).substr(0, 2048), true, false);
+  tokens.resize(std::min(tokens.size(), count));
+  return tokens;
+}
+
 TEST(Stories260K, SmallRelLeavesPerplexityUnchanged) {
   SKIP_WITHOUT_STORIES();
   Stories s;
@@ -288,9 +296,7 @@ TEST(Stories260K, KlDivergenceAgainstTheExactCacheOrdersCachesByError) {
 TEST(Stories260K, PerLayerRelsOnTheModel) {
   SKIP_WITHOUT_STORIES();
   Stories s;
-  std::string source;
-  std::vector<int> tokens = s.tokenizer.encode(evaluation_text(&source).substr(0, 2048), true, false);
-  tokens.resize(std::min<std::size_t>(tokens.size(), 160));
+  const std::vector<int> tokens = evaluation_tokens(s, 160);
   ASSERT_GE(tokens.size(), 100u);
   const int n = static_cast<int>(tokens.size());
   const llama::KvShape shape = s.model.config().kv_shape();
@@ -334,9 +340,7 @@ TEST(Stories260K, PerLayerRelsOnTheModel) {
 TEST(Stories260K, KeysBeforeRopeAttendLikeTheExactCache) {
   SKIP_WITHOUT_STORIES();
   Stories s;
-  std::string source;
-  std::vector<int> tokens = s.tokenizer.encode(evaluation_text(&source).substr(0, 2048), true, false);
-  tokens.resize(std::min<std::size_t>(tokens.size(), 160));
+  const std::vector<int> tokens = evaluation_tokens(s, 160);
   ASSERT_GE(tokens.size(), 100u);
   const int n = static_cast<int>(tokens.size());
   const llama::KvShape shape = s.model.config().kv_shape();
@@ -421,9 +425,7 @@ TEST(Harness, SinkTokensStayExactForEveryMethod) {
 TEST(Stories260K, LayerCalibrationMeasuresEveryLayerAndSide) {
   SKIP_WITHOUT_STORIES();
   Stories s;
-  std::string source;
-  std::vector<int> tokens = s.tokenizer.encode(evaluation_text(&source).substr(0, 2048), true, false);
-  tokens.resize(std::min<std::size_t>(tokens.size(), 96));
+  const std::vector<int> tokens = evaluation_tokens(s, 96);
   packkv::CacheConfig base = packkv_config(0.1f, 0.1f, 16);
   const llama::LayerSensitivity sens = llama::measure_layer_sensitivity(s.model, tokens, base, {0.3f}, {0.4f}, 1);
   const auto layers = static_cast<std::size_t>(s.model.config().num_layers);
