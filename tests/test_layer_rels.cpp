@@ -214,7 +214,7 @@ TEST(LayerRels, VersionOneImagesStillImport) {
   const std::vector<std::uint8_t> v1 = as_version_1(v2, make_codec_params(c));
   PackedKVCache<float> target(c);
   target.import_sequence(4, v1);
-  EXPECT_EQ(target.export_sequence(4), v2);  // re-exported as version 2, same contents
+  EXPECT_EQ(target.export_sequence(4), v2);  // re-exported in the current version, same contents
   EXPECT_EQ(decode_image_entropy(encode_image_entropy(v1)), v1);
 
   // A version 1 image into a per-layer cache: its one range does not fit layer 0.

@@ -139,6 +139,7 @@ inline double error_bound(double lo, double hi, double rel) {
 struct ImageLayerAt {
   std::size_t record;
   std::size_t tail_k;
+  std::size_t sink_k;  ///< the exact sink rows (K, then V), after the tail
   std::size_t end;
 };
 inline std::vector<ImageLayerAt> image_layers(const std::vector<std::uint8_t>& image, std::size_t value_bytes) {
@@ -149,7 +150,7 @@ inline std::vector<ImageLayerAt> image_layers(const std::vector<std::uint8_t>& i
   for (int i = 0; i < h.layer_count; ++i) {
     format::LayerRecord record;
     std::memcpy(&record, image.data() + at, sizeof record);
-    ImageLayerAt layer{at, 0, 0};
+    ImageLayerAt layer{at, 0, 0, 0};
     at += sizeof record;
     std::size_t blocks = 0;
     for (std::uint32_t b = 0; b < record.block_count; ++b) {
@@ -160,6 +161,8 @@ inline std::vector<ImageLayerAt> image_layers(const std::vector<std::uint8_t>& i
     at += 4ull * record.block_count + blocks;
     layer.tail_k = at;
     at += 2ull * record.tail_tokens * h.num_kv_heads * h.head_dim * value_bytes;
+    layer.sink_k = at;
+    at += 2ull * record.sink_tokens * h.num_kv_heads * h.head_dim * value_bytes;
     layer.end = at;
     layers.push_back(layer);
   }

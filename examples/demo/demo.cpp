@@ -300,9 +300,10 @@ int main(int argc, char** argv) {
     const double fp16 = static_cast<double>(m.original_fp16_bytes);
     std::printf("fp16 K/V cache        : %8.2f MiB\n", mib(fp16));
     std::printf("packkv cache          : %8.2f MiB  (codes %.2f, scales/mins %.2f, pack descriptors %.2f,\n"
-                "                                   permutations %.2f, headers+tables %.2f, uncompressed tail %.2f)\n",
+                "                                   permutations %.2f, headers+tables %.2f, uncompressed tail %.2f,\n"
+                "                                   exact sinks %.2f)\n",
                 mib(static_cast<double>(m.total())), mib(m.payload), mib(m.params), mib(m.descriptors), mib(m.permutations),
-                mib(static_cast<double>(m.headers + m.block_tables)), mib(m.tail));
+                mib(static_cast<double>(m.headers + m.block_tables)), mib(m.tail), mib(m.sinks));
     std::printf("compression ratio     : %8.2fx vs fp16, every byte counted\n", m.ratio_vs_fp16());
     std::printf("memory saved          : %8.2f MiB (%.1f%% of the fp16 cache)\n", mib(fp16 - static_cast<double>(m.total())),
                 100.0 * (1.0 - static_cast<double>(m.total()) / fp16));

@@ -172,7 +172,7 @@ int main(int argc, char** argv) {
           cache.append(0, 0, side == 0 ? x.data() : recording.k(l).data(), side == 0 ? recording.v(l).data() : x.data(), n);
           const packkv::MemoryBreakdown t = cache.memory_stats().total;
           // The tail ring is allocated even when empty; it is no part of the blocks (nor of an image's).
-          packkv_bytes += (side == 0 ? t.k_bytes() : t.v_bytes()) - static_cast<double>(t.tail) / 2.0;
+          packkv_bytes += (side == 0 ? t.k_bytes() : t.v_bytes()) - static_cast<double>(t.tail + t.sinks) / 2.0;
           // The image: codes per (head, channel), in arrival order.
           for (int h = 0; h < heads; ++h) {
             std::vector<AdaptiveModel> plain(static_cast<std::size_t>(dim), AdaptiveModel(levels));

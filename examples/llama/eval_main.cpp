@@ -588,11 +588,14 @@ int main(int argc, char** argv) {
     baseline_options.residual = opt.residual;  // the same exact window and the same
     baseline_options.block = opt.block;        // quantization steps as packkv's tail rule
     baseline_options.sinks = opt.sinks;        // and the same exact sinks
-    // A PackKV cache of this run: K after RoPE as the model appends it, or before (--k-before-rope).
+    // A PackKV cache of this run: K after RoPE as the model appends it, or before (--k-before-rope,
+    // measured through decoded copies, which then keep the sinks exact as well). Otherwise the
+    // sinks are the cache's own (CacheConfig::sink_tokens).
     llama::PackkvLevers levers;
     levers.keys_before_rope = opt.keys_before_rope;
     levers.rope_theta = mc.rope_theta;
-    levers.sinks = opt.sinks;
+    levers.sinks = opt.keys_before_rope ? opt.sinks : 0;
+    base.sink_tokens = opt.keys_before_rope ? 0 : opt.sinks;
     const bool keys_before_rope = levers.keys_before_rope;
     auto make_packkv = [shape, levers](const packkv::CacheConfig& c) {
       return levers.keys_before_rope || levers.sinks > 0 ? llama::make_packkv_cache_with_levers(shape, c, levers)
@@ -851,8 +854,9 @@ int main(int argc, char** argv) {
        << opt.block << "), so at every step every cache holds the same tokens exact and the same tokens quantized. "
        << (opt.sinks > 0 ? "The first " + std::to_string(opt.sinks) + " tokens of each window (attention sinks) stay exact for "
                                "every method, counted at fp16 beside the window (the baselines leave them out of their "
-                               "groups; packkv's blocks still hold them, a conservative count of its compressed bits, and "
-                               "its attention runs over decoded copies).\n"
+                               "groups; packkv keeps them with `CacheConfig::sink_tokens`, its first block still holding "
+                               "them, a conservative count of its compressed bits, and every read using the exact rows"
+                               "; with --k-before-rope its attention runs over decoded copies that keep them exact).\n"
                          : std::string("No sink tokens are kept exact (none of the methods).\n"));
     if (opt.keys_before_rope) {
       md << "- PackKV settings store K before RoPE and rotate the decoded keys at attention (KVQuant's pre-RoPE keys), "

@@ -124,10 +124,11 @@ KvBytes PackkvCache::kv_bytes(const packkv::MemoryBreakdown& t) const {
   // permutations, block tables, and the uncompressed tail, which holds K and V alike).
   bytes.k_bytes = t.k_bytes();
   bytes.v_bytes = t.v_bytes();
-  // The compressed part: everything but the uncompressed tail, whose share of the shared bytes
-  // is the tail itself.
-  bytes.k_compressed_bytes = bytes.k_bytes - static_cast<double>(t.tail) / 2.0;
-  bytes.v_compressed_bytes = bytes.v_bytes - static_cast<double>(t.tail) / 2.0;
+  // The compressed part: everything but the uncompressed tail and the exact sink rows, whose
+  // share of the shared bytes is themselves (the eval counts them beside the window).
+  const double exact = static_cast<double>(t.tail + t.sinks);
+  bytes.k_compressed_bytes = bytes.k_bytes - exact / 2.0;
+  bytes.v_compressed_bytes = bytes.v_bytes - exact / 2.0;
   bytes.compressed_elements_per_side = static_cast<double>(t.compressed_tokens) * shape_.kv_dim();
   return bytes;
 }

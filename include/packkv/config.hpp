@@ -39,6 +39,12 @@ struct CacheConfig {
   int head_dim = 128;         ///< a multiple of 8 in [8, 256]
   int block_tokens = 64;      ///< tokens per compressed block: a multiple of 16 in [16, 256]
   int residual_tokens = 0;    ///< most recent tokens always kept uncompressed (>= 0)
+  /// The first sink_tokens tokens of every sequence, in [0, block_tokens], are also kept exact:
+  /// most heads give them a large share of attention (attention sinks), so their quantization
+  /// error reaches nearly every output. Once the first block is sealed, every read uses the exact
+  /// rows for them (the block still holds them, masked out); 4 sinks cut V's KL by about 3x at
+  /// the same bits (docs/results/levers.md). They cost sink_tokens rows of K and V per layer.
+  int sink_tokens = 0;
   float k_rel = 0.1f;         ///< relative error bound for K, in [1/255, 1]
   float v_rel = 0.2f;         ///< relative error bound for V, in [1/255, 1]
   /// Per-layer bounds, replacing k_rel (v_rel) layer by layer: empty, or num_layers values in

@@ -15,13 +15,14 @@ struct MemoryBreakdown {
   std::size_t headers = 0;       ///< block headers, head directories, round offsets, alignment padding
   std::size_t block_tables = 0;  ///< tables locating each block, and the per-layer bookkeeping
   std::size_t tail = 0;          ///< uncompressed recent tokens (K and V, in the storage type), as allocated
+  std::size_t sinks = 0;         ///< exact copies of the first tokens (CacheConfig::sink_tokens), K and V
 
   std::size_t metadata() const { return params + descriptors + permutations + headers + block_tables; }
-  std::size_t total() const { return payload + metadata() + tail; }
+  std::size_t total() const { return payload + metadata() + tail + sinks; }
 
   /// The same block bytes split by side: the K sections and the V sections of every block (their
   /// params, round tables, descriptors, packs and padding). The rest of total() (block headers,
-  /// directories, permutations, trailing slack, block tables, the tail) serves K and V alike.
+  /// directories, permutations, trailing slack, block tables, the tail, the sinks) serves K and V alike.
   std::size_t k_section_bytes = 0;
   std::size_t v_section_bytes = 0;
   /// Bytes attributable to K (or V): its sections plus half of what both share.

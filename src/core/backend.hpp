@@ -43,6 +43,12 @@ struct LayerWrite {
   bool tokens_on_host = false;  ///< k and v are host memory even on a device backend (import)
   std::span<const std::span<const std::uint8_t>> blocks;  ///< validated block bytes (host memory)
   const LayerStore* share_from = nullptr;  ///< a parent's store: its blocks become this layer's too
+                                           ///< (and a copy of its sink rows)
+  /// Sink rows that go with adopted `blocks` (import, truncate): [sink_tokens][num_kv_heads][head_dim]
+  /// each, host memory; null when the config keeps no sinks or no block is adopted. A write that
+  /// seals the layer's first block takes them from the tokens it encodes instead.
+  const T* sink_k = nullptr;
+  const T* sink_v = nullptr;
   int shared_blocks = 0;                   ///< how many it holds (the parent layer's num_blocks)
   SeqId id = 0;                 ///< for messages
   int layer = 0;
@@ -59,6 +65,10 @@ struct LayerRead {
   /// attends to positions < length - queries + j + 1).
   int queries = 1;
   int layer = 0;  ///< which layer of the model (its codec: CacheConfig::layer_k_rel / layer_v_rel)
+  /// Exact sink rows the readers use for positions [0, sinks) instead of the first block's
+  /// decoded values (masked out there): CacheConfig::sink_tokens once a block is sealed, else 0
+  /// (the tail then holds those tokens exactly).
+  int sinks = 0;
 };
 
 /// Work prepared by Backend::prepare, applied by Backend::commit or dropped.
@@ -85,6 +95,7 @@ struct LayerBytes {
   BlockBytes blocks;         ///< the packed blocks, by part
   std::size_t tables = 0;    ///< block tables (the backend's memory)
   std::size_t tail = 0;      ///< the tail ring as allocated (K and V)
+  std::size_t sinks = 0;     ///< the exact sink rows (K and V)
   std::size_t shared = 0;    ///< bytes of blocks this layer shares that an earlier layer counted
 };
 
@@ -148,9 +159,10 @@ class Backend {
   /// Bytes of each layer. A block that several layers share (fork) counts in `blocks` of the first
   /// of `layers` that holds it and in `shared` of the others.
   virtual void layer_bytes(std::span<const LayerRead> layers, std::span<LayerBytes> out) const = 0;
-  /// The layer's blocks (bytes as stored, sizes) and its tail rows in token order (host memory).
+  /// The layer's blocks (bytes as stored, sizes), its tail rows in token order and its
+  /// LayerRead::sinks sink rows (host memory).
   virtual void download(const LayerRead& layer, std::vector<std::uint32_t>& sizes, std::vector<std::uint8_t>& blocks,
-                        T* tail_k, T* tail_v) const = 0;
+                        T* tail_k, T* tail_v, T* sink_k, T* sink_v) const = 0;
   /// The layer's tail rows in token order (host memory).
   virtual void download_tail(const LayerRead& layer, T* tail_k, T* tail_v) const = 0;
 

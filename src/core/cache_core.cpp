@@ -87,6 +87,7 @@ template <class T>
 LayerRead CacheCore<T>::read_view(const Layer& layer) const {
   LayerRead read{layer.store.get(), layer.length, layer.num_blocks, layer.tail};
   read.layer = layer.index;
+  read.sinks = layer.num_blocks > 0 ? cfg_.sink_tokens : 0;
   return read;
 }
 
@@ -408,6 +409,7 @@ void CacheCore<T>::truncate(SeqId id, std::int64_t new_length) {
       std::vector<std::uint8_t> bytes;
       std::vector<std::span<const std::uint8_t>> blocks;
       std::vector<T> k, v;
+      std::vector<T> sink_k, sink_v;  ///< the sink rows, which go with the kept blocks
     };
     std::vector<Rebuild> rebuilds;
     rebuilds.reserve(seq.layers.size());
@@ -436,7 +438,10 @@ void CacheCore<T>::truncate(SeqId id, std::int64_t new_length) {
         const std::size_t tail_values = static_cast<std::size_t>(layer.tail.len) * row_;
         tail_k.resize(tail_values);
         tail_v.resize(tail_values);
-        backend_->download(read_view(layer), r.sizes, r.bytes, tail_k.data(), tail_v.data());
+        const LayerRead view = read_view(layer);
+        r.sink_k.resize(static_cast<std::size_t>(view.sinks) * row_);
+        r.sink_v.resize(r.sink_k.size());
+        backend_->download(view, r.sizes, r.bytes, tail_k.data(), tail_v.data(), r.sink_k.data(), r.sink_v.data());
         const int keep = static_cast<int>(new_length / block_tokens);
         const int kept_tokens = static_cast<int>(new_length - static_cast<std::int64_t>(keep) * block_tokens);
         std::size_t offset = 0;
@@ -454,6 +459,11 @@ void CacheCore<T>::truncate(SeqId id, std::int64_t new_length) {
           for (std::size_t i = 0; i < n; ++i) {
             r.k[i] = from_float<T>(block_k[i]);
             r.v[i] = from_float<T>(block_v[i]);
+          }
+          if (keep == 0) {  // the first block goes: its sinks return to the tail exactly
+            const std::size_t exact = std::min(n, r.sink_k.size());
+            std::copy_n(r.sink_k.begin(), exact, r.k.begin());
+            std::copy_n(r.sink_v.begin(), exact, r.v.begin());
           }
         }
         r.store = backend_->new_layer_store();
@@ -474,6 +484,10 @@ void CacheCore<T>::truncate(SeqId id, std::int64_t new_length) {
       w.plan = tails_.plan(empty, static_cast<int>(r.k.size() / row_));
       w.k = r.k.data();
       w.v = r.v.data();
+      if (!r.blocks.empty() && !r.sink_k.empty()) {
+        w.sink_k = r.sink_k.data();
+        w.sink_v = r.sink_v.data();
+      }
       w.tokens_on_host = true;
       w.id = id;
       w.layer = r.layer;
@@ -644,6 +658,7 @@ MemoryStats CacheCore<T>::memory_stats() const {
     m.v_section_bytes += b.blocks.v_sections;
     m.block_tables += b.tables + layer_bookkeeping;
     m.tail += b.tail;
+    m.sinks += b.sinks;
     stats.shared_block_bytes += b.shared;
     m.compressed_tokens += static_cast<std::size_t>(r.num_blocks) * static_cast<std::size_t>(cfg_.block_tokens);
     m.tail_tokens += static_cast<std::size_t>(r.tail.len);
@@ -737,20 +752,27 @@ std::vector<std::uint8_t> CacheCore<T>::export_sequence(SeqId id, std::span<cons
     };
     std::vector<std::uint32_t> sizes;
     std::vector<std::uint8_t> blocks;
-    std::vector<T> tail_k, tail_v;
+    std::vector<T> tail_k, tail_v, sink_k, sink_v;
     for (int l : chosen) {
       const Layer& layer = seq.layers[static_cast<std::size_t>(l)];
+      const LayerRead view = read_view(layer);
       const std::size_t tail_values = static_cast<std::size_t>(layer.tail.len) * row_;
+      const std::size_t sink_values = static_cast<std::size_t>(view.sinks) * row_;
       tail_k.resize(tail_values);
       tail_v.resize(tail_values);
-      backend_->download(read_view(layer), sizes, blocks, tail_k.data(), tail_v.data());
+      sink_k.resize(sink_values);
+      sink_v.resize(sink_values);
+      backend_->download(view, sizes, blocks, tail_k.data(), tail_v.data(), sink_k.data(), sink_v.data());
       const format::LayerRecord record = make_layer_record(codecs_[static_cast<std::size_t>(l)], l,
-                                                           static_cast<int>(sizes.size()), layer.tail.len, layer.length);
+                                                           static_cast<int>(sizes.size()), layer.tail.len, layer.length,
+                                                           view.sinks);
       put(&record, sizeof record);
       put(sizes.data(), sizes.size() * sizeof(std::uint32_t));
       put(blocks.data(), blocks.size());
       put(tail_k.data(), tail_values * sizeof(T));
       put(tail_v.data(), tail_values * sizeof(T));
+      put(sink_k.data(), sink_values * sizeof(T));
+      put(sink_v.data(), sink_values * sizeof(T));
     }
     seal_image(image);
     return image;
@@ -771,10 +793,29 @@ void CacheCore<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image
   const int max_tail = std::min(tails_.max_capacity() + (1 << 20), 1 << 21);
   const std::vector<ParsedLayer> parsed =
       parse_image(image, codecs_[0], codecs_, cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);
-  std::vector<std::vector<T>> tails(parsed.size() * 2);
+  std::vector<std::vector<T>> tails(parsed.size() * 2), sinks(parsed.size() * 2);
   std::vector<LayerWrite<T>> writes(parsed.size());
   for (std::size_t i = 0; i < parsed.size(); ++i) {
     const ParsedLayer& p = parsed[i];
+    // A layer with blocks brings its exact sink rows: as many as this cache keeps.
+    if (!p.blocks.empty()) {
+      PACKKV_REQUIRE(p.sink_tokens == cfg_.sink_tokens,
+                     fmt::format("import: layer {} keeps {} exact sink rows; this cache keeps {} (sink_tokens differ)",
+                                 p.layer, p.sink_tokens, cfg_.sink_tokens));
+    }
+    const std::size_t sink_values = static_cast<std::size_t>(p.sink_tokens) * row_;
+    sinks[2 * i].resize(sink_values);
+    sinks[2 * i + 1].resize(sink_values);
+    if (sink_values != 0) {
+      std::memcpy(sinks[2 * i].data(), p.sink_k, sink_values * sizeof(T));
+      std::memcpy(sinks[2 * i + 1].data(), p.sink_v, sink_values * sizeof(T));
+      for (const std::vector<T>* rows : {&sinks[2 * i], &sinks[2 * i + 1]}) {
+        const std::size_t bad = first_unstorable(rows->data(), sink_values);
+        PACKKV_REQUIRE(bad == sink_values, fmt::format("import: layer {} sink {} row {} holds a value that cannot be "
+                                                       "stored (not finite, or |x| > 65504)",
+                                                       p.layer, rows == &sinks[2 * i] ? "K" : "V", bad / row_));
+      }
+    }
     // The image's tail rows are unaligned: copy them out. They are re-appended after the blocks
     // (this cache's residual_tokens may compress some of them), so they get an append's checks.
     const std::size_t n = static_cast<std::size_t>(p.tail_tokens) * row_;
@@ -786,6 +827,10 @@ void CacheCore<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image
     }
     LayerWrite<T>& w = writes[i];
     w.blocks = p.blocks;
+    if (sink_values != 0) {
+      w.sink_k = sinks[2 * i].data();
+      w.sink_v = sinks[2 * i + 1].data();
+    }
     TailRing empty;
     empty.begin = static_cast<std::int64_t>(p.blocks.size()) * cfg_.block_tokens;
     w.plan = tails_.plan(empty, p.tail_tokens);

@@ -49,6 +49,8 @@ void validate(const CacheConfig& c) {
                  fmt::format("block_tokens must be a multiple of 16 in [16, 256], got {}", c.block_tokens));
   PACKKV_REQUIRE(c.residual_tokens >= 0 && c.residual_tokens <= 1 << 20,
                  fmt::format("residual_tokens must be in [0, 2^20], got {}", c.residual_tokens));
+  PACKKV_REQUIRE(c.sink_tokens >= 0 && c.sink_tokens <= c.block_tokens,
+                 fmt::format("sink_tokens must be in [0, block_tokens = {}], got {}", c.block_tokens, c.sink_tokens));
   PACKKV_REQUIRE(std::isfinite(c.k_rel) && c.k_rel >= kMinRel && c.k_rel <= kMaxRel,
                  fmt::format("k_rel must be in [1/255, 1], got {}", c.k_rel));
   PACKKV_REQUIRE(std::isfinite(c.v_rel) && c.v_rel >= kMinRel && c.v_rel <= kMaxRel,
@@ -96,10 +98,10 @@ std::string rel_text(float rel, const std::vector<float>& per_layer) {
 
 std::string describe(const CacheConfig& c) {
   return fmt::format(
-      "layers={} kv_heads={} q_heads={} head_dim={} block={} residual={} k_rel={} v_rel={} k_mode={} "
+      "layers={} kv_heads={} q_heads={} head_dim={} block={} residual={} sinks={} k_rel={} v_rel={} k_mode={} "
       "repack={} rotate_k={} rotate_v={} budget={} device={} cuda_strict={} cuda_poll_errors={}",
       c.num_layers, c.num_kv_heads, c.num_q_heads, c.head_dim, c.block_tokens, c.residual_tokens,
-      rel_text(c.k_rel, c.layer_k_rel), rel_text(c.v_rel, c.layer_v_rel), to_string(c.k_mode), to_string(c.repack), c.rotate_k, c.rotate_v, c.memory_budget_bytes, to_string(c.device), c.cuda_strict,
+      c.sink_tokens, rel_text(c.k_rel, c.layer_k_rel), rel_text(c.v_rel, c.layer_v_rel), to_string(c.k_mode), to_string(c.repack), c.rotate_k, c.rotate_v, c.memory_budget_bytes, to_string(c.device), c.cuda_strict,
       c.cuda_poll_errors);
 }
 

@@ -177,7 +177,7 @@ struct ImageShape {
 ImageShape image_shape(const ImageHeader& h, const char* what) {
   auto bad = [&](const std::string& why) { return error(fmt::format("{}: {}", what, why)); };
   if (std::memcmp(h.magic, format::kImageMagic, sizeof h.magic) != 0) throw bad("not a packkv sequence image (bad magic)");
-  if (h.version != format::kImageVersion && h.version != format::kImageVersionUniform) {
+  if (h.version < format::kImageVersionUniform || h.version > format::kImageVersion) {
     throw bad(fmt::format("image version {} is not supported", h.version));
   }
   if (h.head_dim < 8 || h.head_dim > 256 || h.head_dim % 8 != 0) throw bad(fmt::format("head_dim {} is invalid", h.head_dim));
@@ -192,14 +192,14 @@ ImageShape image_shape(const ImageHeader& h, const char* what) {
       if (max_code < 1 || bits != bits_for_max_code(max_code)) throw bad(fmt::format("code range {} with {} bits is invalid", max_code, bits));
     }
   } else if (h.k_max_code != 0 || h.v_max_code != 0 || h.k_bits != 0 || h.v_bits != 0) {
-    throw bad("a version 2 header's code ranges must be zero (they are in the layer records)");
+    throw bad(fmt::format("a version {} header's code ranges must be zero (they are in the layer records)", h.version));
   }
   ImageShape s{};
   s.uniform = uniform;
   s.codec.geometry.block_tokens = h.block_tokens;
   s.codec.geometry.head_dim = h.head_dim;
   s.codec.geometry.num_heads = h.num_kv_heads;
-  // Version 2: the widest codes, so that the shape's sizes bound every layer's (layer_codec).
+  // Versions 2 and 3: the widest codes, so that the shape's sizes bound every layer's (layer_codec).
   s.codec.geometry.k_bits = uniform ? h.k_bits : 8;
   s.codec.geometry.v_bits = uniform ? h.v_bits : 8;
   s.codec.geometry.permuted = h.permuted != 0;
@@ -316,7 +316,7 @@ std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> ima
     const detail::ParsedLayer& layer = layers[li];
     const format::BlockGeometry& g = layer.codec.geometry;
     LayerRecord record = detail::make_layer_record(layer.codec, layer.layer, static_cast<int>(layer.blocks.size()),
-                                                   layer.tail_tokens, layer.length);
+                                                   layer.tail_tokens, layer.length, layer.sink_tokens);
     if (shape.uniform) record.k_max_code = record.v_max_code = 0;
     append(skeleton, &record, sizeof record);
     for (const auto& block : layer.blocks) {
@@ -367,6 +367,9 @@ std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> ima
     const std::size_t tail_bytes = static_cast<std::size_t>(layer.tail_tokens) * row_bytes;
     append(skeleton, layer.tail_k, tail_bytes);
     append(skeleton, layer.tail_v, tail_bytes);
+    const std::size_t sink_bytes = static_cast<std::size_t>(layer.sink_tokens) * row_bytes;
+    append(skeleton, layer.sink_k, sink_bytes);
+    append(skeleton, layer.sink_v, sink_bytes);
   }
   coder.finish();
 
@@ -501,6 +504,13 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
     const std::uint8_t* tails = in.take(2 * tail_bytes, "the tails");
     fits(2 * tail_bytes, "the tails");
     append(image, tails, 2 * tail_bytes);
+    // Exact sink rows (version 3), bounded by the block size, copied as they are.
+    PACKKV_REQUIRE(record.sink_tokens <= tokens,
+                   fmt::format("entropy-coded image: layer {} claims {} sink rows", record.layer, record.sink_tokens));
+    const std::size_t sink_bytes = static_cast<std::size_t>(record.sink_tokens) * row_bytes;
+    const std::uint8_t* sinks = in.take(2 * sink_bytes, "the sink rows");
+    fits(2 * sink_bytes, "the sink rows");
+    append(image, sinks, 2 * sink_bytes);
   }
   PACKKV_REQUIRE(in.remaining() == 0 && coder.overrun() <= 4,
                  "entropy-coded image: the skeleton and the code stream do not end together (corrupt data)");

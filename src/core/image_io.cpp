@@ -112,13 +112,14 @@ format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode
 }
 
 format::LayerRecord make_layer_record(const CodecParams& codec, int layer, int block_count, int tail_tokens,
-                                      std::int64_t length) {
+                                      std::int64_t length, int sink_tokens) {
   format::LayerRecord r{};
   r.layer = static_cast<std::uint32_t>(layer);
   r.block_count = static_cast<std::uint32_t>(block_count);
   r.tail_tokens = static_cast<std::uint32_t>(tail_tokens);
   r.k_max_code = static_cast<std::uint8_t>(codec.k_max_code);
   r.v_max_code = static_cast<std::uint8_t>(codec.v_max_code);
+  r.sink_tokens = static_cast<std::uint16_t>(sink_tokens);
   r.length = static_cast<std::uint64_t>(length);
   return r;
 }
@@ -155,8 +156,8 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
                  "import: not a packkv sequence image (bad magic)");
   PACKKV_REQUIRE(crc32c(image.data(), offsetof(format::ImageHeader, header_crc)) == h.header_crc,
                  "import: image header checksum mismatch (corrupt header)");
-  PACKKV_REQUIRE(h.version == format::kImageVersion || h.version == format::kImageVersionUniform,
-                 fmt::format("import: image version {} is not supported (this build reads {} and {})", h.version,
+  PACKKV_REQUIRE(h.version >= format::kImageVersionUniform && h.version <= format::kImageVersion,
+                 fmt::format("import: image version {} is not supported (this build reads {} to {})", h.version,
                              format::kImageVersionUniform, format::kImageVersion));
   const bool uniform = h.version == format::kImageVersionUniform;
   PACKKV_REQUIRE(h.header_bytes == sizeof(ImageHeader),
@@ -191,7 +192,8 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
                                h.k_max_code, h.k_bits, h.v_max_code, h.v_bits));
   } else {
     PACKKV_REQUIRE(h.k_max_code == 0 && h.v_max_code == 0 && h.k_bits == 0 && h.v_bits == 0,
-                   "import: a version 2 image keeps its code ranges in the layer records; the header's must be zero");
+                   fmt::format("import: a version {} image keeps its code ranges in the layer records; the header's "
+                               "must be zero", h.version));
   }
   PACKKV_REQUIRE(h.layer_count >= 1 && h.layer_count <= num_layers,
                  fmt::format("import: image has {} layers, this cache {}", h.layer_count, num_layers));
@@ -205,7 +207,15 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
     PACKKV_REQUIRE(record.layer < static_cast<std::uint32_t>(num_layers) && !seen[record.layer],
                    fmt::format("import: layer index {} is out of range or repeated", record.layer));
     seen[record.layer] = true;
-    PACKKV_REQUIRE(record.reserved == 0, "import: a reserved layer field is not zero");
+    if (h.version < format::kImageVersion) {
+      PACKKV_REQUIRE(record.sink_tokens == 0,
+                     fmt::format("import: layer {}: a version {} layer record's reserved field is not zero", record.layer,
+                                 h.version));
+    }
+    PACKKV_REQUIRE(record.sink_tokens == 0 || (record.block_count > 0 && record.sink_tokens <= h.block_tokens),
+                   fmt::format("import: layer {} has {} sink rows; only a layer with blocks has any, at most block_tokens "
+                               "({})",
+                               record.layer, record.sink_tokens, h.block_tokens));
     if (uniform) {
       PACKKV_REQUIRE(record.k_max_code == 0 && record.v_max_code == 0,
                      fmt::format("import: layer {}: a version 1 layer record's code fields must be zero", record.layer));
@@ -260,6 +270,10 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
     const std::size_t tail_bytes = record.tail_tokens * row_bytes;
     layer.tail_k = in.take(tail_bytes, "tail K");
     layer.tail_v = in.take(tail_bytes, "tail V");
+    const std::size_t sink_bytes = record.sink_tokens * row_bytes;
+    layer.sink_tokens = record.sink_tokens;
+    layer.sink_k = in.take(sink_bytes, "sink K");
+    layer.sink_v = in.take(sink_bytes, "sink V");
     layers.push_back(std::move(layer));
   }
   PACKKV_REQUIRE(in.remaining() == 0, fmt::format("import: {} unexpected bytes after the last layer", in.remaining()));

@@ -28,7 +28,7 @@ format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode
 
 /// The record of one layer of an image, with that layer's code ranges.
 format::LayerRecord make_layer_record(const CodecParams& codec, int layer, int block_count, int tail_tokens,
-                                      std::int64_t length);
+                                      std::int64_t length, int sink_tokens);
 
 /// `shape` with other code ranges (and the code widths they need).
 CodecParams codec_with_codes(const CodecParams& shape, int k_max_code, int v_max_code);
@@ -44,13 +44,16 @@ struct ParsedLayer {
   int tail_tokens = 0;
   const std::uint8_t* tail_k = nullptr;  ///< tail_tokens rows of T (unaligned: copy before use)
   const std::uint8_t* tail_v = nullptr;
+  int sink_tokens = 0;                   ///< exact sink rows (only with blocks)
+  const std::uint8_t* sink_k = nullptr;  ///< sink_tokens rows of T (unaligned)
+  const std::uint8_t* sink_v = nullptr;
 };
 
 /// Validates an image completely (header, checksums, compatibility, counts, every block) and
 /// returns views into it. `codec` gives the shape (block, head_dim, heads, repacking, K mode);
 /// `layer_codecs` (index = layer) the code ranges each layer must have, or, empty, accepts the
 /// ranges the image records (version 1: the header's for every layer). Throws packkv::error
-/// describing the first problem.
+/// describing the first problem. Sink rows are bounded by the block size.
 std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec,
                                      std::span<const CodecParams> layer_codecs, QuantMode k_mode, std::uint8_t rotation,
                                      std::uint8_t dtype, std::size_t value_bytes, int num_layers, int max_tail_tokens);

@@ -10,6 +10,7 @@ MemoryBreakdown& MemoryBreakdown::operator+=(const MemoryBreakdown& o) {
   headers += o.headers;
   block_tables += o.block_tables;
   tail += o.tail;
+  sinks += o.sinks;
   k_section_bytes += o.k_section_bytes;
   v_section_bytes += o.v_section_bytes;
   compressed_tokens += o.compressed_tokens;

@@ -29,12 +29,21 @@ const T* ring_row(const T* ring, int row, std::size_t row_elems, int head, int d
   return ring + static_cast<std::size_t>(row) * row_elems + static_cast<std::size_t>(head) * dim;
 }
 
-// Calls fn(i) for every token of a chunk (blocks [begin, end), then the tail when with_tail) whose
-// position is >= limit, i being its index in the chunk's score row (stored order inside blocks).
+// Calls fn(i) for every token of a chunk's score row that a query row seen up to `limit` must not
+// see, i being its index in the row: positions >= limit in the blocks [begin, end) (stored order),
+// the tail (when with_tail) and the sink rows (the last `sinks` entries); and, when the chunk
+// holds the sink rows, the first block's copies of the sinks (positions < sinks), which the exact
+// rows replace. fn may see an index twice.
 template <class Fn>
-void for_each_masked(const format::BlockGeometry& g, const LayerRead& layer, const std::uint8_t* const* blocks, int head,
-                     int begin, int end, bool with_tail, std::int64_t limit, Fn&& fn) {
+void for_each_hidden(const format::BlockGeometry& g, const LayerRead& layer, const std::uint8_t* const* blocks, int head,
+                     int begin, int end, bool with_tail, int sinks, std::int64_t limit, Fn&& fn) {
   const int block = g.block_tokens;
+  if (sinks > 0) {  // the chunk starts at block 0
+    const std::uint8_t* order = format::token_order(blocks[0], g, head);
+    for (int i = 0; i < block; ++i) {
+      if ((order ? order[i] : i) < sinks) fn(i);
+    }
+  }
   const std::int64_t first_cut = std::max<std::int64_t>(begin, limit / block);
   for (std::int64_t b = first_cut; b < end; ++b) {
     const std::int64_t base = b * block;
@@ -44,16 +53,20 @@ void for_each_masked(const format::BlockGeometry& g, const LayerRead& layer, con
       if (base + (order ? order[i] : i) >= limit) fn(at + i);
     }
   }
-  if (!with_tail) return;
-  const int at = (end - begin) * block;
-  for (std::int64_t t = std::max<std::int64_t>(0, limit - layer.tail.begin); t < layer.tail.len; ++t) {
-    fn(at + static_cast<int>(t));
+  int at = (end - begin) * block;
+  if (with_tail) {
+    for (std::int64_t t = std::max<std::int64_t>(0, limit - layer.tail.begin); t < layer.tail.len; ++t) {
+      fn(at + static_cast<int>(t));
+    }
+    at += layer.tail.len;
   }
+  for (std::int64_t t = std::max<std::int64_t>(0, limit); t < sinks; ++t) fn(at + static_cast<int>(t));
 }
 
 // Softmax-weighted attention of `rows` query rows (one KV head) over blocks [begin, end) (and the
-// tail): row r sees the positions < limits[r]. Writes each row's max score, sum of exponentials
-// (-inf and 0 when it sees none of the chunk) and unnormalised output.
+// tail, and the exact sink rows when the chunk starts at block 0): row r sees the positions <
+// limits[r]. Writes each row's max score, sum of exponentials (-inf and 0 when it sees none of the
+// chunk) and unnormalised output.
 template <class T>
 void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const float* qf, const std::int64_t* limits,
                int rows, int begin, int end, bool with_tail, float* row_max, float* row_sum, float* o) {
@@ -63,7 +76,8 @@ void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const f
   const int dim = g.head_dim, block = g.block_tokens;
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
   const int tail = with_tail ? layer.tail.len : 0;
-  const int tokens = (end - begin) * block + tail;
+  const int sinks = begin == 0 && end > 0 ? layer.sinks : 0;
+  const int tokens = (end - begin) * block + tail + sinks;
   std::fill(row_max, row_max + rows, -INFINITY);
   std::fill(row_sum, row_sum + rows, 0.0f);
   if (tokens == 0) {
@@ -98,8 +112,17 @@ void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const f
       }
     });
   }
-  // Causal mask: a row sees nothing from its limit on. Masked scores go to -inf for the softmax,
-  // and their weights to exactly 0 after it (the vector exp clamps its argument).
+  const std::size_t sinks_at = tail_at + static_cast<std::size_t>(tail);
+  if (sinks > 0) {
+    for (int r0 = 0; r0 < rows; r0 += kMaxGroup) {
+      dense.scores(ring_row(store.sink_k.get(), 0, row_elems, head, dim), row_elems, sinks, dim,
+                   qf + static_cast<std::size_t>(r0) * dim, std::min(kMaxGroup, rows - r0),
+                   s.data() + r0 * stride + sinks_at, stride);
+    }
+  }
+  // Causal mask (a row sees nothing from its limit on) and the first block's copies of the sinks:
+  // hidden scores go to -inf for the softmax, and their weights to exactly 0 after it (the vector
+  // exp clamps its argument).
   const std::int64_t chunk_first = static_cast<std::int64_t>(begin) * block;
   const std::int64_t chunk_end = with_tail ? layer.length : static_cast<std::int64_t>(end) * block;
   for (int r = 0; r < rows; ++r) {
@@ -109,14 +132,15 @@ void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const f
       std::fill(row, row + tokens, 0.0f);  // sees none of the chunk: max -inf, sum 0
       continue;
     }
-    const bool masked = limit < chunk_end;
+    const bool masked = limit < chunk_end || sinks > 0;
     if (masked) {
-      for_each_masked(g, layer, blocks.data(), head, begin, end, with_tail, limit,
+      for_each_hidden(g, layer, blocks.data(), head, begin, end, with_tail, sinks, limit,
                       [&](int i) { row[i] = -INFINITY; });
     }
     kern.softmax_rows(row, tokens, stride, 1, row_max + r, row_sum + r);
     if (masked) {
-      for_each_masked(g, layer, blocks.data(), head, begin, end, with_tail, limit, [&](int i) { row[i] = 0.0f; });
+      for_each_hidden(g, layer, blocks.data(), head, begin, end, with_tail, sinks, limit,
+                      [&](int i) { row[i] = 0.0f; });
     }
   }
   thread_local std::vector<float> min_term;
@@ -137,6 +161,13 @@ void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const f
                            acc.data() + static_cast<std::size_t>(r0) * dim * 8);
       }
     });
+  }
+  if (sinks > 0) {
+    for (int r0 = 0; r0 < rows; r0 += kMaxGroup) {
+      dense.accumulate_v(ring_row(store.sink_v.get(), 0, row_elems, head, dim), row_elems, sinks, dim,
+                         s.data() + r0 * stride + sinks_at, stride, std::min(kMaxGroup, rows - r0),
+                         acc.data() + static_cast<std::size_t>(r0) * dim * 8);
+    }
   }
   finish_v(acc.data(), min_term.data(), rows, dim, o);
 }
@@ -312,6 +343,10 @@ void scores(const ReadContext& ctx, const LayerRead& layer, const T* q, float* s
         kern.dense<T>().scores(ring_row(store.ring_k.get(), row, row_elems, h, dim), row_elems, count, dim, qf.data(),
                                gs, scores + qh0 * len + tail_at + first, len);
       });
+      if (layer.sinks > 0) {  // the exact rows replace the first block's scores of the sinks
+        kern.dense<T>().scores(ring_row(store.sink_k.get(), 0, row_elems, h, dim), row_elems, layer.sinks, dim,
+                               qf.data(), gs, scores + qh0 * len, len);
+      }
     }
   }
 }
@@ -337,9 +372,14 @@ void attn_v(const ReadContext& ctx, const LayerRead& layer, const float* weights
       for (int b = 0; b < layer.num_blocks; ++b) {
         const std::uint8_t* data = store.blocks[static_cast<std::size_t>(b)].data;
         const std::uint8_t* order = format::token_order(data, g, h);
+        // The first block's copies of the sinks weigh nothing: their exact rows take the weights.
+        const int hidden = b == 0 ? layer.sinks : 0;
         for (int gi = 0; gi < gs; ++gi) {
           const float* src = weights + (qh0 + gi) * len + static_cast<std::size_t>(b) * block;
-          for (int i = 0; i < block; ++i) stored[static_cast<std::size_t>(gi * block + i)] = src[order ? order[i] : i];
+          for (int i = 0; i < block; ++i) {
+            const int position = order ? order[i] : i;
+            stored[static_cast<std::size_t>(gi * block + i)] = position < hidden ? 0.0f : src[position];
+          }
         }
         kern.section_accumulate_v(v_layout, format::section(data, g, h, Side::v), stored.data(),
                                   static_cast<std::size_t>(block), gs, acc.data(), min_term);
@@ -349,6 +389,10 @@ void attn_v(const ReadContext& ctx, const LayerRead& layer, const float* weights
         kern.dense<T>().accumulate_v(ring_row(store.ring_v.get(), row, row_elems, h, dim), row_elems, count, dim,
                                      weights + qh0 * len + tail_at + first, len, gs, acc.data());
       });
+      if (layer.sinks > 0) {
+        kern.dense<T>().accumulate_v(ring_row(store.sink_v.get(), 0, row_elems, h, dim), row_elems, layer.sinks, dim,
+                                     weights + qh0 * len, len, gs, acc.data());
+      }
       finish_v(acc.data(), min_term, gs, dim, out + qh0 * dim);
       if (ctx.rotate_v) rotate_rows_back(out + qh0 * dim, static_cast<std::size_t>(gs), dim, 1);
     }
@@ -372,6 +416,11 @@ void read_back(const ReadContext& ctx, const LayerRead& layer, float* k, float* 
     convert_to_float(store.ring_k.get() + row * row_elems, k + at, n);
     convert_to_float(store.ring_v.get() + row * row_elems, v + at, n);
   });
+  if (layer.sinks > 0) {  // the exact rows, not the first block's decoded copies
+    const std::size_t n = static_cast<std::size_t>(layer.sinks) * row_elems;
+    convert_to_float(store.sink_k.get(), k, n);
+    convert_to_float(store.sink_v.get(), v, n);
+  }
   const std::size_t vectors = static_cast<std::size_t>(layer.length) * g.num_heads;
   if (ctx.rotate_k) rotate_rows_back(k, vectors, g.head_dim, ctx.threads);
   if (ctx.rotate_v) rotate_rows_back(v, vectors, g.head_dim, ctx.threads);

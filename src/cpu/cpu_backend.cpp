@@ -69,6 +69,7 @@ class CpuBackend final : public Backend<T> {
         min_block_bytes_(smallest_block_bytes(layer_codecs)),
         pool_(max_block_bytes_),
         row_(static_cast<std::size_t>(config.num_kv_heads) * config.head_dim),
+        sinks_(config.sink_tokens),
         read_{{layer_codecs.begin(), layer_codecs.end()}, config.num_q_heads, config.num_threads > 0 ? config.num_threads : omp_get_max_threads(),
               config.rotate_k, config.rotate_v} {}
 
@@ -91,6 +92,9 @@ class CpuBackend final : public Backend<T> {
     store.ring_k.reset();
     store.ring_v.reset();
     store.ring_capacity = 0;
+    if (store.sink_k) sink_bytes_ -= sink_bytes();
+    store.sink_k.reset();
+    store.sink_v.reset();
   }
 
   /// A store is being destroyed: its memory goes back and it leaves the registry.
@@ -183,6 +187,7 @@ class CpuBackend final : public Backend<T> {
         prepared->growth_bytes += (layer.table_capacity - store.blocks.capacity()) * sizeof(SlotRef);
       }
       prepared->growth_bytes += ring_bytes(w.plan.after.capacity) - ring_bytes(w.plan.before.capacity);
+      if (gains_sinks(w)) prepared->growth_bytes += sink_bytes();
       prepared->layers.push_back(std::move(layer));
     }
 
@@ -231,7 +236,7 @@ class CpuBackend final : public Backend<T> {
     auto& prepared = static_cast<CpuPrepared<T>&>(base);
     // Acquire: new rings and tables (locals), then the slots (all or nothing).
     struct Grown {
-      std::unique_ptr<T[]> ring_k, ring_v;
+      std::unique_ptr<T[]> ring_k, ring_v, sink_k, sink_v;
       std::vector<SlotRef> table;
     };
     std::vector<Grown> grown(prepared.layers.size());
@@ -248,9 +253,13 @@ class CpuBackend final : public Backend<T> {
           grown[i].table.reserve(layer.table_capacity);
           grown[i].table = store.blocks;
         }
+        if (gains_sinks(layer.write)) {
+          grown[i].sink_k.reset(new T[static_cast<std::size_t>(sinks_) * row_]);
+          grown[i].sink_v.reset(new T[static_cast<std::size_t>(sinks_) * row_]);
+        }
       }
     } catch (const std::bad_alloc&) {
-      throw_out_of_memory("tail rings and block tables");
+      throw_out_of_memory("tail rings, sink rows and block tables");
     }
     std::size_t retained = 0;  // layers whose shared blocks have their reference
     std::vector<SlotRef> slots;
@@ -281,14 +290,22 @@ class CpuBackend final : public Backend<T> {
         store.blocks.push_back(slots[b]);
         store.block_bytes += block.parts;
       }
+      if (grown[i].sink_k) {  // before write_tail: the sinks may still be in the ring
+        fill_sinks(layer.write, grown[i].sink_k.get(), grown[i].sink_v.get());
+        store.sink_k = std::move(grown[i].sink_k);
+        store.sink_v = std::move(grown[i].sink_v);
+        sink_bytes_ += sink_bytes();
+      }
       write_tail(store, layer.write, std::move(grown[i].ring_k), std::move(grown[i].ring_v));
     }
   }
 
   // ---- memory ----
 
-  std::size_t resident_bytes() const override { return pool_.reserved_bytes() + ring_bytes_ + table_bytes_; }
-  std::size_t resident_without_pool() const { return ring_bytes_ + table_bytes_; }
+  std::size_t resident_bytes() const override {
+    return pool_.reserved_bytes() + ring_bytes_ + sink_bytes_ + table_bytes_;
+  }
+  std::size_t resident_without_pool() const { return ring_bytes_ + sink_bytes_ + table_bytes_; }
   const SlotPool& pool() const { return pool_; }
 
   void reclaim() override {
@@ -329,6 +346,8 @@ class CpuBackend final : public Backend<T> {
       const std::size_t needed = static_cast<std::size_t>(q.num_blocks + q.plan.seal_blocks);
       if (needed > capacity) growth += (std::max(needed, 2 * capacity) - capacity) * sizeof(SlotRef);
       if (q.plan.ring_grows()) growth += ring_bytes(q.plan.after.capacity) - ring_bytes(q.plan.before.capacity);
+      const bool has_sinks = q.store && static_cast<const CpuLayerStore<T>&>(*q.store).sink_k;
+      if (sinks_ > 0 && q.num_blocks == 0 && q.plan.seal_blocks > 0 && !has_sinks) growth += sink_bytes();
     }
     return growth + pool_.worst_case_extra_bytes(blocks, min_block_bytes_, max_block_bytes_);
   }
@@ -373,6 +392,7 @@ class CpuBackend final : public Backend<T> {
       out[i].blocks = store.block_bytes;
       out[i].tables = store.blocks.capacity() * sizeof(SlotRef);
       out[i].tail = ring_bytes(store.ring_capacity);
+      out[i].sinks = store.sink_k ? sink_bytes() : 0;
       out[i].shared = 0;
       for (const SlotRef& ref : store.blocks) {
         if (!pool_.shared(ref) || counted.insert(ref.data).second) continue;
@@ -384,7 +404,7 @@ class CpuBackend final : public Backend<T> {
   }
 
   void download(const LayerRead& layer, std::vector<std::uint32_t>& sizes, std::vector<std::uint8_t>& blocks, T* tail_k,
-                T* tail_v) const override {
+                T* tail_v, T* sink_k, T* sink_v) const override {
     const CpuLayerStore<T>& store = store_of<T>(layer);
     sizes.clear();
     blocks.clear();
@@ -393,6 +413,11 @@ class CpuBackend final : public Backend<T> {
       blocks.insert(blocks.end(), ref.data, ref.data + ref.bytes);
     }
     download_tail(layer, tail_k, tail_v);
+    if (layer.sinks > 0) {
+      const std::size_t n = static_cast<std::size_t>(layer.sinks) * row_;
+      std::memcpy(sink_k, store.sink_k.get(), n * sizeof(T));
+      std::memcpy(sink_v, store.sink_v.get(), n * sizeof(T));
+    }
   }
 
   void download_tail(const LayerRead& layer, T* tail_k, T* tail_v) const override {
@@ -408,6 +433,34 @@ class CpuBackend final : public Backend<T> {
 
  private:
   std::size_t ring_bytes(int capacity) const { return static_cast<std::size_t>(capacity) * row_ * 2 * sizeof(T); }
+  std::size_t sink_bytes() const { return static_cast<std::size_t>(sinks_) * row_ * 2 * sizeof(T); }
+
+  /// Whether a write leaves the layer holding blocks but no sink rows yet: it brings them.
+  bool gains_sinks(const LayerWrite<T>& w) const {
+    const auto& store = static_cast<const CpuLayerStore<T>&>(*w.store);
+    const std::size_t blocks = static_cast<std::size_t>(w.num_blocks + w.shared_blocks + w.plan.seal_blocks) + w.blocks.size();
+    return sinks_ > 0 && !store.sink_k && blocks > 0;
+  }
+
+  /// The sink rows a write brings: the parent's (fork), the adopted blocks' (import, truncate),
+  /// or the first tokens of the layer's first sealed block (in the ring or the new tokens).
+  void fill_sinks(const LayerWrite<T>& w, T* sink_k, T* sink_v) const {
+    const std::size_t n = static_cast<std::size_t>(sinks_) * row_;
+    if (w.share_from != nullptr) {
+      const auto& parent = static_cast<const CpuLayerStore<T>&>(*w.share_from);
+      std::memcpy(sink_k, parent.sink_k.get(), n * sizeof(T));
+      std::memcpy(sink_v, parent.sink_v.get(), n * sizeof(T));
+    } else if (w.sink_k != nullptr) {
+      std::memcpy(sink_k, w.sink_k, n * sizeof(T));
+      std::memcpy(sink_v, w.sink_v, n * sizeof(T));
+    } else {
+      const TokenRows<T> rows = rows_of(w);
+      for (int p = 0; p < sinks_; ++p) {
+        std::memcpy(sink_k + p * row_, rows.row(Side::k, p), row_ * sizeof(T));
+        std::memcpy(sink_v + p * row_, rows.row(Side::v, p), row_ * sizeof(T));
+      }
+    }
+  }
 
   TokenRows<T> rows_of(const LayerWrite<T>& w) const {
     const auto& store = static_cast<const CpuLayerStore<T>&>(*w.store);
@@ -450,9 +503,11 @@ class CpuBackend final : public Backend<T> {
   std::uint32_t min_block_bytes_;  ///< the smallest of any layer
   SlotPool pool_;
   std::size_t row_;
+  int sinks_;  ///< CacheConfig::sink_tokens
   ReadContext read_;
   std::unordered_set<CpuLayerStore<T>*> stores_;  // every live store, for compaction
   std::size_t ring_bytes_ = 0;
+  std::size_t sink_bytes_ = 0;
   std::size_t table_bytes_ = 0;
 };
 

@@ -1,5 +1,5 @@
-// What the CPU backend keeps for one (sequence, layer): its block table (slots of the SlotPool)
-// and its tail ring in host memory (core/tail.hpp).
+// What the CPU backend keeps for one (sequence, layer): its block table (slots of the SlotPool),
+// its tail ring (core/tail.hpp) and its exact sink rows, in host memory.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +24,9 @@ class CpuLayerStore final : public LayerStore {
   BlockBytes block_bytes;       ///< the blocks' parts, summed
   std::unique_ptr<T[]> ring_k, ring_v;  ///< [capacity][num_kv_heads][head_dim] each
   int ring_capacity = 0;
+  /// Exact rows of the first CacheConfig::sink_tokens tokens, [sink_tokens][num_kv_heads][head_dim]
+  /// each: held from the sealing of the layer's first block on (before it the tail holds them).
+  std::unique_ptr<T[]> sink_k, sink_v;
 
  private:
   void* owner_;     ///< the backend, which keeps a registry of its stores

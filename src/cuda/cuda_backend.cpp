@@ -7,7 +7,10 @@
 #include <memory>
 
 
+#include <fmt/format.h>
+
 #include "core/backend.hpp"
+#include "packkv/error.hpp"
 #include "cuda/device_context.hpp"
 #include "cuda/read_path.hpp"
 #include "cuda/write_path.hpp"
@@ -20,7 +23,12 @@ template <class T>
 class CudaBackend final : public Backend<T> {
  public:
   CudaBackend(const CacheConfig& config, std::span<const CodecParams> layer_codecs)
-      : ctx_(config, layer_codecs, sizeof(T)) {}
+      : ctx_(config, layer_codecs, sizeof(T)) {
+    PACKKV_REQUIRE(config.sink_tokens == 0,
+                   fmt::format("sink_tokens = {}: exact sinks are not implemented on the CUDA backend yet (use "
+                               "sink_tokens = 0, or the CPU backend)",
+                               config.sink_tokens));
+  }
 
   std::unique_ptr<LayerStore> new_layer_store() override {
     auto store = std::make_unique<CudaLayerStore>(ctx_);
@@ -137,7 +145,7 @@ class CudaBackend final : public Backend<T> {
     cuda::layer_bytes(ctx_, layers, out);
   }
   void download(const LayerRead& layer, std::vector<std::uint32_t>& sizes, std::vector<std::uint8_t>& blocks, T* tail_k,
-                T* tail_v) const override {
+                T* tail_v, T*, T*) const override {
     const std::lock_guard lock(ctx_.mutex);
     cuda::download<T>(ctx_, layer, sizes, blocks, tail_k, tail_v);
   }

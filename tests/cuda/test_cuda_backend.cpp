@@ -1301,6 +1301,16 @@ TEST(Cuda, GreedyRepackIsRefusedClearly) {
   test::expect_error([&] { PackedKVCache<float> cache(c); }, "greedy");
 }
 
+// Exact sinks are built on the CPU backend only: the CUDA backend must refuse them at
+// construction rather than read the first block's quantized copies.
+TEST(Cuda, SinkTokensAreRefusedClearly) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  c.sink_tokens = 4;
+  test::expect_error([&] { PackedKVCache<float> cache(c); }, "exact sinks are not implemented on the CUDA backend");
+}
+
 // ---- sequence images ----------------------------------------------------------------------------
 
 /// Adds a sequence to a CPU cache and fills its layers in turn with blocks + tail, a tail only,

@@ -1,7 +1,8 @@
-// Sequence images, version 1: the transfer format of export_sequence / import_sequence.
+// Sequence images, version 3: the transfer format of export_sequence / import_sequence.
 //
 //   ImageHeader (48 B) | per layer: LayerRecord (24 B), u32 block_bytes[block_count],
-//                        the blocks, tail K then tail V (tail_tokens x kv_heads x head_dim x T)
+//                        the blocks, tail K then tail V (tail_tokens x kv_heads x head_dim x T),
+//                        sink K then sink V (sink_tokens x kv_heads x head_dim x T)
 //
 // The header carries the config fields a reader needs to decode the blocks, the body size and a
 // CRC-32C of the body, plus a CRC-32C of the header itself (docs/format.md).
@@ -16,10 +17,12 @@
 namespace packkv::format {
 
 inline constexpr char kImageMagic[8] = {'P', 'A', 'C', 'K', 'K', 'V', 'S', 'Q'};
-/// Version 2 records each layer's code ranges in its LayerRecord (per-layer bounds) and leaves the
-/// header's four code fields zero; version 1 (one range in the header for every layer, record
-/// fields zero) is still read.
-inline constexpr std::uint32_t kImageVersion = 2;
+/// Version 3 adds each layer's exact sink rows (CacheConfig::sink_tokens). Version 2 records each
+/// layer's code ranges in its LayerRecord (per-layer bounds) and leaves the header's four code
+/// fields zero; version 1 has one range in the header for every layer, record fields zero. Both
+/// are still read (as images without sink rows).
+inline constexpr std::uint32_t kImageVersion = 3;
+inline constexpr std::uint32_t kImageVersionPerLayer = 2;
 inline constexpr std::uint32_t kImageVersionUniform = 1;
 
 /// Storage type codes of images.
@@ -59,7 +62,7 @@ struct LayerRecord {
   std::uint32_t tail_tokens;
   std::uint8_t k_max_code;  ///< the layer's largest K and V codes (version 2; zero in version 1),
   std::uint8_t v_max_code;  ///< code widths follow from them (bits_for_max_code)
-  std::uint16_t reserved;   ///< zero
+  std::uint16_t sink_tokens;  ///< exact sink rows after the tail (version 3; 0 without blocks, and in versions 1-2)
   std::uint64_t length;    ///< block_count * block_tokens + tail_tokens
 };
 static_assert(sizeof(LayerRecord) == 24);
