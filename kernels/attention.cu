@@ -2,8 +2,9 @@
 // the scores and attn_v primitives, read_back, and block statistics.
 //
 // A CTA owns one KV head, up to kMaxHeadsPerCta of its query heads (in attention: query rows,
-// a (query, head) pair each, launch.hpp), and a range of "units": a unit is one packed block or
-// one block-sized chunk of the uncompressed tail. A packed section is
+// a (query, head) pair each, launch.hpp), and a range of "units": a unit is one packed block,
+// one block-sized chunk of the uncompressed tail, or the exact sink rows (whose positions the
+// first block's unit hides: CacheConfig::sink_tokens). A packed section is
 // unpacked once into a channel-major code tile in shared memory, then every query head of the CTA
 // reads it, so each block is decoded once per GQA group. Scale and min are applied per token:
 //   q . k_t = step_t * (q . codes_t) + min_t * sum(q)
@@ -118,19 +119,47 @@ __device__ void load_query_rows(const T* q, int first_query, int num_q_heads, in
 }
 
 /// Causal mask of one unit's scores (s.probs, `count` tokens): row h (query (first_row + h) /
-/// group) sees the positions below first_limit + its query's offset from the first row's. A score
-/// of a position past that becomes -inf. `order`: the block's stored order (null: arrival order).
+/// group) sees the positions below first_limit + its query's offset from the first row's, and
+/// none below `hidden_below` (the first block's copies of the sinks). A score of a position it
+/// does not see becomes -inf. `order`: the block's stored order (null: arrival order).
 __device__ PACKKV_NOINLINE void mask_unit(const HeadGroup& heads, int tokens, int group, int first_row,
                                           std::int64_t first_limit, std::int64_t first_position,
-                                          const std::uint8_t* order, int count, ReaderShared& s) {
+                                          const std::uint8_t* order, int count, int hidden_below, ReaderShared& s) {
   for (int i = threadIdx.x; i < heads.count * tokens; i += kThreads) {
     const int h = i / tokens, t = i % tokens;
     if (t >= count) continue;
     const std::int64_t position = first_position + (order != nullptr ? order[t] : t);
     const std::int64_t limit = first_limit + (first_row + h) / group - first_row / group;
-    if (position >= limit) s.probs[i] = -INFINITY;
+    if (position >= limit || position < hidden_below) s.probs[i] = -INFINITY;
   }
   __syncthreads();
+}
+
+/// The exact rows of a unit: `count` tail tokens from tail token `first` (ring rows), or the sink
+/// rows (row i holds position i).
+template <class T>
+struct ExactRows {
+  const T* k;
+  const T* v;
+  TailRing ring;
+  int first;
+  bool sinks;
+  std::int64_t first_position;
+  __device__ std::size_t row(int i) const {
+    return static_cast<std::size_t>(sinks ? i : ring.row(ring.begin + first + i));
+  }
+};
+
+/// The exact rows of a unit past the packed blocks, and how many tokens it holds.
+template <class T>
+__device__ ExactRows<T> exact_rows(const SeqView<T>& seq, int unit, int tokens, std::size_t row_elems, int* count) {
+  if (seq.is_sink_unit(unit, tokens)) {
+    *count = seq.sinks;
+    return ExactRows<T>{seq.sink_k(), seq.sink_v(row_elems), seq.tail, 0, true, 0};
+  }
+  const int first = (unit - seq.num_blocks) * tokens;
+  *count = min(tokens, seq.tail.len - first);
+  return ExactRows<T>{seq.tail_k, seq.tail_v, seq.tail, first, false, seq.tail.begin + first};
 }
 
 /// Scores of a packed block's tokens, in packed order, into s.probs[g][i] (times `scale`).
@@ -193,16 +222,15 @@ __device__ void packed_block_scores(const std::uint8_t* block, const format::Blo
   __syncthreads();
 }
 
-/// Scores of tail tokens [first, first + count): one warp per token, reading the row once.
+/// Scores of a unit's `count` exact tokens: one warp per token, reading the row once.
 template <class T>
-__device__ void tail_scores(const SeqView<T>& seq, const format::BlockGeometry& g, const HeadGroup& heads, int first,
-                            int count, float scale, ReaderShared& s) {
+__device__ void exact_scores(const ExactRows<T>& rows, const format::BlockGeometry& g, const HeadGroup& heads,
+                             int count, float scale, ReaderShared& s) {
   const int dim = g.head_dim, tokens = g.block_tokens;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
   for (int i = warp; i < count; i += kWarps) {
-    const int slot = seq.tail_row(first + i);
-    const T* row = seq.tail_k + slot * row_elems + static_cast<std::size_t>(heads.kv_head) * dim;
+    const T* row = rows.k + rows.row(i) * row_elems + static_cast<std::size_t>(heads.kv_head) * dim;
     float dots[kMaxHeadsPerCta] = {};
     for (int c = lane; c < dim; c += 32) {
       const float x = load_as_float(row + c);
@@ -267,17 +295,16 @@ __device__ void accumulate_packed_values(const format::BlockGeometry& g, const H
 }
 
 template <class T>
-__device__ void accumulate_tail_values(const SeqView<T>& seq, const format::BlockGeometry& g, const HeadGroup& heads,
-                                       int first, int count, ReaderShared& s) {
+__device__ void accumulate_exact_values(const ExactRows<T>& rows, const format::BlockGeometry& g, const HeadGroup& heads,
+                                        int count, ReaderShared& s) {
   const int dim = g.head_dim, tokens = g.block_tokens;
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
   for (int pair = threadIdx.x; pair < heads.count * dim; pair += kThreads) {
     const int h = pair / dim, c = pair % dim;
     float sum = 0.0f;
     for (int i = 0; i < count; ++i) {
-      const int slot = seq.tail_row(first + i);
       sum += s.probs[h * tokens + i] *
-             load_as_float(seq.tail_v + slot * row_elems + static_cast<std::size_t>(heads.kv_head) * dim + c);
+             load_as_float(rows.v + rows.row(i) * row_elems + static_cast<std::size_t>(heads.kv_head) * dim + c);
     }
     s.acc[pair] = s.acc[pair] * s.rescale[h] + sum;
   }
@@ -346,24 +373,24 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
       // The CTA's first row has the smallest limit: units before it are seen by every row.
       const std::int64_t first_position = static_cast<std::int64_t>(unit) * tokens;
       const std::int64_t min_limit = p.row_limit(batch_index, first_row);
-      if (first_position + tokens > min_limit) {
+      const int hidden = seq.hidden_below(unit);
+      if (first_position + tokens > min_limit || hidden > 0) {
         mask_unit(heads, tokens, p.shape.group, first_row, min_limit, first_position,
-                  format::token_order(block, g, heads.kv_head), tokens, s);
+                  format::token_order(block, g, heads.kv_head), tokens, hidden, s);
       }
       online_softmax_step(heads, tokens, tokens, s);
       prepare_packed_values(block, g, heads, s);
       accumulate_packed_values(g, heads, s);
     } else {
-      const int first = (unit - seq.num_blocks) * tokens;
-      const int count = min(tokens, seq.tail.len - first);
-      tail_scores(seq, g, heads, first, count, p.softmax_scale, s);
-      const std::int64_t first_position = seq.tail.begin + first;
+      int count = 0;
+      const ExactRows<T> rows = exact_rows(seq, unit, tokens, static_cast<std::size_t>(g.num_heads) * dim, &count);
+      exact_scores(rows, g, heads, count, p.softmax_scale, s);
       const std::int64_t min_limit = p.row_limit(batch_index, first_row);
-      if (first_position + count > min_limit) {
-        mask_unit(heads, tokens, p.shape.group, first_row, min_limit, first_position, nullptr, count, s);
+      if (rows.first_position + count > min_limit) {
+        mask_unit(heads, tokens, p.shape.group, first_row, min_limit, rows.first_position, nullptr, count, 0, s);
       }
       online_softmax_step(heads, tokens, count, s);
-      accumulate_tail_values(seq, g, heads, first, count, s);
+      accumulate_exact_values(rows, g, heads, count, s);
     }
   }
 
@@ -406,19 +433,22 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const ScoresParams<T> 
   load_queries(p.q, heads, dim, s);
   int count = tokens;
   const std::uint8_t* order = nullptr;
+  std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
   if (unit < p.seq.num_blocks) {
     const std::uint8_t* block = p.seq.blocks[unit];
     packed_block_scores(block, g, heads, 1.0f, s);
     order = format::token_order(block, g, heads.kv_head);
   } else {
-    const int first = (unit - p.seq.num_blocks) * tokens;
-    count = min(tokens, p.seq.tail.len - first);
-    tail_scores(p.seq, g, heads, first, count, 1.0f, s);
+    const ExactRows<T> rows = exact_rows(p.seq, unit, tokens, static_cast<std::size_t>(g.num_heads) * dim, &count);
+    exact_scores(rows, g, heads, count, 1.0f, s);
+    unit_start = rows.first_position;
   }
-  const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
+  // The sink unit writes the sinks' scores; the first block's unit leaves those positions alone.
+  const int hidden = unit < p.seq.num_blocks ? p.seq.hidden_below(unit) : 0;
   for (int pair = threadIdx.x; pair < heads.count * count; pair += kThreads) {
     const int h = pair / count, i = pair % count;
     const int token = order != nullptr ? order[i] : i;
+    if (token < hidden) continue;
     p.scores[static_cast<std::int64_t>(heads.first_q_head + h) * p.length + unit_start + token] =
         s.probs[h * tokens + i];
   }
@@ -439,18 +469,24 @@ __global__ void __launch_bounds__(kThreads) attn_v_kernel(const AttnVParams<T> p
   const int unit_begin = split * p.units_per_split;
   const int unit_end = min(unit_begin + p.units_per_split, units);
   for (int unit = unit_begin; unit < unit_end; ++unit) {
-    const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
     const bool packed = unit < p.seq.num_blocks;
     const std::uint8_t* block = packed ? p.seq.blocks[unit] : nullptr;
     const std::uint8_t* order = packed ? format::token_order(block, g, heads.kv_head) : nullptr;
-    const int first = packed ? 0 : (unit - p.seq.num_blocks) * tokens;
-    const int count = packed ? tokens : min(tokens, p.seq.tail.len - first);
+    int count = tokens;
+    ExactRows<T> rows{};
+    std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
+    if (!packed) {
+      rows = exact_rows(p.seq, unit, tokens, static_cast<std::size_t>(g.num_heads) * dim, &count);
+      unit_start = rows.first_position;
+    }
+    // The first block's copies of the sinks weigh nothing: the sink unit's exact rows take them.
+    const int hidden = packed ? p.seq.hidden_below(unit) : 0;
     for (int pair = threadIdx.x; pair < heads.count * tokens; pair += kThreads) {
       const int h = pair / tokens, i = pair % tokens;
       float w = 0.0f;
       if (i < count) {
         const int token = order != nullptr ? order[i] : i;
-        w = p.weights[static_cast<std::int64_t>(heads.first_q_head + h) * p.length + unit_start + token];
+        if (token >= hidden) w = p.weights[static_cast<std::int64_t>(heads.first_q_head + h) * p.length + unit_start + token];
       }
       s.probs[pair] = w;
     }
@@ -459,7 +495,7 @@ __global__ void __launch_bounds__(kThreads) attn_v_kernel(const AttnVParams<T> p
       prepare_packed_values(block, g, heads, s);
       accumulate_packed_values(g, heads, s);
     } else {
-      accumulate_tail_values(p.seq, g, heads, first, count, s);
+      accumulate_exact_values(rows, g, heads, count, s);
     }
   }
   for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) {
@@ -490,18 +526,18 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
   const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
   if (unit >= p.seq.num_blocks) {
-    const int first = (unit - p.seq.num_blocks) * tokens;
-    const int count = min(tokens, p.seq.tail.len - first);
+    int count = 0;
+    const ExactRows<T> rows = exact_rows(p.seq, unit, tokens, row_elems, &count);
     for (int i = threadIdx.x; i < count * dim; i += kThreads) {
       const int t = i / dim, c = i % dim;
-      const int slot = p.seq.tail_row(first + t);
-      const std::size_t from = slot * row_elems + static_cast<std::size_t>(head) * dim + c;
-      const std::size_t to = (unit_start + t) * row_elems + static_cast<std::size_t>(head) * dim + c;
-      p.k[to] = load_as_float(p.seq.tail_k + from);
-      p.v[to] = load_as_float(p.seq.tail_v + from);
+      const std::size_t from = rows.row(t) * row_elems + static_cast<std::size_t>(head) * dim + c;
+      const std::size_t to = (rows.first_position + t) * row_elems + static_cast<std::size_t>(head) * dim + c;
+      p.k[to] = load_as_float(rows.k + from);
+      p.v[to] = load_as_float(rows.v + from);
     }
     return;
   }
+  const int hidden = p.seq.hidden_below(unit);  // the sink unit writes those rows
   const std::uint8_t* block = p.seq.blocks[unit];
   const format::HeadEntry entry = format::head_entry(block, g, head);
   const std::uint8_t* order = format::token_order(block, g, head);
@@ -517,6 +553,7 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
       const int t = i / dim, c = i % dim;
       const int param = per_channel ? c : t;
       const int token = order != nullptr ? order[t] : t;
+      if (token < hidden) continue;
       out[(unit_start + token) * row_elems + static_cast<std::size_t>(head) * dim + c] =
           format::dequantize(s.codes[c * stride + t], s.step[param], s.min[param]);
     }

@@ -79,14 +79,16 @@ __device__ void report_bad_query(const ErrorContext& ctx, int batch_index, int h
   __threadfence_system();
 }
 
-/// Causal mask of one block for a lane: bit 2 r + j of bits[nt] says that the lane's token
-/// 2 gq + j of round r lies at or past the limit of its row of n-tile nt. Out of line: only the
-/// blocks holding a CTA's newest positions need it (several queries per sequence).
+/// Mask of one block for a lane: bit 2 r + j of bits[nt] says that the lane's token 2 gq + j of
+/// round r lies at or past the limit of its row of n-tile nt (causal), or below `hidden_below`
+/// (the first block's copies of the sinks, which the exact rows replace). Out of line: only the
+/// blocks holding a CTA's newest positions (several queries per sequence) and the first block of
+/// a layer with sinks need it.
 struct MaskBits {
   std::uint32_t bits[2];
 };
-__device__ PACKKV_NOINLINE MaskBits causal_mask_bits(const std::uint8_t* order, std::int64_t block_position, int rounds,
-                                                  int gq, std::int64_t limit0, std::int64_t limit1) {
+__device__ PACKKV_NOINLINE MaskBits block_mask_bits(const std::uint8_t* order, std::int64_t block_position, int rounds,
+                                                 int gq, std::int64_t limit0, std::int64_t limit1, int hidden_below) {
   MaskBits m{{0u, 0u}};
   for (int r = 0; r < rounds; ++r) {
     for (int j = 0; j < 2; ++j) {
@@ -97,8 +99,9 @@ __device__ PACKKV_NOINLINE MaskBits causal_mask_bits(const std::uint8_t* order, 
               ? idx
               : static_cast<int>((load_global(reinterpret_cast<const std::uint32_t*>(order) + idx / 4) >> (8 * (idx & 3))) &
                                  0xFFu);
-      if (block_position + stored >= limit0) m.bits[0] |= 1u << (2 * r + j);
-      if (block_position + stored >= limit1) m.bits[1] |= 1u << (2 * r + j);
+      const bool hidden = stored < hidden_below;
+      if (hidden || block_position + stored >= limit0) m.bits[0] |= 1u << (2 * r + j);
+      if (hidden || block_position + stored >= limit1) m.bits[1] |= 1u << (2 * r + j);
     }
   }
   return m;
@@ -123,15 +126,13 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   const int rounds = g.block_tokens / format::kPackTokens;
   const std::size_t stage_bytes = fast_stage_bytes(g);
 
-  // ---- the CTA's units: packed blocks [block_begin, block_end), then tail tokens --------------
+  // ---- the CTA's units: packed blocks [block_begin, block_end), then exact tokens (tail, sinks) -
   const int units = seq.num_units(g.block_tokens);
   const int unit_begin = split * p.units_per_split;
   const int unit_end = min(unit_begin + p.units_per_split, units);
   const int block_begin = min(unit_begin, seq.num_blocks), block_end = min(unit_end, seq.num_blocks);
   const int blocks = block_end - block_begin;
-  const int tail_begin = max(unit_begin, seq.num_blocks) - seq.num_blocks;  // in units
-  const int tail_first = tail_begin * g.block_tokens;
-  const int tail_end_token = min((unit_end - seq.num_blocks) * g.block_tokens, seq.tail.len);
+  const ExactTokens exact = seq.exact_tokens(unit_begin, unit_end, g.block_tokens);
 
   // Block spans: two dependent loads per block, all blocks of the CTA at once.
   for (int i = lane; i < blocks; i += 32) {
@@ -214,14 +215,17 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   for (int i = 0; i < blocks; ++i) {
     const std::uint8_t* k_sec = next_staged_block(s.spans, i, blocks, s.stages, stage_bytes, p.stages, stage);
     const std::uint8_t* v_sec = k_sec + s.spans[i].v_offset;
-    // Causal mask (several queries): bit 2 r + j of masked[nt] says that the lane's token 2 gq + j
-    // of round r is at or past row t4 + 4 nt's limit. Worked out once per block, and only for the
-    // blocks that hold a CTA's newest positions; the rounds below only test bits.
+    // Mask (several queries, or sinks): bit 2 r + j of masked[nt] says that the lane's token
+    // 2 gq + j of round r is at or past row t4 + 4 nt's limit, or a sink's copy. Worked out once
+    // per block, and only for the blocks that hold a CTA's newest positions and a layer's first
+    // block when it has sinks; the rounds below only test bits.
     MaskBits masked{};
     const std::int64_t block_position = static_cast<std::int64_t>(block_begin + i) * g.block_tokens;
-    if (block_position + g.block_tokens > min_limit) {
-      masked = causal_mask_bits(format::token_order(load_global(seq.blocks + block_begin + i), g, kv_head),
-                                block_position, rounds, gq, row_limit[0], NT > 1 ? row_limit[NT - 1] : row_limit[0]);
+    const int hidden = seq.hidden_below(block_begin + i);
+    if (block_position + g.block_tokens > min_limit || hidden > 0) {
+      masked = block_mask_bits(format::token_order(load_global(seq.blocks + block_begin + i), g, kv_head),
+                               block_position, rounds, gq, row_limit[0], NT > 1 ? row_limit[NT - 1] : row_limit[0],
+                               hidden);
     }
 
     for (int r0 = 0; r0 < rounds; r0 += 4) {
@@ -338,15 +342,17 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   }
   cp_async_wait<0>();
 
-  // ---- tail tokens -------------------------------------------------------------------------
-  // Tail values join the accumulators in their units: 2^(v_exp - 24), as the packed codes.
+  // ---- exact tokens: the tail's, then the sink rows ----------------------------------------
+  // Exact values join the accumulators in their units: 2^(v_exp - 24), as the packed codes.
   const float v_scale = exp2_int(v_exp - kSubnormalCodeExponent);
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * D;
-  for (int t = tail_first; t < tail_end_token; ++t) {
-    const std::size_t row = static_cast<std::size_t>(seq.tail_row(t)) * row_elems + static_cast<std::size_t>(kv_head) * D;
+  for (int t = exact.tail_first; t < exact.end(); ++t) {
+    const ExactRow<T> token = seq.exact_row(exact, t, row_elems);
+    const T* k_row = token.k + static_cast<std::size_t>(kv_head) * D;
+    const T* v_row = token.v + static_cast<std::size_t>(kv_head) * D;
     float k[D / 32];
 #pragma unroll
-    for (int i = 0; i < D / 32; ++i) k[i] = load_global_float(seq.tail_k + row + lane + 32 * i);
+    for (int i = 0; i < D / 32; ++i) k[i] = load_global_float(k_row + lane + 32 * i);
     float mine[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) mine[nt] = 0.0f;
@@ -358,7 +364,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) mine[nt] = h == 4 * nt + t4 ? dot : mine[nt];
     }
-    const std::int64_t position = seq.tail.begin + t;
+    const std::int64_t position = token.position;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const float sc = position < row_limit[nt] ? mine[nt] * score_scale : -INFINITY;
@@ -371,8 +377,8 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
       const float wv = w * v_scale;
 #pragma unroll
       for (int mt = 0; mt < kSteps; ++mt) {
-        const float v0 = load_global_float(seq.tail_v + row + 16 * mt + gq);
-        const float v1 = load_global_float(seq.tail_v + row + 16 * mt + gq + 8);
+        const float v0 = load_global_float(v_row + 16 * mt + gq);
+        const float v1 = load_global_float(v_row + 16 * mt + gq + 8);
         acc[nt][mt][0] = acc[nt][mt][0] * rescale + wv * v0;
         acc[nt][mt][1] *= rescale;
         acc[nt][mt][2] = acc[nt][mt][2] * rescale + wv * v1;

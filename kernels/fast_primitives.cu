@@ -60,7 +60,7 @@ __host__ __device__ std::size_t primitive_shared_layout(const format::BlockGeome
 struct CtaWork {
   int kv_head, first_head, head_count;  // query heads kv_head * group + first_head + [0, head_count)
   int block_begin, blocks;              // packed blocks [block_begin, block_begin + blocks)
-  int tail_first, tail_end;             // tail tokens [tail_first, tail_end)
+  ExactTokens exact;                    // tail tokens, then the sink rows when the CTA has their unit
 };
 template <class T>
 __device__ CtaWork cta_work(const PrimitiveParams<T>& p, const SeqView<T>& seq) {
@@ -74,8 +74,7 @@ __device__ CtaWork cta_work(const PrimitiveParams<T>& p, const SeqView<T>& seq) 
   const int unit_end = min(unit_begin + p.units_per_split, units);
   w.block_begin = min(unit_begin, seq.num_blocks);
   w.blocks = max(min(unit_end, seq.num_blocks) - w.block_begin, 0);
-  w.tail_first = (max(unit_begin, seq.num_blocks) - seq.num_blocks) * g.block_tokens;
-  w.tail_end = min((unit_end - seq.num_blocks) * g.block_tokens, seq.tail.len);
+  w.exact = seq.exact_tokens(unit_begin, unit_end, g.block_tokens);
   return w;
 }
 
@@ -126,7 +125,7 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
   const int b = blockIdx.z;
   const SeqView<T>& seq = p.seqs[b];
   const CtaWork w = cta_work(p, seq);
-  if (w.blocks == 0 && w.tail_first >= w.tail_end) return;
+  if (w.blocks == 0 && w.exact.tail_first >= w.exact.end()) return;
   const SectionLayout kl = g.k_layout();
   const int rounds = g.block_tokens / format::kPackTokens;
   const std::size_t stage_bytes = primitive_stage_bytes(g, format::Side::k);
@@ -176,6 +175,7 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
     const std::uint8_t* k_sec = next_staged_block(s.spans, i, w.blocks, s.stages, stage_bytes, p.stages, stage);
     const std::uint8_t* order = format::token_order(load_global(seq.blocks + w.block_begin + i), g, w.kv_head);
     const std::int64_t block_position = static_cast<std::int64_t>(w.block_begin + i) * g.block_tokens;
+    const int hidden = seq.hidden_below(w.block_begin + i);  // the sink rows write those scores
     for (int r = 0; r < rounds; ++r) {
       std::uint8_t* tile = s.tiles + (r & 1) * 16 * D;
       decode_round<D>(k_sec, kl, r, tile);
@@ -194,8 +194,10 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
         for (int j = 0; j < 2; ++j) {
           const float dot = (c[nt][2 * j] + c[nt][2 * j + 1]) * q_unscale;
           const std::uint32_t pair = static_cast<std::uint32_t>(kp >> (32 * j));
-          row[j == 0 ? token.x : token.y] = fp16_bits_to_float(static_cast<std::uint16_t>(pair)) * dot +
-                                            fp16_bits_to_float(static_cast<std::uint16_t>(pair >> 16)) * sum_q[nt];
+          const int at = j == 0 ? token.x : token.y;
+          if (at < hidden) continue;
+          row[at] = fp16_bits_to_float(static_cast<std::uint16_t>(pair)) * dot +
+                    fp16_bits_to_float(static_cast<std::uint16_t>(pair >> 16)) * sum_q[nt];
         }
       }
     }
@@ -203,14 +205,15 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
   }
   cp_async_wait<0>();
 
-  // Tail tokens, in order: one warp dot product per (token, head).
+  // Exact tokens (the tail's, then the sink rows), in order: one warp dot product per (token, head).
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * D;
-  for (int t = w.tail_first; t < w.tail_end; ++t) {
-    const std::size_t row = static_cast<std::size_t>(seq.tail_row(t)) * row_elems + static_cast<std::size_t>(w.kv_head) * D;
+  for (int t = w.exact.tail_first; t < w.exact.end(); ++t) {
+    const ExactRow<T> token = seq.exact_row(w.exact, t, row_elems);
+    const T* k_row = token.k + static_cast<std::size_t>(w.kv_head) * D;
     float k[D / 32];
 #pragma unroll
-    for (int i = 0; i < D / 32; ++i) k[i] = load_global_float(seq.tail_k + row + lane + 32 * i);
-    const std::int64_t position = seq.tail.begin + t;
+    for (int i = 0; i < D / 32; ++i) k[i] = load_global_float(k_row + lane + 32 * i);
+    const std::int64_t position = token.position;
     for (int h = 0; h < w.head_count; ++h) {
       float dot = 0.0f;
 #pragma unroll
@@ -265,6 +268,7 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
     const std::uint8_t* v_sec = next_staged_block(s.spans, i, w.blocks, s.stages, stage_bytes, p.stages, stage);
     const std::uint8_t* order = format::token_order(load_global(seq.blocks + w.block_begin + i), g, w.kv_head);
     const std::int64_t block_position = static_cast<std::int64_t>(w.block_begin + i) * g.block_tokens;
+    const int hidden = seq.hidden_below(w.block_begin + i);  // the sink rows take those weights
     for (int r0 = 0; r0 < rounds; r0 += 4) {
       const int chunk = min(4, rounds - r0);
       // The chunk's weights times V steps (tokens 2 gq + j of each round, head t4 + 4 nt).
@@ -283,7 +287,8 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
                              block_position;
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const float wt = head < w.head_count ? load_global(row + (j == 0 ? token.x : token.y)) : 0.0f;
+            const int at = j == 0 ? token.x : token.y;
+            const float wt = head < w.head_count && at >= hidden ? load_global(row + at) : 0.0f;
             const std::uint32_t pair = static_cast<std::uint32_t>(vp >> (32 * j));
             w_min[nt] += wt * fp16_bits_to_float(static_cast<std::uint16_t>(pair >> 16));
             ws[rr][j][nt] = wt * fp16_bits_to_float(static_cast<std::uint16_t>(pair));
@@ -331,9 +336,10 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
       out[nt][mt][1] = (acc[nt][mt][2] + acc[nt][mt][3]) * unscale;
     }
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * D;
-  for (int t = w.tail_first; t < w.tail_end; ++t) {
-    const std::size_t row = static_cast<std::size_t>(seq.tail_row(t)) * row_elems + static_cast<std::size_t>(w.kv_head) * D;
-    const std::int64_t position = seq.tail.begin + t;
+  for (int t = w.exact.tail_first; t < w.exact.end(); ++t) {
+    const ExactRow<T> token = seq.exact_row(w.exact, t, row_elems);
+    const T* v_row = token.v + static_cast<std::size_t>(w.kv_head) * D;
+    const std::int64_t position = token.position;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int head = 4 * nt + t4;
@@ -341,8 +347,8 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
       const float wt = load_global(weights + static_cast<std::int64_t>(q_head0 + head) * length + position);
 #pragma unroll
       for (int mt = 0; mt < kSteps; ++mt) {
-        out[nt][mt][0] += wt * load_global_float(seq.tail_v + row + 16 * mt + gq);
-        out[nt][mt][1] += wt * load_global_float(seq.tail_v + row + 16 * mt + gq + 8);
+        out[nt][mt][0] += wt * load_global_float(v_row + 16 * mt + gq);
+        out[nt][mt][1] += wt * load_global_float(v_row + 16 * mt + gq + 8);
       }
     }
   }

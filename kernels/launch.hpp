@@ -200,20 +200,72 @@ cudaError_t launch_write_pointers(const PointerWrite* writes, int count, cudaStr
 
 // ---- reading packed sequences --------------------------------------------------------------
 
+/// The exact (uncompressed) tokens among a CTA's units: tail tokens [tail_first, tail_end), then
+/// the `sinks` sink rows when its units hold the sink unit. Index t runs over [tail_first, end()).
+struct ExactTokens {
+  int tail_first, tail_end, sinks;
+  PACKKV_HOST_DEVICE int end() const { return tail_end + sinks; }
+};
+
+/// One exact token's K and V rows (every head) and its position.
+template <class T>
+struct ExactRow {
+  const T* k;
+  const T* v;
+  std::int64_t position;
+};
+
 /// One (sequence, layer) as the kernels see it.
 template <class T>
 struct SeqView {
   const std::uint8_t* const* blocks;  ///< device block table
   const T* tail_k;                    ///< tail rings [capacity][num_kv_heads][head_dim]
   const T* tail_v;
+  /// Exact rows of positions [0, sinks) (LayerRead::sinks; 0 before the first block exists): K
+  /// rows, then V rows, [sinks][num_kv_heads][head_dim] each. Readers use them instead of the
+  /// first block's copies of those positions, which they hide.
+  const T* sink_rows;
+  int sinks;
   int num_blocks;
   TailRing tail;
 
+  /// Units of work: the packed blocks, then the tail in block-sized chunks, then (when there are
+  /// sinks) one unit of the sink rows.
   PACKKV_HOST_DEVICE int num_units(int block_tokens) const {
-    return num_blocks + (tail.len + block_tokens - 1) / block_tokens;
+    return num_blocks + tail_units(block_tokens) + (sinks > 0 ? 1 : 0);
+  }
+  PACKKV_HOST_DEVICE int tail_units(int block_tokens) const { return (tail.len + block_tokens - 1) / block_tokens; }
+  PACKKV_HOST_DEVICE bool is_sink_unit(int unit, int block_tokens) const {
+    return sinks > 0 && unit == num_blocks + tail_units(block_tokens);
   }
   /// Ring row of tail token i (0 = the first tail token).
   PACKKV_HOST_DEVICE int tail_row(int i) const { return tail.row(tail.begin + i); }
+  PACKKV_HOST_DEVICE const T* sink_k() const { return sink_rows; }
+  PACKKV_HOST_DEVICE const T* sink_v(std::size_t row_elems) const {
+    return sink_rows + static_cast<std::size_t>(sinks) * row_elems;
+  }
+  /// Positions below this in packed block `b` are hidden (the sink rows replace them).
+  PACKKV_HOST_DEVICE int hidden_below(int b) const { return b == 0 ? sinks : 0; }
+  /// The exact tokens among units [unit_begin, unit_end).
+  PACKKV_HOST_DEVICE ExactTokens exact_tokens(int unit_begin, int unit_end, int block_tokens) const {
+    ExactTokens e{};
+    const int tail_end = (unit_end - num_blocks) * block_tokens;
+    e.tail_end = tail_end < 0 ? 0 : (tail_end < tail.len ? tail_end : tail.len);
+    const int tail_first = (unit_begin > num_blocks ? unit_begin - num_blocks : 0) * block_tokens;
+    e.tail_first = tail_first < e.tail_end ? tail_first : e.tail_end;
+    const int sink_unit = num_blocks + tail_units(block_tokens);
+    e.sinks = sinks > 0 && unit_begin <= sink_unit && sink_unit < unit_end ? sinks : 0;
+    return e;
+  }
+  /// Exact token t of `e`: a tail token (its ring row) or, past tail_end, a sink row.
+  PACKKV_HOST_DEVICE ExactRow<T> exact_row(const ExactTokens& e, int t, std::size_t row_elems) const {
+    if (t >= e.tail_end) {
+      const int j = t - e.tail_end;
+      return ExactRow<T>{sink_k() + j * row_elems, sink_v(row_elems) + j * row_elems, j};
+    }
+    const std::size_t row = static_cast<std::size_t>(tail_row(t)) * row_elems;
+    return ExactRow<T>{tail_k + row, tail_v + row, tail.begin + t};
+  }
 };
 
 /// Query heads a CTA handles at once: a packed block is decoded once for all of them.

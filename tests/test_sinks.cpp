@@ -304,6 +304,36 @@ TEST(Sinks, ImagesCarryThemAndRefuseACacheThatKeepsADifferentNumber) {
   EXPECT_FALSE(target.contains(9));
 }
 
+TEST(Sinks, ImageRecordsAreValidated) {
+  const CacheConfig c = sink_config();
+  const Tokens x = make_tokens(c, 100, 9);
+  PackedKVCache<float> cache(c);
+  cache.add_sequence(1);
+  cache.add_sequence(2);
+  append_all(cache, 1, x, 0, 100);
+  append_all(cache, 2, x, 0, 10);  // no block: records 0 sink rows
+  PackedKVCache<float> target(c);
+  // An older version has a reserved zero where version 3 counts the sink rows.
+  std::vector<std::uint8_t> old = cache.export_sequence(1);
+  format::ImageHeader h;
+  std::memcpy(&h, old.data(), sizeof h);
+  h.version = format::kImageVersionPerLayer;
+  std::memcpy(old.data(), &h, sizeof h);
+  detail::seal_image(old);
+  expect_error([&] { target.import_sequence(3, old); }, "a version 2 layer record's reserved field is not zero");
+  // Sink rows on a layer without blocks.
+  std::vector<std::uint8_t> short_image = cache.export_sequence(2);
+  format::LayerRecord record;
+  const std::size_t at = test::image_layers(short_image, sizeof(float)).at(0).record;
+  std::memcpy(&record, short_image.data() + at, sizeof record);
+  ASSERT_EQ(record.sink_tokens, 0);
+  record.sink_tokens = 1;
+  std::memcpy(short_image.data() + at, &record, sizeof record);
+  detail::seal_image(short_image);
+  expect_error([&] { target.import_sequence(3, short_image); }, "only a layer with blocks has any");
+  EXPECT_EQ(target.num_sequences(), 0u);
+}
+
 TEST(Sinks, ConfigBoundsAreChecked) {
   CacheConfig c = sink_config(33);
   expect_error([&] { PackedKVCache<float> cache(c); }, "sink_tokens must be in [0, block_tokens = 32], got 33");

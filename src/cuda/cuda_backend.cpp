@@ -7,10 +7,7 @@
 #include <memory>
 
 
-#include <fmt/format.h>
-
 #include "core/backend.hpp"
-#include "packkv/error.hpp"
 #include "cuda/device_context.hpp"
 #include "cuda/read_path.hpp"
 #include "cuda/write_path.hpp"
@@ -23,12 +20,7 @@ template <class T>
 class CudaBackend final : public Backend<T> {
  public:
   CudaBackend(const CacheConfig& config, std::span<const CodecParams> layer_codecs)
-      : ctx_(config, layer_codecs, sizeof(T)) {
-    PACKKV_REQUIRE(config.sink_tokens == 0,
-                   fmt::format("sink_tokens = {}: exact sinks are not implemented on the CUDA backend yet (use "
-                               "sink_tokens = 0, or the CPU backend)",
-                               config.sink_tokens));
-  }
+      : ctx_(config, layer_codecs, sizeof(T)) {}
 
   std::unique_ptr<LayerStore> new_layer_store() override {
     auto store = std::make_unique<CudaLayerStore>(ctx_);
@@ -145,9 +137,9 @@ class CudaBackend final : public Backend<T> {
     cuda::layer_bytes(ctx_, layers, out);
   }
   void download(const LayerRead& layer, std::vector<std::uint32_t>& sizes, std::vector<std::uint8_t>& blocks, T* tail_k,
-                T* tail_v, T*, T*) const override {
+                T* tail_v, T* sink_k, T* sink_v) const override {
     const std::lock_guard lock(ctx_.mutex);
-    cuda::download<T>(ctx_, layer, sizes, blocks, tail_k, tail_v);
+    cuda::download<T>(ctx_, layer, sizes, blocks, tail_k, tail_v, sink_k, sink_v);
   }
   void download_tail(const LayerRead& layer, T* tail_k, T* tail_v) const override {
     const std::lock_guard lock(ctx_.mutex);

@@ -35,6 +35,7 @@ DeviceContext::DeviceContext(const CacheConfig& config, std::span<const CodecPar
       poll_errors(config.cuda_poll_errors),
       rotate_k(config.rotate_k),
       rotate_v(config.rotate_v),
+      sink_tokens(config.sink_tokens),
       slot_bytes((widest.max_block_bytes() + kSlotAlign - 1) / kSlotAlign * kSlotAlign),
       // Eight worst-case blocks per page: the block that does not fit at a page's end wastes
       // about half a block per page (~6%), and a layer's last page is on average half empty.
@@ -193,13 +194,14 @@ void DeviceContext::clear(CudaLayerStore& store) {
   // A kernel still queued may write the word; the next owner ignores launches it did not issue.
   if (store.progress_word != kNoWord) progress.give(store.progress_word);
   store.progress_word = kNoWord;
-  owned_bytes -= store.table.bytes() + store.page_list.bytes() + store.ring.bytes();
+  owned_bytes -= store.table.bytes() + store.page_list.bytes() + store.ring.bytes() + store.sinks.bytes();
   store.table = DeviceBuffer();  // freed in stream order, after the kernels that use it
   store.table_capacity = 0;
   store.page_list = DeviceBuffer();
   store.page_list_capacity = 0;
   store.ring = DeviceBuffer();
   store.ring_capacity = 0;
+  store.sinks = DeviceBuffer();
   store.seen_page = store.seen_offset = 0;
   store.unseen.clear();
   store.live_bytes = 0;

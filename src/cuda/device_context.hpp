@@ -58,6 +58,9 @@ class CudaLayerStore final : public LayerStore {
   std::deque<UnseenPlacement> unseen;   ///< placements queued but not yet seen complete
   DeviceBuffer ring;                    ///< tail ring: K rows, then V rows, ring_capacity each
   int ring_capacity = 0;
+  /// Exact rows of the first CacheConfig::sink_tokens positions, K rows then V rows: held from
+  /// the sealing of the layer's first block on (before it the tail holds them).
+  DeviceBuffer sinks;
   std::size_t live_blocks = 0;          ///< blocks in the table
   std::size_t shared_pages = 0;         ///< leading pages shared with the layer it was forked from
   mutable std::size_t live_bytes = 0;   ///< their bytes, as the last memory_stats measured them
@@ -107,6 +110,7 @@ class DeviceContext {
   bool poll_errors;           ///< CacheConfig::cuda_poll_errors
   bool rotate_k;              ///< CacheConfig::rotate_k
   bool rotate_v;              ///< CacheConfig::rotate_v
+  int sink_tokens;            ///< CacheConfig::sink_tokens
   std::size_t slot_bytes;     ///< a worst-case block, 256-byte aligned (staging slots)
   int sm_count = 1;
   FastPlan fast{};            ///< the fast read path's plan for this geometry (usable or not)
@@ -126,7 +130,7 @@ class DeviceContext {
   DeviceBuffer tickets;    ///< the fast path's merge counters, zero between launches
   DeviceBuffer launch_params;  ///< parameter arrays of batched launches (uploaded per write)
   std::unordered_set<CudaLayerStore*> stores;
-  std::size_t owned_bytes = 0;  ///< tables, page lists and rings of every layer
+  std::size_t owned_bytes = 0;  ///< tables, page lists, rings and sink rows of every layer
   /// References beyond the first to pages that forked layers share (a page returns to the pool
   /// with its last owner); most pages have none.
   std::unordered_map<std::uint8_t*, std::uint32_t> page_extra_refs;
@@ -141,6 +145,7 @@ class DeviceContext {
     return capacity == 0 ? 0 : sizeof(PlacementCursor) + capacity * sizeof(std::uint8_t*);
   }
   std::size_t ring_bytes(int capacity) const { return 2 * static_cast<std::size_t>(capacity) * row_elems * value_bytes; }
+  std::size_t sink_bytes() const { return 2 * static_cast<std::size_t>(sink_tokens) * row_elems * value_bytes; }
   /// Blocks encoded per launch round of one write.
   std::int64_t blocks_per_round() const;
   std::size_t resident_bytes() const;

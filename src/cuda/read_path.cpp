@@ -27,6 +27,8 @@ SeqView<T> view(const DeviceContext& ctx, const LayerRead& layer) {
   v.tail_v = store.template ring_v<T>(ctx.row_elems);
   v.num_blocks = layer.num_blocks;
   v.tail = layer.tail;
+  v.sinks = layer.sinks;
+  v.sink_rows = layer.sinks > 0 ? store.sinks.as<const T>() : nullptr;
   return v;
 }
 
@@ -344,6 +346,7 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
     b.v_sections = c[4];
     out[i].tables = store.table.bytes() + store.page_list.bytes();
     out[i].tail = store.ring.bytes();
+    out[i].sinks = store.sinks.bytes();
     store.live_bytes = c[2];
     store.repeated_blocks = repeated_blocks[i];
   }
@@ -354,7 +357,7 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
 // tail ring unrolled to token order. A transfer call: it waits for the stream.
 template <class T>
 void download(DeviceContext& ctx, const LayerRead& layer, std::vector<std::uint32_t>& sizes,
-              std::vector<std::uint8_t>& blocks, T* tail_k, T* tail_v) {
+              std::vector<std::uint8_t>& blocks, T* tail_k, T* tail_v, T* sink_k, T* sink_v) {
   check_cuda(cudaStreamSynchronize(ctx.stream), "export_sequence");
   ctx.raise_device_error();
   const CudaLayerStore& store = store_of(layer);
@@ -395,6 +398,12 @@ void download(DeviceContext& ctx, const LayerRead& layer, std::vector<std::uint3
     blocks.insert(blocks.end(), copy.data() + offset, copy.data() + offset + size);
   }
   download_tail<T>(ctx, layer, tail_k, tail_v);
+  if (layer.sinks > 0) {  // K rows, then V rows
+    const std::size_t bytes = static_cast<std::size_t>(layer.sinks) * ctx.row_elems * sizeof(T);
+    check_cuda(cudaMemcpy(sink_k, store.sinks.data(), bytes, cudaMemcpyDeviceToHost), "export_sequence (sink rows)");
+    check_cuda(cudaMemcpy(sink_v, store.sinks.as<std::uint8_t>() + bytes, bytes, cudaMemcpyDeviceToHost),
+               "export_sequence (sink rows)");
+  }
 }
 
 template <class T>
@@ -421,7 +430,7 @@ void download_tail(DeviceContext& ctx, const LayerRead& layer, T* tail_k, T* tai
   template void attn_v<T>(DeviceContext&, std::span<const LayerRead>, const float*, float*);             \
   template void read_back<T>(DeviceContext&, const LayerRead&, float*, float*);                          \
   template void download<T>(DeviceContext&, const LayerRead&, std::vector<std::uint32_t>&,              \
-                            std::vector<std::uint8_t>&, T*, T*);                                          \
+                            std::vector<std::uint8_t>&, T*, T*, T*, T*);                                  \
   template void download_tail<T>(DeviceContext&, const LayerRead&, T*, T*);
 PACKKV_INSTANTIATE_READS(float)
 PACKKV_INSTANTIATE_READS(fp16_t)

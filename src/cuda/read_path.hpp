@@ -25,7 +25,7 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
 /// The layer's blocks as stored and its tail rows in token order, in host memory; waits.
 template <class T>
 void download(DeviceContext& ctx, const LayerRead& layer, std::vector<std::uint32_t>& sizes,
-              std::vector<std::uint8_t>& blocks, T* tail_k, T* tail_v);
+              std::vector<std::uint8_t>& blocks, T* tail_k, T* tail_v, T* sink_k, T* sink_v);
 /// The layer's tail rows in token order, in host memory; waits.
 template <class T>
 void download_tail(DeviceContext& ctx, const LayerRead& layer, T* tail_k, T* tail_v);

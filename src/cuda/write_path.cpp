@@ -16,6 +16,7 @@ struct LayerPlan {
   std::size_t table_capacity = 0;   ///< after the commit
   std::size_t page_list_capacity = 0;
   bool ring_grows = false;
+  bool gains_sinks = false;  ///< the layer gets its first block, so its sink rows (CacheConfig::sink_tokens)
   std::vector<std::uint32_t> adopted_page, adopted_offset;  ///< imported blocks' places
   PlacementCursor adopted_cursor{};                         ///< after them (or after the shared pages)
   CudaLayerStore* share_from = nullptr;  ///< fork: the parent layer whose blocks and pages are shared
@@ -85,6 +86,44 @@ TokenRows<T> rows_of(const DeviceContext& ctx, const LayerWrite<T>& w, const T* 
   return rows;
 }
 
+
+// The sink rows a write brings (it gives the layer its first block): the parent's (fork), the
+// adopted blocks' (import, truncate: host rows), or the first rows of the tokens it seals, which
+// lie in the ring (positions below before.end(), row = position: the ring has not wrapped before
+// the first block) and in the new tokens `k`, `v` (device memory). Queued in stream order before
+// the tail write.
+template <class T>
+void fill_sinks(DeviceContext& ctx, CudaLayerStore& store, const LayerWrite<T>& w, const LayerPlan& plan, const T* k,
+                const T* v, DeviceBuffer& sinks) {
+  const std::size_t row_bytes = ctx.row_elems * sizeof(T), side = static_cast<std::size_t>(ctx.sink_tokens) * row_bytes;
+  auto* out = sinks.as<std::uint8_t>();
+  if (plan.share_from != nullptr) {
+    check_cuda(cudaMemcpyAsync(out, plan.share_from->sinks.data(), 2 * side, cudaMemcpyDeviceToDevice, ctx.stream),
+               "fork (sink rows)");
+  } else if (w.sink_k != nullptr) {
+    check_cuda(cudaMemcpyAsync(out, w.sink_k, side, cudaMemcpyHostToDevice, ctx.stream), "import (sink rows)");
+    check_cuda(cudaMemcpyAsync(out + side, w.sink_v, side, cudaMemcpyHostToDevice, ctx.stream), "import (sink rows)");
+  } else {
+    const std::int64_t in_ring = std::min<std::int64_t>(ctx.sink_tokens, w.plan.before.end());
+    const std::size_t ring_side = static_cast<std::size_t>(store.ring_capacity) * row_bytes;
+    const std::size_t from_ring = static_cast<std::size_t>(in_ring) * row_bytes;
+    const std::size_t from_new = side - from_ring;
+    const auto* ring = store.ring.as<const std::uint8_t>();
+    for (int which = 0; which < 2; ++which) {  // K, then V
+      std::uint8_t* to = out + which * side;
+      if (from_ring != 0) {
+        check_cuda(cudaMemcpyAsync(to, ring + which * ring_side, from_ring, cudaMemcpyDeviceToDevice, ctx.stream),
+                   "sink rows");
+      }
+      if (from_new != 0) {
+        const auto* fresh = reinterpret_cast<const std::uint8_t*>(which == 0 ? k : v);
+        check_cuda(cudaMemcpyAsync(to + from_ring, fresh, from_new, cudaMemcpyDeviceToDevice, ctx.stream), "sink rows");
+      }
+    }
+  }
+  ctx.owned_bytes += sinks.bytes();
+  store.sinks = std::move(sinks);
+}
 
 // Installs grown tables (old entries copied on the device) and the layer's new pages.
 // New page pointers are written at once, or added to `deferred` (a batch writes them all in one launch).
@@ -489,9 +528,11 @@ std::unique_ptr<PreparedWrite> plan_writes(DeviceContext& ctx, std::span<const L
       plan.page_list_capacity = std::max<std::size_t>(16, 2 * plan.page_list_capacity);
     }
     plan.ring_grows = w.plan.after.capacity > store.ring_capacity;
+    plan.gains_sinks = ctx.sink_tokens > 0 && store.sinks.bytes() == 0 && blocks_after > 0;
     prepared->growth_bytes += ctx.table_bytes(plan.table_capacity) - ctx.table_bytes(store.table_capacity) +
                               ctx.page_list_bytes(plan.page_list_capacity) - ctx.page_list_bytes(store.page_list_capacity) +
-                              (plan.ring_grows ? ctx.ring_bytes(w.plan.after.capacity) - ctx.ring_bytes(store.ring_capacity) : 0);
+                              (plan.ring_grows ? ctx.ring_bytes(w.plan.after.capacity) - ctx.ring_bytes(store.ring_capacity) : 0) +
+                              (plan.gains_sinks ? ctx.sink_bytes() : 0);
     if (w.tokens_on_host && w.plan.n_tokens > 0) {
       plan.upload_offset = prepared->upload_bytes;
       prepared->upload_bytes += format::align_up(
@@ -534,7 +575,7 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
   const std::size_t fresh_pages = prepared.pages_wanted > pool_free_after ? prepared.pages_wanted - pool_free_after : 0;
   std::vector<DeviceBuffer> pages = ctx.pool.allocate(fresh_pages, ctx.stream);
   struct Grown {
-    DeviceBuffer table, page_list, ring;
+    DeviceBuffer table, page_list, ring, sinks;
     std::size_t progress_word = kNoWord;
   };
   std::vector<Grown> grown(prepared.writes.size());
@@ -549,6 +590,7 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
         grown[i].page_list = DeviceBuffer(ctx.page_list_bytes(plan.page_list_capacity), ctx.stream);
       }
       if (plan.ring_grows) grown[i].ring = DeviceBuffer(ctx.ring_bytes(w.plan.after.capacity), ctx.stream);
+      if (plan.gains_sinks) grown[i].sinks = DeviceBuffer(ctx.sink_bytes(), ctx.stream);
       if (store.progress_word == kNoWord && plan.pages_target > 0) grown[i].progress_word = ctx.progress.take();
     }
     if (prepared.staging_bytes > ctx.staging.bytes()) staging = DeviceBuffer(prepared.staging_bytes, ctx.stream);
@@ -614,6 +656,10 @@ void commit_write(DeviceContext& ctx, PreparedWrite& base) {
       transfers = true;
     }
     if (plan.share_from != nullptr) share_blocks(ctx, store, w.shared_blocks, plan);
+    if (plan.gains_sinks) {  // before the tail writes, which may reuse the ring rows of the sinks
+      fill_sinks<T>(ctx, store, w, plan, k, v, grown[i].sinks);
+      transfers = transfers || w.sink_k != nullptr;
+    }
     if (prepared.batched) continue;  // queued below, for all writes at once
     seal_blocks<T>(ctx, store, w, k, v);
     write_tail<T>(ctx, store, w, k, v, std::move(grown[i].ring));

@@ -392,6 +392,7 @@ void compare_everything(CachePair<T>& pair, const std::vector<SeqId>& ids, int l
   EXPECT_EQ(gs.total.k_section_bytes, cs.total.k_section_bytes) << label;
   EXPECT_EQ(gs.total.v_section_bytes, cs.total.v_section_bytes) << label;
   EXPECT_EQ(gs.total.tail, cs.total.tail) << label;
+  EXPECT_EQ(gs.total.sinks, cs.total.sinks) << label;
   EXPECT_EQ(gs.total.compressed_tokens, cs.total.compressed_tokens) << label;
   EXPECT_EQ(gs.total.tail_tokens, cs.total.tail_tokens) << label;
   EXPECT_EQ(gs.pool.live_blocks, cs.pool.live_blocks) << label;
@@ -1301,14 +1302,53 @@ TEST(Cuda, GreedyRepackIsRefusedClearly) {
   test::expect_error([&] { PackedKVCache<float> cache(c); }, "greedy");
 }
 
-// Exact sinks are built on the CPU backend only: the CUDA backend must refuse them at
-// construction rather than read the first block's quantized copies.
-TEST(Cuda, SinkTokensAreRefusedClearly) {
+// Exact sinks (CacheConfig::sink_tokens) on the device against the CPU, whose readers
+// tests/test_sinks.cpp checks against float64: the fast path (head_dim 128) and the first path
+// (96), every reader, causal attention, fork, truncation and images. Coarse bounds make the first
+// block's decoded copies of the sinks differ clearly from the exact rows.
+TEST(Cuda, SinksMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
-  CacheConfig c = base_config();
-  c.device = Device::cuda;
-  c.sink_tokens = 4;
-  test::expect_error([&] { PackedKVCache<float> cache(c); }, "exact sinks are not implemented on the CUDA backend");
+  for (int dim : {128, 96}) {
+    CacheConfig c = base_config();
+    c.head_dim = dim;
+    c.k_rel = 0.34f;
+    c.v_rel = 0.34f;
+    c.sink_tokens = 5;
+    c.residual_tokens = 8;
+    CachePair<float> pair(c);
+    const std::string label = "dim " + std::to_string(dim);
+    // Sequence 4: its first block sealed from the ring and new tokens together; 8: in one append
+    // from new tokens alone; 9: no block yet (the tail holds the sinks).
+    for (SeqId id : {4, 8, 9}) pair.add(id);
+    for (int l = 0; l < c.num_layers; ++l) {
+      pair.append(4, l, 30, 500 + l);
+      pair.append(4, l, 64 * 2 + 11, 510 + l);
+      pair.append(8, l, 64 * 3 + 20, 520 + l);
+      pair.append(9, l, 50, 530 + l);
+    }
+    const std::vector<SeqId> ids = {4, 8, 9};
+    for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << label << " " << id;
+    for (int l = 0; l < c.num_layers; ++l) {
+      compare_everything(pair, ids, l, 90 + l, label + " layer " + std::to_string(l));
+      compare_causal(pair, ids, {3, 70, 2}, l, 95 + l, label + " causal layer " + std::to_string(l));
+    }
+    EXPECT_EQ(pair.gpu.memory_stats().total.sinks, pair.cpu.memory_stats().total.sinks) << label;
+    EXPECT_GT(pair.gpu.memory_stats().total.sinks, 0u) << label;
+    // A fork copies the sink rows; truncations into block 1 and into block 0 keep them.
+    pair.cpu.fork(4, 5);
+    pair.gpu.fork(4, 5);
+    compare_everything(pair, {5}, 1, 97, label + " fork");
+    for (const std::int64_t cut : {70, 30}) {
+      pair.cpu.truncate(5, cut);
+      pair.gpu.truncate(5, cut);
+      EXPECT_EQ(pair.gpu.export_sequence(5), pair.cpu.export_sequence(5)) << label << " cut " << cut;
+      compare_everything(pair, {5, 8}, 0, 98, label + " cut " + std::to_string(cut));
+    }
+    // Images carry them across backends.
+    const std::vector<std::uint8_t> image = pair.cpu.export_sequence(8);
+    pair.gpu.import_sequence(12, image);
+    EXPECT_EQ(pair.gpu.export_sequence(12), image) << label;
+  }
 }
 
 // ---- sequence images ----------------------------------------------------------------------------

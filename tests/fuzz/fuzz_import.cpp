@@ -25,6 +25,7 @@ packkv::CacheConfig fuzz_config() {
   // Layers of different code widths: each image layer is checked against its own range.
   c.layer_k_rel = {0.1f, 0.05f};
   c.layer_v_rel = {0.2f, 0.3f};
+  c.sink_tokens = 2;  // layers with blocks carry exact sink rows
   return c;
 }
 

@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   c.residual_tokens = 4;
   c.layer_k_rel = {0.1f, 0.05f};
   c.layer_v_rel = {0.2f, 0.3f};
+  c.sink_tokens = 2;  // layers with blocks carry exact sink rows
   int seed = 0;
   auto images = [&](auto type_tag) {
     using T = decltype(type_tag);
