@@ -135,31 +135,24 @@ __device__ PACKKV_NOINLINE void mask_unit(const HeadGroup& heads, int tokens, in
   __syncthreads();
 }
 
-/// The exact rows of a unit: `count` tail tokens from tail token `first` (ring rows), or the sink
-/// rows (row i holds position i).
+/// A unit past the packed blocks: a tail chunk or the sink rows (SeqView::exact_tokens). Its
+/// token i is exact token tokens.tail_first + i, at position first_position + i.
 template <class T>
-struct ExactRows {
-  const T* k;
-  const T* v;
-  TailRing ring;
-  int first;
-  bool sinks;
+struct ExactUnit {
+  const SeqView<T>& seq;
+  ExactTokens tokens;
+  int count;
   std::int64_t first_position;
-  __device__ std::size_t row(int i) const {
-    return static_cast<std::size_t>(sinks ? i : ring.row(ring.begin + first + i));
+  __device__ ExactRow<T> row(int i, std::size_t row_elems) const {
+    return seq.exact_row(tokens, tokens.tail_first + i, row_elems);
   }
 };
 
-/// The exact rows of a unit past the packed blocks, and how many tokens it holds.
 template <class T>
-__device__ ExactRows<T> exact_rows(const SeqView<T>& seq, int unit, int tokens, std::size_t row_elems, int* count) {
-  if (seq.is_sink_unit(unit, tokens)) {
-    *count = seq.sinks;
-    return ExactRows<T>{seq.sink_k(), seq.sink_v(row_elems), seq.tail, 0, true, 0};
-  }
-  const int first = (unit - seq.num_blocks) * tokens;
-  *count = min(tokens, seq.tail.len - first);
-  return ExactRows<T>{seq.tail_k, seq.tail_v, seq.tail, first, false, seq.tail.begin + first};
+__device__ ExactUnit<T> exact_unit(const SeqView<T>& seq, int unit, int block_tokens, std::size_t row_elems) {
+  const ExactTokens e = seq.exact_tokens(unit, unit + 1, block_tokens);
+  const int count = e.end() - e.tail_first;
+  return ExactUnit<T>{seq, e, count, count > 0 ? seq.exact_row(e, e.tail_first, row_elems).position : 0};
 }
 
 /// Scores of a packed block's tokens, in packed order, into s.probs[g][i] (times `scale`).
@@ -224,13 +217,13 @@ __device__ void packed_block_scores(const std::uint8_t* block, const format::Blo
 
 /// Scores of a unit's `count` exact tokens: one warp per token, reading the row once.
 template <class T>
-__device__ void exact_scores(const ExactRows<T>& rows, const format::BlockGeometry& g, const HeadGroup& heads,
-                             int count, float scale, ReaderShared& s) {
+__device__ void exact_scores(const ExactUnit<T>& unit, const format::BlockGeometry& g, const HeadGroup& heads,
+                             float scale, ReaderShared& s) {
   const int dim = g.head_dim, tokens = g.block_tokens;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
-  for (int i = warp; i < count; i += kWarps) {
-    const T* row = rows.k + rows.row(i) * row_elems + static_cast<std::size_t>(heads.kv_head) * dim;
+  for (int i = warp; i < unit.count; i += kWarps) {
+    const T* row = unit.row(i, row_elems).k + static_cast<std::size_t>(heads.kv_head) * dim;
     float dots[kMaxHeadsPerCta] = {};
     for (int c = lane; c < dim; c += 32) {
       const float x = load_as_float(row + c);
@@ -295,16 +288,16 @@ __device__ void accumulate_packed_values(const format::BlockGeometry& g, const H
 }
 
 template <class T>
-__device__ void accumulate_exact_values(const ExactRows<T>& rows, const format::BlockGeometry& g, const HeadGroup& heads,
-                                        int count, ReaderShared& s) {
+__device__ void accumulate_exact_values(const ExactUnit<T>& unit, const format::BlockGeometry& g, const HeadGroup& heads,
+                                        ReaderShared& s) {
   const int dim = g.head_dim, tokens = g.block_tokens;
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
   for (int pair = threadIdx.x; pair < heads.count * dim; pair += kThreads) {
     const int h = pair / dim, c = pair % dim;
     float sum = 0.0f;
-    for (int i = 0; i < count; ++i) {
+    for (int i = 0; i < unit.count; ++i) {
       sum += s.probs[h * tokens + i] *
-             load_as_float(rows.v + rows.row(i) * row_elems + static_cast<std::size_t>(heads.kv_head) * dim + c);
+             load_as_float(unit.row(i, row_elems).v + static_cast<std::size_t>(heads.kv_head) * dim + c);
     }
     s.acc[pair] = s.acc[pair] * s.rescale[h] + sum;
   }
@@ -382,15 +375,14 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const Attenti
       prepare_packed_values(block, g, heads, s);
       accumulate_packed_values(g, heads, s);
     } else {
-      int count = 0;
-      const ExactRows<T> rows = exact_rows(seq, unit, tokens, static_cast<std::size_t>(g.num_heads) * dim, &count);
-      exact_scores(rows, g, heads, count, p.softmax_scale, s);
+      const ExactUnit<T> exact = exact_unit(seq, unit, tokens, static_cast<std::size_t>(g.num_heads) * dim);
+      exact_scores(exact, g, heads, p.softmax_scale, s);
       const std::int64_t min_limit = p.row_limit(batch_index, first_row);
-      if (rows.first_position + count > min_limit) {
-        mask_unit(heads, tokens, p.shape.group, first_row, min_limit, rows.first_position, nullptr, count, 0, s);
+      if (exact.first_position + exact.count > min_limit) {
+        mask_unit(heads, tokens, p.shape.group, first_row, min_limit, exact.first_position, nullptr, exact.count, 0, s);
       }
-      online_softmax_step(heads, tokens, count, s);
-      accumulate_exact_values(rows, g, heads, count, s);
+      online_softmax_step(heads, tokens, exact.count, s);
+      accumulate_exact_values(exact, g, heads, s);
     }
   }
 
@@ -439,9 +431,10 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const ScoresParams<T> 
     packed_block_scores(block, g, heads, 1.0f, s);
     order = format::token_order(block, g, heads.kv_head);
   } else {
-    const ExactRows<T> rows = exact_rows(p.seq, unit, tokens, static_cast<std::size_t>(g.num_heads) * dim, &count);
-    exact_scores(rows, g, heads, count, 1.0f, s);
-    unit_start = rows.first_position;
+    const ExactUnit<T> exact = exact_unit(p.seq, unit, tokens, static_cast<std::size_t>(g.num_heads) * dim);
+    exact_scores(exact, g, heads, 1.0f, s);
+    count = exact.count;
+    unit_start = exact.first_position;
   }
   // The sink unit writes the sinks' scores; the first block's unit leaves those positions alone.
   const int hidden = unit < p.seq.num_blocks ? p.seq.hidden_below(unit) : 0;
@@ -472,13 +465,10 @@ __global__ void __launch_bounds__(kThreads) attn_v_kernel(const AttnVParams<T> p
     const bool packed = unit < p.seq.num_blocks;
     const std::uint8_t* block = packed ? p.seq.blocks[unit] : nullptr;
     const std::uint8_t* order = packed ? format::token_order(block, g, heads.kv_head) : nullptr;
-    int count = tokens;
-    ExactRows<T> rows{};
-    std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
-    if (!packed) {
-      rows = exact_rows(p.seq, unit, tokens, static_cast<std::size_t>(g.num_heads) * dim, &count);
-      unit_start = rows.first_position;
-    }
+    // (Of a packed unit, exact_unit gives no exact tokens.)
+    const ExactUnit<T> exact = exact_unit(p.seq, unit, tokens, static_cast<std::size_t>(g.num_heads) * dim);
+    const int count = packed ? tokens : exact.count;
+    const std::int64_t unit_start = packed ? static_cast<std::int64_t>(unit) * tokens : exact.first_position;
     // The first block's copies of the sinks weigh nothing: the sink unit's exact rows take them.
     const int hidden = packed ? p.seq.hidden_below(unit) : 0;
     for (int pair = threadIdx.x; pair < heads.count * tokens; pair += kThreads) {
@@ -495,7 +485,7 @@ __global__ void __launch_bounds__(kThreads) attn_v_kernel(const AttnVParams<T> p
       prepare_packed_values(block, g, heads, s);
       accumulate_packed_values(g, heads, s);
     } else {
-      accumulate_exact_values(rows, g, heads, count, s);
+      accumulate_exact_values(exact, g, heads, s);
     }
   }
   for (int i = threadIdx.x; i < heads.count * dim; i += kThreads) {
@@ -526,14 +516,14 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
   const std::size_t row_elems = static_cast<std::size_t>(g.num_heads) * dim;
   const std::int64_t unit_start = static_cast<std::int64_t>(unit) * tokens;
   if (unit >= p.seq.num_blocks) {
-    int count = 0;
-    const ExactRows<T> rows = exact_rows(p.seq, unit, tokens, row_elems, &count);
-    for (int i = threadIdx.x; i < count * dim; i += kThreads) {
+    const ExactUnit<T> exact = exact_unit(p.seq, unit, tokens, row_elems);
+    for (int i = threadIdx.x; i < exact.count * dim; i += kThreads) {
       const int t = i / dim, c = i % dim;
-      const std::size_t from = rows.row(t) * row_elems + static_cast<std::size_t>(head) * dim + c;
-      const std::size_t to = (rows.first_position + t) * row_elems + static_cast<std::size_t>(head) * dim + c;
-      p.k[to] = load_as_float(rows.k + from);
-      p.v[to] = load_as_float(rows.v + from);
+      const ExactRow<T> row = exact.row(t, row_elems);
+      const std::size_t from = static_cast<std::size_t>(head) * dim + c;
+      const std::size_t to = (exact.first_position + t) * row_elems + static_cast<std::size_t>(head) * dim + c;
+      p.k[to] = load_as_float(row.k + from);
+      p.v[to] = load_as_float(row.v + from);
     }
     return;
   }
