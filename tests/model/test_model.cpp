@@ -365,6 +365,42 @@ TEST(Stories260K, KeysBeforeRopeAttendLikeTheExactCache) {
   EXPECT_NE(before->describe().find("K before RoPE"), std::string::npos);
 }
 
+// The cache's own sinks (CacheConfig::sink_tokens) on the model: the fused readers over the
+// cache give what attention over decoded copies with the same exact sinks gives (the lever as it
+// was first measured), from the same blocks; and the sinks change the model's output at this
+// coarse bound, so a cache that ignored them would not match.
+TEST(Stories260K, CacheSinksMatchAttentionOverDecodedCopies) {
+  SKIP_WITHOUT_STORIES();
+  Stories s;
+  const std::vector<int> tokens = evaluation_tokens(s, 160);
+  ASSERT_GE(tokens.size(), 100u);
+  const int n = static_cast<int>(tokens.size());
+  const llama::KvShape shape = s.model.config().kv_shape();
+  packkv::CacheConfig config = packkv_config(0.3f, 0.3f, 16);
+  config.residual_tokens = 8;
+  auto plain = llama::make_packkv_cache(shape, config);
+  llama::PackkvLevers levers;
+  levers.sinks = 4;
+  auto copies = llama::make_packkv_cache_with_levers(shape, config, levers);
+  config.sink_tokens = 4;
+  auto cache = llama::make_packkv_cache(shape, config);
+  const auto p = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *plain);
+  const auto d = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *copies);
+  const auto c = llama::evaluate_teacher_forced(s.model, tokens.data(), n, *cache);
+  const double tolerance = 1e-4 * std::fabs(d.nll_sum);
+  EXPECT_NEAR(c.nll_sum, d.nll_sum, tolerance);
+  EXPECT_GT(std::fabs(p.nll_sum - d.nll_sum), 10 * tolerance);
+  int same = 0;
+  for (std::size_t i = 0; i < d.predictions.size(); ++i) same += d.predictions[i] == c.predictions[i];
+  EXPECT_GE(same, static_cast<int>(d.predictions.size()) - 1);
+  // Blocks of the same size (the model's later K and V differ by float rounding between the two
+  // ways of attending, so the codes may differ by a unit here and there); the sinks' exact rows
+  // are counted outside the compressed part in both.
+  EXPECT_EQ(c.bytes.compressed_elements_per_side, d.bytes.compressed_elements_per_side);
+  EXPECT_NEAR(c.bytes.k_compressed_bytes / d.bytes.k_compressed_bytes, 1.0, 0.01);
+  EXPECT_NEAR(c.bytes.v_compressed_bytes / d.bytes.v_compressed_bytes, 1.0, 0.01);
+}
+
 // Exact sinks: a query that attends to token 0 alone reads its V exactly once the token is behind
 // the window, for a baseline (even KIVI, whose first K group then starts after the sinks) and for
 // packkv through decoded copies; without sinks the same read is quantized. Sinks count as exact
