@@ -17,6 +17,7 @@
 #   scripts/run_accuracy.sh --lever sinks      # as rotate-v, with the first 4 tokens exact for every method
 #   scripts/run_accuracy.sh --lever per-layer-aligned  # per-layer, V menu on whole code widths
 #   scripts/run_accuracy.sh --lever per-layer-sinks    # the same with 4 exact sinks for every method
+#   scripts/run_accuracy.sh --lever per-layer-sinks-compact  # the same with 2-byte (step, min) pairs
 #   scripts/run_accuracy.sh --lever entropy-images  # entropy-coded images of one window's K/V (3 min)
 set -euo pipefail
 
@@ -64,7 +65,12 @@ if [[ "${1:-}" == "--lever" ]]; then
                               --layer-menu-v 0.0323,0.0667,0.143,0.334) ;;
     per-layer-sinks) extra=(--rotate-v --sinks 4 --sweeps none --baselines kivi4 --calibrate-layers 0.0005,0.001,0.002,0.003
                             --layer-menu-v 0.0323,0.0667,0.143,0.334) ;;
-    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, per-layer-aligned, per-layer-sinks, k-before-rope, sinks, entropy-images)" >&2; exit 2 ;;
+    # The same with 2-byte (step, min) pairs (CacheConfig::compact_params); the KIVI-4 row repeats.
+    per-layer-sinks-compact) extra=(--rotate-v --sinks 4 --compact-params --sweeps none --baselines kivi4
+                                    --calibrate-layers 0.0005,0.001,0.002,0.003 --layer-menu-v 0.0323,0.0667,0.143,0.334) ;;
+    # Fixed pairs with and without compact parameters: rerun with --compact-params for the second.
+    compact-pairs) extra=(--rotate-v --sinks 4 --sweeps pairs --baselines kivi4) ;;
+    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, per-layer-aligned, per-layer-sinks, per-layer-sinks-compact, k-before-rope, sinks, entropy-images)" >&2; exit 2 ;;
   esac
 fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")

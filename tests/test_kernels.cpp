@@ -106,8 +106,10 @@ TEST(Kernels, SectionCodesAndValuesAreBitExactAcrossKernelSets) {
                                {128, 64, 0.2f, false},   {128, 128, 0.02f, true},  {256, 16, 1.0f / 255, false},
                                {96, 48, 1.0f / 60, true}, {40, 256, 0.25f, false}, {256, 256, 0.1f, true}};
   std::uint64_t seed = 1;
-  for (const SectionCase& c : cases) {
+  for (const SectionCase& c : cases)
+  for (bool compact : {false, true}) {
     CacheConfig cfg;
+    cfg.compact_params = compact;
     cfg.head_dim = c.head_dim;
     cfg.block_tokens = c.block;
     cfg.k_rel = c.rel;
@@ -126,7 +128,6 @@ TEST(Kernels, SectionCodesAndValuesAreBitExactAcrossKernelSets) {
       const std::uint8_t* section = format::section(block.data(), g, 0, side);
       std::vector<std::uint8_t> ref(n);
       unpack_section_codes(layout, section, ref.data());  // the reference unpacker
-      const format::QuantParams* qp = format::section_params(section);
       for (const Kernels* kern : kernel_sets()) {
         std::vector<std::uint8_t> codes(n);
         std::vector<float> values(n);
@@ -135,10 +136,11 @@ TEST(Kernels, SectionCodesAndValuesAreBitExactAcrossKernelSets) {
         kern->decode_section(layout, g.per_channel(side), section, values.data());
         for (std::size_t i = 0; i < n; ++i) {
           const std::size_t t = i / c.head_dim, ch = i % c.head_dim;
-          const format::QuantParams& p = qp[g.per_channel(side) ? ch : t];
-          const float want = format::dequantize(ref[i], to_float(p.step), to_float(p.min));
+          const format::GroupParams p =
+              format::group_params(section, layout, static_cast<std::uint32_t>(g.per_channel(side) ? ch : t));
+          const float want = format::dequantize(ref[i], p.step, p.min);
           ASSERT_EQ(std::memcmp(&values[i], &want, 4), 0)
-              << detail::cpu::to_string(kern->isa) << " element " << i << ": " << values[i] << " vs " << want;
+              << detail::cpu::to_string(kern->isa) << (compact ? " compact" : "") << " element " << i << ": " << values[i] << " vs " << want;
         }
       }
     }

@@ -392,17 +392,21 @@ TEST(Refusals, EveryReservedImageHeaderBitIsChecked) {
   fill(a, 1, 0, 40, 1);
   const std::vector<std::uint8_t> exported = a.export_sequence(1);
   PackedKVCache<float> b(import_config(8, 0));
-  // The rotation byte: bits 0 and 1 say what is rotated, the others are reserved.
-  for (std::uint8_t bad : {std::uint8_t{4}, std::uint8_t{0x80}}) {
+  // The options byte: bits 0 and 1 say what is rotated, bit 2 that parameters are compact; the
+  // others are reserved.
+  for (std::uint8_t bad : {std::uint8_t{8}, std::uint8_t{0x80}}) {
     std::vector<std::uint8_t> image = exported;
-    image[offsetof(format::ImageHeader, rotation)] = bad;
+    image[offsetof(format::ImageHeader, options)] = bad;
     reseal(image);
-    expect_error([&] { b.import_sequence(1, image); }, "only bits 0 and 1");
+    expect_error([&] { b.import_sequence(1, image); }, "only bits 0 to 2");
   }
   std::vector<std::uint8_t> image = exported;
-  image[offsetof(format::ImageHeader, rotation)] = 1;  // a K rotation this cache does not have
+  image[offsetof(format::ImageHeader, options)] = 1;  // a K rotation this cache does not have
   reseal(image);
   expect_error([&] { b.import_sequence(1, image); }, "rotation (K 1, V 0) does not match");
+  image[offsetof(format::ImageHeader, options)] = 4;  // compact parameters this cache does not have
+  reseal(image);
+  expect_error([&] { b.import_sequence(1, image); }, "store compact parameters, this cache fp16 ones");
   EXPECT_FALSE(b.contains(1));
 }
 

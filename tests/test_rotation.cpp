@@ -133,7 +133,7 @@ TEST(Rotation, StoresTheRotatedInputsBlockForBlock) {
   const auto a = rotated.export_sequence(1), b = plain.export_sequence(1);
   ASSERT_EQ(a.size(), b.size());
   EXPECT_TRUE(std::equal(a.begin() + 48, a.end(), b.begin() + 48)) << "bodies differ";
-  EXPECT_NE(a[offsetof(format::ImageHeader, rotation)], b[offsetof(format::ImageHeader, rotation)]);
+  EXPECT_NE(a[offsetof(format::ImageHeader, options)], b[offsetof(format::ImageHeader, options)]);
 }
 
 // Attention in the rotated space equals float64 attention over the unrotated read_back values,
@@ -223,7 +223,7 @@ TEST(Rotation, ImagesRecordItAndMismatchesAreRefused) {
   const auto k = outlier_values(rotated.config(), 40, 1), v = outlier_values(rotated.config(), 40, 2);
   rotated.append(1, 0, k.data(), v.data(), 40);
   const auto image = rotated.export_sequence(1);
-  EXPECT_EQ(image[offsetof(format::ImageHeader, rotation)], 2);
+  EXPECT_EQ(image[offsetof(format::ImageHeader, options)], 2);
   other.import_sequence(7, image);
   EXPECT_EQ(test::snapshot(other).contents, test::snapshot(rotated).contents);
   const auto before = test::snapshot(plain);

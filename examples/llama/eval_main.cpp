@@ -122,6 +122,7 @@ struct Options {
   bool score_exact = false;
   bool rotate_k = false, rotate_v = false;  // PackKV settings store that side Hadamard-rotated
   bool keys_before_rope = false;            // PackKV settings store K before RoPE
+  bool compact_params = false;              // PackKV settings store 2-byte (step, min) pairs
   int sinks = 0;                            // the first tokens of a window stay exact, for every method
   std::string baselines = "all";  // or a comma list of short names (baseline_key), or "none"
   std::string sweeps = "k,k-channel,v,pairs";
@@ -153,7 +154,7 @@ void usage() {
                "                   [--context N] [--windows N] [--threads N] [--preset full|quick]\n"
                "                   [--block N] [--residual N] [--repack none|median|greedy] [--device cpu|cuda]\n"
                "                   [--bootstrap N] [--bootstrap-unit N] [--score-exact] [--markdown FILE] [--csv FILE]\n"
-               "                   [--rotate-k] [--rotate-v] [--k-before-rope] [--sinks N] [--sweeps k,k-channel,v,pairs]\n"
+               "                   [--rotate-k] [--rotate-v] [--k-before-rope] [--compact-params] [--sinks N] [--sweeps k,k-channel,v,pairs]\n"
                "                   [--baselines all|none|LIST]\n"
                "  --tokens     int32 token ids (scripts/prepare_smollm2.py writes them); repeat for more texts\n"
                "  --text       a text file, tokenized with --tokenizer (llama2.c models); repeatable\n"
@@ -162,6 +163,7 @@ void usage() {
                "  --residual   recent tokens every cache keeps exact (default 128)\n"
                "  --rotate-k, --rotate-v  PackKV settings rotate that side (CacheConfig::rotate_k / rotate_v)\n"
                "  --k-before-rope  PackKV settings store K before RoPE and rotate the decoded keys at attention\n"
+               "  --compact-params  PackKV settings store 2-byte (step, min) pairs (CacheConfig::compact_params)\n"
                "  --sinks      the first N tokens of each window stay exact for every method (default 0)\n"
                "  --sweeps     which PackKV sweeps to run (default all)\n"
                "  --baselines  which baselines: all (default), none, or a list of int8,fp8,int4,kivi4,kivi2,\n"
@@ -512,6 +514,7 @@ int main(int argc, char** argv) {
       else if (arg == "--rotate-k") opt.rotate_k = true;
       else if (arg == "--rotate-v") opt.rotate_v = true;
       else if (arg == "--k-before-rope") opt.keys_before_rope = true;
+      else if (arg == "--compact-params") opt.compact_params = true;
       else if (arg == "--sinks") opt.sinks = std::stoi(value());
       else if (arg == "--baselines") opt.baselines = value();
       else if (arg == "--sweeps") opt.sweeps = value();
@@ -584,6 +587,7 @@ int main(int argc, char** argv) {
     base.num_threads = 1;  // settings run in parallel, one core each
     base.rotate_k = opt.rotate_k;
     base.rotate_v = opt.rotate_v;
+    base.compact_params = opt.compact_params;
     llama::BaselineOptions baseline_options;
     baseline_options.residual = opt.residual;  // the same exact window and the same
     baseline_options.block = opt.block;        // quantization steps as packkv's tail rule
@@ -611,7 +615,7 @@ int main(int argc, char** argv) {
       s.k_mode = k_mode;
       s.name = std::string("PackKV K ") + (k_mode == packkv::QuantMode::per_channel ? "per-channel " : "") +
                rel_label(k_rel) + (base.rotate_k ? " rotated" : "") + k_note + " / V " + rel_label(v_rel) +
-               (base.rotate_v ? " rotated" : "");
+               (base.rotate_v ? " rotated" : "") + (base.compact_params ? ", compact params" : "");
       s.make_cache = [make_packkv, base, k_rel, v_rel, k_mode] {
         packkv::CacheConfig c = base;
         c.k_rel = k_rel;
@@ -711,7 +715,8 @@ int main(int argc, char** argv) {
       for (double budget : opt.layer_budgets) {
         LayerPlanRow row{budget, packkv::choose_layer_bounds(sensitivity->menu, budget), ""};
         row.setting_name = "PackKV per-layer rels, KL budget " + fmt("%g", budget) + (base.rotate_k ? ", K rotated" : "") +
-                           (keys_before_rope ? ", K before RoPE" : "") + (base.rotate_v ? ", V rotated" : "");
+                           (keys_before_rope ? ", K before RoPE" : "") + (base.rotate_v ? ", V rotated" : "") +
+                           (base.compact_params ? ", compact params" : "");
         Setting s;
         s.name = row.setting_name;
         s.family = Family::packkv_per_layer;
@@ -858,6 +863,10 @@ int main(int argc, char** argv) {
                                "them, a conservative count of its compressed bits, and every read using the exact rows"
                                "; with --k-before-rope its attention runs over decoded copies that keep them exact).\n"
                          : std::string("No sink tokens are kept exact (none of the methods).\n"));
+    if (opt.compact_params) {
+      md << "- PackKV settings store each group's (step, min) in 2 bytes (`CacheConfig::compact_params`, block format "
+            "version 3) instead of two fp16 values.\n";
+    }
     if (opt.keys_before_rope) {
       md << "- PackKV settings store K before RoPE and rotate the decoded keys at attention (KVQuant's pre-RoPE keys), "
             "attention running over decoded copies (llama::make_packkv_cache_with_levers).\n";

@@ -21,6 +21,8 @@ struct CodecParams {
   RepackMethod repack;
 
   int max_code(format::Side side) const { return side == format::Side::k ? k_max_code : v_max_code; }
+  /// The largest code a block of this codec stores on a side (format::code_limit).
+  int code_limit(format::Side side) const { return format::code_limit(geometry.layout(side), max_code(side)); }
   bool operator==(const CodecParams&) const = default;
 };
 
@@ -38,7 +40,7 @@ format::BlockGeometry widest_geometry(std::span<const CodecParams> layer_codecs)
 /// Reusable scratch for encode_block (avoids allocations on the append path).
 struct EncodeScratch {
   std::vector<std::uint8_t> k_codes, v_codes;  // [block_tokens][head_dim], original order
-  std::vector<format::QuantParams> k_params, v_params;
+  std::vector<std::uint8_t> k_params, v_params;  // parameter areas, groups in arrival order
   std::vector<std::uint8_t> order;  // stored position -> original token
 };
 

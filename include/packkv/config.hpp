@@ -62,6 +62,12 @@ struct CacheConfig {
   /// once; read_back returns unrotated values. Changes no block format; images record it.
   bool rotate_k = false;
   bool rotate_v = false;
+  /// Store each group's (step, min) in 2 bytes instead of two fp16 values (block format version 3,
+  /// docs/format.md): a step on a grid of 5 significant bits relative to one exponent per section,
+  /// and a min aligned to half steps. Saves 16 bits per token, head and side (0.25 bit per element
+  /// at head_dim 64) for a step up to 1/16 coarser. Values must then be within +-16384. CPU
+  /// backend only so far: the CUDA backend refuses it.
+  bool compact_params = false;
   std::size_t memory_budget_bytes = 0;  ///< cap on all memory the cache holds; 0 means none
   Device device = Device::cpu;
   int num_threads = 0;        ///< CPU worker threads for attention and encoding; 0: all cores

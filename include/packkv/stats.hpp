@@ -9,7 +9,7 @@ namespace packkv {
 /// Bytes of one layer (or of the whole cache), by what they hold.
 struct MemoryBreakdown {
   std::size_t payload = 0;       ///< bit-packed codes
-  std::size_t params = 0;        ///< per-token / per-channel fp16 (step, min)
+  std::size_t params = 0;        ///< per-token / per-channel (step, min): fp16, or compact with its prefixes
   std::size_t descriptors = 0;   ///< per-pack (min, width)
   std::size_t permutations = 0;  ///< stored token orders
   std::size_t headers = 0;       ///< block headers, head directories, round offsets, alignment padding

@@ -49,7 +49,7 @@ BlockBytes block_bytes_breakdown(const CodecParams& p, const std::uint8_t* block
       const std::uint32_t rounds_bytes = format::rounds_bytes(section, layout);
       b.payload += rounds_bytes - descriptors;
       b.descriptors += descriptors;
-      b.params += layout.param_count * sizeof(format::QuantParams);
+      b.params += layout.round_end_offset;  // the parameter area (with the compact prefix)
       (side == Side::k ? b.k_sections : b.v_sections) += layout.section_bytes(rounds_bytes);
     }
   }

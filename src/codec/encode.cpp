@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <stdexcept>
 
 #include <fmt/format.h>
 
@@ -32,6 +33,7 @@ CodecParams layer_codec(const CacheConfig& config, int layer) {
   p.geometry.v_bits = bits_for_max_code(p.v_max_code);
   p.geometry.permuted = config.repack != RepackMethod::none;
   p.geometry.k_per_channel = config.k_mode == QuantMode::per_channel;
+  p.geometry.compact_params = config.compact_params;
   return p;
 }
 }  // namespace
@@ -94,6 +96,12 @@ const char* side_name(Side side) { return side == Side::k ? "K" : "V"; }
       side_name(side), value, token, head, channel));
 }
 
+[[noreturn]] void throw_compact_range(Side side, const char* group, int index, int head, const format::Range& r) {
+  detail::throw_error(fmt::format("{} {} {} of head {} spans [{}, {}]: compact parameters (CacheConfig::compact_params) "
+                                  "store values within +-16384 only",
+                                  side_name(side), group, index, head, r.lo, r.hi));
+}
+
 [[noreturn]] void throw_range(Side side, const char* group, int index, int head, const format::Range& r) {
   detail::throw_error(fmt::format("{} {} {} of head {} spans [{}, {}], too wide for one fp16 step at this rel (use a "
                                   "smaller rel)",
@@ -109,29 +117,75 @@ void gather_head(const T* x, std::size_t row_stride, int head, int tokens, int d
   }
 }
 
-// Per-token quantization of one head: codes[t][c] (arrival order), params[t].
-void quantize_per_token(const float* x, int head, int tokens, int dim, int max_code, Side side,
-                        std::uint8_t* codes, QuantParams* params) {
+/// How one side's groups are quantized and where their parameters go: the section's parameter
+/// area in arrival order (format/block.hpp: fp16 pairs, or the compact prefix and 2-byte pairs).
+struct SideCodec {
+  SectionLayout layout;
+  int max_code;    ///< the error bound's largest code
+  int code_limit;  ///< the largest code stored (format::code_limit)
+  Side side;
+
+  /// Every group's quantizer, from the groups' ranges; writes the parameter area.
+  void quantizers(const float* lo, const float* hi, int groups, const char* group, int head, format::Quantizer* q,
+                  std::uint8_t* area) const {
+    if (layout.compact == 0u) {
+      auto* params = reinterpret_cast<QuantParams*>(area);
+      for (int i = 0; i < groups; ++i) {
+        q[i] = format::make_quantizer(lo[i], hi[i], max_code);
+        if (!q[i].ok) throw_range(side, group, i, head, format::Range{lo[i], hi[i]});
+        params[i] = q[i].stored;
+      }
+      return;
+    }
+    double need = 0.0;
+    for (int i = 0; i < groups; ++i) {
+      if (!format::storable_compact(lo[i]) || !format::storable_compact(hi[i])) {
+        throw_compact_range(side, group, i, head, format::Range{lo[i], hi[i]});
+      }
+      need = std::max(need, format::compact_need(lo[i], hi[i], max_code, code_limit));
+    }
+    const int exponent = format::compact_exponent(need);
+    area[0] = static_cast<std::uint8_t>(exponent + format::kCompactExponentBias);
+    area[1] = area[2] = area[3] = 0;
+    for (int i = 0; i < groups; ++i) {
+      q[i] = format::make_compact_quantizer(lo[i], hi[i], max_code, code_limit, exponent);
+      // Every range of storable_compact values fits its section's exponent (tests/test_compact_params.cpp
+      // searches for counterexamples); a failure here is a bug, not bad input.
+      if (!q[i].ok) throw std::logic_error("packkv: compact parameters found no step for a storable range");
+      std::memcpy(area + layout.params_offset + layout.param_bytes * static_cast<std::uint32_t>(i), &q[i].compact,
+                  sizeof q[i].compact);
+    }
+  }
+};
+
+// Per-token quantization of one head: codes[t][c] (arrival order), the parameter area.
+void quantize_per_token(const float* x, int head, int tokens, int dim, const SideCodec& sc, std::uint8_t* codes,
+                        std::uint8_t* area) {
   const detail::cpu::Kernels& kern = detail::cpu::kernels();
+  float lo[256], hi[256];
   for (int t = 0; t < tokens; ++t) {
     const float* row = x + static_cast<std::size_t>(t) * dim;
     format::Range range;
     if (!kern.row_range(row, static_cast<std::size_t>(dim), range)) {
       for (int c = 0; c < dim; ++c) {
-        if (!format::storable(row[c])) throw_bad_value(side, t, head, c, row[c]);
+        if (!format::storable(row[c])) throw_bad_value(sc.side, t, head, c, row[c]);
       }
     }
-    const format::Quantizer q = format::make_quantizer(range.lo, range.hi, max_code);
-    if (!q.ok) throw_range(side, "token", t, head, range);
-    params[t] = q.stored;
-    kern.quantize_row(row, static_cast<std::size_t>(dim), q, max_code, codes + static_cast<std::size_t>(t) * dim);
+    lo[t] = range.lo;
+    hi[t] = range.hi;
+  }
+  format::Quantizer q[256];
+  sc.quantizers(lo, hi, tokens, "token", head, q, area);
+  for (int t = 0; t < tokens; ++t) {
+    kern.quantize_row(x + static_cast<std::size_t>(t) * dim, static_cast<std::size_t>(dim), q[t], sc.code_limit,
+                      codes + static_cast<std::size_t>(t) * dim);
   }
 }
 
-// Per-channel quantization of one head over the block (KIVI-style K): params[c]. Row by row, so
-// every channel's range and codes come from vector operations over a token's values.
-void quantize_per_channel(const float* x, int head, int tokens, int dim, int max_code, std::uint8_t* codes,
-                          QuantParams* params) {
+// Per-channel quantization of one head over the block (KIVI-style K): one group per channel. Row
+// by row, so every channel's range and codes come from vector operations over a token's values.
+void quantize_per_channel(const float* x, int head, int tokens, int dim, const SideCodec& sc, std::uint8_t* codes,
+                          std::uint8_t* area) {
   const detail::cpu::Kernels& kern = detail::cpu::kernels();
   float lo[256], hi[256], mins[256], inv_steps[256];
   std::fill(lo, lo + dim, INFINITY);
@@ -144,28 +198,30 @@ void quantize_per_channel(const float* x, int head, int tokens, int dim, int max
       }
     }
   }
+  format::Quantizer q[256];
+  sc.quantizers(lo, hi, dim, "channel", head, q, area);
   for (int c = 0; c < dim; ++c) {
-    const format::Quantizer q = format::make_quantizer(lo[c], hi[c], max_code);
-    if (!q.ok) throw_range(Side::k, "channel", c, head, format::Range{lo[c], hi[c]});
-    params[c] = q.stored;
-    mins[c] = q.min;
-    inv_steps[c] = q.inv_step;
+    mins[c] = q[c].min;
+    inv_steps[c] = q[c].inv_step;
   }
   for (int t = 0; t < tokens; ++t) {
     kern.quantize_row_per_channel(x + static_cast<std::size_t>(t) * dim, static_cast<std::size_t>(dim), mins, inv_steps,
-                                  max_code, codes + static_cast<std::size_t>(t) * dim);
+                                  sc.code_limit, codes + static_cast<std::size_t>(t) * dim);
   }
 }
 
-
 }  // namespace
 
-std::uint32_t detail::write_section(const SectionLayout& layout, const std::uint8_t* codes, const QuantParams* params,
+std::uint32_t detail::write_section(const SectionLayout& layout, const std::uint8_t* codes, const std::uint8_t* params,
                                     bool per_token_params, const std::uint8_t* order, std::uint8_t* out,
                                     BlockBytes& bytes) {
   const std::uint32_t dim = layout.head_dim;
-  auto* out_params = reinterpret_cast<QuantParams*>(out);
-  for (std::uint32_t i = 0; i < layout.param_count; ++i) out_params[i] = per_token_params ? params[order[i]] : params[i];
+  std::memcpy(out, params, layout.params_offset);  // the compact prefix (nothing with fp16 parameters)
+  for (std::uint32_t i = 0; i < layout.param_count; ++i) {
+    const std::uint32_t from = per_token_params ? order[i] : i;
+    std::memcpy(out + layout.params_offset + i * layout.param_bytes,
+                params + layout.params_offset + from * layout.param_bytes, layout.param_bytes);
+  }
   std::uint8_t* rounds = out + layout.rounds_offset;
   std::uint32_t offset = 0, descriptors = 0;
   std::uint8_t lo[256], width[256], values[format::kPackTokens];
@@ -200,7 +256,7 @@ std::uint32_t detail::write_section(const SectionLayout& layout, const std::uint
   }
   const std::uint32_t size = layout.section_bytes(offset);
   std::memset(rounds + offset, 0, size - layout.rounds_offset - offset);
-  bytes.params += layout.param_count * sizeof(QuantParams);
+  bytes.params += layout.round_end_offset;
   bytes.descriptors += descriptors;
   bytes.payload += offset - descriptors;
   return size;
@@ -215,23 +271,25 @@ std::uint32_t encode_block(const CodecParams& p, const T* k, const T* v, std::si
   const std::size_t codes_size = static_cast<std::size_t>(tokens) * dim;
   s.k_codes.resize(codes_size);
   s.v_codes.resize(codes_size);
-  s.k_params.resize(static_cast<std::size_t>(std::max(tokens, dim)));
-  s.v_params.resize(static_cast<std::size_t>(tokens));
+  s.k_params.resize(g.k_layout().round_end_offset);
+  s.v_params.resize(g.v_layout().round_end_offset);
   s.order.resize(static_cast<std::size_t>(tokens));
   thread_local std::vector<float> values;
   values.resize(codes_size);
 
+  const SideCodec k_codec{g.k_layout(), p.k_max_code, p.code_limit(Side::k), Side::k};
+  const SideCodec v_codec{g.v_layout(), p.v_max_code, p.code_limit(Side::v), Side::v};
   std::memset(out, 0, g.sections_offset());
   BlockBytes bytes;
   std::uint32_t offset = g.sections_offset();
   for (int h = 0; h < g.num_heads; ++h) {
     gather_head(v, row_stride, h, tokens, dim, values.data());
-    quantize_per_token(values.data(), h, tokens, dim, p.v_max_code, Side::v, s.v_codes.data(), s.v_params.data());
+    quantize_per_token(values.data(), h, tokens, dim, v_codec, s.v_codes.data(), s.v_params.data());
     gather_head(k, row_stride, h, tokens, dim, values.data());
     if (g.k_per_channel) {
-      quantize_per_channel(values.data(), h, tokens, dim, p.k_max_code, s.k_codes.data(), s.k_params.data());
+      quantize_per_channel(values.data(), h, tokens, dim, k_codec, s.k_codes.data(), s.k_params.data());
     } else {
-      quantize_per_token(values.data(), h, tokens, dim, p.k_max_code, Side::k, s.k_codes.data(), s.k_params.data());
+      quantize_per_token(values.data(), h, tokens, dim, k_codec, s.k_codes.data(), s.k_params.data());
     }
     switch (p.repack) {
       case RepackMethod::none: std::iota(s.order.begin(), s.order.end(), std::uint8_t{0}); break;

@@ -10,10 +10,11 @@
 namespace packkv::detail {
 
 /// Writes one section (params, round ends, rounds, padding) at `out` and returns its size.
-/// codes: [token][channel] in arrival order; params: per token in arrival order (or per channel);
-/// order[i]: the arrival index of the token stored at position i. Adds its parts to `bytes`.
-std::uint32_t write_section(const format::SectionLayout& layout, const std::uint8_t* codes,
-                            const format::QuantParams* params, bool per_token_params, const std::uint8_t* order,
-                            std::uint8_t* out, BlockBytes& bytes);
+/// codes: [token][channel] in arrival order; params: a parameter area as the section stores it
+/// (layout.round_end_offset bytes: the compact prefix, if any, then one group after the other) but
+/// with per-token groups in arrival order; order[i]: the arrival index of the token stored at
+/// position i. Adds its parts to `bytes`.
+std::uint32_t write_section(const format::SectionLayout& layout, const std::uint8_t* codes, const std::uint8_t* params,
+                            bool per_token_params, const std::uint8_t* order, std::uint8_t* out, BlockBytes& bytes);
 
 }  // namespace packkv::detail

@@ -65,9 +65,14 @@ void validate_block(const CodecParams& p, std::span<const std::uint8_t> bytes) {
                  fmt::format("block of {} bytes is shorter than its 16-byte header", bytes.size()));
   format::BlockHeader h;
   std::memcpy(&h, bytes.data(), sizeof h);
-  PACKKV_REQUIRE(h.version == format::kVersion,
-                 fmt::format("block format version {} is not supported (this build reads {})", h.version,
-                             format::kVersion));
+  PACKKV_REQUIRE(h.version == format::kVersion || h.version == format::kVersionCompact,
+                 fmt::format("block format version {} is not supported (this build reads {} and {})", h.version,
+                             format::kVersion, format::kVersionCompact));
+  PACKKV_REQUIRE(h.version == g.version(),
+                 fmt::format("block format version {} stores {} parameters, but this cache stores {} ones "
+                             "(CacheConfig::compact_params is {})",
+                             h.version, h.version == format::kVersionCompact ? "compact" : "fp16",
+                             g.compact_params ? "compact" : "fp16", g.compact_params ? "on" : "off"));
   PACKKV_REQUIRE(h.block_bytes == bytes.size(),
                  fmt::format("block header says {} bytes, but {} were given", h.block_bytes, bytes.size()));
   const format::BlockHeader want = format::make_block_header(g, h.block_bytes);
@@ -97,7 +102,7 @@ void validate_block(const CodecParams& p, std::span<const std::uint8_t> bytes) {
     const format::HeadEntry entry = format::head_entry(bytes.data(), g, head);
     for (Side side : {Side::k, Side::v}) {
       const SectionLayout layout = g.layout(side);
-      const int max_code = p.max_code(side);
+      const int max_code = p.code_limit(side);
       const std::uint32_t section_offset = entry.offset(side);
       const char* name = side_name(side);
       PACKKV_REQUIRE(section_offset == expected_offset,
@@ -106,9 +111,16 @@ void validate_block(const CodecParams& p, std::span<const std::uint8_t> bytes) {
       PACKKV_REQUIRE(section_offset + layout.rounds_offset <= end,
                      fmt::format("head {} {} section at {} runs past the block end", head, name, section_offset));
       const std::uint8_t* section = bytes.data() + section_offset;
-      const format::QuantParams* params = format::section_params(section);
+      if (layout.compact != 0u) {
+        const int exponent = format::section_step_exponent(section);
+        PACKKV_REQUIRE(exponent >= format::kCompactExponentMin && exponent <= format::kCompactExponentMax &&
+                           section[1] == 0 && section[2] == 0 && section[3] == 0,
+                       fmt::format("head {} {} section: step exponent {} outside [{}, {}] or a non-zero reserved "
+                                   "byte in its prefix",
+                                   head, name, exponent, format::kCompactExponentMin, format::kCompactExponentMax));
+      }
       for (std::uint32_t i = 0; i < layout.param_count; ++i) {
-        const float step = to_float(params[i].step), min = to_float(params[i].min);
+        const auto [step, min] = format::group_params(section, layout, i);
         PACKKV_REQUIRE(format::params_in_range(step, min, max_code),
                        fmt::format("head {} {} parameter {}: step {} / min {} decode outside [-65504, 65504] (or are "
                                    "not finite, or the step is negative)",

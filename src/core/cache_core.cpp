@@ -743,7 +743,7 @@ std::vector<std::uint8_t> CacheCore<T>::export_sequence(SeqId id, std::span<cons
   const std::shared_lock lock(seq.lock);
   try {
     std::vector<std::uint8_t> image(sizeof(format::ImageHeader));
-    format::ImageHeader header = make_image_header(codecs_[0], cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>());
+    format::ImageHeader header = make_image_header(codecs_[0], cfg_.k_mode, option_bits(cfg_), format::dtype_code<T>());
     header.layer_count = static_cast<std::uint16_t>(chosen.size());
     std::memcpy(image.data(), &header, sizeof header);
     auto put = [&image](const void* data, std::size_t n) {
@@ -792,7 +792,7 @@ void CacheCore<T>::import_sequence(SeqId id, std::span<const std::uint8_t> image
   }
   const int max_tail = std::min(tails_.max_capacity() + (1 << 20), 1 << 21);
   const std::vector<ParsedLayer> parsed =
-      parse_image(image, codecs_[0], codecs_, cfg_.k_mode, rotation_bits(cfg_), format::dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);
+      parse_image(image, codecs_[0], codecs_, cfg_.k_mode, option_bits(cfg_), format::dtype_code<T>(), sizeof(T), cfg_.num_layers, max_tail);
   std::vector<std::vector<T>> tails(parsed.size() * 2), sinks(parsed.size() * 2);
   std::vector<LayerWrite<T>> writes(parsed.size());
   for (std::size_t i = 0; i < parsed.size(); ++i) {

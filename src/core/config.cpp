@@ -99,9 +99,9 @@ std::string rel_text(float rel, const std::vector<float>& per_layer) {
 std::string describe(const CacheConfig& c) {
   return fmt::format(
       "layers={} kv_heads={} q_heads={} head_dim={} block={} residual={} sinks={} k_rel={} v_rel={} k_mode={} "
-      "repack={} rotate_k={} rotate_v={} budget={} device={} cuda_strict={} cuda_poll_errors={}",
+      "repack={} rotate_k={} rotate_v={} compact_params={} budget={} device={} cuda_strict={} cuda_poll_errors={}",
       c.num_layers, c.num_kv_heads, c.num_q_heads, c.head_dim, c.block_tokens, c.residual_tokens,
-      c.sink_tokens, rel_text(c.k_rel, c.layer_k_rel), rel_text(c.v_rel, c.layer_v_rel), to_string(c.k_mode), to_string(c.repack), c.rotate_k, c.rotate_v, c.memory_budget_bytes, to_string(c.device), c.cuda_strict,
+      c.sink_tokens, rel_text(c.k_rel, c.layer_k_rel), rel_text(c.v_rel, c.layer_v_rel), to_string(c.k_mode), to_string(c.repack), c.rotate_k, c.rotate_v, c.compact_params, c.memory_budget_bytes, to_string(c.device), c.cuda_strict,
       c.cuda_poll_errors);
 }
 

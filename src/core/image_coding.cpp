@@ -167,7 +167,7 @@ struct ImageShape {
   CodecParams codec;  ///< the shape; the code ranges of version 1 (one for every layer)
   bool uniform;       ///< version 1
   QuantMode k_mode;
-  std::uint8_t rotation;
+  std::uint8_t options;
   std::uint8_t dtype;
   std::size_t value_bytes;
   int layer_count;
@@ -186,6 +186,7 @@ ImageShape image_shape(const ImageHeader& h, const char* what) {
   }
   if (h.num_kv_heads < 1) throw bad("no KV heads");
   if (h.k_mode > 1 || h.permuted > 1 || h.dtype > 2) throw bad("invalid k_mode, permuted or dtype");
+  if ((h.options & ~format::kImageOptionsKnown) != 0) throw bad(fmt::format("options byte {} has unknown bits", h.options));
   const bool uniform = h.version == format::kImageVersionUniform;
   if (uniform) {
     for (const auto& [max_code, bits] : {std::pair<int, int>{h.k_max_code, h.k_bits}, std::pair<int, int>{h.v_max_code, h.v_bits}}) {
@@ -204,11 +205,12 @@ ImageShape image_shape(const ImageHeader& h, const char* what) {
   s.codec.geometry.v_bits = uniform ? h.v_bits : 8;
   s.codec.geometry.permuted = h.permuted != 0;
   s.codec.geometry.k_per_channel = h.k_mode == static_cast<std::uint8_t>(QuantMode::per_channel);
+  s.codec.geometry.compact_params = (h.options & format::kImageCompactParams) != 0;
   s.codec.k_max_code = uniform ? h.k_max_code : 255;
   s.codec.v_max_code = uniform ? h.v_max_code : 255;
   s.codec.repack = h.permuted ? RepackMethod::median : RepackMethod::none;
   s.k_mode = static_cast<QuantMode>(h.k_mode);
-  s.rotation = h.rotation;
+  s.options = h.options;
   s.dtype = h.dtype;
   s.value_bytes = h.dtype == format::kDtypeFloat ? 4 : 2;
   s.layer_count = h.layer_count;
@@ -239,7 +241,7 @@ class Models {
   explicit Models(const ImageShape& s) : heads_(s.codec.geometry.num_heads), dim_(s.codec.geometry.head_dim) {}
   /// Fresh models for a layer of this codec (its code ranges set the alphabets).
   void start_layer(const CodecParams& codec) {
-    const int levels[2] = {codec.k_max_code + 1, codec.v_max_code + 1};
+    const int levels[2] = {codec.code_limit(Side::k) + 1, codec.code_limit(Side::v) + 1};
     models_.resize(static_cast<std::size_t>(heads_) * 2 * dim_);
     for (std::size_t i = 0; i < models_.size(); ++i) models_[i].reset(levels[(i / dim_) % 2]);
     param_models_.resize(static_cast<std::size_t>(heads_) * 2 * sizeof(QuantParams));
@@ -297,7 +299,7 @@ std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> ima
   const ImageShape shape = image_shape(h, "entropy coding");
   // The full check of an import (checksums, counts, every block), against the header's own codec.
   const std::vector<detail::ParsedLayer> layers =
-      detail::parse_image(image, shape.codec, {}, shape.k_mode, shape.rotation, shape.dtype, shape.value_bytes,
+      detail::parse_image(image, shape.codec, {}, shape.k_mode, shape.options, shape.dtype, shape.value_bytes,
                           format::kMaxImageLayers, std::numeric_limits<int>::max());
   const format::BlockGeometry& shape_g = shape.codec.geometry;
   const int tokens = shape_g.block_tokens, dim = shape_g.head_dim;
@@ -345,16 +347,16 @@ std::vector<std::uint8_t> encode_image_entropy(std::span<const std::uint8_t> ima
               AdaptiveModel& model = models.at(head, side, static_cast<int>(c));
               for (int i = 0; i < format::kPackTokens; ++i) {
                 const std::uint32_t code = values[i] + min;
-                PACKKV_REQUIRE(code <= static_cast<std::uint32_t>(layer.codec.max_code(side)),
+                PACKKV_REQUIRE(code <= static_cast<std::uint32_t>(layer.codec.code_limit(side)),
                                fmt::format("entropy coding: layer {} block {} holds code {} above the image's largest, {}",
-                                           layer.layer, b, code, layer.codec.max_code(side)));
+                                           layer.layer, b, code, layer.codec.code_limit(side)));
                 codes[(r * format::kPackTokens + static_cast<std::size_t>(i)) * dim + c] = static_cast<std::uint8_t>(code);
                 model.encode(coder, code);
               }
             });
           }
-          offset += detail::write_section(layout, codes.data(), format::section_params(section),
-                                          !g.per_channel(side), identity.data(), rebuilt.data() + offset, parts);
+          offset += detail::write_section(layout, codes.data(), section, !g.per_channel(side), identity.data(),
+                                          rebuilt.data() + offset, parts);
         }
       }
       // Everything after the sections (the trailing slack) is kept as it is.
@@ -438,7 +440,7 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
   Models models(shape);
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(tokens) * dim), identity(static_cast<std::size_t>(tokens));
   std::iota(identity.begin(), identity.end(), std::uint8_t{0});
-  std::vector<QuantParams> params(static_cast<std::size_t>(std::max(tokens, dim)));
+  std::vector<std::uint8_t> params(std::max(shape_g.k_layout().round_end_offset, shape_g.v_layout().round_end_offset));
   std::vector<std::uint8_t> scratch(std::max(shape_g.k_layout().max_section_bytes(), shape_g.v_layout().max_section_bytes()));
   for (int li = 0; li < shape.layer_count; ++li) {
     LayerRecord record;
@@ -473,9 +475,8 @@ std::vector<std::uint8_t> decode_image_entropy(std::span<const std::uint8_t> cod
       for (int head = 0; head < g.num_heads; ++head) {
         for (Side side : kSides) {
           const SectionLayout layout = g.layout(side);
-          auto* param_bytes = reinterpret_cast<std::uint8_t*>(params.data());
           for (std::uint32_t i = 0; i < layout.round_end_offset; ++i) {
-            param_bytes[i] = static_cast<std::uint8_t>(
+            params[i] = static_cast<std::uint8_t>(
                 models.param_byte(head, side, static_cast<int>(i % sizeof(QuantParams))).decode(coder));
           }
           for (std::uint32_t r = 0; r < layout.rounds; ++r) {

@@ -94,7 +94,7 @@ std::uint32_t crc32c(const std::uint8_t* data, std::size_t n, std::uint32_t crc)
   return ~crc;
 }
 
-format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t rotation,
+format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t options,
                                       std::uint8_t dtype) {
   format::ImageHeader h{};
   std::memcpy(h.magic, format::kImageMagic, sizeof h.magic);
@@ -102,7 +102,7 @@ format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode
   h.header_bytes = sizeof(format::ImageHeader);
   h.dtype = dtype;
   h.k_mode = static_cast<std::uint8_t>(k_mode);
-  h.rotation = rotation;
+  h.options = options;
   h.permuted = codec.geometry.permuted ? 1 : 0;
   // Code ranges are per layer, in the layer records (make_layer_record).
   h.num_kv_heads = static_cast<std::uint16_t>(codec.geometry.num_heads);
@@ -144,7 +144,7 @@ void seal_image(std::vector<std::uint8_t>& image) {
 }
 
 std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec,
-                                     std::span<const CodecParams> layer_codecs, QuantMode k_mode, std::uint8_t rotation,
+                                     std::span<const CodecParams> layer_codecs, QuantMode k_mode, std::uint8_t options,
                                      std::uint8_t dtype, std::size_t value_bytes, int num_layers, int max_tail_tokens) {
   using format::ImageHeader;
   using format::LayerRecord;
@@ -168,12 +168,17 @@ std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const 
   PACKKV_REQUIRE(crc32c(image.data() + sizeof h, image.size() - sizeof h) == h.body_crc,
                  "import: image body checksum mismatch (corrupt data)");
 
-  PACKKV_REQUIRE((h.rotation & ~3u) == 0,
-                 fmt::format("import: the rotation byte is {}: only bits 0 and 1 may be set", h.rotation));
-  const ImageHeader want = make_image_header(codec, k_mode, rotation, dtype);
-  PACKKV_REQUIRE(h.rotation == want.rotation,
+  PACKKV_REQUIRE((h.options & ~format::kImageOptionsKnown) == 0,
+                 fmt::format("import: the options byte is {}: only bits 0 to 2 may be set", h.options));
+  const ImageHeader want = make_image_header(codec, k_mode, options, dtype);
+  const unsigned rotation = h.options & 3u, want_rotation = want.options & 3u;
+  PACKKV_REQUIRE(rotation == want_rotation,
                  fmt::format("import: image rotation (K {}, V {}) does not match this cache's rotate_k / rotate_v ({}, {})",
-                             h.rotation & 1, h.rotation >> 1, want.rotation & 1, want.rotation >> 1));
+                             rotation & 1, rotation >> 1, want_rotation & 1, want_rotation >> 1));
+  const bool compact = (h.options & format::kImageCompactParams) != 0;
+  PACKKV_REQUIRE(compact == ((want.options & format::kImageCompactParams) != 0),
+                 fmt::format("import: the image's blocks store {} parameters, this cache {} ones (compact_params)",
+                             compact ? "compact" : "fp16", compact ? "fp16" : "compact"));
   PACKKV_REQUIRE(h.dtype == want.dtype, fmt::format("import: image holds {} values, this cache holds {}",
                                                     dtype_name(h.dtype), dtype_name(want.dtype)));
   PACKKV_REQUIRE(h.num_kv_heads == want.num_kv_heads && h.head_dim == want.head_dim &&

@@ -16,14 +16,19 @@ namespace packkv::detail {
 /// CRC-32C (Castagnoli), with the SSE4.2 instruction when the build has it.
 std::uint32_t crc32c(const std::uint8_t* data, std::size_t n, std::uint32_t crc = 0);
 
-/// Header for images of this codec and storage type (counts and checksums filled by the writer).
-/// The image header's rotation byte of a config: bit 0 rotate_k, bit 1 rotate_v.
-inline std::uint8_t rotation_bits(const CacheConfig& c) {
-  return static_cast<std::uint8_t>((c.rotate_k ? 1u : 0u) | (c.rotate_v ? 2u : 0u));
+/// The image header's options byte of a config: bit 0 rotate_k, bit 1 rotate_v, bit 2
+/// compact_params (format::ImageOptions).
+inline std::uint8_t option_bits(const CacheConfig& c) {
+  unsigned bits = 0;
+  if (c.rotate_k) bits |= format::kImageRotateK;
+  if (c.rotate_v) bits |= format::kImageRotateV;
+  if (c.compact_params) bits |= format::kImageCompactParams;
+  return static_cast<std::uint8_t>(bits);
 }
 
-/// `rotation`: bit 0 K rotated, bit 1 V rotated (rotation_bits).
-format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t rotation,
+/// Header for images of this codec and storage type (counts and checksums filled by the writer);
+/// `options` as option_bits.
+format::ImageHeader make_image_header(const CodecParams& codec, QuantMode k_mode, std::uint8_t options,
                                       std::uint8_t dtype);
 
 /// The record of one layer of an image, with that layer's code ranges.
@@ -55,7 +60,7 @@ struct ParsedLayer {
 /// ranges the image records (version 1: the header's for every layer). Throws packkv::error
 /// describing the first problem. Sink rows are bounded by the block size.
 std::vector<ParsedLayer> parse_image(std::span<const std::uint8_t> image, const CodecParams& codec,
-                                     std::span<const CodecParams> layer_codecs, QuantMode k_mode, std::uint8_t rotation,
+                                     std::span<const CodecParams> layer_codecs, QuantMode k_mode, std::uint8_t options,
                                      std::uint8_t dtype, std::size_t value_bytes, int num_layers, int max_tail_tokens);
 
 }  // namespace packkv::detail

@@ -17,28 +17,35 @@
 
 namespace packkv::detail {
 
-/// Index of the first value that cannot be stored, or n when all can.
+/// Index of the first value that cannot be stored (not finite, or |x| > limit: 65504, or
+/// format::kCompactMaxAbs with compact parameters), or n when all can.
 template <class T>
-std::size_t first_unstorable(const T* x, std::size_t n) {
+std::size_t first_unstorable(const T* x, std::size_t n, float limit = kFp16Max) {
+  const auto storable = [limit](float v) { return v >= -limit && v <= limit; };  // false for NaN
   // Branch-free passes the compiler vectorises; the exact place is searched only on failure.
   bool ok = true;
+  bool fast = false;
   if constexpr (std::is_same_v<T, fp16_t>) {
-    // Every finite fp16 fits; Inf and NaN have all exponent bits set (an exponent field below
-    // 0x7C00 keeps the maximum below it).
-    std::int16_t exponent = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      const auto e = static_cast<std::int16_t>(x[i].bits & 0x7C00u);
-      exponent = e > exponent ? e : exponent;
+    if (limit == kFp16Max) {
+      // Every finite fp16 fits; Inf and NaN have all exponent bits set (an exponent field below
+      // 0x7C00 keeps the maximum below it).
+      std::int16_t exponent = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        const auto e = static_cast<std::int16_t>(x[i].bits & 0x7C00u);
+        exponent = e > exponent ? e : exponent;
+      }
+      ok = exponent != 0x7C00;
+      fast = true;
     }
-    ok = exponent != 0x7C00;
-  } else {
+  }
+  if (!fast) {
     unsigned bad = 0;
-    for (std::size_t i = 0; i < n; ++i) bad |= static_cast<unsigned>(!format::storable(to_float(x[i])));
+    for (std::size_t i = 0; i < n; ++i) bad |= static_cast<unsigned>(!storable(to_float(x[i])));
     ok = bad == 0;
   }
   if (ok) return n;
   for (std::size_t i = 0; i < n; ++i) {
-    if (!format::storable(to_float(x[i]))) return i;
+    if (!storable(to_float(x[i]))) return i;
   }
   return n;
 }
@@ -55,14 +62,16 @@ void check_append_values(const CodecParams& codec, const TokenRows<T>& rows, con
   for (format::Side side : {format::Side::k, format::Side::v}) {
     const T* x = side == format::Side::k ? rows.in_k : rows.in_v;
     const std::size_t count = static_cast<std::size_t>(plan.n_tokens) * row;
-    const std::size_t i = first_unstorable(x, count);
+    const float limit = g.compact_params ? format::kCompactMaxAbs : kFp16Max;
+    const std::size_t i = first_unstorable(x, count, limit);
     if (i == count) continue;
     const std::size_t token = i / row, head = i % row / static_cast<std::size_t>(g.head_dim);
     const std::size_t channel = i % static_cast<std::size_t>(g.head_dim);
-    throw_error(fmt::format("{}: {} value {} at token {}, head {}, channel {} is NaN, Inf or beyond +-65504 (packkv "
-                            "stores per-token parameters in fp16)",
-                            where, side == format::Side::k ? "K" : "V", to_float(x[i]), plan.first_new() + token, head,
-                            channel));
+    throw_error(fmt::format("{}: {} value {} at token {}, head {}, channel {} is NaN, Inf or beyond +-{} ({})", where,
+                            side == format::Side::k ? "K" : "V", to_float(x[i]), plan.first_new() + token, head,
+                            channel, limit,
+                            g.compact_params ? "the limit of compact parameters, CacheConfig::compact_params"
+                                             : "packkv stores per-token parameters in fp16"));
   }
   for (format::Side side : {format::Side::k, format::Side::v}) {
     const int max_code = codec.max_code(side);

@@ -26,8 +26,19 @@ namespace packkv::detail::cpu {
 namespace {
 
 /// A section's (step, min) pairs as floats; Ops::convert_halves turns n fp16 values into floats.
+/// Compact parameters (format version 3) are decoded group by group (exact integer arithmetic).
 template <class Ops>
-PACKKV_KERNEL_TARGET void load_params(const std::uint8_t* section, std::uint32_t count, float* step, float* min) {
+PACKKV_KERNEL_TARGET void load_params(const format::SectionLayout& L, const std::uint8_t* section, float* step,
+                                      float* min) {
+  const std::uint32_t count = L.param_count;
+  if (L.compact != 0u) {
+    for (std::uint32_t i = 0; i < count; ++i) {
+      const format::GroupParams p = format::group_params(section, L, i);
+      step[i] = p.step;
+      min[i] = p.min;
+    }
+    return;
+  }
   alignas(32) float pairs[2 * 256];
   Ops::convert_halves(reinterpret_cast<const fp16_t*>(format::section_params(section)), pairs, 2 * count);
   for (std::uint32_t i = 0; i < count; ++i) {
@@ -41,7 +52,7 @@ PACKKV_KERNEL_TARGET void section_scores_group(const format::SectionLayout& L, b
                           float* out, std::size_t out_stride) {
   const std::uint32_t dim = L.head_dim;
   alignas(32) float step[256], min[256];
-  load_params<Ops>(section, L.param_count, step, min);
+  load_params<Ops>(L, section, step, min);
   alignas(32) float qs[G * 256];
   float bias[G];
   const float* qk = q;
@@ -82,7 +93,7 @@ PACKKV_KERNEL_TARGET void section_accumulate_v_group(const format::SectionLayout
                                 std::size_t w_stride, float* acc, float* min_term) {
   const std::uint32_t tokens = L.rounds * 16;
   alignas(32) float step[256], min[256];
-  load_params<Ops>(section, L.param_count, step, min);
+  load_params<Ops>(L, section, step, min);
   // Fold each token's step into its weight: sum_i w_i (min_i + step_i code_i).
   alignas(32) float wstep[G * 256];
   for (int g = 0; g < G; ++g) {
@@ -132,7 +143,7 @@ template <class Ops, class DequantizeRow>
 PACKKV_KERNEL_TARGET void decode_from_codes(const format::SectionLayout& L, bool per_channel, const std::uint8_t* section,
                        const std::uint8_t* codes, float* out, DequantizeRow&& row) {
   alignas(32) float step[256], min[256];
-  load_params<Ops>(section, L.param_count, step, min);
+  load_params<Ops>(L, section, step, min);
   const std::uint32_t dim = L.head_dim, tokens = L.rounds * 16;
   for (std::uint32_t i = 0; i < tokens; ++i) {
     row(codes + static_cast<std::size_t>(i) * dim, dim, per_channel ? step : nullptr, per_channel ? min : nullptr,

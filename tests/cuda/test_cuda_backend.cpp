@@ -1302,6 +1302,14 @@ TEST(Cuda, GreedyRepackIsRefusedClearly) {
   test::expect_error([&] { PackedKVCache<float> cache(c); }, "greedy");
 }
 
+TEST(Cuda, CompactParametersAreRefusedClearly) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  CacheConfig c = base_config();
+  c.device = Device::cuda;
+  c.compact_params = true;
+  test::expect_error([&] { PackedKVCache<float> cache(c); }, "does not read compact parameters yet");
+}
+
 // Exact sinks (CacheConfig::sink_tokens) on the device against the CPU, whose readers
 // tests/test_sinks.cpp checks against float64: the fast path (head_dim 128) and the first path
 // (96), every reader, causal attention, fork, truncation and images. Coarse bounds make the first

@@ -32,6 +32,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   c.k_rel = (data[0] & 8) ? 0.01f : 0.1f;  // 7-bit or 4-bit codes
   c.k_mode = (data[0] & 16) ? packkv::QuantMode::per_channel : packkv::QuantMode::per_token;
   c.repack = (data[0] & 32) ? packkv::RepackMethod::none : packkv::RepackMethod::median;
+  c.compact_params = (data[0] & 64) != 0;  // version 3 blocks
   const packkv::CodecParams params = packkv::make_codec_params(c);
   const packkv::format::BlockGeometry& g = params.geometry;
   // Copy into an exactly sized buffer so AddressSanitizer sees any read past the block.

@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
   images(packkv::fp16_t{});
   images(packkv::bf16_t{});
   // Blocks: first byte = geometry selector of fuzz_block, then one encoded block.
-  for (int selector : {0, 3, 14, 27, 37}) {
+  for (int selector : {0, 3, 14, 27, 37, 67, 91}) {
     packkv::CacheConfig b;
     b.num_kv_heads = 1 + (selector & 1);
     b.num_q_heads = b.num_kv_heads;
@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
     b.k_rel = (selector & 8) ? 0.01f : 0.1f;
     b.k_mode = (selector & 16) ? packkv::QuantMode::per_channel : packkv::QuantMode::per_token;
     b.repack = (selector & 32) ? packkv::RepackMethod::none : packkv::RepackMethod::median;
+    b.compact_params = (selector & 64) != 0;
     const packkv::CodecParams params = packkv::make_codec_params(b);
     const std::size_t row = static_cast<std::size_t>(b.num_kv_heads) * b.head_dim;
     packkv::synthetic::KVStream stream(b.num_kv_heads, b.head_dim, selector);

@@ -35,6 +35,14 @@ constexpr std::uint8_t dtype_code() {
   else return kDtypeBf16;
 }
 
+/// The bits of ImageHeader::options (images written before an option existed have it clear).
+enum ImageOptions : std::uint8_t {
+  kImageRotateK = 1u << 0,        ///< CacheConfig::rotate_k
+  kImageRotateV = 1u << 1,        ///< CacheConfig::rotate_v
+  kImageCompactParams = 1u << 2,  ///< CacheConfig::compact_params: the blocks are version 3
+};
+inline constexpr std::uint8_t kImageOptionsKnown = kImageRotateK | kImageRotateV | kImageCompactParams;
+
 struct ImageHeader {
   char magic[8];
   std::uint32_t version;
@@ -44,7 +52,7 @@ struct ImageHeader {
   std::uint8_t permuted;       ///< 1 when blocks carry a token permutation
   std::uint8_t k_bits, v_bits;          ///< version 1 only (zero in version 2)
   std::uint8_t k_max_code, v_max_code;  ///< version 1 only (zero in version 2)
-  std::uint8_t rotation;   ///< bit 0: K rotated, bit 1: V rotated (CacheConfig::rotate_k/v); others zero
+  std::uint8_t options;    ///< ImageOptions: K rotated, V rotated, compact parameters; others zero
   std::uint16_t num_kv_heads, head_dim, block_tokens, layer_count;
   std::uint64_t body_bytes;
   std::uint32_t body_crc;    ///< CRC-32C of the body

@@ -59,12 +59,25 @@ PACKKV_HOST_DEVICE bool params_in_range(float step, float min, int max_code) {
   return dequantize(static_cast<std::uint32_t>(max_code), step, min) <= kFp16Max;
 }
 
-/// Quantization of one group with codes in [0, max_code].
+/// A group's parameters in two bytes (block format version 3, CacheConfig::compact_params):
+/// step = (16 + m) * 2^(E + e - 4), with e the high and m the low nibble of `step_code` and E the
+/// section's step exponent; min = (zero - W) * step / 2, with W = 2^bits - 1 the largest code of
+/// the section's width. Every step has 5 significant bits and every min is a multiple of step / 2
+/// with at most 9 bits of multiplier, so code * step + min is exact in fp32 (no rounding at all).
+struct CompactParams {
+  std::uint8_t step_code;
+  std::int8_t zero;
+};
+static_assert(sizeof(CompactParams) == 2);
+
+/// Quantization of one group with codes in [0, max_code] (fp16 parameters), or in [0, W] with
+/// compact parameters.
 struct Quantizer {
-  QuantParams stored;  ///< what the block stores
-  float min;           ///< to_float(stored.min)
-  float inv_step;      ///< 1 / to_float(stored.step), or 0 when step is 0
-  bool ok;             ///< false when the group's range cannot be stored (see make_quantizer)
+  QuantParams stored;     ///< what the block stores (fp16 parameters)
+  CompactParams compact;  ///< what the block stores (compact parameters)
+  float min;              ///< the stored min as a float
+  float inv_step;         ///< 1 / step, or 0 when step is 0
+  bool ok;                ///< false when the group's range cannot be stored (see make_quantizer)
 };
 
 /// The stored min is lo rounded down to fp16 and the stored step is (hi - min) / max_code rounded
@@ -110,6 +123,125 @@ PACKKV_HOST_DEVICE std::uint8_t quantize(float x, const Quantizer& q, int max_co
   code = code < 0 ? 0 : code;
   code = code > max_code ? max_code : code;
   return static_cast<std::uint8_t>(code);
+}
+
+// ---- compact parameters (format version 3) -----------------------------------------------------
+
+/// Values a cache with compact parameters stores: |x| <= 16384. A quarter of the fp16 range keeps
+/// every group's grid of W + 1 codes inside +-65504 with room for the alignment of its min.
+inline constexpr float kCompactMaxAbs = 16384.0f;
+PACKKV_HOST_DEVICE bool storable_compact(float x) { return x >= -kCompactMaxAbs && x <= kCompactMaxAbs; }
+
+/// A section's step exponent E, stored biased by kCompactExponentBias in the section's first byte.
+inline constexpr int kCompactExponentMin = -40;
+inline constexpr int kCompactExponentMax = 8;
+inline constexpr int kCompactExponentBias = 64;
+/// The step codes span 2^16 above 2^E: E sits this far below the section's largest need, leaving
+/// two octaves for steps that must grow to align their min.
+inline constexpr int kCompactExponentHeadroom = 13;
+
+/// 2^e as a float, exact, for e in [-126, 127].
+PACKKV_HOST_DEVICE float exp2_exact(int e) {
+  const std::uint32_t bits = static_cast<std::uint32_t>(e + 127) << 23;
+  float f;
+#if defined(__CUDA_ARCH__)
+  f = __uint_as_float(bits);
+#else
+  __builtin_memcpy(&f, &bits, sizeof f);
+#endif
+  return f;
+}
+
+PACKKV_HOST_DEVICE float compact_step(std::uint8_t step_code, int exponent) {
+  return static_cast<float>(16 + (step_code & 15)) * exp2_exact(exponent + (step_code >> 4) - 4);
+}
+/// The min of a group: (zero - top_code) * step / 2, exact.
+PACKKV_HOST_DEVICE float compact_min(std::int8_t zero, float step, int top_code) {
+  return static_cast<float>(static_cast<int>(zero) - top_code) * (step * 0.5f);
+}
+
+/// The step a group needs at least: its error-bound step (range / (max_code - 1/2): one half step
+/// goes to aligning the min when no code is spare) or, for a group far from zero, the step that
+/// lets `zero` reach it. The section's exponent comes from the largest need of its groups.
+PACKKV_HOST_DEVICE double compact_need(float lo, float hi, int max_code, int top_code) {
+  const double cover = (static_cast<double>(hi) - static_cast<double>(lo)) / (static_cast<double>(max_code) - 0.5);
+  const double far = 2.0 * (hi > -lo ? static_cast<double>(hi) : -static_cast<double>(lo)) / (126.0 + top_code);
+  return cover > far ? cover : far;
+}
+
+/// A section's step exponent for the largest need of its groups (0 when every group is zero).
+PACKKV_HOST_DEVICE int compact_exponent(double largest_need) {
+  int e = kCompactExponentMin;
+  if (largest_need > 0.0) {
+    int exp2 = 0;
+#if defined(__CUDA_ARCH__)
+    frexp(largest_need, &exp2);
+#else
+    std::frexp(largest_need, &exp2);
+#endif
+    e = exp2 - 1 - kCompactExponentHeadroom;  // largest_need in [2^(exp2 - 1), 2^exp2)
+  }
+  return e < kCompactExponentMin ? kCompactExponentMin : (e > kCompactExponentMax ? kCompactExponentMax : e);
+}
+
+/// The smallest step code whose step is >= target (0 when the target is below 2^E; 256 when no
+/// code reaches it).
+PACKKV_HOST_DEVICE int compact_step_code_at_least(double target, int exponent) {
+  const double floor_step = static_cast<double>(exp2_exact(exponent));
+  if (!(target > floor_step)) return 0;
+  int exp2 = 0;
+#if defined(__CUDA_ARCH__)
+  const double frac = frexp(target / floor_step, &exp2);  // target / 2^E = frac * 2^exp2, frac in [0.5, 1)
+#else
+  const double frac = std::frexp(target / floor_step, &exp2);
+#endif
+  int e = exp2 - 1;
+  int m = static_cast<int>(ceil(frac * 32.0)) - 16;  // (16 + m) / 16 >= 2 frac
+  if (m > 15) {
+    m = 0;
+    ++e;
+  }
+  int code = e * 16 + m;
+  if (code > 255) return 256;
+  while (code < 256 && static_cast<double>(compact_step(static_cast<std::uint8_t>(code), exponent)) < target) ++code;
+  return code;
+}
+
+/// Compact quantization of one group with codes in [0, top_code] (top_code = 2^bits - 1) and an
+/// error-bound step of (hi - lo) / max_code: the smallest step code at or above that step (or the
+/// section's floor 2^E) for which some `zero` puts [lo, hi] inside the grid's W + 1 codes, with
+/// the grid inside +-65504 and `zero` inside int8. So |x - x'| <= step / 2 with
+/// step <= (17/16) * max(range / (max_code - 1/2), 2 max(hi, -lo) / (126 + W), 2^E) (docs/format.md).
+/// Not ok when a value is not storable_compact, or (never for such values and the section's own
+/// exponent) when no code fits.
+PACKKV_HOST_DEVICE Quantizer make_compact_quantizer(float lo, float hi, int max_code, int top_code, int exponent) {
+  Quantizer q{};
+  q.ok = storable_compact(lo) && storable_compact(hi) && lo <= hi;
+  if (!q.ok) return q;
+  const double target = (static_cast<double>(hi) - static_cast<double>(lo)) / static_cast<double>(max_code);
+  for (int code = compact_step_code_at_least(target, exponent); code < 256; ++code) {
+    const float step = compact_step(static_cast<std::uint8_t>(code), exponent);
+    const double half = 0.5 * static_cast<double>(step);
+    // min = (z - W) half <= lo and max = (z + W) half >= hi, both inside +-65504, z in int8.
+    const double limit = floor(static_cast<double>(kFp16Max) / half);
+    double z_hi = floor(static_cast<double>(lo) / half) + top_code;
+    double z_lo = ceil(static_cast<double>(hi) / half) - top_code;
+    z_hi = z_hi < 127.0 ? z_hi : 127.0;
+    z_hi = z_hi < limit - top_code ? z_hi : limit - top_code;
+    z_lo = z_lo > -128.0 ? z_lo : -128.0;
+    z_lo = z_lo > top_code - limit ? z_lo : top_code - limit;
+    if (z_lo > z_hi) continue;
+    const auto zero = static_cast<std::int8_t>(static_cast<int>(z_hi));
+    const float min = compact_min(zero, step, top_code);
+    // The bounds hold exactly in fp32 (min and the grid's top are exact); checked, not assumed.
+    if (!(min <= lo && min + static_cast<float>(top_code) * step >= hi)) continue;
+    q.compact = CompactParams{static_cast<std::uint8_t>(code), zero};
+    q.min = min;
+    q.inv_step = 1.0f / step;
+    return q;
+  }
+  q.ok = false;
+  return q;
 }
 
 }  // namespace packkv::format
