@@ -161,7 +161,7 @@ __device__ void packed_block_scores(const std::uint8_t* block, const format::Blo
   const int dim = g.head_dim, tokens = g.block_tokens, stride = code_row_stride(tokens);
   const SectionLayout layout = g.k_layout();
   const std::uint8_t* section = block + format::head_entry(block, g, heads.kv_head).k_offset;
-  load_section_params(section, layout.param_count, s.step, s.min);
+  load_section_params(section, layout, s.step, s.min);
   unpack_section_to_shared(section, layout, s.codes, stride, s.scan);
   __syncthreads();
   const float* q_rows = s.q;
@@ -250,7 +250,7 @@ __device__ void prepare_packed_values(const std::uint8_t* block, const format::B
   const int tokens = g.block_tokens;
   const SectionLayout layout = g.v_layout();
   const std::uint8_t* section = block + format::head_entry(block, g, heads.kv_head).v_offset;
-  load_section_params(section, layout.param_count, s.step, s.min);
+  load_section_params(section, layout, s.step, s.min);
   unpack_section_to_shared(section, layout, s.codes, code_row_stride(tokens), s.scan);
   __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -535,7 +535,7 @@ __global__ void __launch_bounds__(kThreads) read_back_kernel(const ReadBackParam
     const SectionLayout layout = which == 0 ? g.k_layout() : g.v_layout();
     const bool per_channel = which == 0 && g.k_per_channel;
     const std::uint8_t* section = block + (which == 0 ? entry.k_offset : entry.v_offset);
-    load_section_params(section, layout.param_count, s.step, s.min);
+    load_section_params(section, layout, s.step, s.min);
     unpack_section_to_shared(section, layout, s.codes, stride, s.scan);
     __syncthreads();
     float* out = which == 0 ? p.k : p.v;

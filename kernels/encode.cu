@@ -41,8 +41,11 @@ __device__ void record_error(const ErrorContext& ctx, int kind, Side side, std::
 struct EncoderShared {
   std::uint8_t* k_codes;  // [block_tokens][head_dim], arrival order
   std::uint8_t* v_codes;
-  QuantParams* k_params;  // per token, or per channel
-  QuantParams* v_params;
+  std::uint8_t* k_params;  // parameter areas (format/block.hpp), groups in arrival order
+  std::uint8_t* v_params;
+  float* lo;               // [groups]: the ranges of one side's groups (compact parameters)
+  float* hi;
+  double* need;            // [kWarps]: the warps' largest needs, then the section's step exponent
   std::uint8_t* keys;
   std::uint8_t* order;  // stored position -> arrival position
   std::uint32_t* scan;
@@ -53,13 +56,19 @@ struct EncoderShared {
 __host__ __device__ std::size_t encoder_shared_layout(const format::BlockGeometry& g, unsigned char* base,
                                                       EncoderShared* out) {
   const std::size_t codes = static_cast<std::size_t>(g.block_tokens) * g.head_dim;
-  const std::size_t params = static_cast<std::size_t>(g.block_tokens > g.head_dim ? g.block_tokens : g.head_dim);
+  const std::size_t groups = static_cast<std::size_t>(g.block_tokens > g.head_dim ? g.block_tokens : g.head_dim);
   SharedCarver carve{base};
   EncoderShared s{};
   s.k_codes = carve.take(codes);
   s.v_codes = carve.take(codes);
-  s.k_params = carve.take_array<QuantParams>(params);
-  s.v_params = carve.take_array<QuantParams>(params);
+  // 4 B per group, or a 4-B prefix and 2 B per group (4-byte aligned either way).
+  s.k_params = reinterpret_cast<std::uint8_t*>(carve.take_array<std::uint32_t>(groups + 1));
+  s.v_params = reinterpret_cast<std::uint8_t*>(carve.take_array<std::uint32_t>(groups + 1));
+  if (g.compact_params) {
+    s.lo = carve.take_array<float>(groups);
+    s.hi = carve.take_array<float>(groups);
+    s.need = carve.take_array<double>(kWarps);
+  }
   s.keys = carve.take(static_cast<std::size_t>(g.block_tokens));
   s.order = carve.take(static_cast<std::size_t>(g.block_tokens));
   s.scan = carve.take_array<std::uint32_t>(kScanScratchWords);
@@ -69,13 +78,88 @@ __host__ __device__ std::size_t encoder_shared_layout(const format::BlockGeometr
   return carve.used;
 }
 
+/// The largest value a cache of this geometry stores: 65504, or 16384 with compact parameters.
+__device__ __forceinline__ float value_limit(const format::BlockGeometry& g) {
+  return g.compact_params ? format::kCompactMaxAbs : kFp16Max;
+}
+__device__ __forceinline__ bool storable_in(float x, float limit) { return x >= -limit && x <= limit; }
+
+/// The step exponent of a section with compact parameters, from its groups' ranges in s.lo / s.hi
+/// (every thread calls it): the largest need is a block-wide maximum, which no order of reduction
+/// changes, so the exponent is the CPU encoder's. Writes the section's prefix and returns E.
+__device__ int compact_section_exponent(const EncoderShared& s, int groups, int max_code, int code_limit,
+                                        std::uint8_t* area) {
+  double need = 0.0;
+  for (int i = threadIdx.x; i < groups; i += kThreads) {
+    const double n = format::compact_need(s.lo[i], s.hi[i], max_code, code_limit);
+    need = n > need ? n : need;
+  }
+  for (int d = 16; d > 0; d >>= 1) {
+    const double other = __shfl_xor_sync(kFullMask, need, d);
+    need = other > need ? other : need;
+  }
+  if ((threadIdx.x & 31) == 0) s.need[threadIdx.x >> 5] = need;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double largest = 0.0;
+    for (int w = 0; w < kWarps; ++w) largest = s.need[w] > largest ? s.need[w] : largest;
+    const int exponent = format::compact_exponent(largest);
+    area[0] = static_cast<std::uint8_t>(exponent + format::kCompactExponentBias);
+    area[1] = area[2] = area[3] = 0;
+  }
+  __syncthreads();
+  return static_cast<int>(area[0]) - format::kCompactExponentBias;
+}
+
+/// Group i's compact quantizer; lane 0 (or the calling thread) writes its two bytes.
+__device__ format::Quantizer compact_group(const EncoderShared& s, int i, int max_code, int code_limit, int exponent,
+                                           std::uint8_t* area, bool write) {
+  const format::Quantizer q = format::make_compact_quantizer(s.lo[i], s.hi[i], max_code, code_limit, exponent);
+  if (write) {
+    area[4 + 2 * i] = q.compact.step_code;
+    area[5 + 2 * i] = static_cast<std::uint8_t>(q.compact.zero);
+  }
+  return q;
+}
+
 // One warp per token: the token's values stay in registers (head_dim <= 256 = 8 per lane). The
 // range is reduced over canonical values (format::canonical), so fminf/fmaxf give the CPU's bits.
+// With compact parameters the section's exponent needs every token's range first: the ranges go
+// to shared memory, and a second pass reads the values again and quantizes them.
 template <class T>
 __device__ void quantize_per_token(const EncodeParams<T>& p, Side side, std::int64_t first, int head, int max_code,
-                                   std::uint8_t* codes, QuantParams* params) {
+                                   std::uint8_t* codes, std::uint8_t* area, const EncoderShared& s) {
   const int dim = p.geometry.head_dim, tokens = p.geometry.block_tokens;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (p.geometry.compact_params) {
+    const float limit = value_limit(p.geometry);
+    const int code_limit = format::code_limit(p.geometry.layout(side), max_code);
+    for (int t = warp; t < tokens; t += kWarps) {
+      const T* row = p.source.row(side, first + t) + static_cast<std::size_t>(head) * dim;
+      format::Range range;
+      for (int c = lane; c < dim; c += 32) {
+        const float x = load_as_float(row + c);
+        if (!storable_in(x, limit)) record_error(p.errors, kBadValue, side, first + t, head, c, x, limit);
+        range.extend(x);
+      }
+      range.lo = warp_min(range.lo);
+      range.hi = warp_max(range.hi);
+      if (lane == 0) {
+        s.lo[t] = range.lo;
+        s.hi[t] = range.hi;
+      }
+    }
+    __syncthreads();
+    const int exponent = compact_section_exponent(s, tokens, max_code, code_limit, area);
+    for (int t = warp; t < tokens; t += kWarps) {
+      const T* row = p.source.row(side, first + t) + static_cast<std::size_t>(head) * dim;
+      const format::Quantizer q = compact_group(s, t, max_code, code_limit, exponent, area, lane == 0);
+      for (int c = lane; c < dim; c += 32) codes[t * dim + c] = format::quantize(load_as_float(row + c), q, code_limit);
+    }
+    __syncthreads();  // the ranges are rewritten by the other side
+    return;
+  }
+  auto* params = reinterpret_cast<QuantParams*>(area);
   for (int t = warp; t < tokens; t += kWarps) {
     const T* row = p.source.row(side, first + t) + static_cast<std::size_t>(head) * dim;
     float values[8];
@@ -87,7 +171,7 @@ __device__ void quantize_per_token(const EncodeParams<T>& p, Side side, std::int
       if (c < dim) {
         const float x = load_as_float(row + c);
         values[k] = x;
-        if (!format::storable(x)) record_error(p.errors, kBadValue, side, first + t, head, c, x, 0.0f);
+        if (!format::storable(x)) record_error(p.errors, kBadValue, side, first + t, head, c, x, kFp16Max);
         range.extend(x);
       }
     }
@@ -109,13 +193,38 @@ __device__ void quantize_per_token(const EncodeParams<T>& p, Side side, std::int
 // KIVI-style K: one thread per channel walks the block's tokens.
 template <class T>
 __device__ void quantize_k_per_channel(const EncodeParams<T>& p, std::int64_t first, int head, std::uint8_t* codes,
-                                       QuantParams* params) {
+                                       std::uint8_t* area, const EncoderShared& s) {
   const int dim = p.geometry.head_dim, tokens = p.geometry.block_tokens;
+  if (p.geometry.compact_params) {
+    const float limit = value_limit(p.geometry);
+    const int code_limit = format::code_limit(p.geometry.k_layout(), p.k_max_code);
+    for (int c = threadIdx.x; c < dim; c += kThreads) {
+      format::Range range;
+      for (int t = 0; t < tokens; ++t) {
+        const float x = load_as_float(p.source.row(Side::k, first + t) + static_cast<std::size_t>(head) * dim + c);
+        if (!storable_in(x, limit)) record_error(p.errors, kBadValue, Side::k, first + t, head, c, x, limit);
+        range.extend(x);
+      }
+      s.lo[c] = range.lo;
+      s.hi[c] = range.hi;
+    }
+    __syncthreads();
+    const int exponent = compact_section_exponent(s, dim, p.k_max_code, code_limit, area);
+    for (int c = threadIdx.x; c < dim; c += kThreads) {
+      const format::Quantizer q = compact_group(s, c, p.k_max_code, code_limit, exponent, area, true);
+      for (int t = 0; t < tokens; ++t) {
+        const float x = load_as_float(p.source.row(Side::k, first + t) + static_cast<std::size_t>(head) * dim + c);
+        codes[t * dim + c] = format::quantize(x, q, code_limit);
+      }
+    }
+    return;
+  }
+  auto* params = reinterpret_cast<QuantParams*>(area);
   for (int c = threadIdx.x; c < dim; c += kThreads) {
     format::Range range;
     for (int t = 0; t < tokens; ++t) {
       const float x = load_as_float(p.source.row(Side::k, first + t) + static_cast<std::size_t>(head) * dim + c);
-      if (!format::storable(x)) record_error(p.errors, kBadValue, Side::k, first + t, head, c, x, 0.0f);
+      if (!format::storable(x)) record_error(p.errors, kBadValue, Side::k, first + t, head, c, x, kFp16Max);
       range.extend(x);
     }
     const format::Quantizer q = format::make_quantizer(range.lo, range.hi, p.k_max_code);
@@ -170,13 +279,23 @@ __device__ void zero_bytes(std::uint8_t* out, std::uint32_t begin, std::uint32_t
 
 // Writes one section at `out`, round by round (one thread per channel); every thread returns its
 // size. A round is stored plain unless frame of reference is strictly smaller.
-__device__ std::uint32_t write_section(const SectionLayout& layout, const std::uint8_t* codes, const QuantParams* params,
+__device__ std::uint32_t write_section(const SectionLayout& layout, const std::uint8_t* codes, const std::uint8_t* area,
                                        bool per_token_params, const std::uint8_t* order, const EncoderShared& s,
                                        std::uint8_t* out) {
   const std::uint32_t dim = layout.head_dim, bits = layout.bits;
-  auto* out_params = reinterpret_cast<QuantParams*>(out);
-  for (std::uint32_t i = threadIdx.x; i < layout.param_count; i += kThreads) {
-    out_params[i] = per_token_params ? params[order[i]] : params[i];
+  if (layout.compact != 0u) {
+    if (threadIdx.x < layout.params_offset) out[threadIdx.x] = area[threadIdx.x];  // the prefix
+    auto* out_params = reinterpret_cast<std::uint16_t*>(out + layout.params_offset);
+    const auto* params = reinterpret_cast<const std::uint16_t*>(area + layout.params_offset);
+    for (std::uint32_t i = threadIdx.x; i < layout.param_count; i += kThreads) {
+      out_params[i] = per_token_params ? params[order[i]] : params[i];
+    }
+  } else {
+    auto* out_params = reinterpret_cast<QuantParams*>(out);
+    const auto* params = reinterpret_cast<const QuantParams*>(area);
+    for (std::uint32_t i = threadIdx.x; i < layout.param_count; i += kThreads) {
+      out_params[i] = per_token_params ? params[order[i]] : params[i];
+    }
   }
   std::uint8_t* rounds = out + layout.rounds_offset;
   const std::uint32_t channel = threadIdx.x;
@@ -237,15 +356,17 @@ __device__ void encode_head(const EncodeParams<T>& p, int block, int head, unsig
   std::uint8_t* out = p.out_base + block * p.out_stride;
   const std::int64_t first = p.first_position + static_cast<std::int64_t>(block) * g.block_tokens;
 
-  quantize_per_token(p, Side::v, first, head, p.v_max_code, s.v_codes, s.v_params);
+  quantize_per_token(p, Side::v, first, head, p.v_max_code, s.v_codes, s.v_params, s);
   if (g.k_per_channel) {
-    quantize_k_per_channel(p, first, head, s.k_codes, s.k_params);
+    quantize_k_per_channel(p, first, head, s.k_codes, s.k_params, s);
   } else {
-    quantize_per_token(p, Side::k, first, head, p.k_max_code, s.k_codes, s.k_params);
+    quantize_per_token(p, Side::k, first, head, p.k_max_code, s.k_codes, s.k_params, s);
   }
   __syncthreads();
   if (p.median_repack) {
-    order_by_median(s.v_codes, g.block_tokens, g.head_dim, p.v_max_code, s.keys, s.order);
+    // The bisection covers every stored code (with compact parameters up to 2^bits - 1).
+    order_by_median(s.v_codes, g.block_tokens, g.head_dim, format::code_limit(g.v_layout(), p.v_max_code), s.keys,
+                    s.order);
   } else {
     for (int t = threadIdx.x; t < g.block_tokens; t += kThreads) s.order[t] = static_cast<std::uint8_t>(t);
   }
@@ -369,11 +490,11 @@ __device__ void write_tail_rows(const TailWriteParams<T>& p) {
     const T k = p.source.row(Side::k, position)[element];
     const T v = p.source.row(Side::v, position)[element];
     const float kf = load_as_float(&k), vf = load_as_float(&v);
-    if (!format::storable(kf)) {
-      record_error(p.errors, kBadValue, Side::k, position, element / p.head_dim, element % p.head_dim, kf, 0.0f);
+    if (!storable_in(kf, p.value_limit)) {
+      record_error(p.errors, kBadValue, Side::k, position, element / p.head_dim, element % p.head_dim, kf, p.value_limit);
     }
-    if (!format::storable(vf)) {
-      record_error(p.errors, kBadValue, Side::v, position, element / p.head_dim, element % p.head_dim, vf, 0.0f);
+    if (!storable_in(vf, p.value_limit)) {
+      record_error(p.errors, kBadValue, Side::v, position, element / p.head_dim, element % p.head_dim, vf, p.value_limit);
     }
     p.ring_k[row * row_elems + element] = k;
     p.ring_v[row * row_elems + element] = v;
@@ -408,9 +529,10 @@ __global__ void __launch_bounds__(kThreads) validate_kernel(const ValidateParams
     const int head = static_cast<int>(r / 2 % heads);
     const T* row = p.rows.row(side, position) + static_cast<std::size_t>(head) * dim;
     format::Range range;
+    const float limit = value_limit(g);
     for (int c = lane; c < dim; c += 32) {
       const float x = load_as_float(row + c);
-      if (!format::storable(x)) record_error(p.errors, kBadValue, side, position, head, c, x, 0.0f);
+      if (!storable_in(x, limit)) record_error(p.errors, kBadValue, side, position, head, c, x, limit);
       range.extend(x);
     }
     range.lo = warp_min(range.lo);

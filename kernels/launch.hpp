@@ -106,6 +106,7 @@ struct TailWriteParams {
   std::int64_t first;
   std::int64_t end;
   int head_dim;
+  float value_limit;  ///< values beyond +-value_limit are errors: 65504, or 16384 with compact parameters
   ErrorContext errors;
 };
 

@@ -284,6 +284,9 @@ inline FastPlan plan_fast_kernels(const ReadShape& shape, int shared_limit, Shar
   const format::BlockGeometry& g = shape.geometry;
   if (g.head_dim != 64 && g.head_dim != 128 && g.head_dim != 256) return plan;
   if (g.k_per_channel) return plan;
+  // Compact parameters (format version 3) are read by the first path for now: the fast kernels
+  // load fp16 (step, min) pairs two tokens at a time.
+  if (g.compact_params) return plan;
   plan.heads_per_cta = shape.group < (g.head_dim == 256 ? 4 : 8) ? shape.group : (g.head_dim == 256 ? 4 : 8);
   plan.subgroups = (shape.group + plan.heads_per_cta - 1) / plan.heads_per_cta;
   for (int stages = kFastStagesMax; stages >= 2; --stages) {

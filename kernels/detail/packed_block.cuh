@@ -120,10 +120,19 @@ __device__ inline void unpack_section_to_shared(const std::uint8_t* section, con
   }
 }
 
-/// Loads a section's (step, min) pairs as floats.
-__device__ inline void load_section_params(const std::uint8_t* section, std::uint32_t count, float* step, float* min) {
+/// Loads a section's (step, min) pairs as floats: fp16 pairs, or compact ones (format version 3).
+__device__ inline void load_section_params(const std::uint8_t* section, const format::SectionLayout& layout,
+                                           float* step, float* min) {
+  if (layout.compact != 0u) {
+    for (std::uint32_t i = threadIdx.x; i < layout.param_count; i += kThreads) {
+      const format::GroupParams p = format::group_params(section, layout, i);
+      step[i] = p.step;
+      min[i] = p.min;
+    }
+    return;
+  }
   const format::QuantParams* params = format::section_params(section);
-  for (std::uint32_t i = threadIdx.x; i < count; i += kThreads) {
+  for (std::uint32_t i = threadIdx.x; i < layout.param_count; i += kThreads) {
     step[i] = fp16_bits_to_float(params[i].step.bits);
     min[i] = fp16_bits_to_float(params[i].min.bits);
   }

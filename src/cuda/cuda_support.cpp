@@ -53,11 +53,15 @@ std::string device_error_message(const DeviceError& e, ErrorOrigin origin) {
                                   "values before an append returns)"
                                 : "";
   switch (e.kind) {
-    case kBadValue:
-      return fmt::format(
-          "{}: {} value {} at token {}, head {}, channel {} is NaN, Inf or beyond +-65504 (packkv stores per-token "
-          "parameters in fp16){}",
-          where, tensor, e.value, e.token, e.head, e.channel, consequence);
+    case kBadValue: {
+      // value2: the limit the kernel checked (16384 with compact parameters).
+      const bool compact = e.value2 == format::kCompactMaxAbs;
+      return fmt::format("{}: {} value {} at token {}, head {}, channel {} is NaN, Inf or beyond +-{} ({}){}", where,
+                         tensor, e.value, e.token, e.head, e.channel, compact ? 16384 : 65504,
+                         compact ? "the limit of compact parameters, CacheConfig::compact_params"
+                                 : "packkv stores per-token parameters in fp16",
+                         consequence);
+    }
     case kRangeTooWide:
       return fmt::format(
           "{}: {} {} {} of head {} spans [{}, {}], too wide for one fp16 step at this rel (use a smaller rel){}", where,

@@ -46,9 +46,6 @@ DeviceContext::DeviceContext(const CacheConfig& config, std::span<const CodecPar
   PACKKV_REQUIRE(config.repack != RepackMethod::greedy,
                  "the CUDA backend does not implement greedy repacking (its sequential pack-growing search "
                  "does not map to the GPU at an acceptable cost); use RepackMethod::median or none");
-  PACKKV_REQUIRE(!config.compact_params,
-                 "the CUDA backend does not read compact parameters yet (CacheConfig::compact_params, block format "
-                 "version 3: its encoder and kernels write and read fp16 ones); use the CPU backend or turn it off");
   int device = 0, shared_optin = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device), "query SM count");

@@ -328,7 +328,7 @@ void layer_bytes(DeviceContext& ctx, std::span<const LayerRead> layers, std::spa
   // Parameters and token orders take the same bytes at every code width.
   const format::SectionLayout kl = ctx.widest.k_layout(), vl = ctx.widest.v_layout();
   const std::size_t params =
-      static_cast<std::size_t>(ctx.widest.num_heads) * (kl.param_count + vl.param_count) * sizeof(format::QuantParams);
+      static_cast<std::size_t>(ctx.widest.num_heads) * (kl.round_end_offset + vl.round_end_offset);
   for (std::size_t i = 0; i < layers.size(); ++i) {
     const CudaLayerStore& store = store_of(layers[i]);
     unsigned long long* c = counters.data() + kCounters * i;

@@ -292,6 +292,7 @@ TailWriteParams<T> tail_params(DeviceContext& ctx, CudaLayerStore& store, const 
   tail.first = grows ? plan.after.begin : std::max(plan.after.begin, plan.before.end());
   tail.end = plan.after.end();
   tail.head_dim = ctx.widest.head_dim;
+  tail.value_limit = ctx.widest.compact_params ? format::kCompactMaxAbs : kFp16Max;
   tail.errors = ctx.errors_for(w.id, w.layer);
   return tail;
 }

@@ -1302,12 +1302,68 @@ TEST(Cuda, GreedyRepackIsRefusedClearly) {
   test::expect_error([&] { PackedKVCache<float> cache(c); }, "greedy");
 }
 
-TEST(Cuda, CompactParametersAreRefusedClearly) {
+// Compact parameters (format version 3): the device encoder writes the CPU's bytes (per-token
+// and per-channel K, widths with and without a spare code, 8-bit codes), every reader agrees
+// with the CPU (the first read path serves them at every head_dim), images cross backends, and
+// values beyond +-16384 are refused by the kernels and by strict mode.
+TEST(Cuda, CompactParamsMatchCpu) {
+  PACKKV_SKIP_WITHOUT_GPU();
+  struct Case {
+    int dim;
+    float k_rel, v_rel;
+    QuantMode k_mode;
+  };
+  for (const Case& cs : {Case{128, 0.1f, 0.2f, QuantMode::per_token}, Case{96, 1.0f / 15, 1.0f / 7, QuantMode::per_token},
+                         Case{64, 1.0f / 255, 0.34f, QuantMode::per_channel}}) {
+    CacheConfig c = base_config();
+    c.head_dim = cs.dim;
+    c.k_rel = cs.k_rel;
+    c.v_rel = cs.v_rel;
+    c.k_mode = cs.k_mode;
+    c.compact_params = true;
+    c.residual_tokens = 8;
+    c.sink_tokens = 2;
+    CachePair<float> pair(c);
+    const std::string label = "dim " + std::to_string(cs.dim);
+    for (SeqId id : {4, 8}) pair.add(id);
+    for (int l = 0; l < c.num_layers; ++l) {
+      pair.append(4, l, 64 * 2 + 11, 600 + l);
+      pair.append(8, l, 64 * 3 + 20, 620 + l);
+    }
+    const std::vector<SeqId> ids = {4, 8};
+    for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << label << " " << id;
+    for (int l = 0; l < c.num_layers; ++l) {
+      compare_everything(pair, ids, l, 640 + l, label + " layer " + std::to_string(l));
+      compare_causal(pair, ids, {3, 70}, l, 650 + l, label + " causal layer " + std::to_string(l));
+    }
+    EXPECT_EQ(pair.gpu.memory_stats().total.params, pair.cpu.memory_stats().total.params) << label;
+    const std::vector<std::uint8_t> image = pair.cpu.export_sequence(8);
+    pair.gpu.import_sequence(12, image);
+    EXPECT_EQ(pair.gpu.export_sequence(12), image) << label;
+  }
+}
+
+TEST(Cuda, CompactParamsRefuseValuesBeyondTheirLimit) {
   PACKKV_SKIP_WITHOUT_GPU();
   CacheConfig c = base_config();
-  c.device = Device::cuda;
   c.compact_params = true;
-  test::expect_error([&] { PackedKVCache<float> cache(c); }, "does not read compact parameters yet");
+  const CodecParams params = make_codec_params(c);
+  const std::size_t n = static_cast<std::size_t>(c.block_tokens) * c.num_kv_heads * c.head_dim;
+  std::vector<float> k(n, 1.0f), v(n, 2.0f);
+  v[n - 1] = -20000.0f;  // storable with fp16 parameters, not with compact ones
+  DeviceArray<float> dk(k), dv(v);
+  DeviceArray<std::uint8_t> out(params.geometry.max_block_bytes());
+  test::expect_error([&] { cuda::encode_blocks(params, dk.get(), dv.get(), 1, out.get(), out_size(params), nullptr); },
+                     "V value -20000 at token 63, head 1, channel 127 is NaN, Inf or beyond +-16384");
+  c.device = Device::cuda;
+  c.cuda_strict = true;
+  PackedKVCache<float> cache(c);
+  cache.add_sequence(1);
+  const test::Snapshot before = test::snapshot(cache);
+  DeviceArray<float> dk1(std::vector<float>(k.begin(), k.begin() + 4 * 256)),
+      dv1(std::vector<float>(v.end() - 4 * 256, v.end()));
+  test::expect_error([&] { cache.append(1, 0, dk1.get(), dv1.get(), 4); }, "beyond +-16384");
+  EXPECT_EQ(test::snapshot(cache), before);
 }
 
 // Exact sinks (CacheConfig::sink_tokens) on the device against the CPU, whose readers
