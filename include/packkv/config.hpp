@@ -65,7 +65,7 @@ struct CacheConfig {
   /// Store each group's (step, min) in 2 bytes instead of two fp16 values (block format version 3,
   /// docs/format.md): a step on a grid of 5 significant bits relative to one exponent per section,
   /// and a min aligned to half steps. Saves 16 bits per token, head and side (0.25 bit per element
-  /// at head_dim 64) for a step up to 1/16 coarser; on SmolLM2 about 0.13 fewer bits at the same
+  /// at head_dim 64) for a step up to 1/16 coarser; on SmolLM2 0.11-0.16 fewer bits at the same
   /// KL (docs/results/levers.md). Values must then be within +-16384. On CUDA the first read path
   /// serves these blocks (the fast kernels read fp16 pairs).
   bool compact_params = false;
