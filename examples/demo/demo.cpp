@@ -216,6 +216,7 @@ int main(int argc, char** argv) {
       else if (arg == "--residual") config.residual_tokens = std::stoi(value());
       else if (arg == "--sinks") config.sink_tokens = std::stoi(value());
       else if (arg == "--k-per-channel") config.k_mode = packkv::QuantMode::per_channel;
+      else if (arg == "--compact-params") config.compact_params = true;
       else if (arg == "--repack") {
         const std::string r = value();
         if (r == "none") config.repack = packkv::RepackMethod::none;
@@ -226,7 +227,8 @@ int main(int argc, char** argv) {
       else if (arg == "--help" || arg == "-h") {
         std::printf(
             "usage: packkv_demo [--synthetic] [--model-dir DIR] [--tokens N] [--k-rel R] [--v-rel R] [--block N]\n"
-            "                   [--residual N] [--sinks N] [--k-per-channel] [--repack none|median|greedy]\n");
+            "                   [--residual N] [--sinks N] [--k-per-channel] [--compact-params]\n"
+            "                   [--repack none|median|greedy]\n");
         return 0;
       } else throw std::invalid_argument("unknown argument " + arg);
     }
