@@ -1,11 +1,13 @@
 // CPU benchmarks: encoding throughput, decode attention on packed blocks vs dense fp32 over the
-// same data with the same threads, and a decode step beside a concurrent prefill. Shape:
-// Llama-3-8B (32 query heads, 8 KV heads, head_dim 128), K rel 0.1, V rel 0.2, median repacking.
-// Closing tables give the ratios measured in this run.
+// same data with the same threads (and with compact parameters, CacheConfig::compact_params), and
+// a decode step beside a concurrent prefill. Shape: Llama-3-8B (32 query heads, 8 KV heads,
+// head_dim 128), K rel 0.1, V rel 0.2, median repacking. Closing tables give the ratios measured
+// in this run.
 #include <benchmark/benchmark.h>
 #include <omp.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <thread>
 #include <map>
@@ -23,8 +25,9 @@ using namespace packkv;
 
 constexpr int kQHeads = 32, kKVHeads = 8, kHeadDim = 128;
 
-CacheConfig llama3_config() {
+CacheConfig llama3_config(bool compact = false) {
   CacheConfig c;
+  c.compact_params = compact;
   c.num_layers = 1;
   c.num_kv_heads = kKVHeads;
   c.num_q_heads = kQHeads;
@@ -45,14 +48,14 @@ struct Context {
   std::vector<float> q;
 };
 
-Context& context(std::int64_t len) {
-  static std::map<std::int64_t, std::unique_ptr<Context>> contexts;
-  auto& slot = contexts[len];
+Context& context(std::int64_t len, bool compact = false) {
+  static std::map<std::pair<std::int64_t, bool>, std::unique_ptr<Context>> contexts;
+  auto& slot = contexts[{len, compact}];
   if (!slot) {
     slot = std::make_unique<Context>();
     synthetic::KVStream stream(kKVHeads, kHeadDim, 42);
     stream.next(static_cast<int>(len), slot->k, slot->v);
-    slot->cache = std::make_unique<PackedKVCache<fp16_t>>(llama3_config());
+    slot->cache = std::make_unique<PackedKVCache<fp16_t>>(llama3_config(compact));
     slot->cache->add_sequence(0);
     std::vector<fp16_t> k16(slot->k.size()), v16(slot->v.size());
     for (std::size_t i = 0; i < k16.size(); ++i) {
@@ -69,8 +72,8 @@ Context& context(std::int64_t len) {
   return *slot;
 }
 
-void BM_PackedAttention(benchmark::State& state) {
-  Context& ctx = context(state.range(0));
+void packed_attention(benchmark::State& state, bool compact) {
+  Context& ctx = context(state.range(0), compact);
   std::vector<fp16_t> q(ctx.q.size()), out(ctx.q.size());
   for (std::size_t i = 0; i < q.size(); ++i) q[i] = fp16_from_float(ctx.q[i]);
   const SeqId ids[] = {0};
@@ -83,6 +86,8 @@ void BM_PackedAttention(benchmark::State& state) {
   state.counters["bytes_read"] = static_cast<double>(m.total.total());
   state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(m.total.total()));
 }
+void BM_PackedAttention(benchmark::State& state) { packed_attention(state, false); }
+void BM_PackedAttentionCompact(benchmark::State& state) { packed_attention(state, true); }
 
 void BM_DenseFp32Attention(benchmark::State& state) {
   Context& ctx = context(state.range(0));
@@ -96,7 +101,7 @@ void BM_DenseFp32Attention(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>((ctx.k.size() + ctx.v.size()) * 4));
 }
 
-template <class T>
+template <class T, bool kCompact = false>
 void BM_Encode(benchmark::State& state) {
   const int tokens = static_cast<int>(state.range(0));
   synthetic::KVStream stream(kKVHeads, kHeadDim, 3);
@@ -108,7 +113,7 @@ void BM_Encode(benchmark::State& state) {
     v[i] = from_float<T>(vf[i]);
   }
   for (auto _ : state) {
-    PackedKVCache<T> cache(llama3_config());
+    PackedKVCache<T> cache(llama3_config(kCompact));
     cache.add_sequence(0);
     cache.append(0, 0, k.data(), v.data(), tokens);
     benchmark::DoNotOptimize(cache.length(0));
@@ -176,8 +181,10 @@ void contexts(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_PackedAttention)->Apply(contexts);
+BENCHMARK(BM_PackedAttentionCompact)->Apply(contexts);
 BENCHMARK(BM_DenseFp32Attention)->Apply(contexts);
 BENCHMARK(BM_Encode<fp16_t>)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Encode<fp16_t, true>)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Encode<float>)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_DecodeStep)->ArgName("concurrent_prefill")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 
@@ -210,14 +217,18 @@ int main(int argc, char** argv) {
   RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   std::printf("\npacked vs dense fp32 decode attention, %d threads, Llama-3-8B head shape (this run)\n", threads());
-  std::printf("%10s %12s %12s %10s %14s\n", "context", "packed ms", "dense ms", "speed-up", "ratio vs fp16");
+  std::printf("%10s %12s %12s %10s %14s %12s %14s\n", "context", "packed ms", "dense ms", "speed-up", "ratio vs fp16",
+              "compact ms", "compact ratio");
   for (std::int64_t len : {1024, 4096, 16384, 32768, 65536}) {
     const std::string suffix = "/" + std::to_string(len) + "/real_time";
     const auto p = reporter.times.find("BM_PackedAttention" + suffix);
     const auto d = reporter.times.find("BM_DenseFp32Attention" + suffix);
     if (p == reporter.times.end() || d == reporter.times.end()) continue;
-    std::printf("%10lld %12.3f %12.3f %9.2fx %14.2f\n", static_cast<long long>(len), p->second, d->second,
-                d->second / p->second, reporter.ratios["BM_PackedAttention" + suffix]);
+    const auto c = reporter.times.find("BM_PackedAttentionCompact" + suffix);
+    const double compact_ms = c == reporter.times.end() ? NAN : c->second;
+    std::printf("%10lld %12.3f %12.3f %9.2fx %14.2f %12.3f %14.2f\n", static_cast<long long>(len), p->second,
+                d->second, d->second / p->second, reporter.ratios["BM_PackedAttention" + suffix], compact_ms,
+                reporter.ratios["BM_PackedAttentionCompact" + suffix]);
   }
   for (const auto& [name, rate] : reporter.rates) {
     if (name.rfind("BM_Encode", 0) == 0) std::printf("%s: %.0f MB/s of input\n", name.c_str(), rate / 1e6);

@@ -336,6 +336,19 @@ TEST(CompactCache, RefusesValuesBeyondItsLimitAndKeepsItsState) {
   PackedKVCache<float> wide(cache_config(false));
   wide.add_sequence(1);
   EXPECT_NO_THROW(wide.append(1, 0, k.data(), v.data(), 1));
+  // fp16 storage takes a check on the bit patterns: the limit itself passes, the next value up,
+  // infinities and NaN do not (K: this config rotates V, whose stored values are the rotated ones).
+  PackedKVCache<fp16_t> half(cache_config(true));
+  half.add_sequence(1);
+  std::vector<fp16_t> hk(128, fp16_from_float(0.5f)), hv(128, fp16_from_float(0.5f));
+  hk[5] = fp16_from_float(-16384.0f);
+  hk[6] = fp16_from_float(16384.0f);
+  EXPECT_NO_THROW(half.append(1, 0, hk.data(), hv.data(), 1));
+  for (float bad : {16400.0f, -INFINITY, NAN}) {
+    hk[3] = fp16_from_float(bad);
+    expect_error([&] { half.append(1, 0, hk.data(), hv.data(), 1); }, "beyond +-16384");
+  }
+  EXPECT_EQ(half.length(1, 0), 1);
 }
 
 TEST(CompactCache, ImagesRecordTheOptionAndRoundTrip) {

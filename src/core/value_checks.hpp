@@ -26,15 +26,17 @@ std::size_t first_unstorable(const T* x, std::size_t n, float limit = kFp16Max) 
   bool ok = true;
   bool fast = false;
   if constexpr (std::is_same_v<T, fp16_t>) {
-    if (limit == kFp16Max) {
-      // Every finite fp16 fits; Inf and NaN have all exponent bits set (an exponent field below
-      // 0x7C00 keeps the maximum below it).
-      std::int16_t exponent = 0;
+    // fp16 magnitudes order like their bit patterns without the sign, Inf and NaN above every
+    // finite value: one vectorised maximum of the bits against the limit's (65504 and 16384 are
+    // exact fp16 values).
+    const fp16_t bound = fp16_from_float(limit);
+    if (to_float(bound) == limit) {
+      std::uint16_t magnitude = 0;
       for (std::size_t i = 0; i < n; ++i) {
-        const auto e = static_cast<std::int16_t>(x[i].bits & 0x7C00u);
-        exponent = e > exponent ? e : exponent;
+        const auto m = static_cast<std::uint16_t>(x[i].bits & 0x7FFFu);
+        magnitude = m > magnitude ? m : magnitude;
       }
-      ok = exponent != 0x7C00;
+      ok = magnitude <= bound.bits;
       fast = true;
     }
   }

@@ -32,10 +32,13 @@ PACKKV_KERNEL_TARGET void load_params(const format::SectionLayout& L, const std:
                                       float* min) {
   const std::uint32_t count = L.param_count;
   if (L.compact != 0u) {
+    // format::group_params in integer operations and multiplies the compiler vectorises.
+    const auto biased = static_cast<std::uint32_t>(format::section_step_exponent(section) + 127);
+    const int top = (1 << L.bits) - 1;
+    const std::uint8_t* p = section + L.params_offset;
     for (std::uint32_t i = 0; i < count; ++i) {
-      const format::GroupParams p = format::group_params(section, L, i);
-      step[i] = p.step;
-      min[i] = p.min;
+      step[i] = format::compact_step_from_bits(p[2 * i], biased);
+      min[i] = format::compact_min(static_cast<std::int8_t>(p[2 * i + 1]), step[i], top);
     }
     return;
   }
