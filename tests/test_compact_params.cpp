@@ -105,6 +105,17 @@ TEST(CompactQuantizer, SpareCodesKeepTheStepAtTheErrorBound) {
   }
 }
 
+TEST(CompactQuantizer, BothStepFormsAgreeForEveryCodeAndExponent) {
+  for (int exponent = format::kCompactExponentMin; exponent <= format::kCompactExponentMax; ++exponent) {
+    for (int code = 0; code < 256; ++code) {
+      const float a = format::compact_step(static_cast<std::uint8_t>(code), exponent);
+      const float b = format::compact_step_from_bits(static_cast<std::uint32_t>(code),
+                                                     static_cast<std::uint32_t>(exponent + 127));
+      ASSERT_EQ(std::memcmp(&a, &b, sizeof a), 0) << "code " << code << " exponent " << exponent;
+    }
+  }
+}
+
 TEST(CompactQuantizer, RefusesValuesBeyondItsLimit) {
   EXPECT_FALSE(format::make_compact_quantizer(-1.0f, 16385.0f, 10, 15, 0).ok);
   EXPECT_FALSE(format::make_compact_quantizer(-16400.0f, 0.0f, 10, 15, 0).ok);

@@ -152,8 +152,13 @@ PACKKV_HOST_DEVICE float exp2_exact(int e) {
   return f;
 }
 
-/// (16 + m) * 2^(E + e - 4) = (1 + m / 16) * 2^(E + e): a float built from its fields (E + e is
-/// within [-40, 23], a normal exponent), so decoders compute it with integer operations alone.
+PACKKV_HOST_DEVICE float compact_step(std::uint8_t step_code, int exponent) {
+  return static_cast<float>(16 + (step_code & 15)) * exp2_exact(exponent + (step_code >> 4) - 4);
+}
+/// The same value, (16 + m) * 2^(E + e - 4) = (1 + m / 16) * 2^(E + e), built from its float fields
+/// (E + e is within [-40, 23], a normal exponent; biased_exponent = E + 127): integer operations
+/// alone, which a CPU loop over a section vectorises. The encoder and the device keep the product
+/// (in the CUDA encoder this form cost registers and a spill).
 PACKKV_HOST_DEVICE float compact_step_from_bits(std::uint32_t step_code, std::uint32_t biased_exponent) {
   const std::uint32_t bits = ((biased_exponent + (step_code >> 4)) << 23) | ((step_code & 15u) << 19);
   float f;
@@ -163,9 +168,6 @@ PACKKV_HOST_DEVICE float compact_step_from_bits(std::uint32_t step_code, std::ui
   __builtin_memcpy(&f, &bits, sizeof f);
 #endif
   return f;
-}
-PACKKV_HOST_DEVICE float compact_step(std::uint8_t step_code, int exponent) {
-  return compact_step_from_bits(step_code, static_cast<std::uint32_t>(exponent + 127));
 }
 /// The min of a group: (zero - top_code) * step / 2, exact.
 PACKKV_HOST_DEVICE float compact_min(std::int8_t zero, float step, int top_code) {
