@@ -120,8 +120,8 @@ __device__ __forceinline__ Split2 split_half(float x) {
   return Split2{hi, __half2float(__float2half_rn(x - hi))};
 }
 
-/// 2^e as a float, for e in [-126, 127].
-__device__ __forceinline__ float exp2_int(int e) { return __uint_as_float(static_cast<std::uint32_t>(e + 127) << 23); }
+/// 2^e as a float, for e in [-126, 127] (the format's exact power of two).
+__device__ __forceinline__ float exp2_int(int e) { return format::exp2_exact(e); }
 /// The power of two that scales x > 0 into [2^14, 2^15) (x = 0: 1).
 __device__ __forceinline__ int scale_exponent(float x) {
   if (!(x > 0.0f)) return 0;

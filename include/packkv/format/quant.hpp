@@ -140,9 +140,8 @@ inline constexpr int kCompactExponentBias = 64;
 /// two octaves for steps that must grow to align their min.
 inline constexpr int kCompactExponentHeadroom = 13;
 
-/// 2^e as a float, exact, for e in [-126, 127].
-PACKKV_HOST_DEVICE float exp2_exact(int e) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(e + 127) << 23;
+/// The float whose bit pattern is `bits`.
+PACKKV_HOST_DEVICE float float_from_bits(std::uint32_t bits) {
   float f;
 #if defined(__CUDA_ARCH__)
   f = __uint_as_float(bits);
@@ -152,6 +151,9 @@ PACKKV_HOST_DEVICE float exp2_exact(int e) {
   return f;
 }
 
+/// 2^e as a float, exact, for e in [-126, 127].
+PACKKV_HOST_DEVICE float exp2_exact(int e) { return float_from_bits(static_cast<std::uint32_t>(e + 127) << 23); }
+
 PACKKV_HOST_DEVICE float compact_step(std::uint8_t step_code, int exponent) {
   return static_cast<float>(16 + (step_code & 15)) * exp2_exact(exponent + (step_code >> 4) - 4);
 }
@@ -160,14 +162,7 @@ PACKKV_HOST_DEVICE float compact_step(std::uint8_t step_code, int exponent) {
 /// alone, which a CPU loop over a section vectorises. The encoder and the device keep the product
 /// (in the CUDA encoder this form cost registers and a spill).
 PACKKV_HOST_DEVICE float compact_step_from_bits(std::uint32_t step_code, std::uint32_t biased_exponent) {
-  const std::uint32_t bits = ((biased_exponent + (step_code >> 4)) << 23) | ((step_code & 15u) << 19);
-  float f;
-#if defined(__CUDA_ARCH__)
-  f = __uint_as_float(bits);
-#else
-  __builtin_memcpy(&f, &bits, sizeof f);
-#endif
-  return f;
+  return float_from_bits(((biased_exponent + (step_code >> 4)) << 23) | ((step_code & 15u) << 19));
 }
 /// The min of a group: (zero - top_code) * step / 2, exact.
 PACKKV_HOST_DEVICE float compact_min(std::int8_t zero, float step, int top_code) {
