@@ -107,8 +107,9 @@ __device__ PACKKV_NOINLINE MaskBits block_mask_bits(const std::uint8_t* order, s
   return m;
 }
 
-/// The fused attention kernel. NT n-tiles of 8 columns: 4 query heads (hi and lo halves) each.
-template <class T, int D, int NT>
+/// The fused attention kernel. NT n-tiles of 8 columns: 4 query heads (hi and lo halves) each;
+/// kCompact: the blocks store compact parameters (format version 3).
+template <class T, int D, int NT, bool kCompact>
 __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionParams<T> p) {
   constexpr int kSteps = D / 16;    // k-steps of K.q and m-tiles of P.V
   PACKKV_DYNAMIC_SHARED(shared_bytes);
@@ -215,6 +216,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   for (int i = 0; i < blocks; ++i) {
     const std::uint8_t* k_sec = next_staged_block(s.spans, i, blocks, s.stages, stage_bytes, p.stages, stage);
     const std::uint8_t* v_sec = k_sec + s.spans[i].v_offset;
+    const StagedParams<kCompact> k_params(k_sec, kl), v_params(v_sec, vl);
     // Mask (several queries, or sinks): bit 2 r + j of masked[nt] says that the lane's token
     // 2 gq + j of round r is at or past row t4 + 4 nt's limit, or a sink's copy. Worked out once
     // per block, and only for the blocks that hold a CTA's newest positions and a layer's first
@@ -242,15 +244,14 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
         float c[NT][4];
         kq_round<D, NT>(tile, qf, c);
         // Per-token K: q . k_t = step_t * (q . codes_t) + min_t * sum(q).
-        const std::uint64_t kp = lds64(k_sec + 4 * (16 * r + 2 * gq));
+        const std::uint64_t kp = k_params.pair(16 * r + 2 * gq);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const float dot = (c[nt][2 * j] + c[nt][2 * j + 1]) * q_unscale;
-            const std::uint32_t pair = static_cast<std::uint32_t>(kp >> (32 * j));
-            const float sc = fp16_bits_to_float(static_cast<std::uint16_t>(pair)) * dot +
-                             fp16_bits_to_float(static_cast<std::uint16_t>(pair >> 16)) * sum_q[nt];
+            const float step = k_params.step(kp, j);
+            const float sc = step * dot + k_params.minimum(kp, j, step) * sum_q[nt];
             score[rr][j][nt] = sc * score_scale;
           }
         }
@@ -268,10 +269,9 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
 #pragma unroll
       for (int rr = 0; rr < 4; ++rr) {
         if (rr >= chunk) break;
-        vp[rr] = lds64(v_sec + 4 * (16 * (r0 + rr) + 2 * gq));
+        vp[rr] = v_params.pair(16 * (r0 + rr) + 2 * gq);
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-          v_max = fmaxf(v_max, fp16_bits_to_float(static_cast<std::uint16_t>(vp[rr] >> (32 * j))));
+        for (int j = 0; j < 2; ++j) v_max = fmaxf(v_max, v_params.step(vp[rr], j));
       }
       const int chunk_exp = scale_exponent(warp_max(v_max));
       const float weight_scale = exp2_int(chunk_exp);
@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
             const float w = exp2f(score[rr][j][nt] - reference);
             score[rr][j][nt] = w;
             sum += w;
-            weighted_min += w * fp16_bits_to_float(static_cast<std::uint16_t>(vp[rr] >> (32 * j + 16)));
+            weighted_min += w * v_params.minimum(vp[rr], j, v_params.step(vp[rr], j));
           }
         }
         run_sum[nt] = run_sum[nt] * rescale + sum;
@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
           float w[2];
 #pragma unroll
           for (int j = 0; j < 2; ++j)
-            w[j] = score[rr][j][nt] * fp16_bits_to_float(static_cast<std::uint16_t>(vp[rr] >> (32 * j))) * weight_scale;
+            w[j] = score[rr][j][nt] * v_params.step(vp[rr], j) * weight_scale;
           weight_fragment(w[0], w[1], b[nt]);
         }
         pv_round<D, NT>(tile, b, acc);
@@ -444,14 +444,19 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   if (lane == 0) atomicExch(reinterpret_cast<int*>(counter), 0);  // ready for the next launch
 }
 
-template <class T, int D, int NT>
-cudaError_t launch_fast_kind(const AttentionParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  static const cudaError_t attribute = opt_in_shared_memory(fast_attention_kernel<T, D, NT>);
+template <class T, int D, int NT, bool kCompact>
+cudaError_t launch_fast_kernel(const AttentionParams<T>& p, std::size_t shared, cudaStream_t stream) {
+  static const cudaError_t attribute = opt_in_shared_memory(fast_attention_kernel<T, D, NT, kCompact>);
   if (attribute != cudaSuccess) return attribute;
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups),
                   static_cast<unsigned>(p.batch));
-  PACKKV_LAUNCH((fast_attention_kernel<T, D, NT>), grid, 32, shared, stream, p);
+  PACKKV_LAUNCH((fast_attention_kernel<T, D, NT, kCompact>), grid, 32, shared, stream, p);
   return cudaGetLastError();
+}
+template <class T, int D, int NT>
+cudaError_t launch_fast_kind(const AttentionParams<T>& p, std::size_t shared, cudaStream_t stream) {
+  return p.shape.geometry.compact_params ? launch_fast_kernel<T, D, NT, true>(p, shared, stream)
+                                         : launch_fast_kernel<T, D, NT, false>(p, shared, stream);
 }
 
 }  // namespace

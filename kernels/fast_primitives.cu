@@ -113,8 +113,9 @@ __device__ __forceinline__ TokenPair token_pair(const std::uint8_t* order, int r
   return TokenPair{static_cast<int>(word & 0xFFu), static_cast<int>((word >> 8) & 0xFFu)};
 }
 
-/// scores[h][t] = K_t . q[h]. NT n-tiles of 8 columns: 4 query heads (hi and lo halves) each.
-template <class T, int D, int NT>
+/// scores[h][t] = K_t . q[h]. NT n-tiles of 8 columns: 4 query heads (hi and lo halves) each;
+/// kCompact: the blocks store compact parameters (format version 3).
+template <class T, int D, int NT, bool kCompact>
 __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParams<T> p) {
   constexpr int kSteps = D / 16;
   PACKKV_DYNAMIC_SHARED(shared_bytes);
@@ -173,6 +174,7 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
   int stage = 0;
   for (int i = 0; i < w.blocks; ++i) {
     const std::uint8_t* k_sec = next_staged_block(s.spans, i, w.blocks, s.stages, stage_bytes, p.stages, stage);
+    const StagedParams<kCompact> k_params(k_sec, kl);
     const std::uint8_t* order = format::token_order(load_global(seq.blocks + w.block_begin + i), g, w.kv_head);
     const std::int64_t block_position = static_cast<std::int64_t>(w.block_begin + i) * g.block_tokens;
     const int hidden = seq.hidden_below(w.block_begin + i);  // the sink rows write those scores
@@ -183,7 +185,7 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
       float c[NT][4];
       kq_round<D, NT>(tile, qf, c);
       // Per-token K: q . k_t = step_t * (q . codes_t) + min_t * sum(q), tokens 2 gq + j.
-      const std::uint64_t kp = lds64(k_sec + 4 * (16 * r + 2 * gq));
+      const std::uint64_t kp = k_params.pair(16 * r + 2 * gq);
       const TokenPair token = token_pair(order, r, gq);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -193,11 +195,10 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const float dot = (c[nt][2 * j] + c[nt][2 * j + 1]) * q_unscale;
-          const std::uint32_t pair = static_cast<std::uint32_t>(kp >> (32 * j));
           const int at = j == 0 ? token.x : token.y;
           if (at < hidden) continue;
-          row[at] = fp16_bits_to_float(static_cast<std::uint16_t>(pair)) * dot +
-                    fp16_bits_to_float(static_cast<std::uint16_t>(pair >> 16)) * sum_q[nt];
+          const float step = k_params.step(kp, j);
+          row[at] = step * dot + k_params.minimum(kp, j, step) * sum_q[nt];
         }
       }
     }
@@ -224,8 +225,9 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
   }
 }
 
-/// out[h][c] = sum_t weights[h][t] V_t[c]. NT n-tiles of 8 columns: 4 query heads (hi and lo).
-template <class T, int D, int NT>
+/// out[h][c] = sum_t weights[h][t] V_t[c]. NT n-tiles of 8 columns: 4 query heads (hi and lo);
+/// kCompact: the blocks store compact parameters (format version 3).
+template <class T, int D, int NT, bool kCompact>
 __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParams<T> p) {
   constexpr int kSteps = D / 16;
   PACKKV_DYNAMIC_SHARED(shared_bytes);
@@ -266,6 +268,7 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
   int stage = 0;
   for (int i = 0; i < w.blocks; ++i) {
     const std::uint8_t* v_sec = next_staged_block(s.spans, i, w.blocks, s.stages, stage_bytes, p.stages, stage);
+    const StagedParams<kCompact> v_params(v_sec, vl);
     const std::uint8_t* order = format::token_order(load_global(seq.blocks + w.block_begin + i), g, w.kv_head);
     const std::int64_t block_position = static_cast<std::int64_t>(w.block_begin + i) * g.block_tokens;
     const int hidden = seq.hidden_below(w.block_begin + i);  // the sink rows take those weights
@@ -278,7 +281,7 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
       for (int rr = 0; rr < 4; ++rr) {
         if (rr >= chunk) break;
         const int r = r0 + rr;
-        const std::uint64_t vp = lds64(v_sec + 4 * (16 * r + 2 * gq));
+        const std::uint64_t vp = v_params.pair(16 * r + 2 * gq);
         const TokenPair token = token_pair(order, r, gq);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
@@ -289,9 +292,9 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
           for (int j = 0; j < 2; ++j) {
             const int at = j == 0 ? token.x : token.y;
             const float wt = head < w.head_count && at >= hidden ? load_global(row + at) : 0.0f;
-            const std::uint32_t pair = static_cast<std::uint32_t>(vp >> (32 * j));
-            w_min[nt] += wt * fp16_bits_to_float(static_cast<std::uint16_t>(pair >> 16));
-            ws[rr][j][nt] = wt * fp16_bits_to_float(static_cast<std::uint16_t>(pair));
+            const float step = v_params.step(vp, j);
+            w_min[nt] += wt * v_params.minimum(vp, j, step);
+            ws[rr][j][nt] = wt * step;
             largest = fmaxf(largest, fabsf(ws[rr][j][nt]));
           }
         }
@@ -391,24 +394,34 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
   if (lane == 0) atomicExch(reinterpret_cast<int*>(counter), 0);  // ready for the next launch
 }
 
-template <class T, int D, int NT>
-cudaError_t launch_scores_kind(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  static const cudaError_t attribute = opt_in_shared_memory(fast_scores_kernel<T, D, NT>);
+template <class T, int D, int NT, bool kCompact>
+cudaError_t launch_scores_kernel(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
+  static const cudaError_t attribute = opt_in_shared_memory(fast_scores_kernel<T, D, NT, kCompact>);
   if (attribute != cudaSuccess) return attribute;
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups),
                   static_cast<unsigned>(p.batch));
-  PACKKV_LAUNCH((fast_scores_kernel<T, D, NT>), grid, 32, shared, stream, p);
+  PACKKV_LAUNCH((fast_scores_kernel<T, D, NT, kCompact>), grid, 32, shared, stream, p);
   return cudaGetLastError();
 }
-
 template <class T, int D, int NT>
-cudaError_t launch_attn_v_kind(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  static const cudaError_t attribute = opt_in_shared_memory(fast_attn_v_kernel<T, D, NT>);
+cudaError_t launch_scores_kind(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
+  return p.shape.geometry.compact_params ? launch_scores_kernel<T, D, NT, true>(p, shared, stream)
+                                         : launch_scores_kernel<T, D, NT, false>(p, shared, stream);
+}
+
+template <class T, int D, int NT, bool kCompact>
+cudaError_t launch_attn_v_kernel(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
+  static const cudaError_t attribute = opt_in_shared_memory(fast_attn_v_kernel<T, D, NT, kCompact>);
   if (attribute != cudaSuccess) return attribute;
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups),
                   static_cast<unsigned>(p.batch));
-  PACKKV_LAUNCH((fast_attn_v_kernel<T, D, NT>), grid, 32, shared, stream, p);
+  PACKKV_LAUNCH((fast_attn_v_kernel<T, D, NT, kCompact>), grid, 32, shared, stream, p);
   return cudaGetLastError();
+}
+template <class T, int D, int NT>
+cudaError_t launch_attn_v_kind(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
+  return p.shape.geometry.compact_params ? launch_attn_v_kernel<T, D, NT, true>(p, shared, stream)
+                                         : launch_attn_v_kernel<T, D, NT, false>(p, shared, stream);
 }
 
 }  // namespace

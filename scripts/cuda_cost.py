@@ -283,15 +283,26 @@ _FAST_ATTN_V_PER_CODE = _fast_primitive_per_code(
 SPECS = (
     # The fast path does not reach 4 instructions per code yet (docs/cuda.md says where they go):
     # reported on every run, not a CI failure; its spills, byte loads and occupancy are enforced.
-    Spec(r"^fast_attention_kernel<[^,]+, 128, 1>", dynamic_smem="fast", targets=True, per_code=_FAST_PER_CODE,
-         waive=("instr_per_code",)),
+    # Each fast kernel has two instantiations per storage type and shape: fp16 parameters (false)
+    # and compact parameters (true, format version 3), each with its own shared memory.
+    Spec(r"^fast_attention_kernel<[^,]+, 128, 1, false>", dynamic_smem="fast", targets=True,
+         per_code=_FAST_PER_CODE, waive=("instr_per_code",)),
+    Spec(r"^fast_attention_kernel<[^,]+, 128, 1, true>", dynamic_smem="fast_compact_params", targets=True,
+         per_code=_FAST_PER_CODE, waive=("instr_per_code",)),
+    Spec(r"^fast_attention_kernel<.*, true>", dynamic_smem="fast_compact_params"),
     Spec(r"^fast_attention_kernel\b", dynamic_smem="fast"),
     # scores and attn_v share fast attention's decode, hence its shortfall (waived the same way).
-    Spec(r"^fast_scores_kernel<[^,]+, 128, 1>", dynamic_smem="fast_scores", targets=True,
+    Spec(r"^fast_scores_kernel<[^,]+, 128, 1, false>", dynamic_smem="fast_scores", targets=True,
          per_code=_FAST_SCORES_PER_CODE, waive=("instr_per_code",)),
+    Spec(r"^fast_scores_kernel<[^,]+, 128, 1, true>", dynamic_smem="fast_scores_compact_params", targets=True,
+         per_code=_FAST_SCORES_PER_CODE, waive=("instr_per_code",)),
+    Spec(r"^fast_scores_kernel<.*, true>", dynamic_smem="fast_scores_compact_params"),
     Spec(r"^fast_scores_kernel\b", dynamic_smem="fast_scores"),
-    Spec(r"^fast_attn_v_kernel<[^,]+, 128, 1>", dynamic_smem="fast_attn_v", targets=True,
+    Spec(r"^fast_attn_v_kernel<[^,]+, 128, 1, false>", dynamic_smem="fast_attn_v", targets=True,
          per_code=_FAST_ATTN_V_PER_CODE, waive=("instr_per_code",)),
+    Spec(r"^fast_attn_v_kernel<[^,]+, 128, 1, true>", dynamic_smem="fast_attn_v_compact_params", targets=True,
+         per_code=_FAST_ATTN_V_PER_CODE, waive=("instr_per_code",)),
+    Spec(r"^fast_attn_v_kernel<.*, true>", dynamic_smem="fast_attn_v_compact_params"),
     Spec(r"^fast_attn_v_kernel\b", dynamic_smem="fast_attn_v"),
     Spec(r"^attention_split_kernel\b", dynamic_smem="read", waive=("byte_loads",),
          per_code=PerCode(_unpack_terms("K", "packed_block_scores(block, g, heads, p.softmax_scale")

@@ -71,11 +71,20 @@ int main() {
       packkv::detail::cuda::plan_fast_primitive(shape, 227 * 1024, packkv::format::Side::k);
   const packkv::detail::cuda::FastPlan fast_attn_v =
       packkv::detail::cuda::plan_fast_primitive(shape, 227 * 1024, packkv::format::Side::v);
+  // The fast kernels' compact-parameter instantiations serve the same geometry in format version 3.
+  packkv::detail::cuda::ReadShape compact_shape = shape;
+  compact_shape.geometry.compact_params = true;
+  const std::size_t fast_compact = packkv::detail::cuda::plan_fast_attention(compact_shape, 227 * 1024).shared_bytes;
+  const std::size_t fast_scores_compact =
+      packkv::detail::cuda::plan_fast_primitive(compact_shape, 227 * 1024, packkv::format::Side::k).shared_bytes;
+  const std::size_t fast_attn_v_compact =
+      packkv::detail::cuda::plan_fast_primitive(compact_shape, 227 * 1024, packkv::format::Side::v).shared_bytes;
   std::printf("  \"dynamic_shared_bytes\": {\"read\": %zu, \"encode\": %zu, \"compact\": %zu, \"fast\": %zu, "
-              "\"fast_scores\": %zu, \"fast_attn_v\": %zu}\n",
+              "\"fast_scores\": %zu, \"fast_attn_v\": %zu, \"fast_compact_params\": %zu, "
+              "\"fast_scores_compact_params\": %zu, \"fast_attn_v_compact_params\": %zu}\n",
               packkv::detail::cuda::read_shared_bytes(g), packkv::detail::cuda::encode_shared_bytes(g),
               packkv::detail::cuda::compact_shared_bytes(g), fast.shared_bytes, fast_scores.shared_bytes,
-              fast_attn_v.shared_bytes);
+              fast_attn_v.shared_bytes, fast_compact, fast_scores_compact, fast_attn_v_compact);
   std::printf("}\n");
   return 0;
 }

@@ -100,6 +100,52 @@ __device__ __forceinline__ void decode_round(const std::uint8_t* section, const 
   for (int j = 0; j < P; ++j) decode_pack(section, offset[j], width[j], pack_min[j], tile + tile_row<D>(c0 + j));
 }
 
+/// The per-token (step, min) of a staged section, read two tokens at a time (tokens 2 i, 2 i + 1:
+/// the pair a lane's mma rows hold), in the encoding the kernel was built for: fp16 pairs (format
+/// version 2, one 64-bit load) or compact parameters (version 3, one 32-bit load). The raw pair is
+/// kept as loaded and its floats are built where they are used, so that a kernel holds a chunk's
+/// parameters in as few registers as the fp16 form needs.
+template <bool kCompact>
+struct StagedParams {
+  const std::uint8_t* params;       // the section's first group's parameters
+  std::uint32_t step_bits = 0;      // compact: (E + 127) << 23, a step's float bits less its code's
+  std::uint32_t half_code_bits = 0;  // compact: float bits of 1.5 * 2^22 less the width's top code
+
+  __device__ __forceinline__ StagedParams(const std::uint8_t* section, const SectionLayout& layout)
+      : params(section + layout.params_offset) {
+    if constexpr (kCompact) {
+      const std::uint32_t biased = lds32(section) & 0xFFu;  // E + kCompactExponentBias
+      step_bits = (biased + (127u - static_cast<std::uint32_t>(format::kCompactExponentBias))) << 23;
+      half_code_bits = 0x4AC00000u - ((1u << layout.bits) - 1u);
+    }
+  }
+  /// The stored parameters of tokens `token` and `token + 1` (token even).
+  __device__ __forceinline__ std::uint64_t pair(int token) const {
+    if constexpr (kCompact) return lds32(params + 2 * token);
+    else return lds64(params + 4 * token);
+  }
+  /// Token j's step: with compact parameters, its code byte is the float's exponent and mantissa
+  /// top bits (format::compact_step_from_bits: (16 + m) * 2^(E + e - 4)).
+  __device__ __forceinline__ float step(std::uint64_t pair, int j) const {
+    if constexpr (kCompact) {
+      const std::uint32_t code = (static_cast<std::uint32_t>(pair) >> (16 * j)) & 0xFFu;
+      return format::float_from_bits((code << 19) + step_bits);
+    } else {
+      return fp16_bits_to_float(static_cast<std::uint16_t>(pair >> (32 * j)));
+    }
+  }
+  /// Token j's min (`step` its step): compact, (zero - top code) / 2 comes exactly from the bits of
+  /// 1.5 * 2^22 + (zero - top code), whose unit in the last place is 1/2, less 1.5 * 2^22.
+  __device__ __forceinline__ float minimum(std::uint64_t pair, int j, float step) const {
+    if constexpr (kCompact) {
+      const int zero = static_cast<int>(static_cast<std::uint32_t>(pair) << (16 - 16 * j)) >> 24;
+      return (format::float_from_bits(half_code_bits + static_cast<std::uint32_t>(zero)) - 6291456.0f) * step;
+    } else {
+      return fp16_bits_to_float(static_cast<std::uint16_t>(pair >> (32 * j + 16)));
+    }
+  }
+};
+
 /// Two code bytes of `bytes` (picked by `selector`, whose other nibbles select zero bytes) as the
 /// fp16 subnormals code * 2^-24: exact, one byte permute and no subtraction. Tensor cores take fp16
 /// subnormal inputs at full precision (measured on V100, T4 and A100 by Fasi, Higham, Mikaitis and
@@ -275,7 +321,8 @@ __device__ __forceinline__ void pv_round(const std::uint8_t* tile, const std::ui
 /// Deepest staging the fast kernels use (two blocks ahead of the one being decoded).
 inline constexpr int kFastStagesMax = 3;
 
-/// The fast path's plan for a geometry (head_dim 64, 128 or 256, per-token K; unusable otherwise):
+/// The fast path's plan for a geometry (head_dim 64, 128 or 256, per-token K, either parameter
+/// encoding; unusable otherwise):
 /// query heads per CTA (8, or 4 at head_dim 256, where two n-tiles would not fit the registers),
 /// and the deepest staging whose shared memory, `shared_bytes(stages, heads_per_cta)`, fits.
 template <class SharedBytes>
@@ -284,9 +331,6 @@ inline FastPlan plan_fast_kernels(const ReadShape& shape, int shared_limit, Shar
   const format::BlockGeometry& g = shape.geometry;
   if (g.head_dim != 64 && g.head_dim != 128 && g.head_dim != 256) return plan;
   if (g.k_per_channel) return plan;
-  // Compact parameters (format version 3) are read by the first path for now: the fast kernels
-  // load fp16 (step, min) pairs two tokens at a time.
-  if (g.compact_params) return plan;
   plan.heads_per_cta = shape.group < (g.head_dim == 256 ? 4 : 8) ? shape.group : (g.head_dim == 256 ? 4 : 8);
   plan.subgroups = (shape.group + plan.heads_per_cta - 1) / plan.heads_per_cta;
   for (int stages = kFastStagesMax; stages >= 2; --stages) {

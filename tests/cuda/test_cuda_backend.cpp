@@ -538,6 +538,23 @@ TEST(CudaFastPath, ServesTheCommonGeometriesAndFillsTheSms) {
   EXPECT_FALSE(plan(96, 4, false).usable);
   EXPECT_FALSE(plan(40, 4, false).usable);
   EXPECT_FALSE(plan(128, 4, true).usable);  // per-channel K
+  // Compact parameters (format version 3) take the same path and shape: smaller sections.
+  auto compact = [&](int dim, int group) {
+    detail::cuda::ReadShape shape{};
+    shape.geometry = format::BlockGeometry{64, dim, 8, 4, 3, true, false, true};
+    shape.num_q_heads = 8 * group;
+    shape.group = group;
+    shape.heads_per_cta = std::min(group, detail::cuda::kMaxHeadsPerCta);
+    shape.subgroups = (group + shape.heads_per_cta - 1) / shape.heads_per_cta;
+    return detail::cuda::plan_fast_attention(shape, 227 * 1024);
+  };
+  for (int dim : {64, 128, 256}) {
+    const detail::cuda::FastPlan plain = plan(dim, 4, false), small = compact(dim, 4);
+    ASSERT_TRUE(small.usable) << dim;
+    EXPECT_EQ(small.heads_per_cta, plain.heads_per_cta) << dim;
+    EXPECT_EQ(small.stages, plain.stages) << dim;
+    EXPECT_LE(small.shared_bytes, plain.shared_bytes) << dim;
+  }
 }
 
 // scores and attn_v (kernels/fast_primitives.cu) take the same geometries, staging one section.
@@ -1304,19 +1321,24 @@ TEST(Cuda, GreedyRepackIsRefusedClearly) {
 
 // Compact parameters (format version 3): the device encoder writes the CPU's bytes (per-token
 // and per-channel K, widths with and without a spare code, 8-bit codes), every reader agrees
-// with the CPU (the first read path serves them at every head_dim), images cross backends, and
-// values beyond +-16384 are refused by the kernels and by strict mode.
+// with the CPU (the fast read path at head_dim 64, 128 and 256 with per-token K, block sizes 32
+// to 128; the first path at 96 and for per-channel K), images cross backends, and values beyond
+// +-16384 are refused by the kernels and by strict mode.
 TEST(Cuda, CompactParamsMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
   struct Case {
     int dim;
     float k_rel, v_rel;
     QuantMode k_mode;
+    int block = 64;
   };
   for (const Case& cs : {Case{128, 0.1f, 0.2f, QuantMode::per_token}, Case{96, 1.0f / 15, 1.0f / 7, QuantMode::per_token},
-                         Case{64, 1.0f / 255, 0.34f, QuantMode::per_channel}}) {
+                         Case{64, 1.0f / 255, 0.34f, QuantMode::per_channel},
+                         Case{64, 0.34f, 1.0f / 31, QuantMode::per_token, 32},
+                         Case{256, 1.0f / 7, 0.5f, QuantMode::per_token, 128}}) {
     CacheConfig c = base_config();
     c.head_dim = cs.dim;
+    c.block_tokens = cs.block;
     c.k_rel = cs.k_rel;
     c.v_rel = cs.v_rel;
     c.k_mode = cs.k_mode;
@@ -1324,11 +1346,11 @@ TEST(Cuda, CompactParamsMatchCpu) {
     c.residual_tokens = 8;
     c.sink_tokens = 2;
     CachePair<float> pair(c);
-    const std::string label = "dim " + std::to_string(cs.dim);
+    const std::string label = "dim " + std::to_string(cs.dim) + " block " + std::to_string(cs.block);
     for (SeqId id : {4, 8}) pair.add(id);
     for (int l = 0; l < c.num_layers; ++l) {
-      pair.append(4, l, 64 * 2 + 11, 600 + l);
-      pair.append(8, l, 64 * 3 + 20, 620 + l);
+      pair.append(4, l, cs.block * 2 + 11, 600 + l);
+      pair.append(8, l, cs.block * 3 + 20, 620 + l);
     }
     const std::vector<SeqId> ids = {4, 8};
     for (SeqId id : ids) EXPECT_EQ(pair.gpu.export_sequence(id), pair.cpu.export_sequence(id)) << label << " " << id;
