@@ -1,5 +1,5 @@
 // The read path built for the bandwidth: fused decode attention straight from packed blocks, one
-// warp per CTA, head_dim 64, 128 or 256 (up to 8 query heads of a KV head per CTA; 4 at 256), K
+// warp per CTA, head_dim 64, 96, 128 or 256 (up to 8 query heads of a KV head per CTA; 4 at 256), K
 // quantized per token. Other geometries and per-channel K use the kernels of attention.cu.
 //
 // Each CTA owns one (sequence, KV head, query subgroup) and a range of units (packed blocks, then
@@ -472,6 +472,7 @@ cudaError_t launch_fast_attention(const AttentionParams<T>& p, std::size_t share
   const bool eight = p.shape.heads_per_cta > 4;
   switch (p.shape.geometry.head_dim) {
     case 64: return eight ? launch_fast_kind<T, 64, 2>(p, shared, stream) : launch_fast_kind<T, 64, 1>(p, shared, stream);
+    case 96: return eight ? launch_fast_kind<T, 96, 2>(p, shared, stream) : launch_fast_kind<T, 96, 1>(p, shared, stream);
     case 128: return eight ? launch_fast_kind<T, 128, 2>(p, shared, stream) : launch_fast_kind<T, 128, 1>(p, shared, stream);
     case 256: return eight ? cudaErrorInvalidValue : launch_fast_kind<T, 256, 1>(p, shared, stream);
     default: return cudaErrorInvalidValue;

@@ -1,6 +1,6 @@
 // `scores` and `attn_v` on the fast read path: the decode of decode_attention.cu (cp.async staging,
 // one warp decoding a round into a byte tile, ldmatrix, mma.m16n8k16 on fp16 subnormal codes),
-// for head_dim 64, 128 or 256 with K quantized per token; other geometries use attention.cu.
+// for head_dim 64, 96, 128 or 256 with K quantized per token; other geometries use attention.cu.
 // Both kernels are batched: one launch serves up to kMaxBatchPerLaunch sequences.
 //
 // A CTA is one warp and owns one (sequence, KV head, query subgroup) and a range of units (packed
@@ -437,6 +437,7 @@ cudaError_t launch_fast_scores(const PrimitiveParams<T>& p, std::size_t shared, 
   const bool eight = p.shape.heads_per_cta > 4;
   switch (p.shape.geometry.head_dim) {
     case 64: return eight ? launch_scores_kind<T, 64, 2>(p, shared, stream) : launch_scores_kind<T, 64, 1>(p, shared, stream);
+    case 96: return eight ? launch_scores_kind<T, 96, 2>(p, shared, stream) : launch_scores_kind<T, 96, 1>(p, shared, stream);
     case 128: return eight ? launch_scores_kind<T, 128, 2>(p, shared, stream) : launch_scores_kind<T, 128, 1>(p, shared, stream);
     case 256: return eight ? cudaErrorInvalidValue : launch_scores_kind<T, 256, 1>(p, shared, stream);
     default: return cudaErrorInvalidValue;
@@ -448,6 +449,7 @@ cudaError_t launch_fast_attn_v(const PrimitiveParams<T>& p, std::size_t shared, 
   const bool eight = p.shape.heads_per_cta > 4;
   switch (p.shape.geometry.head_dim) {
     case 64: return eight ? launch_attn_v_kind<T, 64, 2>(p, shared, stream) : launch_attn_v_kind<T, 64, 1>(p, shared, stream);
+    case 96: return eight ? launch_attn_v_kind<T, 96, 2>(p, shared, stream) : launch_attn_v_kind<T, 96, 1>(p, shared, stream);
     case 128: return eight ? launch_attn_v_kind<T, 128, 2>(p, shared, stream) : launch_attn_v_kind<T, 128, 1>(p, shared, stream);
     case 256: return eight ? cudaErrorInvalidValue : launch_attn_v_kind<T, 256, 1>(p, shared, stream);
     default: return cudaErrorInvalidValue;

@@ -6,7 +6,11 @@
 // them in one causal pass (attention_causal) and keeps only those the "verifier" accepts (truncate). The model is synthetic: K/V with an LLM's
 // statistics (packkv/synthetic.hpp), so the loop runs anywhere in seconds.
 //
-//   packkv_serve [--requests 40] [--max-batch 16] [--layers 8] [--budget-mib 48] [--device cpu|cuda]
+//   packkv_serve [--requests 40] [--max-batch 16] [--layers 8] [--budget-mib 48] [--device cpu|cuda] [--levers]
+//
+// --levers turns on the settings that paid on a real model (docs/results/levers.md): exact
+// attention sinks (sink_tokens = 4), 2-byte parameters (compact_params) and Hadamard-rotated V
+// (rotate_v).
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -41,6 +45,7 @@ struct Options {
   int requests = 40, max_batch = 16, layers = 8;
   std::size_t budget_mib = 48;
   packkv::Device device = packkv::Device::cpu;
+  bool levers = false;
 };
 
 struct Request {
@@ -126,8 +131,10 @@ Options parse(int argc, char** argv) {
     else if (a == "--layers") o.layers = std::atoi(value());
     else if (a == "--budget-mib") o.budget_mib = static_cast<std::size_t>(std::atoll(value()));
     else if (a == "--device") o.device = std::string(value()) == "cuda" ? packkv::Device::cuda : packkv::Device::cpu;
+    else if (a == "--levers") o.levers = true;
     else {
-      std::fprintf(stderr, "usage: packkv_serve [--requests N] [--max-batch N] [--layers N] [--budget-mib N] [--device cpu|cuda]\n");
+      std::fprintf(stderr, "usage: packkv_serve [--requests N] [--max-batch N] [--layers N] [--budget-mib N] "
+                           "[--device cpu|cuda] [--levers]\n");
       std::exit(2);
     }
   }
@@ -147,6 +154,11 @@ int main(int argc, char** argv) try {
   cfg.residual_tokens = 16;  // >= the draft length: rejecting drafts is an exact undo
   cfg.memory_budget_bytes = opt.budget_mib << 20;
   cfg.device = opt.device;
+  if (opt.levers) {
+    cfg.sink_tokens = 4;         // a sequence's first tokens stay exact
+    cfg.compact_params = true;   // (step, min) in 2 bytes: values must stay within +-16384
+    cfg.rotate_v = true;         // V stored Hadamard-rotated; outputs come back unrotated
+  }
   packkv::PackedKVCache<fp16> cache(cfg);  // fp16 storage, as an engine would keep K/V
   const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
   constexpr int kDraft = 4;
@@ -274,8 +286,9 @@ int main(int argc, char** argv) try {
   std::printf("\n%d requests as %d sequences (%zu forks for parallel sampling), %d steps, %zu tokens generated, %zu "
               "draft tokens rejected, %d admissions deferred for memory, %d preemptions\n",
               opt.requests, done, forks, step, generated, drafts_rejected, deferred, preempted);
-  std::printf("throughput %.0f tokens/s, %.1f steps/s (%s, %d layers, Llama-3-8B heads)\n", generated / seconds,
-              step / seconds, cfg.device == packkv::Device::cpu ? "CPU" : "CUDA", cfg.num_layers);
+  std::printf("throughput %.0f tokens/s, %.1f steps/s (%s, %d layers, Llama-3-8B heads%s)\n", generated / seconds,
+              step / seconds, cfg.device == packkv::Device::cpu ? "CPU" : "CUDA", cfg.num_layers,
+              opt.levers ? ", sinks + compact parameters + rotated V" : "");
   std::printf("peak memory %.1f MiB (everything the cache holds) vs a peak of %.1f MiB for an fp16 cache of the "
               "same tokens without sharing: %.1fx less; budget %zu MiB\n",
               mib(peak_resident), mib(peak_fp16), peak_resident ? static_cast<double>(peak_fp16) / peak_resident : 0.0,

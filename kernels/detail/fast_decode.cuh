@@ -14,12 +14,16 @@ namespace packkv::detail::cuda {
 
 using format::SectionLayout;
 
-/// Byte offset of the 16-byte row of channel c in a byte tile: rows move within their aligned group
-/// of 8 (xor with the decoding lane's index), so that 8 lanes storing rows, or ldmatrix reading 8
-/// consecutive rows, touch 8 different bank quads.
+/// Byte offset of the 16-byte row of channel c in a byte tile, such that 8 lanes storing rows, or
+/// ldmatrix reading 8 consecutive rows, touch 8 different bank quads. A lane owns P = D / 32
+/// consecutive channels: with P = 2, 4 or 8, rows move within their aligned group of 8 (xor with
+/// the decoding lane's index, a bijection of each group for those P); with P odd (head_dim 96)
+/// lanes l..l+7 store rows P l + j, already distinct modulo 8, and rows stay in place.
 template <int D>
 __device__ __forceinline__ int tile_row(int c) {
-  return 16 * (c ^ ((c / (D / 32)) & 7));
+  static_assert(D % 32 == 0 && (8 % (D / 32) == 0 || (D / 32) % 2 == 1), "a tile needs a bijective swizzle");
+  if constexpr ((D / 32) % 2 == 1) return 16 * c;
+  else return 16 * (c ^ ((c / (D / 32)) & 7));
 }
 
 __device__ __forceinline__ std::uint32_t lds32(const std::uint8_t* p) { return *reinterpret_cast<const std::uint32_t*>(p); }
@@ -321,15 +325,21 @@ __device__ __forceinline__ void pv_round(const std::uint8_t* tile, const std::ui
 /// Deepest staging the fast kernels use (two blocks ahead of the one being decoded).
 inline constexpr int kFastStagesMax = 3;
 
-/// The fast path's plan for a geometry (head_dim 64, 128 or 256, per-token K, either parameter
-/// encoding; unusable otherwise):
+/// The head dims the fast kernels are built for: multiples of 32 (a lane owns D / 32 channels of
+/// a round), the common ones (96: Phi-3).
+PACKKV_HOST_DEVICE constexpr bool fast_head_dim(int head_dim) {
+  return head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256;
+}
+
+/// The fast path's plan for a geometry (fast_head_dim, per-token K, either parameter encoding;
+/// unusable otherwise):
 /// query heads per CTA (8, or 4 at head_dim 256, where two n-tiles would not fit the registers),
 /// and the deepest staging whose shared memory, `shared_bytes(stages, heads_per_cta)`, fits.
 template <class SharedBytes>
 inline FastPlan plan_fast_kernels(const ReadShape& shape, int shared_limit, SharedBytes&& shared_bytes) {
   FastPlan plan{};
   const format::BlockGeometry& g = shape.geometry;
-  if (g.head_dim != 64 && g.head_dim != 128 && g.head_dim != 256) return plan;
+  if (!fast_head_dim(g.head_dim)) return plan;
   if (g.k_per_channel) return plan;
   plan.heads_per_cta = shape.group < (g.head_dim == 256 ? 4 : 8) ? shape.group : (g.head_dim == 256 ? 4 : 8);
   plan.subgroups = (shape.group + plan.heads_per_cta - 1) / plan.heads_per_cta;

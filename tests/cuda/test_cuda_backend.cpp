@@ -440,7 +440,7 @@ TYPED_TEST(CudaTyped, TokenByTokenAndChunkedAppendsMatchCpu) {
 TEST(Cuda, GqaRatiosHeadDimsAndBlockSizesMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
   std::uint64_t seed = 300;
-  for (int dim : {64, 128, 256}) {
+  for (int dim : {64, 96, 128, 256}) {
     for (int block : {32, 64, 128}) {
       for (int group : {1, 2, 4, 8, 12}) {
         CacheConfig c = base_config();
@@ -535,7 +535,8 @@ TEST(CudaFastPath, ServesTheCommonGeometriesAndFillsTheSms) {
   EXPECT_EQ(plan(256, 8, false).subgroups, 2);
   EXPECT_TRUE(plan(64, 1, false).usable);
   EXPECT_TRUE(plan(256, 4, false, 256).usable);
-  EXPECT_FALSE(plan(96, 4, false).usable);
+  EXPECT_EQ(plan(96, 8, false).heads_per_cta, 8);  // Phi-3's head_dim: three channels per lane
+  EXPECT_FALSE(plan(80, 4, false).usable);
   EXPECT_FALSE(plan(40, 4, false).usable);
   EXPECT_FALSE(plan(128, 4, true).usable);  // per-channel K
   // Compact parameters (format version 3) take the same path and shape: smaller sections.
@@ -548,7 +549,7 @@ TEST(CudaFastPath, ServesTheCommonGeometriesAndFillsTheSms) {
     shape.subgroups = (group + shape.heads_per_cta - 1) / shape.heads_per_cta;
     return detail::cuda::plan_fast_attention(shape, 227 * 1024);
   };
-  for (int dim : {64, 128, 256}) {
+  for (int dim : {64, 96, 128, 256}) {
     const detail::cuda::FastPlan plain = plan(dim, 4, false), small = compact(dim, 4);
     ASSERT_TRUE(small.usable) << dim;
     EXPECT_EQ(small.heads_per_cta, plain.heads_per_cta) << dim;
@@ -585,7 +586,8 @@ TEST(CudaFastPath, ScoresAndAttnVServeTheSameGeometries) {
     EXPECT_EQ(plan_fast_primitive(shape(256, 8, false), 227 * 1024, side).subgroups, 2);
     EXPECT_TRUE(plan_fast_primitive(shape(64, 1, false, 256), 227 * 1024, side).usable);
     EXPECT_TRUE(plan_fast_primitive(shape(256, 4, false, 256), 227 * 1024, side).usable);
-    EXPECT_FALSE(plan_fast_primitive(shape(96, 4, false), 227 * 1024, side).usable);
+    EXPECT_TRUE(plan_fast_primitive(shape(96, 4, false), 227 * 1024, side).usable);
+    EXPECT_FALSE(plan_fast_primitive(shape(80, 4, false), 227 * 1024, side).usable);
     EXPECT_FALSE(plan_fast_primitive(shape(128, 4, true), 227 * 1024, side).usable);
   }
 }
@@ -648,10 +650,10 @@ TEST(Cuda, PolledErrorsAreReportedOnlyByThePoll) {
 // Per-layer bounds: each layer's blocks with its own code widths, the same bytes as the CPU's, and
 // every read of each layer against the CPU. Layer 1 has the widest codes, so the staging slots and
 // shared memory are sized by it while layers 0 and 2 stage smaller blocks; fast and first read
-// paths both serve layers of different widths (head_dim 128 and 96).
+// paths both serve layers of different widths (head_dim 128 and 80).
 TEST(Cuda, PerLayerBoundsMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
-  for (int dim : {128, 96}) {
+  for (int dim : {128, 80}) {
     CacheConfig c = base_config();
     c.num_layers = 3;
     c.head_dim = dim;
@@ -936,14 +938,16 @@ void compare_causal(CachePair<T>& pair, const std::vector<SeqId>& ids, const std
   expect_close(dlse.download(), cpu_lse, 1e-5, 1e-6, label + " lse");
 }
 
-// The fast path (head_dim 64/128/256, per-token K: up to 8 or 4 rows per CTA) and the first read
-// path (other head dims, per-channel K); masked keys in packed blocks (residual 0) and in the tail.
+// The fast path (head_dim 64/96/128/256, per-token K: up to 8 or 4 rows per CTA) and the first
+// read path (other head dims, per-channel K); masked keys in packed blocks (residual 0) and in the
+// tail.
 TYPED_TEST(CudaTyped, CausalAttentionMatchesCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
   // (head_dim, query heads per KV head, residual, K mode)
   for (auto [dim, group, residual, mode] :
        {std::tuple{128, 4, 0, QuantMode::per_token}, std::tuple{64, 8, 24, QuantMode::per_token},
         std::tuple{256, 2, 0, QuantMode::per_token}, std::tuple{40, 4, 0, QuantMode::per_token},
+        std::tuple{96, 6, 8, QuantMode::per_token},
         std::tuple{128, 4, 16, QuantMode::per_channel}}) {
     CacheConfig c = base_config();
     c.head_dim = dim;
@@ -1150,7 +1154,7 @@ TYPED_TEST(CudaTyped, FastScoresAndAttnVBatchesMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
   std::uint64_t seed = 4000;
   int i = 0;
-  for (int dim : {64, 128, 256}) {
+  for (int dim : {64, 96, 128, 256}) {
     for (int block : {16, 32, 64, 128, 256}) {
       const int group = std::array{1, 2, 4, 8, 3}[static_cast<std::size_t>(i % 5)];
       const int bits = 1 + (i * 3) % 8;
@@ -1321,8 +1325,8 @@ TEST(Cuda, GreedyRepackIsRefusedClearly) {
 
 // Compact parameters (format version 3): the device encoder writes the CPU's bytes (per-token
 // and per-channel K, widths with and without a spare code, 8-bit codes), every reader agrees
-// with the CPU (the fast read path at head_dim 64, 128 and 256 with per-token K, block sizes 32
-// to 128; the first path at 96 and for per-channel K), images cross backends, and values beyond
+// with the CPU (the fast read path at head_dim 64, 96, 128 and 256 with per-token K, block sizes
+// 32 to 128; the first path at 80 and for per-channel K), images cross backends, and values beyond
 // +-16384 are refused by the kernels and by strict mode.
 TEST(Cuda, CompactParamsMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
@@ -1332,7 +1336,8 @@ TEST(Cuda, CompactParamsMatchCpu) {
     QuantMode k_mode;
     int block = 64;
   };
-  for (const Case& cs : {Case{128, 0.1f, 0.2f, QuantMode::per_token}, Case{96, 1.0f / 15, 1.0f / 7, QuantMode::per_token},
+  for (const Case& cs : {Case{128, 0.1f, 0.2f, QuantMode::per_token}, Case{80, 1.0f / 15, 1.0f / 7, QuantMode::per_token},
+                         Case{96, 0.2f, 0.1f, QuantMode::per_token},
                          Case{64, 1.0f / 255, 0.34f, QuantMode::per_channel},
                          Case{64, 0.34f, 1.0f / 31, QuantMode::per_token, 32},
                          Case{256, 1.0f / 7, 0.5f, QuantMode::per_token, 128}}) {
@@ -1390,11 +1395,11 @@ TEST(Cuda, CompactParamsRefuseValuesBeyondTheirLimit) {
 
 // Exact sinks (CacheConfig::sink_tokens) on the device against the CPU, whose readers
 // tests/test_sinks.cpp checks against float64: the fast path (head_dim 128) and the first path
-// (96), every reader, causal attention, fork, truncation and images. Coarse bounds make the first
+// (80), every reader, causal attention, fork, truncation and images. Coarse bounds make the first
 // block's decoded copies of the sinks differ clearly from the exact rows.
 TEST(Cuda, SinksMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
-  for (int dim : {128, 96}) {
+  for (int dim : {128, 80}) {
     CacheConfig c = base_config();
     c.head_dim = dim;
     c.k_rel = 0.34f;
