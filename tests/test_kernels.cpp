@@ -1,6 +1,7 @@
 // The CPU kernel sets (scalar and AVX2, both in this binary) against the format's scalar
 // reference: integer paths bit for bit, exhaustively where the input space allows; dequantized
 // values bit for bit; the floating-point products within fp32 tolerance.
+#include <bit>
 #include <cstring>
 #include <tuple>
 
@@ -90,6 +91,40 @@ TEST(Kernels, StorageTypeConversionsAreExactForEveryBitPattern) {
       const float want_h = to_float(halves[i]), want_b = to_float(brains[i]);
       ASSERT_EQ(std::memcmp(&h[i], &want_h, 4), 0) << detail::cpu::to_string(k->isa) << " fp16 " << std::hex << i;
       ASSERT_EQ(std::memcmp(&b[i], &want_b, 4), 0) << detail::cpu::to_string(k->isa) << " bf16 " << std::hex << i;
+    }
+  }
+}
+
+// The way back, float to the storage type: the bits of packkv::from_float for every kernel set,
+// over every fp16 rounding boundary and its neighbours, a sweep of all float bit patterns, and
+// the specials (zeros, infinities, NaNs of both signs, subnormals, the fp16 overflow threshold).
+TEST(Kernels, StorageTypeRoundingMatchesTheScalarRule) {
+  std::vector<float> x;
+  auto add_bits = [&](std::uint32_t u) { x.push_back(std::bit_cast<float>(u)); };
+  for (std::uint32_t h = 0; h < 0x7C00u; ++h) {
+    const std::uint32_t mid = std::bit_cast<std::uint32_t>(to_float(fp16_t::from_bits(static_cast<std::uint16_t>(h)))) + 0x1000u;
+    for (std::uint32_t d : {0u, 1u, 2u}) {
+      for (std::uint32_t sign : {0u, 0x80000000u}) {
+        add_bits((mid + d) | sign);
+        add_bits((mid - d) | sign);
+      }
+    }
+  }
+  for (std::uint64_t u = 0; u <= 0xFFFFFFFFull; u += 9973) add_bits(static_cast<std::uint32_t>(u));
+  for (std::uint32_t u : {0u, 0x80000000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u, 0xFFC00000u, 0x7F800001u, 0xFFBFFFFFu,
+                          0x00000001u, 0x807FFFFFu, 0x477FEFFFu, 0x477FF000u, 0x33000000u, 0x33000001u, 0x7F7FFFFFu})
+    add_bits(u);
+  while (x.size() % 8 != 3) add_bits(0x3F800000u);  // a scalar remainder as well
+  for (const Kernels* k : kernel_sets()) {
+    std::vector<fp16_t> h(x.size());
+    std::vector<bf16_t> b(x.size());
+    k->dense_f16.from_float(x.data(), h.data(), x.size());
+    k->dense_bf16.from_float(x.data(), b.data(), x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      ASSERT_EQ(h[i].bits, fp16_from_float(x[i]).bits)
+          << detail::cpu::to_string(k->isa) << " fp16 of " << std::hex << std::bit_cast<std::uint32_t>(x[i]);
+      ASSERT_EQ(b[i].bits, bf16_from_float(x[i]).bits)
+          << detail::cpu::to_string(k->isa) << " bf16 of " << std::hex << std::bit_cast<std::uint32_t>(x[i]);
     }
   }
 }
@@ -220,11 +255,27 @@ TEST(Kernels, DenseProductsAgreeAcrossKernelSets) {
     detail::cpu::AlignedFloats acc(static_cast<std::size_t>(groups) * dim * 8, 0.0f);
     kern->dense_f16.accumulate_v(half_rows.data(), dim, tokens, dim, w.data(), tokens, groups, acc.data());
     scores.push_back(s);
-    values.emplace_back(acc.begin(), acc.end());
+    // Each (group, channel) keeps 8 partial sums (the packed path's layout; kernel sets may
+    // spread tokens over them differently): their total is the product.
+    std::vector<float> sums(static_cast<std::size_t>(groups) * dim, 0.0f);
+    for (std::size_t i = 0; i < sums.size(); ++i) {
+      for (int lane = 0; lane < 8; ++lane) sums[i] += acc[i * 8 + static_cast<std::size_t>(lane)];
+    }
+    values.push_back(sums);
   }
   for (std::size_t set = 1; set < scores.size(); ++set) {
     for (std::size_t i = 0; i < scores[0].size(); ++i) EXPECT_NEAR(scores[set][i], scores[0][i], 1e-4);
     for (std::size_t i = 0; i < values[0].size(); ++i) EXPECT_NEAR(values[set][i], values[0][i], 1e-4);
+  }
+  // And the values against float64: sum over tokens of weight x the fp16 row's value.
+  for (int g = 0; g < groups; ++g) {
+    for (int c = 0; c < dim; ++c) {
+      double expected = 0.0;
+      for (int t = 0; t < tokens; ++t)
+        expected += static_cast<double>(w[static_cast<std::size_t>(g) * tokens + t]) *
+                    to_float(half_rows[static_cast<std::size_t>(t) * dim + c]);
+      for (const std::vector<float>& v : values) EXPECT_NEAR(v[static_cast<std::size_t>(g) * dim + c], expected, 1e-4);
+    }
   }
 }
 

@@ -3,11 +3,13 @@
 // read_back through it, and images that record it.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "core/rotation.hpp"
+#include "cpu/attention.hpp"
 #include "packkv/cache.hpp"
 #include "test_util.hpp"
 
@@ -33,6 +35,44 @@ TEST(Rotation, IsOrthogonalAndUndoesItself) {
     EXPECT_GT(moved, 0.1) << "dim " << dim << ": the rotation changed nothing";
     detail::rotate_back(y.data(), dim);
     for (int c = 0; c < dim; ++c) ASSERT_NEAR(y[c], x[c], 1e-5 * std::sqrt(nx)) << "dim " << dim << " channel " << c;
+  }
+}
+
+// The CPU's rows rotation (sign masks fixed in advance, stages with a compile-time chunk) gives
+// the bits of the format's rotate_forward / rotate_back, which the CUDA kernels run: every chunk
+// size, both directions, storage types that round.
+TEST(Rotation, HostRowsMatchTheSharedTransformBitForBit) {
+  for (int dim : {8, 16, 24, 32, 40, 64, 96, 128, 192, 256}) {
+    const std::size_t vectors = 3;
+    const auto x = random_values(vectors * static_cast<std::size_t>(dim), 70 + dim, 3.0);
+    for (bool forward : {true, false}) {
+      std::vector<float> rows(x.size());
+      detail::cpu::rotate_rows(x.data(), rows.data(), vectors, dim, forward, 1);
+      std::vector<float> in_place = x;
+      detail::cpu::rotate_rows_back(in_place.data(), vectors, dim, 1);
+      std::vector<fp16_t> halves(x.size());
+      const std::vector<fp16_t> x16 = convert<fp16_t>(x);
+      detail::cpu::rotate_rows(x16.data(), halves.data(), vectors, dim, forward, 1);
+      for (std::size_t v = 0; v < vectors; ++v) {
+        std::vector<float> want(x.begin() + v * dim, x.begin() + (v + 1) * dim);
+        std::vector<float> want16(static_cast<std::size_t>(dim));
+        for (int c = 0; c < dim; ++c) want16[c] = to_float(x16[v * dim + c]);
+        if (forward) {
+          detail::rotate_forward(want.data(), dim);
+          detail::rotate_forward(want16.data(), dim);
+        } else {
+          detail::rotate_back(want.data(), dim);
+          detail::rotate_back(want16.data(), dim);
+        }
+        for (int c = 0; c < dim; ++c) {
+          const std::size_t i = v * dim + c;
+          ASSERT_EQ(std::bit_cast<std::uint32_t>(rows[i]), std::bit_cast<std::uint32_t>(want[c]))
+              << "dim " << dim << (forward ? " forward" : " back") << " vector " << v << " channel " << c;
+          if (!forward) ASSERT_EQ(std::bit_cast<std::uint32_t>(in_place[i]), std::bit_cast<std::uint32_t>(want[c]));
+          ASSERT_EQ(halves[i].bits, from_float<fp16_t>(want16[c]).bits) << "fp16, dim " << dim << " channel " << c;
+        }
+      }
+    }
   }
 }
 

@@ -3,6 +3,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -174,26 +176,75 @@ void run_chunk(const ReadContext& ctx, const LayerRead& layer, int head, const f
 
 }  // namespace
 
+namespace {
+
+// The rotation of core/rotation.hpp with what the host can fix in advance: S as sign-bit masks
+// (the SplitMix64 of rotation_flips costs as much as the transform), and the butterfly stages
+// with a compile-time chunk, which the compiler vectorises. The same float operations in the same
+// order as rotate_forward / rotate_back (a negation is a sign-bit flip), so the results are the
+// same bits as the device's.
+constexpr std::array<std::uint32_t, 256> kFlipMasks = [] {
+  std::array<std::uint32_t, 256> m{};
+  for (int c = 0; c < 256; ++c) m[static_cast<std::size_t>(c)] = rotation_flips(c) ? 0x80000000u : 0u;
+  return m;
+}();
+
+void flip_signs(float* x, int head_dim) {
+  for (int c = 0; c < head_dim; ++c) x[c] = std::bit_cast<float>(std::bit_cast<std::uint32_t>(x[c]) ^ kFlipMasks[c]);
+}
+
+template <int P>
+void hadamard_chunks(float* x, int head_dim) {
+  const float scale = rotation_scale(P);
+  for (int c0 = 0; c0 < head_dim; c0 += P) {
+    float* y = x + c0;
+    for (int h = 1; h < P; h *= 2) {
+      for (int i = 0; i < P; i += 2 * h) {
+        for (int j = i; j < i + h; ++j) {
+          const float a = y[j], b = y[j + h];
+          y[j] = a + b;
+          y[j + h] = a - b;
+        }
+      }
+    }
+    for (int c = 0; c < P; ++c) y[c] *= scale;
+  }
+}
+
+void hadamard_host(float* x, int head_dim) {
+  switch (rotation_chunk(head_dim)) {
+    case 8: return hadamard_chunks<8>(x, head_dim);
+    case 16: return hadamard_chunks<16>(x, head_dim);
+    case 32: return hadamard_chunks<32>(x, head_dim);
+    case 64: return hadamard_chunks<64>(x, head_dim);
+    case 128: return hadamard_chunks<128>(x, head_dim);
+    default: return hadamard_chunks<256>(x, head_dim);
+  }
+}
+
+void rotate_host(float* x, int head_dim, bool forward) {
+  if (forward) flip_signs(x, head_dim);
+  hadamard_host(x, head_dim);
+  if (!forward) flip_signs(x, head_dim);
+}
+
+}  // namespace
+
 template <class T>
 void rotate_rows(const T* in, T* out, std::size_t vectors, int head_dim, bool forward, int threads) {
+  const DenseKernels<T>& convert = kernels().dense<T>();  // the storage type's conversions, vectorised
 #pragma omp parallel for schedule(static) num_threads(threads) if (vectors > 256)
   for (std::size_t i = 0; i < vectors; ++i) {
-    float x[256];
-    const T* src = in + i * head_dim;
-    for (int c = 0; c < head_dim; ++c) x[c] = to_float(src[c]);
-    if (forward) {
-      rotate_forward(x, head_dim);
-    } else {
-      rotate_back(x, head_dim);
-    }
-    T* dst = out + i * head_dim;
-    for (int c = 0; c < head_dim; ++c) dst[c] = from_float<T>(x[c]);
+    alignas(32) float x[256];
+    convert.to_float(in + i * head_dim, x, static_cast<std::size_t>(head_dim));
+    rotate_host(x, head_dim, forward);
+    convert.from_float(x, out + i * head_dim, static_cast<std::size_t>(head_dim));
   }
 }
 
 void rotate_rows_back(float* x, std::size_t vectors, int head_dim, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (vectors > 256)
-  for (std::size_t i = 0; i < vectors; ++i) rotate_back(x + i * head_dim, head_dim);
+  for (std::size_t i = 0; i < vectors; ++i) rotate_host(x + i * head_dim, head_dim, false);
 }
 
 template <class T>

@@ -45,11 +45,14 @@ struct DenseKernels {
   /// out[g * out_stride + t] = q_g . row_t
   void (*scores)(const T* rows, std::size_t row_stride, int tokens, int head_dim, const float* q, int groups,
                  float* out, std::size_t out_stride);
-  /// acc[(g * head_dim + c) * 8] += w[g * w_stride + t] * row_t[c] (lane 0 of the packed layout)
+  /// sum over lanes of acc[(g * head_dim + c) * 8 + lane] += w[g * w_stride + t] * row_t[c] (the
+  /// packed layout's 8 partial sums per channel; a kernel set picks the lanes)
   void (*accumulate_v)(const T* rows, std::size_t row_stride, int tokens, int head_dim, const float* w,
                        std::size_t w_stride, int groups, float* acc);
   /// out[i] = float(x[i]), exactly
   void (*to_float)(const T* x, float* out, std::size_t n);
+  /// out[i] = packkv::from_float<T>(x[i]), the same bits (round to nearest even; NaN as it makes it)
+  void (*from_float)(const float* x, T* out, std::size_t n);
 };
 
 /// One instruction set's kernels.

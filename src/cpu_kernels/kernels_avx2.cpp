@@ -333,12 +333,48 @@ PACKKV_AVX2 void dense_scores(const T* rows, std::size_t row_stride, int tokens,
   }
 }
 
+/// r[j] := lane j of every r[i], as lane i (an 8 x 8 transpose).
+PACKKV_AVX2 inline void transpose8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
 template <class T>
 PACKKV_AVX2 void dense_accumulate_v(const T* rows, std::size_t row_stride, int tokens, int head_dim, const float* w,
                                     std::size_t w_stride, int groups, float* acc) {
-  // acc uses the packed path's [G][head_dim][8] layout; dense rows add to lane 0 only.
+  // acc uses the packed path's [G][head_dim][8] layout: 8 partial sums per channel, which
+  // finish_v adds up. Eight tokens at a time go to the 8 lanes (token t + i to lane i), so a
+  // channel takes one vector multiply-add per group: the tokens' rows, transposed 8 channels at
+  // a time, times their 8 weights. The last tokens (fewer than 8) go to lane 0.
+  int t = 0;
+  for (; t + 8 <= tokens; t += 8) {
+    const T* block = rows + static_cast<std::size_t>(t) * row_stride;
+    for (int c = 0; c < head_dim; c += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = load8(block + static_cast<std::size_t>(i) * row_stride + c);
+      transpose8(r);  // r[j]: channel c + j of the 8 tokens
+      for (int g = 0; g < groups; ++g) {
+        const __m256 wt = _mm256_loadu_ps(w + g * w_stride + t);
+        float* a = acc + (static_cast<std::size_t>(g) * head_dim + c) * 8;
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(a + 8 * j, _mm256_fmadd_ps(wt, r[j], _mm256_loadu_ps(a + 8 * j)));
+      }
+    }
+  }
   alignas(32) float values[256];
-  for (int t = 0; t < tokens; ++t) {
+  for (; t < tokens; ++t) {
     const T* row = rows + static_cast<std::size_t>(t) * row_stride;
     for (int c = 0; c < head_dim; c += 8) _mm256_store_ps(values + c, load8(row + c));
     for (int g = 0; g < groups; ++g) {
@@ -356,9 +392,43 @@ PACKKV_AVX2 void convert(const T* x, float* out, std::size_t n) {
   for (; i < n; ++i) out[i] = packkv::to_float(x[i]);
 }
 
+/// Eight floats to the storage type with the bits of packkv::from_float: fp16 by F16C (round to
+/// nearest even; a NaN becomes the quiet NaN of its sign, as the scalar rule makes it), bf16 by
+/// the scalar rule's integer rounding.
+PACKKV_AVX2 inline void store8(float* out, __m256 x) { _mm256_storeu_ps(out, x); }
+PACKKV_AVX2 inline void store8(fp16_t* out, __m256 x) {
+  __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  if (_mm256_movemask_ps(nan) != 0) {
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i quiet = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x8000)),
+                                          _mm256_set1_epi32(0x7E00));
+    const __m256i wide = _mm256_blendv_epi8(_mm256_cvtepu16_epi32(h), quiet, _mm256_castps_si256(nan));
+    h = _mm_packus_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), h);
+}
+PACKKV_AVX2 inline void store8(bf16_t* out, __m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  r = _mm256_and_si256(r, _mm256_set1_epi32(0xFFFF));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
+template <class T>
+PACKKV_AVX2 void convert_back(const float* x, T* out, std::size_t n) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(out + i, _mm256_loadu_ps(x + i));
+  for (; i < n; ++i) out[i] = packkv::from_float<T>(x[i]);
+}
+
 template <class T>
 constexpr DenseKernels<T> dense_kernels() {
-  return DenseKernels<T>{&dense_scores<T>, &dense_accumulate_v<T>, &convert<T>};
+  return DenseKernels<T>{&dense_scores<T>, &dense_accumulate_v<T>, &convert<T>, &convert_back<T>};
 }
 
 }  // namespace

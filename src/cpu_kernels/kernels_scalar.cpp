@@ -169,8 +169,13 @@ void convert(const T* x, float* out, std::size_t n) {
 }
 
 template <class T>
+void convert_back(const float* x, T* out, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) out[i] = packkv::from_float<T>(x[i]);
+}
+
+template <class T>
 constexpr DenseKernels<T> dense_kernels() {
-  return DenseKernels<T>{&dense_scores<T>, &dense_accumulate_v<T>, &convert<T>};
+  return DenseKernels<T>{&dense_scores<T>, &dense_accumulate_v<T>, &convert<T>, &convert_back<T>};
 }
 
 }  // namespace
