@@ -19,6 +19,8 @@
 #   scripts/run_accuracy.sh --lever per-layer-sinks    # the same with 4 exact sinks for every method
 #   scripts/run_accuracy.sh --lever per-layer-sinks-compact  # the same with 2-byte (step, min) pairs
 #   scripts/run_accuracy.sh --lever entropy-images  # entropy-coded images of one window's K/V (3 min)
+#   scripts/run_accuracy.sh --lever pack-widths     # what one code width per group of channels would
+#                                                   # cost (a GPU-friendly format), one window (1 min)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,6 +48,13 @@ if [[ "${1:-}" == "--lever" && "${2:-}" == "entropy-images" ]]; then
   echo "== packkv_entropy (docs/results/entropy-images.md)"
   "$build/examples/packkv_entropy" --model "$model_dir/smollm2-135m.pkvllama" --tokens "$model_dir/GPL-3.tokens" \
     --context 2048 --markdown "$results/entropy-images.md" > /dev/null
+  exit 0
+fi
+if [[ "${1:-}" == "--lever" && "${2:-}" == "pack-widths" ]]; then
+  # Not a cache setting: the bits a decoder-friendly layout (shared pack widths) would cost.
+  echo "== packkv_entropy --widths (docs/results/pack-widths.md)"
+  "$build/examples/packkv_entropy" --model "$model_dir/smollm2-135m.pkvllama" --tokens "$model_dir/GPL-3.tokens" \
+    --context 2048 --widths --markdown "$results/pack-widths.md" > /dev/null
   exit 0
 fi
 if [[ "${1:-}" == "--lever" ]]; then

@@ -15,9 +15,18 @@
 //   - the static entropy of the same codes per (layer, head, channel), a floor for any coder
 //     without context, tables not counted.
 //
+//
+// With --widths it measures another format question on the same K and V instead: what a decoder
+// built for the GPU (one code width per group of channels, so that a warp decodes a round with
+// fixed shifts and no scan of the widths) would cost in bits. Each block is encoded as packkv
+// does; then per round, every channel's pack width is taken as the largest of its group of G
+// consecutive channels (one 4-bit width per group), the round stored plain when that is not
+// smaller, and the rounds' bytes compared with the format's (G = 1, checked to match the blocks).
+//
 //   packkv_entropy --model smollm2-135m.pkvllama --tokens GPL-3.tokens [--context 2048]
-//                  [--k-rel 0.03,0.05,0.1] [--v-rel 0.1,0.15,0.25] [--markdown FILE]
+//                  [--k-rel 0.03,0.05,0.1] [--v-rel 0.1,0.15,0.25] [--markdown FILE] [--widths]
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -28,6 +37,8 @@
 #include <string>
 #include <vector>
 
+#include <packkv/codec.hpp>
+#include <packkv/format.hpp>
 #include <packkv/format/quant.hpp>
 #include <packkv/image_coding.hpp>
 
@@ -92,11 +103,59 @@ std::string f2(double x) {
   return b;
 }
 
+/// Group sizes of the --widths measurement: the format (1), a lane's channels at head_dim 128 (4),
+/// a byte of descriptors' worth (8), a warp's quarter (16) and the whole round (head_dim).
+std::vector<int> width_group_sizes(int dim) { return {1, 4, 8, 16, dim}; }
+
+/// Adds, per group size, the bytes of one side's rounds (descriptors and packs) in `block` if
+/// every group of G channels shared its largest pack width; returns the format's own bytes of
+/// those rounds, read from the block (which the G = 1 figure must equal).
+double add_width_group_bytes(const packkv::CodecParams& params, const std::uint8_t* block, packkv::format::Side side,
+                             std::vector<double>& bytes) {
+  namespace f = packkv::format;
+  const f::BlockGeometry& g = params.geometry;
+  const f::SectionLayout layout = side == f::Side::k ? g.k_layout() : g.v_layout();
+  const int dim = g.head_dim, rounds = g.block_tokens / f::kPackTokens;
+  const std::vector<int> groups = width_group_sizes(dim);
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(g.block_tokens) * dim);
+  std::vector<std::uint32_t> width(static_cast<std::size_t>(dim));
+  double actual = 0;
+  for (int h = 0; h < g.num_heads; ++h) {
+    const std::uint8_t* section = block + f::head_entry(block, g, h).offset(side);
+    packkv::unpack_section_codes(layout, section, codes.data());
+    actual += f::rounds_bytes(section, layout);
+    for (int r = 0; r < rounds; ++r) {
+      for (int c = 0; c < dim; ++c) {
+        int lo = 255, hi = 0;
+        for (int t = 16 * r; t < 16 * r + 16; ++t) {
+          lo = std::min<int>(lo, codes[static_cast<std::size_t>(t) * dim + c]);
+          hi = std::max<int>(hi, codes[static_cast<std::size_t>(t) * dim + c]);
+        }
+        width[static_cast<std::size_t>(c)] = static_cast<std::uint32_t>(std::bit_width(static_cast<unsigned>(hi - lo)));
+      }
+      for (std::size_t k = 0; k < groups.size(); ++k) {
+        const int group = groups[k];
+        std::uint32_t packs = 0;
+        for (int c0 = 0; c0 < dim; c0 += group) {
+          std::uint32_t w = 0;
+          for (int c = c0; c < c0 + group; ++c) w = std::max(w, width[static_cast<std::size_t>(c)]);
+          packs += 2u * w * static_cast<std::uint32_t>(group);
+        }
+        // Descriptors: a 4-bit width per group (whole bytes), the minimums as the format has them.
+        const std::uint32_t descriptors = (static_cast<std::uint32_t>(dim / group) * 4u + 7u) / 8u + layout.descriptor_bytes - layout.widths_bytes;
+        bytes[k] += std::min(descriptors + packs, layout.plain_round_bytes);
+      }
+    }
+  }
+  return actual;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string model_path, tokens_path, markdown;
   int context = 2048, offset = 0;
+  bool widths = false;
   std::vector<float> k_rels = {0.03f, 0.05f, 0.1f}, v_rels = {0.1f, 0.15f, 0.25f};
   try {
     for (int i = 1; i < argc; ++i) {
@@ -112,11 +171,12 @@ int main(int argc, char** argv) {
       else if (arg == "--k-rel") k_rels = parse_list(value());
       else if (arg == "--v-rel") v_rels = parse_list(value());
       else if (arg == "--markdown") markdown = value();
+      else if (arg == "--widths") widths = true;
       else throw std::invalid_argument("unknown argument " + arg);
     }
     if (model_path.empty() || tokens_path.empty()) {
       std::fprintf(stderr, "usage: packkv_entropy --model FILE --tokens FILE [--context N] [--offset N] [--k-rel LIST] "
-                           "[--v-rel LIST] [--markdown FILE]\n");
+                           "[--v-rel LIST] [--markdown FILE] [--widths]\n");
       return 2;
     }
     const llama::LlamaModel model = llama::LlamaModel::load(model_path);
@@ -136,6 +196,66 @@ int main(int argc, char** argv) {
     const double elements = static_cast<double>(n) * heads * dim * layers;
 
     std::ostringstream md;
+    if (widths) {
+      md << "# What one code width per group of channels would cost\n\n";
+      md << "Made by `packkv_entropy --model " << std::filesystem::path(model_path).filename().string() << " --tokens "
+         << std::filesystem::path(tokens_path).filename().string() << " --context " << context << " --offset " << offset
+         << " --widths`: " << layers << " layers, " << heads << " KV heads, head_dim " << dim << ", " << n
+         << " tokens of K and V recorded from the exact cache, encoded in blocks of 64 (median repacking, K per "
+            "token, fp16 parameters). Per round (16 tokens), each channel's pack width becomes the largest of its "
+            "group of G consecutive channels, stored once per group (4 bits); the round is stored plain when that "
+            "is not smaller. Rounds = descriptors and packs; the side's total adds what the format stores besides "
+            "them (parameters, round table, half the permutation and headers), unchanged. G = 1 is the format (its "
+            "bytes are checked against the blocks); in parentheses, how many more bits the side takes than with "
+            "the format. G = head_dim is one width per round: what lets a warp decode with fixed shifts.\n\n";
+      const std::vector<int> groups = width_group_sizes(dim);
+      md << "| side | rel | bits/element, format |";
+      for (std::size_t k = 1; k < groups.size(); ++k) md << " G = " << groups[k] << " |";
+      md << "\n|---|---|---|";
+      for (std::size_t k = 1; k < groups.size(); ++k) md << "---|";
+      md << "\n";
+      for (int side = 0; side < 2; ++side) {
+        for (float rel : side == 0 ? k_rels : v_rels) {
+          packkv::CacheConfig c;
+          c.num_layers = 1;
+          c.num_kv_heads = heads;
+          c.num_q_heads = shape.num_q_heads;
+          c.head_dim = dim;
+          c.k_rel = rel;
+          c.v_rel = rel;
+          const packkv::CodecParams params = packkv::make_codec_params(c);
+          const packkv::format::Side which = side == 0 ? packkv::format::Side::k : packkv::format::Side::v;
+          std::vector<double> bytes(groups.size(), 0.0);
+          double actual = 0, side_bytes = 0;
+          std::vector<std::uint8_t> block(params.geometry.max_block_bytes());
+          packkv::EncodeScratch scratch;
+          const std::size_t row = static_cast<std::size_t>(heads) * dim;
+          for (int l = 0; l < layers; ++l) {
+            for (int t0 = 0; t0 + c.block_tokens <= n; t0 += c.block_tokens) {
+              packkv::BlockBytes parts{};
+              packkv::encode_block(params, recording.k(l).data() + t0 * row, recording.v(l).data() + t0 * row, row,
+                                   block.data(), scratch, &parts);
+              actual += add_width_group_bytes(params, block.data(), which, bytes);
+              // The side's sections and half of what both sides share (headers, permutation).
+              side_bytes += static_cast<double>(side == 0 ? parts.k_sections : parts.v_sections) +
+                            static_cast<double>(parts.headers + parts.permutations) / 2.0;
+            }
+          }
+          if (bytes[0] != actual) throw std::runtime_error("the G = 1 rounds differ from the format's");
+          const double coded = static_cast<double>(layers) * (n / c.block_tokens) * c.block_tokens * heads * dim;
+          auto bits = [&](double rounds) { return 8.0 * (side_bytes - actual + rounds) / coded; };
+          md << "| " << (side == 0 ? "K" : "V") << " | " << rel << " | " << f2(bits(actual)) << " |";
+          for (std::size_t k = 1; k < groups.size(); ++k)
+            md << " " << f2(bits(bytes[k])) << " (+" << f2(100.0 * (bytes[k] - actual) / side_bytes) << "%) |";
+          md << "\n";
+          std::fprintf(stderr, "%s rel %g: format %.3f bits, round-wide width %.3f\n", side == 0 ? "K" : "V", rel,
+                       bits(actual), bits(bytes.back()));
+        }
+      }
+      std::fputs(md.str().c_str(), stdout);
+      if (!markdown.empty()) std::ofstream(markdown) << md.str();
+      return 0;
+    }
     md << "# Would entropy-coded sequence images pay?\n\n";
     md << "Made by `packkv_entropy --model " << std::filesystem::path(model_path).filename().string() << " --tokens "
        << std::filesystem::path(tokens_path).filename().string() << " --context " << context << " --offset " << offset
