@@ -427,9 +427,11 @@ cudaError_t launch_attn_v_kind(const PrimitiveParams<T>& p, std::size_t shared, 
 }  // namespace
 
 FastPlan plan_fast_primitive(const ReadShape& shape, int shared_limit, format::Side side) {
-  return plan_fast_kernels(shape, shared_limit, [&](int stages, int heads) {
-    return primitive_shared_layout(shape.geometry, side, stages, heads, nullptr, nullptr);
-  });
+  // attn_v reads V only, whose parameters are per token whatever K's mode.
+  return plan_fast_kernels(
+      shape, shared_limit,
+      [&](int stages, int heads) { return primitive_shared_layout(shape.geometry, side, stages, heads, nullptr, nullptr); },
+      side == format::Side::k);
 }
 
 template <class T>

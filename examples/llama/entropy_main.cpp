@@ -195,13 +195,30 @@ int main(int argc, char** argv) {
     const int n = context, heads = shape.num_kv_heads, dim = shape.head_dim, layers = shape.num_layers;
     const double elements = static_cast<double>(n) * heads * dim * layers;
 
+    // One layer of the model's shape with both sides at `rel` (one side's bytes are counted).
+    auto one_layer_config = [&](float rel) {
+      packkv::CacheConfig c;
+      c.num_layers = 1;
+      c.num_kv_heads = heads;
+      c.num_q_heads = shape.num_q_heads;
+      c.head_dim = dim;
+      c.k_rel = rel;
+      c.v_rel = rel;
+      c.num_threads = 1;
+      return c;
+    };
     std::ostringstream md;
-    if (widths) {
-      md << "# What one code width per group of channels would cost\n\n";
+    // The command and the window, the start of each report's description.
+    auto made_by = [&](const char* flags) {
       md << "Made by `packkv_entropy --model " << std::filesystem::path(model_path).filename().string() << " --tokens "
          << std::filesystem::path(tokens_path).filename().string() << " --context " << context << " --offset " << offset
-         << " --widths`: " << layers << " layers, " << heads << " KV heads, head_dim " << dim << ", " << n
-         << " tokens of K and V recorded from the exact cache, encoded in blocks of 64 (median repacking, K per "
+         << flags << "`: " << layers << " layers, " << heads << " KV heads, head_dim " << dim << ", " << n
+         << " tokens of K and V recorded from the exact cache";
+    };
+    if (widths) {
+      md << "# What one code width per group of channels would cost\n\n";
+      made_by(" --widths");
+      md << ", encoded in blocks of 64 (median repacking, K per "
             "token, fp16 parameters). Per round (16 tokens), each channel's pack width becomes the largest of its "
             "group of G consecutive channels, stored once per group (4 bits); the round is stored plain when that "
             "is not smaller. Rounds = descriptors and packs; the side's total adds what the format stores besides "
@@ -216,13 +233,7 @@ int main(int argc, char** argv) {
       md << "\n";
       for (int side = 0; side < 2; ++side) {
         for (float rel : side == 0 ? k_rels : v_rels) {
-          packkv::CacheConfig c;
-          c.num_layers = 1;
-          c.num_kv_heads = heads;
-          c.num_q_heads = shape.num_q_heads;
-          c.head_dim = dim;
-          c.k_rel = rel;
-          c.v_rel = rel;
+          const packkv::CacheConfig c = one_layer_config(rel);
           const packkv::CodecParams params = packkv::make_codec_params(c);
           const packkv::format::Side which = side == 0 ? packkv::format::Side::k : packkv::format::Side::v;
           std::vector<double> bytes(groups.size(), 0.0);
@@ -257,10 +268,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     md << "# Would entropy-coded sequence images pay?\n\n";
-    md << "Made by `packkv_entropy --model " << std::filesystem::path(model_path).filename().string() << " --tokens "
-       << std::filesystem::path(tokens_path).filename().string() << " --context " << context << " --offset " << offset
-       << "`: " << layers << " layers, " << heads << " KV heads, head_dim " << dim << ", " << n
-       << " tokens of K and V recorded from the exact cache. Bits per element of the whole window, every layer, no "
+    made_by("");
+    md << ". Bits per element of the whole window, every layer, no "
           "exact window. packkv: block 64, median repacking, K per token, memory_stats() (sections, headers, "
           "permutations, block tables). Entropy-coded image: the same codes (packkv's quantizer), two fp16 per "
           "(token, head) for step and minimum, codes at the code length of an adaptive model per (layer, head, "
@@ -279,15 +288,7 @@ int main(int argc, char** argv) {
         for (int l = 0; l < layers; ++l) {
           const std::vector<float>& x = side == 0 ? recording.k(l) : recording.v(l);
           // packkv: this side at rel, the other at the same rel (its bytes are not counted).
-          packkv::CacheConfig c;
-          c.num_layers = 1;
-          c.num_kv_heads = heads;
-          c.num_q_heads = shape.num_q_heads;
-          c.head_dim = dim;
-          c.k_rel = rel;
-          c.v_rel = rel;
-          c.num_threads = 1;
-          packkv::PackedKVCache<float> cache(c);
+          packkv::PackedKVCache<float> cache(one_layer_config(rel));
           cache.add_sequence(0);
           cache.append(0, 0, side == 0 ? x.data() : recording.k(l).data(), side == 0 ? recording.v(l).data() : x.data(), n);
           const packkv::MemoryBreakdown t = cache.memory_stats().total;

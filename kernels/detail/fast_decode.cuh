@@ -331,16 +331,17 @@ PACKKV_HOST_DEVICE constexpr bool fast_head_dim(int head_dim) {
   return head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256;
 }
 
-/// The fast path's plan for a geometry (fast_head_dim, per-token K, either parameter encoding;
-/// unusable otherwise):
+/// The fast path's plan for a geometry (fast_head_dim, either parameter encoding, and per-token
+/// K for the kernels that read K, `reads_k`; unusable otherwise):
 /// query heads per CTA (8, or 4 at head_dim 256, where two n-tiles would not fit the registers),
 /// and the deepest staging whose shared memory, `shared_bytes(stages, heads_per_cta)`, fits.
 template <class SharedBytes>
-inline FastPlan plan_fast_kernels(const ReadShape& shape, int shared_limit, SharedBytes&& shared_bytes) {
+inline FastPlan plan_fast_kernels(const ReadShape& shape, int shared_limit, SharedBytes&& shared_bytes,
+                                  bool reads_k = true) {
   FastPlan plan{};
   const format::BlockGeometry& g = shape.geometry;
   if (!fast_head_dim(g.head_dim)) return plan;
-  if (g.k_per_channel) return plan;
+  if (reads_k && g.k_per_channel) return plan;
   plan.heads_per_cta = shape.group < (g.head_dim == 256 ? 4 : 8) ? shape.group : (g.head_dim == 256 ? 4 : 8);
   plan.subgroups = (shape.group + plan.heads_per_cta - 1) / plan.heads_per_cta;
   for (int stages = kFastStagesMax; stages >= 2; --stages) {

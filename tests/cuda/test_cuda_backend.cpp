@@ -588,7 +588,8 @@ TEST(CudaFastPath, ScoresAndAttnVServeTheSameGeometries) {
     EXPECT_TRUE(plan_fast_primitive(shape(256, 4, false, 256), 227 * 1024, side).usable);
     EXPECT_TRUE(plan_fast_primitive(shape(96, 4, false), 227 * 1024, side).usable);
     EXPECT_FALSE(plan_fast_primitive(shape(80, 4, false), 227 * 1024, side).usable);
-    EXPECT_FALSE(plan_fast_primitive(shape(128, 4, true), 227 * 1024, side).usable);
+    // attn_v reads V only: per-channel K does not keep it off the fast path.
+    EXPECT_EQ(plan_fast_primitive(shape(128, 4, true), 227 * 1024, side).usable, side == format::Side::v);
   }
 }
 
@@ -1182,17 +1183,24 @@ TYPED_TEST(CudaTyped, FastScoresAndAttnVBatchesMatchCpu) {
   }
 }
 
+// head_dim 40 (not a multiple of 32: partial warps everywhere) reads everything on the first path;
+// at 128, K.q and attention take the first path and attn_v the fast one (V is per token).
 TEST(Cuda, PerChannelKAndNoRepackMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
-  for (RepackMethod repack : {RepackMethod::none, RepackMethod::median}) {
-    CacheConfig c = base_config();
-    c.k_mode = QuantMode::per_channel;
-    c.repack = repack;
-    c.head_dim = 40;  // not a multiple of 32: partial warps everywhere
-    CachePair<bf16_t> pair(c);
-    pair.add(5);
-    pair.append(5, 0, 64 * 3 + 9, 5);
-    compare_everything(pair, {5}, 0, 6, std::string("per-channel K, repack ") + to_string(repack));
+  for (int dim : {40, 128}) {
+    for (RepackMethod repack : {RepackMethod::none, RepackMethod::median}) {
+      CacheConfig c = base_config();
+      c.k_mode = QuantMode::per_channel;
+      c.repack = repack;
+      c.head_dim = dim;
+      CachePair<bf16_t> pair(c);
+      pair.add(5);
+      pair.add(6);
+      pair.append(5, 0, 64 * 3 + 9, 5);
+      pair.append(6, 0, 64 + 1, 7);
+      compare_everything(pair, {5, 6}, 0, 6,
+                         "per-channel K, dim " + std::to_string(dim) + ", repack " + to_string(repack));
+    }
   }
 }
 
