@@ -46,7 +46,7 @@ __device__ __forceinline__ std::uint32_t spread4(std::uint32_t t, std::uint32_t 
 /// byte i is code i (pack minimum added: codes and minimum sum to at most 255, so bytes never carry).
 __device__ __forceinline__ void decode_pack(const std::uint8_t* section, std::uint32_t offset, std::uint32_t w,
                                             std::uint32_t pack_min, std::uint8_t* row) {
-  const std::uint32_t mask = ((1u << w) - 1u) * 0x01010101u;
+  const std::uint32_t mask = (0x01010101u << w) - 0x01010101u;  // (2^w - 1) in every byte
   const std::uint32_t add = pack_min * 0x01010101u;
   const std::uint32_t shift_pair = 16u - 2u * w, shift_one = 8u - w;
   std::uint32_t out[4];
