@@ -415,7 +415,7 @@ __global__ void __launch_bounds__(kThreads) attention_merge_kernel(const Attenti
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) scores_kernel(const ScoresParams<T> p) {
+__global__ void __launch_bounds__(kThreads, 4) scores_kernel(const ScoresParams<T> p) {
   PACKKV_DYNAMIC_SHARED(shared_bytes);
   ReaderShared s;
   const format::BlockGeometry& g = p.shape.geometry;

@@ -314,7 +314,7 @@ SPECS = (
                                              "if (unit < seq.num_blocks) {", "accumulate_packed_values(g, heads, s);"),),
                           lambda g: 2 * _block_codes(g), "one block, K and V, one CTA")),
     Spec(r"^attention_merge_kernel\b"),
-    Spec(r"^scores_kernel\b", dynamic_smem="read", waive=("byte_loads", "spills"),
+    Spec(r"^scores_kernel\b", dynamic_smem="read", waive=("byte_loads",),
          per_code=PerCode(_unpack_terms("K", "packed_block_scores(block, g, heads, 1.0f")
                           + _scores_terms("packed_block_scores(block, g, heads, 1.0f"),
                           _block_codes, "one block, K, one CTA")),
