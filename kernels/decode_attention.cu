@@ -453,11 +453,6 @@ cudaError_t launch_fast_kernel(const AttentionParams<T>& p, std::size_t shared, 
   PACKKV_LAUNCH((fast_attention_kernel<T, D, NT, kCompact>), grid, 32, shared, stream, p);
   return cudaGetLastError();
 }
-template <class T, int D, int NT>
-cudaError_t launch_fast_kind(const AttentionParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  return p.shape.geometry.compact_params ? launch_fast_kernel<T, D, NT, true>(p, shared, stream)
-                                         : launch_fast_kernel<T, D, NT, false>(p, shared, stream);
-}
 
 }  // namespace
 
@@ -469,14 +464,9 @@ FastPlan plan_fast_attention(const ReadShape& shape, int shared_limit) {
 
 template <class T>
 cudaError_t launch_fast_attention(const AttentionParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  const bool eight = p.shape.heads_per_cta > 4;
-  switch (p.shape.geometry.head_dim) {
-    case 64: return eight ? launch_fast_kind<T, 64, 2>(p, shared, stream) : launch_fast_kind<T, 64, 1>(p, shared, stream);
-    case 96: return eight ? launch_fast_kind<T, 96, 2>(p, shared, stream) : launch_fast_kind<T, 96, 1>(p, shared, stream);
-    case 128: return eight ? launch_fast_kind<T, 128, 2>(p, shared, stream) : launch_fast_kind<T, 128, 1>(p, shared, stream);
-    case 256: return eight ? cudaErrorInvalidValue : launch_fast_kind<T, 256, 1>(p, shared, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return launch_fast_instantiation(p.shape, [&]<int D, int NT, bool kCompact>() {
+    return launch_fast_kernel<T, D, NT, kCompact>(p, shared, stream);
+  });
 }
 
 template cudaError_t launch_fast_attention<float>(const AttentionParams<float>&, std::size_t, cudaStream_t);

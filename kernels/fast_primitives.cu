@@ -403,11 +403,6 @@ cudaError_t launch_scores_kernel(const PrimitiveParams<T>& p, std::size_t shared
   PACKKV_LAUNCH((fast_scores_kernel<T, D, NT, kCompact>), grid, 32, shared, stream, p);
   return cudaGetLastError();
 }
-template <class T, int D, int NT>
-cudaError_t launch_scores_kind(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  return p.shape.geometry.compact_params ? launch_scores_kernel<T, D, NT, true>(p, shared, stream)
-                                         : launch_scores_kernel<T, D, NT, false>(p, shared, stream);
-}
 
 template <class T, int D, int NT, bool kCompact>
 cudaError_t launch_attn_v_kernel(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
@@ -417,11 +412,6 @@ cudaError_t launch_attn_v_kernel(const PrimitiveParams<T>& p, std::size_t shared
                   static_cast<unsigned>(p.batch));
   PACKKV_LAUNCH((fast_attn_v_kernel<T, D, NT, kCompact>), grid, 32, shared, stream, p);
   return cudaGetLastError();
-}
-template <class T, int D, int NT>
-cudaError_t launch_attn_v_kind(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  return p.shape.geometry.compact_params ? launch_attn_v_kernel<T, D, NT, true>(p, shared, stream)
-                                         : launch_attn_v_kernel<T, D, NT, false>(p, shared, stream);
 }
 
 }  // namespace
@@ -436,26 +426,16 @@ FastPlan plan_fast_primitive(const ReadShape& shape, int shared_limit, format::S
 
 template <class T>
 cudaError_t launch_fast_scores(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  const bool eight = p.shape.heads_per_cta > 4;
-  switch (p.shape.geometry.head_dim) {
-    case 64: return eight ? launch_scores_kind<T, 64, 2>(p, shared, stream) : launch_scores_kind<T, 64, 1>(p, shared, stream);
-    case 96: return eight ? launch_scores_kind<T, 96, 2>(p, shared, stream) : launch_scores_kind<T, 96, 1>(p, shared, stream);
-    case 128: return eight ? launch_scores_kind<T, 128, 2>(p, shared, stream) : launch_scores_kind<T, 128, 1>(p, shared, stream);
-    case 256: return eight ? cudaErrorInvalidValue : launch_scores_kind<T, 256, 1>(p, shared, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return launch_fast_instantiation(p.shape, [&]<int D, int NT, bool kCompact>() {
+    return launch_scores_kernel<T, D, NT, kCompact>(p, shared, stream);
+  });
 }
 
 template <class T>
 cudaError_t launch_fast_attn_v(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  const bool eight = p.shape.heads_per_cta > 4;
-  switch (p.shape.geometry.head_dim) {
-    case 64: return eight ? launch_attn_v_kind<T, 64, 2>(p, shared, stream) : launch_attn_v_kind<T, 64, 1>(p, shared, stream);
-    case 96: return eight ? launch_attn_v_kind<T, 96, 2>(p, shared, stream) : launch_attn_v_kind<T, 96, 1>(p, shared, stream);
-    case 128: return eight ? launch_attn_v_kind<T, 128, 2>(p, shared, stream) : launch_attn_v_kind<T, 128, 1>(p, shared, stream);
-    case 256: return eight ? cudaErrorInvalidValue : launch_attn_v_kind<T, 256, 1>(p, shared, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return launch_fast_instantiation(p.shape, [&]<int D, int NT, bool kCompact>() {
+    return launch_attn_v_kernel<T, D, NT, kCompact>(p, shared, stream);
+  });
 }
 
 #define PACKKV_INSTANTIATE_PRIMITIVES(T)                                                                    \

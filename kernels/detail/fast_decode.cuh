@@ -331,6 +331,24 @@ PACKKV_HOST_DEVICE constexpr bool fast_head_dim(int head_dim) {
   return head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256;
 }
 
+/// Calls `launch.template operator()<D, NT, kCompact>()` with the fast kernels' instantiation that
+/// serves `shape`: its head dim, its n-tiles (two for more than 4 query heads per CTA, never at
+/// head_dim 256) and its parameter encoding. The one list of what is built, beside fast_head_dim.
+template <class Launch>
+cudaError_t launch_fast_instantiation(const ReadShape& shape, Launch&& launch) {
+  const bool eight = shape.heads_per_cta > 4, compact = shape.geometry.compact_params;
+  auto pick = [&]<int D, int NT>() {
+    return compact ? launch.template operator()<D, NT, true>() : launch.template operator()<D, NT, false>();
+  };
+  switch (shape.geometry.head_dim) {
+    case 64: return eight ? pick.template operator()<64, 2>() : pick.template operator()<64, 1>();
+    case 96: return eight ? pick.template operator()<96, 2>() : pick.template operator()<96, 1>();
+    case 128: return eight ? pick.template operator()<128, 2>() : pick.template operator()<128, 1>();
+    case 256: return eight ? cudaErrorInvalidValue : pick.template operator()<256, 1>();
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 /// The fast path's plan for a geometry (fast_head_dim, either parameter encoding, and per-token
 /// K for the kernels that read K, `reads_k`; unusable otherwise):
 /// query heads per CTA (8, or 4 at head_dim 256, where two n-tiles would not fit the registers),
