@@ -18,6 +18,8 @@
 #   scripts/run_accuracy.sh --lever per-layer-aligned  # per-layer, V menu on whole code widths
 #   scripts/run_accuracy.sh --lever per-layer-sinks    # the same with 4 exact sinks for every method
 #   scripts/run_accuracy.sh --lever per-layer-sinks-compact  # the same with 2-byte (step, min) pairs
+#   scripts/run_accuracy.sh --lever k-channel-scales  # K channels scaled by calibrated powers of two,
+#                                                     # 4 exact sinks, K sweeps only (17 min)
 #   scripts/run_accuracy.sh --lever entropy-images  # entropy-coded images of one window's K/V (3 min)
 #   scripts/run_accuracy.sh --lever pack-widths     # what one code width per group of channels would
 #                                                   # cost (a GPU-friendly format), one window (1 min)
@@ -79,7 +81,10 @@ if [[ "${1:-}" == "--lever" ]]; then
                                     --calibrate-layers 0.0005,0.001,0.002,0.003 --layer-menu-v 0.0323,0.0667,0.143,0.334) ;;
     # Fixed pairs with and without compact parameters: rerun with --compact-params for the second.
     compact-pairs) extra=(--rotate-v --sinks 4 --sweeps pairs --baselines kivi4) ;;
-    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, per-layer-aligned, per-layer-sinks, per-layer-sinks-compact, k-before-rope, sinks, entropy-images)" >&2; exit 2 ;;
+    # K's channels scaled by calibrated powers of two before per-token quantization (q scaled back
+    # at attention): SmoothAttention's max|K|^A, and the queries' weights; beside the plain K sweep.
+    k-channel-scales) extra=(--sinks 4 --sweeps k --baselines none --k-channel-scales kmax:0.5,kmax:1,q:0.5) ;;
+    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, per-layer-aligned, per-layer-sinks, per-layer-sinks-compact, compact-pairs, k-before-rope, k-channel-scales, sinks, entropy-images, pack-widths)" >&2; exit 2 ;;
   esac
 fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")

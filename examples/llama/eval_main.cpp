@@ -27,6 +27,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "layer_calibration.hpp"
@@ -37,7 +38,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum class Family { exact, packkv_control, packkv_k, packkv_k_channel, packkv_v, packkv_pair, packkv_per_layer, baseline };
+enum class Family { exact, packkv_control, packkv_k, packkv_k_channel, packkv_k_scaled, packkv_v, packkv_pair, packkv_per_layer, baseline };
 
 const char* family_name(Family f) {
   switch (f) {
@@ -45,6 +46,7 @@ const char* family_name(Family f) {
     case Family::packkv_control: return "packkv-control";
     case Family::packkv_k: return "packkv-K";
     case Family::packkv_k_channel: return "packkv-K-channel";
+    case Family::packkv_k_scaled: return "packkv-K-scaled";
     case Family::packkv_v: return "packkv-V";
     case Family::packkv_pair: return "packkv-KV";
     case Family::packkv_per_layer: return "packkv-per-layer";
@@ -124,6 +126,9 @@ struct Options {
   bool keys_before_rope = false;            // PackKV settings store K before RoPE
   bool compact_params = false;              // PackKV settings store 2-byte (step, min) pairs
   int sinks = 0;                            // the first tokens of a window stay exact, for every method
+  // K sweeps with K's channels scaled by calibrated powers of two (ChannelStatsCache): "kmax:A"
+  // divides channel c by max|K_c|^A (QServe's SmoothAttention), "q:A" multiplies it by rms(q_c)^A.
+  std::vector<std::string> k_channel_scales;
   std::string baselines = "all";  // or a comma list of short names (baseline_key), or "none"
   std::string sweeps = "k,k-channel,v,pairs";
   packkv::RepackMethod repack = packkv::RepackMethod::median;
@@ -143,7 +148,9 @@ std::vector<T> parse_list(const std::string& text) {
   std::vector<T> out;
   std::stringstream in(text);
   for (std::string item; std::getline(in, item, ',');) {
-    if (!item.empty()) out.push_back(static_cast<T>(std::stod(item)));
+    if (item.empty()) continue;
+    if constexpr (std::is_same_v<T, std::string>) out.push_back(item);
+    else out.push_back(static_cast<T>(std::stod(item)));
   }
   return out;
 }
@@ -155,6 +162,7 @@ void usage() {
                "                   [--block N] [--residual N] [--repack none|median|greedy] [--device cpu|cuda]\n"
                "                   [--bootstrap N] [--bootstrap-unit N] [--score-exact] [--markdown FILE] [--csv FILE]\n"
                "                   [--rotate-k] [--rotate-v] [--k-before-rope] [--compact-params] [--sinks N] [--sweeps k,k-channel,v,pairs]\n"
+               "                   [--k-channel-scales kmax:A,q:A,...]\n"
                "                   [--baselines all|none|LIST]\n"
                "  --tokens     int32 token ids (scripts/prepare_smollm2.py writes them); repeat for more texts\n"
                "  --text       a text file, tokenized with --tokenizer (llama2.c models); repeatable\n"
@@ -165,6 +173,8 @@ void usage() {
                "  --k-before-rope  PackKV settings store K before RoPE and rotate the decoded keys at attention\n"
                "  --compact-params  PackKV settings store 2-byte (step, min) pairs (CacheConfig::compact_params)\n"
                "  --sinks      the first N tokens of each window stay exact for every method (default 0)\n"
+               "  --k-channel-scales LIST  also the K sweep with K's channels divided by calibrated powers of\n"
+               "               two: kmax:A (max|K_c|^A, SmoothAttention) or q:A (rms(q_c)^-A), one sweep each\n"
                "  --sweeps     which PackKV sweeps to run (default all)\n"
                "  --baselines  which baselines: all (default), none, or a list of int8,fp8,int4,kivi4,kivi2,\n"
                "               q8_0,q5_1,q5_0,q4_1,q4_0,iq4_nl\n"
@@ -179,6 +189,56 @@ void usage() {
                "               windows, 512 tokens)\n"
                "  --layer-menu-k LIST, --layer-menu-v LIST  the rels each layer may take (besides 1/255)\n");
 }
+
+/// The exact cache, keeping per layer and (KV head, channel) K's largest magnitude and the mean
+/// square of the queries that read it (the KV head's group of query heads).
+class ChannelStatsCache final : public llama::KvCache {
+ public:
+  explicit ChannelStatsCache(const llama::KvShape& shape)
+      : shape_(shape),
+        exact_(llama::make_exact_cache(shape)),
+        k_max_(static_cast<std::size_t>(shape.num_layers), std::vector<double>(static_cast<std::size_t>(shape.kv_dim()), 0.0)),
+        q_square_(k_max_) {}
+  void append(int layer, const float* k, const float* v) override {
+    std::vector<double>& m = k_max_[static_cast<std::size_t>(layer)];
+    for (std::size_t i = 0; i < m.size(); ++i) m[i] = std::max(m[i], static_cast<double>(std::fabs(k[i])));
+    exact_->append(layer, k, v);
+  }
+  void attend(int layer, const float* q, float* out, float scale) override {
+    std::vector<double>& sq = q_square_[static_cast<std::size_t>(layer)];
+    const int group = shape_.num_q_heads / shape_.num_kv_heads;
+    for (int h = 0; h < shape_.num_q_heads; ++h) {
+      for (int c = 0; c < shape_.head_dim; ++c) {
+        const double x = q[h * shape_.head_dim + c];
+        sq[static_cast<std::size_t>((h / group) * shape_.head_dim + c)] += x * x;
+      }
+    }
+    exact_->attend(layer, q, out, scale);
+  }
+  llama::KvBytes bytes() const override { return exact_->bytes(); }
+  std::string describe() const override { return "exact cache recording K's and q's channel statistics"; }
+  /// Divisors 2^round(alpha log2 max|K_c|): channels with large keys shrink (SmoothAttention).
+  std::vector<std::vector<float>> k_max_scales(double alpha) const { return powers_of_two(k_max_, alpha, false); }
+  /// Divisors 2^-round(alpha log2 rms q_c): channels the queries weigh heavily grow.
+  std::vector<std::vector<float>> q_rms_scales(double alpha) const { return powers_of_two(q_square_, alpha / 2.0, true); }
+
+ private:
+  /// Powers of two (exact to divide by and to multiply back) of stat^alpha, or of stat^-alpha.
+  static std::vector<std::vector<float>> powers_of_two(const std::vector<std::vector<double>>& stat, double alpha, bool invert) {
+    std::vector<std::vector<float>> out(stat.size());
+    for (std::size_t l = 0; l < stat.size(); ++l) {
+      for (double x : stat[l]) {
+        const long e = std::lround(alpha * std::log2(std::max(x, 1e-30)));
+        out[l].push_back(std::ldexp(1.0f, static_cast<int>(invert ? -e : e)));
+      }
+    }
+    return out;
+  }
+
+  llama::KvShape shape_;
+  std::unique_ptr<llama::KvCache> exact_;
+  std::vector<std::vector<double>> k_max_, q_square_;
+};
 
 std::vector<int> read_tokens(const std::string& path) {
   std::ifstream in(path, std::ios::binary | std::ios::ate);
@@ -516,6 +576,7 @@ int main(int argc, char** argv) {
       else if (arg == "--k-before-rope") opt.keys_before_rope = true;
       else if (arg == "--compact-params") opt.compact_params = true;
       else if (arg == "--sinks") opt.sinks = std::stoi(value());
+      else if (arg == "--k-channel-scales") opt.k_channel_scales = parse_list<std::string>(value());
       else if (arg == "--baselines") opt.baselines = value();
       else if (arg == "--sweeps") opt.sweeps = value();
       else if (arg == "--calibrate-layers") opt.layer_budgets = parse_list<double>(value());
@@ -602,8 +663,7 @@ int main(int argc, char** argv) {
     base.sink_tokens = opt.keys_before_rope ? 0 : opt.sinks;
     const bool keys_before_rope = levers.keys_before_rope;
     auto make_packkv = [shape, levers](const packkv::CacheConfig& c) {
-      return levers.keys_before_rope || levers.sinks > 0 ? llama::make_packkv_cache_with_levers(shape, c, levers)
-                                                         : llama::make_packkv_cache(shape, c);
+      return levers.keys_before_rope ? llama::make_packkv_cache_with_levers(shape, c, levers) : llama::make_packkv_cache(shape, c);
     };
     const std::string k_note = keys_before_rope ? " before RoPE" : "";
     auto packkv_setting = [&](Family family, float k_rel, float v_rel,
@@ -679,16 +739,9 @@ int main(int argc, char** argv) {
                           [shape, b, baseline_options] { return llama::make_baseline_cache(shape, b, baseline_options); }});
     }
 
-    // ---- per-layer rels: calibrated on a window the evaluation does not score ----
-    struct LayerPlanRow {
-      double budget;
-      packkv::LayerBounds plan;
-      std::string setting_name;
-    };
-    std::vector<LayerPlanRow> layer_plans;
-    std::optional<llama::LayerSensitivity> sensitivity;
+    // ---- the calibration window: a stretch of the first text that no evaluated window holds ----
     std::string calibration_summary;
-    if (!opt.layer_budgets.empty()) {
+    auto calibration_window = [&] {
       const auto& [text_name, ids] = texts.front();
       int used = static_cast<int>(ids.size()) / opt.context;
       if (opt.max_windows > 0) used = std::min(used, opt.max_windows);
@@ -700,8 +753,55 @@ int main(int argc, char** argv) {
         throw std::invalid_argument(text_name + " has " + std::to_string(ids.size()) + " tokens: no calibration window of " +
                                     std::to_string(opt.calibration_tokens) + " at offset " + std::to_string(offset));
       }
-      const std::vector<int> calibration(ids.begin() + offset, ids.begin() + offset + opt.calibration_tokens);
       calibration_summary = text_name + " tokens [" + std::to_string(offset) + ", " + std::to_string(offset + opt.calibration_tokens) + ")";
+      return std::vector<int>(ids.begin() + offset, ids.begin() + offset + opt.calibration_tokens);
+    };
+
+    // ---- K with its channels scaled by calibrated powers of two (a lever measured, not built) ----
+    // Attention would scale q instead (q_c * s_c, once per step); measured through decoded copies,
+    // which also keep the sinks exact.
+    if (!opt.k_channel_scales.empty()) {
+      ChannelStatsCache recorder(shape);
+      const std::vector<int> calibration = calibration_window();
+      llama::evaluate_teacher_forced(model, calibration.data(), static_cast<int>(calibration.size()), recorder);
+      for (const std::string& spec : opt.k_channel_scales) {
+        const std::size_t colon = spec.find(':');
+        const std::string kind = spec.substr(0, colon);
+        if (colon == std::string::npos || (kind != "kmax" && kind != "q")) {
+          throw std::invalid_argument("--k-channel-scales: '" + spec + "' is not kmax:ALPHA or q:ALPHA");
+        }
+        const double alpha = std::stod(spec.substr(colon + 1));
+        llama::PackkvLevers scaled = levers;
+        scaled.sinks = opt.sinks;
+        scaled.k_channel_scale = kind == "kmax" ? recorder.k_max_scales(alpha) : recorder.q_rms_scales(alpha);
+        packkv::CacheConfig scaled_base = base;
+        scaled_base.sink_tokens = 0;
+        const std::string label = kind == "kmax" ? " channels / max|K|^" + fmt("%g", alpha) : " channels * rms(q)^" + fmt("%g", alpha);
+        for (float r : k_sweep) {
+          Setting setting = packkv_setting(Family::packkv_k_scaled, r, exact_rel);
+          setting.name = "PackKV K " + rel_label(r) + label + k_note + " / V " + rel_label(exact_rel) +
+                         (base.compact_params ? ", compact params" : "");
+          setting.make_cache = [shape, scaled, scaled_base, r, exact_rel] {
+            packkv::CacheConfig c = scaled_base;
+            c.k_rel = r;
+            c.v_rel = exact_rel;
+            return llama::make_packkv_cache_with_levers(shape, c, scaled);
+          };
+          settings.push_back(std::move(setting));
+        }
+      }
+    }
+
+    // ---- per-layer rels: calibrated on a window the evaluation does not score ----
+    struct LayerPlanRow {
+      double budget;
+      packkv::LayerBounds plan;
+      std::string setting_name;
+    };
+    std::vector<LayerPlanRow> layer_plans;
+    std::optional<llama::LayerSensitivity> sensitivity;
+    if (!opt.layer_budgets.empty()) {
+      const std::vector<int> calibration = calibration_window();
       const auto calibration_start = Clock::now();
       int last_decile = -1;
       sensitivity = llama::measure_layer_sensitivity(
@@ -870,6 +970,14 @@ int main(int argc, char** argv) {
     if (opt.keys_before_rope) {
       md << "- PackKV settings store K before RoPE and rotate the decoded keys at attention (KVQuant's pre-RoPE keys), "
             "attention running over decoded copies (llama::make_packkv_cache_with_levers).\n";
+    }
+    if (!opt.k_channel_scales.empty()) {
+      md << "- packkv-K-scaled settings divide each K channel by a power of two before the cache quantizes it per token "
+            "and multiply the decoded keys back (what scaling q would do at attention), attention running over "
+            "decoded copies that keep the sinks exact (llama::make_packkv_cache_with_levers). The powers come from "
+            "the exact cache's run on " << calibration_summary << ", per layer, KV head and channel: "
+            "2^round(A log2 max|K_c|) for kmax:A (QServe's SmoothAttention), 2^-round(A log2 rms q_c) for q:A (q over "
+            "the KV head's query heads).\n";
     }
     md << "- Bits per element: of the compressed part only, every byte counted (codes, fp16 scales and minimums, "
           "pack descriptors, permutations, block headers and tables; for packkv `memory_stats()` without its tail, "

@@ -67,14 +67,17 @@ std::unique_ptr<KvCache> make_exact_cache(const KvShape& shape);
 /// packkv's PackedKVCache<float> on `config.device`. The model's shape overrides the config's.
 std::unique_ptr<KvCache> make_packkv_cache(const KvShape& shape, packkv::CacheConfig config);
 /// What packkv's attention would see with the library extended: K stored before RoPE (KVQuant's
-/// pre-RoPE keys; RoPE on adjacent pairs with `rope_theta` applied to the decoded keys), and/or the
-/// first `sinks` tokens kept exact (attention sinks). Attention runs densely over decoded copies
+/// pre-RoPE keys; RoPE on adjacent pairs with `rope_theta` applied to the decoded keys), K's
+/// channels scaled by powers of two, and/or the first `sinks` tokens kept exact (attention sinks). Attention runs densely over decoded copies
 /// (CPU only); the cache still holds the sink tokens compressed, so its compressed bytes include
 /// them (a conservative count: sinks / compressed tokens more, 0.2% at 4 of 2048).
 struct PackkvLevers {
   bool keys_before_rope = false;
   float rope_theta = 10000.0f;
   int sinks = 0;
+  /// Per layer, [num_kv_heads][head_dim] powers of two: K is stored divided by them channel by
+  /// channel (and decoded keys multiplied back), which attention would do by scaling q instead.
+  std::vector<std::vector<float>> k_channel_scale;
 };
 std::unique_ptr<KvCache> make_packkv_cache_with_levers(const KvShape& shape, packkv::CacheConfig config,
                                                        PackkvLevers levers);

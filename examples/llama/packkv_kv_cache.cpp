@@ -135,7 +135,8 @@ KvBytes PackkvCache::kv_bytes(const packkv::MemoryBreakdown& t) const {
 
 /// packkv with levers the library does not have yet, measured with the library as it is
 /// (make_packkv_cache_with_levers): K stored before RoPE, as KVQuant does (the cache quantizes each
-/// key unrotated and attention rotates the decoded keys), and exact sink tokens. Attention runs
+/// key unrotated and attention rotates the decoded keys), K's channels scaled by powers of two
+/// (divided on the way in, multiplied back on decoding), and exact sink tokens. Attention runs
 /// densely over what a kernel would compute on the fly: each compressed token's decoded K (rotated
 /// to its position) and V, the sinks' and the exact window's values as appended. Tokens leave the
 /// window a block at a time (packkv's tail rule), so the decoded copy is refreshed once per block.
@@ -161,6 +162,10 @@ class DecodedCopyCache final : public KvCache {
     if (levers_.keys_before_rope) {
       rope_adjacent_pairs(stored.data(), shape_.num_kv_heads, shape_.head_dim, static_cast<int>(-pos), levers_.rope_theta);
     }
+    if (!levers_.k_channel_scale.empty()) {
+      const std::vector<float>& s = levers_.k_channel_scale[l];
+      for (std::size_t i = 0; i < kvd; ++i) stored[i] /= s[i];
+    }
     inner_.append(layer, stored.data(), v);
     const std::int64_t n = pos + 1;
     const std::int64_t compressed = n > residual_ ? (n - residual_) / block_ * block_ : 0;
@@ -172,6 +177,10 @@ class DecodedCopyCache final : public KvCache {
     inner_.cache().read_back(PackkvCache::kSeq, layer, k_back.data(), v_back.data());
     for (std::int64_t t = std::max<std::int64_t>(compressed_[l], levers_.sinks); t < compressed; ++t) {
       float* key = k_back.data() + static_cast<std::size_t>(t) * kvd;
+      if (!levers_.k_channel_scale.empty()) {
+        const std::vector<float>& s = levers_.k_channel_scale[l];
+        for (std::size_t i = 0; i < kvd; ++i) key[i] *= s[i];
+      }
       if (levers_.keys_before_rope) {
         rope_adjacent_pairs(key, shape_.num_kv_heads, shape_.head_dim, static_cast<int>(t), levers_.rope_theta);
       }
@@ -195,6 +204,7 @@ class DecodedCopyCache final : public KvCache {
   std::string describe() const override {
     std::string levers = levers_.keys_before_rope ? "K before RoPE; " : "";
     if (levers_.sinks > 0) levers += std::to_string(levers_.sinks) + " exact sinks; ";
+    if (!levers_.k_channel_scale.empty()) levers += "K channels scaled; ";
     return levers + inner_.describe();
   }
 
@@ -226,6 +236,22 @@ std::unique_ptr<KvCache> make_packkv_cache_with_levers(const KvShape& shape, pac
                                                        PackkvLevers levers) {
   if (config.device != packkv::Device::cpu) throw std::invalid_argument("packkv levers are measured on the CPU backend");
   if (levers.sinks < 0) throw std::invalid_argument("packkv levers: sinks must be >= 0");
+  if (!levers.k_channel_scale.empty()) {
+    if (levers.k_channel_scale.size() != static_cast<std::size_t>(shape.num_layers)) {
+      throw std::invalid_argument("packkv levers: k_channel_scale needs one row per layer");
+    }
+    for (const std::vector<float>& row : levers.k_channel_scale) {
+      if (row.size() != static_cast<std::size_t>(shape.kv_dim())) {
+        throw std::invalid_argument("packkv levers: k_channel_scale rows hold num_kv_heads * head_dim scales");
+      }
+      for (float x : row) {
+        int e = 0;
+        if (!(x > 0.0f) || std::frexp(x, &e) != 0.5f) {
+          throw std::invalid_argument("packkv levers: k_channel_scale entries must be powers of two, not " + std::to_string(x));
+        }
+      }
+    }
+  }
   config.num_layers = shape.num_layers;
   config.num_kv_heads = shape.num_kv_heads;
   config.num_q_heads = shape.num_q_heads;

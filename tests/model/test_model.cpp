@@ -365,6 +365,37 @@ TEST(Stories260K, KeysBeforeRopeAttendLikeTheExactCache) {
   EXPECT_NE(before->describe().find("K before RoPE"), std::string::npos);
 }
 
+// K channels scaled by powers of two (the k-channel-scales lever): one power for every channel
+// changes nothing once undone (per-token quantization is blind to it: the same codes, the
+// parameters scaled exactly), so the run matches the unscaled one bit for bit, which it would not
+// if the keys were not divided on the way in or not multiplied back on decoding; scaling one
+// channel of every head changes the codes, hence the model's likelihood.
+TEST(Stories260K, ChannelScalesOfKAreUndoneOnDecoding) {
+  SKIP_WITHOUT_STORIES();
+  Stories s;
+  const std::vector<int> tokens = evaluation_tokens(s, 120);
+  ASSERT_GE(tokens.size(), 100u);
+  const int n = static_cast<int>(tokens.size());
+  const llama::KvShape shape = s.model.config().kv_shape();
+  packkv::CacheConfig config = packkv_config(0.1f, packkv::kMinRel, 16);
+  config.residual_tokens = 8;
+  auto run = [&](float uniform, float channel0) {
+    llama::PackkvLevers levers;
+    levers.k_channel_scale.assign(static_cast<std::size_t>(shape.num_layers),
+                                  std::vector<float>(static_cast<std::size_t>(shape.kv_dim()), uniform));
+    for (auto& layer : levers.k_channel_scale) {
+      for (int h = 0; h < shape.num_kv_heads; ++h) layer[static_cast<std::size_t>(h * shape.head_dim)] = channel0;
+    }
+    auto cache = llama::make_packkv_cache_with_levers(shape, config, levers);
+    EXPECT_NE(cache->describe().find("K channels scaled"), std::string::npos);
+    return llama::evaluate_teacher_forced(s.model, tokens.data(), n, *cache);
+  };
+  const auto ones = run(1.0f, 1.0f), fours = run(4.0f, 4.0f), skewed = run(1.0f, 64.0f);
+  EXPECT_EQ(fours.nll_sum, ones.nll_sum);
+  EXPECT_EQ(fours.predictions, ones.predictions);
+  EXPECT_NE(skewed.nll_sum, ones.nll_sum);
+}
+
 // The cache's own sinks (CacheConfig::sink_tokens) on the model: the fused readers over the
 // cache give what attention over decoded copies with the same exact sinks gives (the lever as it
 // was first measured), from the same blocks; and the sinks change the model's output at this
