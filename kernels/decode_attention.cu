@@ -1,6 +1,6 @@
 // The read path built for the bandwidth: fused decode attention straight from packed blocks, one
 // warp per CTA, head_dim 64, 96, 128 or 256 (up to 8 query heads of a KV head per CTA; 4 at 256), K
-// quantized per token. Other geometries and per-channel K use the kernels of attention.cu.
+// quantized per token or per channel. Other head dims use the kernels of attention.cu.
 //
 // Each CTA owns one (sequence, KV head, query subgroup) and a range of units (packed blocks, then
 // block-sized chunks of the tail). Per packed block:
@@ -15,7 +15,8 @@
 //      them the exact fp16 subnormals code * 2^-24 (no I2F, no subtraction; the 2^24 is folded into
 //      the fp32 scales); mma.m16n8k16 multiplies
 //      with q (K.q) or with the softmax weights (P.V). q and the weights are split into two fp16
-//      halves (hi + lo: 22 significant bits) and accumulate in fp32.
+//      halves (hi + lo: 22 significant bits) and accumulate in fp32. With per-channel K the q
+//      fragments are rebuilt per block as q times the block's channel steps (channel_k_fragments).
 //   4. The online softmax works per chunk of up to 4 rounds; the weights of a chunk are scaled by a
 //      power of two chosen from the chunk's largest V step, so that their fp16 halves stay normal.
 // The CTA's partial result goes to a workspace; the last CTA of a (sequence, KV head, subgroup) to
@@ -108,8 +109,9 @@ __device__ PACKKV_NOINLINE MaskBits block_mask_bits(const std::uint8_t* order, s
 }
 
 /// The fused attention kernel. NT n-tiles of 8 columns: 4 query heads (hi and lo halves) each;
-/// kCompact: the blocks store compact parameters (format version 3).
-template <class T, int D, int NT, bool kCompact>
+/// kCompact: the blocks store compact parameters (format version 3); kChannelK: K's parameters
+/// are per channel of a block.
+template <class T, int D, int NT, bool kCompact, bool kChannelK>
 __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionParams<T> p) {
   constexpr int kSteps = D / 16;    // k-steps of K.q and m-tiles of P.V
   PACKKV_DYNAMIC_SHARED(shared_bytes);
@@ -186,7 +188,7 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
     const int score_head = 4 * nt + t4;
     row_limit[nt] = p.row_limit(batch_index, first_row + min(score_head, head_count - 1));
     float sum = 0.0f;
-    if (score_head < head_count) {
+    if (!kChannelK && score_head < head_count) {
       for (int c = 0; c < D; ++c) sum += s.q[score_head * D + c];
     }
     sum_q[nt] = sum;
@@ -217,6 +219,8 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
     const std::uint8_t* k_sec = next_staged_block(s.spans, i, blocks, s.stages, stage_bytes, p.stages, stage);
     const std::uint8_t* v_sec = k_sec + s.spans[i].v_offset;
     const StagedParams<kCompact> k_params(k_sec, kl), v_params(v_sec, vl);
+    ChannelKq channel{};
+    if constexpr (kChannelK) channel = channel_k_fragments<D, NT>(s.q, head_count, q_abs, k_params, qf);
     // Mask (several queries, or sinks): bit 2 r + j of masked[nt] says that the lane's token
     // 2 gq + j of round r is at or past row t4 + 4 nt's limit, or a sink's copy. Worked out once
     // per block, and only for the blocks that hold a CTA's newest positions and a layer's first
@@ -243,16 +247,25 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
         __syncwarp();
         float c[NT][4];
         kq_round<D, NT>(tile, qf, c);
-        // Per-token K: q . k_t = step_t * (q . codes_t) + min_t * sum(q).
-        const std::uint64_t kp = k_params.pair(16 * r + 2 * gq);
+        if constexpr (kChannelK) {
+          // Per-channel K: q . k_t = (q * steps) . codes_t + q . mins (channel_k_fragments).
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const float dot = (c[nt][2 * j] + c[nt][2 * j + 1]) * q_unscale;
-            const float step = k_params.step(kp, j);
-            const float sc = step * dot + k_params.minimum(kp, j, step) * sum_q[nt];
-            score[rr][j][nt] = sc * score_scale;
+            for (int j = 0; j < 2; ++j)
+              score[rr][j][nt] = ((c[nt][2 * j] + c[nt][2 * j + 1]) * channel.unscale + channel.k_const[nt]) * score_scale;
+        } else {
+          // Per-token K: q . k_t = step_t * (q . codes_t) + min_t * sum(q).
+          const std::uint64_t kp = k_params.pair(16 * r + 2 * gq);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const float dot = (c[nt][2 * j] + c[nt][2 * j + 1]) * q_unscale;
+              const float step = k_params.step(kp, j);
+              const float sc = step * dot + k_params.minimum(kp, j, step) * sum_q[nt];
+              score[rr][j][nt] = sc * score_scale;
+            }
           }
         }
 #pragma unroll
@@ -444,13 +457,13 @@ __global__ void __launch_bounds__(32, 1) fast_attention_kernel(const AttentionPa
   if (lane == 0) atomicExch(reinterpret_cast<int*>(counter), 0);  // ready for the next launch
 }
 
-template <class T, int D, int NT, bool kCompact>
+template <class T, int D, int NT, bool kCompact, bool kChannelK>
 cudaError_t launch_fast_kernel(const AttentionParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  static const cudaError_t attribute = opt_in_shared_memory(fast_attention_kernel<T, D, NT, kCompact>);
+  static const cudaError_t attribute = opt_in_shared_memory(fast_attention_kernel<T, D, NT, kCompact, kChannelK>);
   if (attribute != cudaSuccess) return attribute;
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups),
                   static_cast<unsigned>(p.batch));
-  PACKKV_LAUNCH((fast_attention_kernel<T, D, NT, kCompact>), grid, 32, shared, stream, p);
+  PACKKV_LAUNCH((fast_attention_kernel<T, D, NT, kCompact, kChannelK>), grid, 32, shared, stream, p);
   return cudaGetLastError();
 }
 
@@ -464,8 +477,8 @@ FastPlan plan_fast_attention(const ReadShape& shape, int shared_limit) {
 
 template <class T>
 cudaError_t launch_fast_attention(const AttentionParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  return launch_fast_instantiation(p.shape, [&]<int D, int NT, bool kCompact>() {
-    return launch_fast_kernel<T, D, NT, kCompact>(p, shared, stream);
+  return launch_fast_instantiation<true>(p.shape, [&]<int D, int NT, bool kCompact, bool kChannelK>() {
+    return launch_fast_kernel<T, D, NT, kCompact, kChannelK>(p, shared, stream);
   });
 }
 

@@ -1,6 +1,7 @@
 // `scores` and `attn_v` on the fast read path: the decode of decode_attention.cu (cp.async staging,
 // one warp decoding a round into a byte tile, ldmatrix, mma.m16n8k16 on fp16 subnormal codes),
-// for head_dim 64, 96, 128 or 256 with K quantized per token; other geometries use attention.cu.
+// for head_dim 64, 96, 128 or 256, K quantized per token or per channel; other head dims use
+// attention.cu.
 // Both kernels are batched: one launch serves up to kMaxBatchPerLaunch sequences.
 //
 // A CTA is one warp and owns one (sequence, KV head, query subgroup) and a range of units (packed
@@ -114,8 +115,9 @@ __device__ __forceinline__ TokenPair token_pair(const std::uint8_t* order, int r
 }
 
 /// scores[h][t] = K_t . q[h]. NT n-tiles of 8 columns: 4 query heads (hi and lo halves) each;
-/// kCompact: the blocks store compact parameters (format version 3).
-template <class T, int D, int NT, bool kCompact>
+/// kCompact: the blocks store compact parameters (format version 3); kChannelK: K's parameters are
+/// per channel of a block.
+template <class T, int D, int NT, bool kCompact, bool kChannelK>
 __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParams<T> p) {
   constexpr int kSteps = D / 16;
   PACKKV_DYNAMIC_SHARED(shared_bytes);
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
     }
     const int score_head = 4 * nt + t4;
     float sum = 0.0f;
-    if (score_head < w.head_count) {
+    if (!kChannelK && score_head < w.head_count) {
       for (int c = 0; c < D; ++c) sum += s.q[score_head * D + c];
     }
     sum_q[nt] = sum;
@@ -175,6 +177,8 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
   for (int i = 0; i < w.blocks; ++i) {
     const std::uint8_t* k_sec = next_staged_block(s.spans, i, w.blocks, s.stages, stage_bytes, p.stages, stage);
     const StagedParams<kCompact> k_params(k_sec, kl);
+    ChannelKq channel{};
+    if constexpr (kChannelK) channel = channel_k_fragments<D, NT>(s.q, w.head_count, q_abs, k_params, qf);
     const std::uint8_t* order = format::token_order(load_global(seq.blocks + w.block_begin + i), g, w.kv_head);
     const std::int64_t block_position = static_cast<std::int64_t>(w.block_begin + i) * g.block_tokens;
     const int hidden = seq.hidden_below(w.block_begin + i);  // the sink rows write those scores
@@ -184,8 +188,9 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
       __syncwarp();
       float c[NT][4];
       kq_round<D, NT>(tile, qf, c);
-      // Per-token K: q . k_t = step_t * (q . codes_t) + min_t * sum(q), tokens 2 gq + j.
-      const std::uint64_t kp = k_params.pair(16 * r + 2 * gq);
+      // Per-token K: q . k_t = step_t * (q . codes_t) + min_t * sum(q), tokens 2 gq + j; per-channel
+      // K: (q * steps) . codes_t + q . mins (channel_k_fragments).
+      const std::uint64_t kp = kChannelK ? 0u : k_params.pair(16 * r + 2 * gq);
       const TokenPair token = token_pair(order, r, gq);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -194,11 +199,15 @@ __global__ void __launch_bounds__(32, 1) fast_scores_kernel(const PrimitiveParam
         float* row = scores + static_cast<std::int64_t>(q_head0 + head) * length + block_position;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const float dot = (c[nt][2 * j] + c[nt][2 * j + 1]) * q_unscale;
           const int at = j == 0 ? token.x : token.y;
           if (at < hidden) continue;
-          const float step = k_params.step(kp, j);
-          row[at] = step * dot + k_params.minimum(kp, j, step) * sum_q[nt];
+          if constexpr (kChannelK) {
+            row[at] = (c[nt][2 * j] + c[nt][2 * j + 1]) * channel.unscale + channel.k_const[nt];
+          } else {
+            const float dot = (c[nt][2 * j] + c[nt][2 * j + 1]) * q_unscale;
+            const float step = k_params.step(kp, j);
+            row[at] = step * dot + k_params.minimum(kp, j, step) * sum_q[nt];
+          }
         }
       }
     }
@@ -394,13 +403,13 @@ __global__ void __launch_bounds__(32, 1) fast_attn_v_kernel(const PrimitiveParam
   if (lane == 0) atomicExch(reinterpret_cast<int*>(counter), 0);  // ready for the next launch
 }
 
-template <class T, int D, int NT, bool kCompact>
+template <class T, int D, int NT, bool kCompact, bool kChannelK>
 cudaError_t launch_scores_kernel(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  static const cudaError_t attribute = opt_in_shared_memory(fast_scores_kernel<T, D, NT, kCompact>);
+  static const cudaError_t attribute = opt_in_shared_memory(fast_scores_kernel<T, D, NT, kCompact, kChannelK>);
   if (attribute != cudaSuccess) return attribute;
   const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(p.shape.geometry.num_heads * p.shape.subgroups),
                   static_cast<unsigned>(p.batch));
-  PACKKV_LAUNCH((fast_scores_kernel<T, D, NT, kCompact>), grid, 32, shared, stream, p);
+  PACKKV_LAUNCH((fast_scores_kernel<T, D, NT, kCompact, kChannelK>), grid, 32, shared, stream, p);
   return cudaGetLastError();
 }
 
@@ -417,23 +426,21 @@ cudaError_t launch_attn_v_kernel(const PrimitiveParams<T>& p, std::size_t shared
 }  // namespace
 
 FastPlan plan_fast_primitive(const ReadShape& shape, int shared_limit, format::Side side) {
-  // attn_v reads V only, whose parameters are per token whatever K's mode.
-  return plan_fast_kernels(
-      shape, shared_limit,
-      [&](int stages, int heads) { return primitive_shared_layout(shape.geometry, side, stages, heads, nullptr, nullptr); },
-      side == format::Side::k);
+  return plan_fast_kernels(shape, shared_limit, [&](int stages, int heads) {
+    return primitive_shared_layout(shape.geometry, side, stages, heads, nullptr, nullptr);
+  });
 }
 
 template <class T>
 cudaError_t launch_fast_scores(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  return launch_fast_instantiation(p.shape, [&]<int D, int NT, bool kCompact>() {
-    return launch_scores_kernel<T, D, NT, kCompact>(p, shared, stream);
+  return launch_fast_instantiation<true>(p.shape, [&]<int D, int NT, bool kCompact, bool kChannelK>() {
+    return launch_scores_kernel<T, D, NT, kCompact, kChannelK>(p, shared, stream);
   });
 }
 
 template <class T>
 cudaError_t launch_fast_attn_v(const PrimitiveParams<T>& p, std::size_t shared, cudaStream_t stream) {
-  return launch_fast_instantiation(p.shape, [&]<int D, int NT, bool kCompact>() {
+  return launch_fast_instantiation<false>(p.shape, [&]<int D, int NT, bool kCompact, bool>() {
     return launch_attn_v_kernel<T, D, NT, kCompact>(p, shared, stream);
   });
 }

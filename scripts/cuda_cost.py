@@ -160,7 +160,8 @@ def _heads_warps(g):  # loops with one warp per query head of the CTA
 def _unpack_terms(side, caller):
     bits = "k_bits" if side == "K" else "v_bits"
     return (
-        Term(loop_at("for (std::uint32_t i = threadIdx.x; i < count; i += kThreads)", caller),
+        # Both encodings' loops of load_section_params match (one runs): an upper bound.
+        Term(loop_at("for (std::uint32_t i = threadIdx.x; i < layout.param_count; i += kThreads)", caller),
              lambda g: min(g.warps, math.ceil(_params(g, side) / 32)),
              lambda g: math.ceil(_params(g, side) / (32 * g.warps)),
              why=f"{side} (step, min) loads: one thread per parameter"),
@@ -280,30 +281,35 @@ _FAST_ATTN_V_PER_CODE = _fast_primitive_per_code(
     lambda g: math.ceil(g.block_tokens / 64), "chunk loop: 4 rounds of V (16 tokens x head_dim codes each)",
     "v_bits", "V")
 
+# Per-channel K adds, once per block, the rebuild of q's fragments from the channel steps and the
+# constant sum_c q_c min_c (channel_k_fragments): straight-line code of the block loop, which its
+# term counts, so the per-token counts serve as they are.
+_FAST_CHANNEL_K_PER_CODE = _FAST_PER_CODE
+_FAST_SCORES_CHANNEL_K_PER_CODE = _FAST_SCORES_PER_CODE
+
+
+def _fast_specs(kernel, smem, per_code, channel_k_per_code=None):
+    """The specs of one fast kernel. Each has two instantiations per storage type and shape: fp16
+    parameters (flag false) and compact parameters (true, format version 3), each with its own
+    shared memory; the kernels that read K (channel_k_per_code given) have a second flag, true for
+    K with per-channel parameters. The benchmark shape's instantiations carry the targets."""
+    variants = [("false", smem, per_code), ("true", smem + "_compact_params", per_code)]
+    if channel_k_per_code is not None:
+        variants = [(f"{compact}, false", memory, count) for compact, memory, count in variants] + [
+            ("false, true", smem + "_channel_k", channel_k_per_code),
+            ("true, true", smem + "_channel_k_compact_params", channel_k_per_code)]
+    return tuple(Spec(rf"^{kernel}<[^,]+, 128, 1, {flags}>", dynamic_smem=memory, targets=True, per_code=count,
+                      waive=("instr_per_code",)) for flags, memory, count in variants) + tuple(
+        Spec(rf"^{kernel}<.*, {flags}>", dynamic_smem=memory) for flags, memory, _ in variants)
+
+
 SPECS = (
     # The fast path does not reach 4 instructions per code yet (docs/cuda.md says where they go):
     # reported on every run, not a CI failure; its spills, byte loads and occupancy are enforced.
-    # Each fast kernel has two instantiations per storage type and shape: fp16 parameters (false)
-    # and compact parameters (true, format version 3), each with its own shared memory.
-    Spec(r"^fast_attention_kernel<[^,]+, 128, 1, false>", dynamic_smem="fast", targets=True,
-         per_code=_FAST_PER_CODE, waive=("instr_per_code",)),
-    Spec(r"^fast_attention_kernel<[^,]+, 128, 1, true>", dynamic_smem="fast_compact_params", targets=True,
-         per_code=_FAST_PER_CODE, waive=("instr_per_code",)),
-    Spec(r"^fast_attention_kernel<.*, true>", dynamic_smem="fast_compact_params"),
-    Spec(r"^fast_attention_kernel\b", dynamic_smem="fast"),
+    *_fast_specs("fast_attention_kernel", "fast", _FAST_PER_CODE, _FAST_CHANNEL_K_PER_CODE),
     # scores and attn_v share fast attention's decode, hence its shortfall (waived the same way).
-    Spec(r"^fast_scores_kernel<[^,]+, 128, 1, false>", dynamic_smem="fast_scores", targets=True,
-         per_code=_FAST_SCORES_PER_CODE, waive=("instr_per_code",)),
-    Spec(r"^fast_scores_kernel<[^,]+, 128, 1, true>", dynamic_smem="fast_scores_compact_params", targets=True,
-         per_code=_FAST_SCORES_PER_CODE, waive=("instr_per_code",)),
-    Spec(r"^fast_scores_kernel<.*, true>", dynamic_smem="fast_scores_compact_params"),
-    Spec(r"^fast_scores_kernel\b", dynamic_smem="fast_scores"),
-    Spec(r"^fast_attn_v_kernel<[^,]+, 128, 1, false>", dynamic_smem="fast_attn_v", targets=True,
-         per_code=_FAST_ATTN_V_PER_CODE, waive=("instr_per_code",)),
-    Spec(r"^fast_attn_v_kernel<[^,]+, 128, 1, true>", dynamic_smem="fast_attn_v_compact_params", targets=True,
-         per_code=_FAST_ATTN_V_PER_CODE, waive=("instr_per_code",)),
-    Spec(r"^fast_attn_v_kernel<.*, true>", dynamic_smem="fast_attn_v_compact_params"),
-    Spec(r"^fast_attn_v_kernel\b", dynamic_smem="fast_attn_v"),
+    *_fast_specs("fast_scores_kernel", "fast_scores", _FAST_SCORES_PER_CODE, _FAST_SCORES_CHANNEL_K_PER_CODE),
+    *_fast_specs("fast_attn_v_kernel", "fast_attn_v", _FAST_ATTN_V_PER_CODE),
     Spec(r"^attention_split_kernel\b", dynamic_smem="read", waive=("byte_loads",),
          per_code=PerCode(_unpack_terms("K", "packed_block_scores(block, g, heads, p.softmax_scale")
                           + _scores_terms("packed_block_scores(block, g, heads, p.softmax_scale") + _SOFTMAX_TERMS

@@ -79,12 +79,27 @@ int main() {
       packkv::detail::cuda::plan_fast_primitive(compact_shape, 227 * 1024, packkv::format::Side::k).shared_bytes;
   const std::size_t fast_attn_v_compact =
       packkv::detail::cuda::plan_fast_primitive(compact_shape, 227 * 1024, packkv::format::Side::v).shared_bytes;
+  // Their per-channel-K instantiations (attention and scores: attn_v reads V only) serve the same
+  // geometry with K's parameters per channel, in either encoding.
+  packkv::detail::cuda::ReadShape channel_shape = shape, channel_compact_shape = compact_shape;
+  channel_shape.geometry.k_per_channel = true;
+  channel_compact_shape.geometry.k_per_channel = true;
+  auto attention_bytes = [](const packkv::detail::cuda::ReadShape& s) {
+    return packkv::detail::cuda::plan_fast_attention(s, 227 * 1024).shared_bytes;
+  };
+  auto scores_bytes = [](const packkv::detail::cuda::ReadShape& s) {
+    return packkv::detail::cuda::plan_fast_primitive(s, 227 * 1024, packkv::format::Side::k).shared_bytes;
+  };
   std::printf("  \"dynamic_shared_bytes\": {\"read\": %zu, \"encode\": %zu, \"compact\": %zu, \"fast\": %zu, "
               "\"fast_scores\": %zu, \"fast_attn_v\": %zu, \"fast_compact_params\": %zu, "
-              "\"fast_scores_compact_params\": %zu, \"fast_attn_v_compact_params\": %zu}\n",
+              "\"fast_scores_compact_params\": %zu, \"fast_attn_v_compact_params\": %zu, "
+              "\"fast_channel_k\": %zu, \"fast_channel_k_compact_params\": %zu, "
+              "\"fast_scores_channel_k\": %zu, \"fast_scores_channel_k_compact_params\": %zu}\n",
               packkv::detail::cuda::read_shared_bytes(g), packkv::detail::cuda::encode_shared_bytes(g),
               packkv::detail::cuda::compact_shared_bytes(g), fast.shared_bytes, fast_scores.shared_bytes,
-              fast_attn_v.shared_bytes, fast_compact, fast_scores_compact, fast_attn_v_compact);
+              fast_attn_v.shared_bytes, fast_compact, fast_scores_compact, fast_attn_v_compact,
+              attention_bytes(channel_shape), attention_bytes(channel_compact_shape), scores_bytes(channel_shape),
+              scores_bytes(channel_compact_shape));
   std::printf("}\n");
   return 0;
 }

@@ -180,6 +180,68 @@ __device__ __forceinline__ int scale_exponent(float x) {
   return s < -100 ? -100 : (s > 100 ? 100 : s);
 }
 
+/// K.q of a block whose K has per-channel parameters (one (step_c, min_c) per channel of the block):
+/// q . k_t = sum_c (q_c step_c) code_tc + sum_c q_c min_c. Rebuilds the B fragments of K.q (as
+/// the per-token kernels build them once from q) from q times the block's channel steps, scaled by
+/// the power of two that puts |q|max * the largest step into [2^14, 2^15), and the constant
+/// sum_c q_c min_c of this lane's score heads (t4 + 4 nt). `q` is [heads][D] in shared memory,
+/// `q_abs` its largest magnitude. Returns the factor that takes the block's mma sums (codes as
+/// code * 2^-24) back to q . (step_c code_tc). Straight-line code, once per block.
+struct ChannelKq {
+  float unscale;
+  float k_const[2];
+};
+template <int D, int NT, bool kCompact>
+__device__ __forceinline__ ChannelKq channel_k_fragments(const float* q, int head_count, float q_abs,
+                                                         const StagedParams<kCompact>& params,
+                                                         std::uint32_t (&qf)[D / 16][NT][2]) {
+  static_assert(NT <= 2, "k_const holds two n-tiles");
+  const int lane = threadIdx.x & 31, gq = lane >> 2, t4 = lane & 3;
+  float step_max = 0.0f;
+#pragma unroll
+  for (int c = 2 * lane; c < D; c += 64) {
+    const std::uint64_t pair = params.pair(c);
+    step_max = fmaxf(step_max, fmaxf(params.step(pair, 0), params.step(pair, 1)));
+  }
+  const int exponent = scale_exponent(q_abs * warp_max(step_max));
+  const float scale = exp2_int(exponent);
+  ChannelKq out{exp2_int(kSubnormalCodeExponent - exponent), {0.0f, 0.0f}};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int head = 4 * nt + gq / 2, part = gq & 1;
+    const bool live = head < head_count;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int c = 16 * ks + 2 * t4 + 8 * b;
+        const std::uint64_t pair = params.pair(c);
+        const float x0 = live ? q[head * D + c] * params.step(pair, 0) * scale : 0.0f;
+        const float x1 = live ? q[head * D + c + 1] * params.step(pair, 1) * scale : 0.0f;
+        const Split2 s0 = split_half(x0), s1 = split_half(x1);
+        qf[ks][nt][b] = part == 0 ? half2_bits(s0.hi, s1.hi) : half2_bits(s0.lo, s1.lo);
+      }
+    }
+    // sum_c q_c min_c of score head t4 + 4 nt: the 8 lanes of a t4 take every 8th channel pair.
+    const int score_head = 4 * nt + t4;
+    float sum = 0.0f;
+    if (score_head < head_count) {
+#pragma unroll
+      for (int i = 0; i < D / 16; ++i) {
+        const int c = 2 * gq + 16 * i;
+        const std::uint64_t pair = params.pair(c);
+        sum += q[score_head * D + c] * params.minimum(pair, 0, params.step(pair, 0));
+        sum += q[score_head * D + c + 1] * params.minimum(pair, 1, params.step(pair, 1));
+      }
+    }
+    sum += __shfl_xor_sync(kFullMask, sum, 4);
+    sum += __shfl_xor_sync(kFullMask, sum, 8);
+    sum += __shfl_xor_sync(kFullMask, sum, 16);
+    out.k_const[nt] = sum;
+  }
+  return out;
+}
+
 /// What a CTA keeps about each block of its range: where its head's span starts, its length, and
 /// where the V section starts in it.
 struct BlockSpan {
@@ -331,14 +393,22 @@ PACKKV_HOST_DEVICE constexpr bool fast_head_dim(int head_dim) {
   return head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256;
 }
 
-/// Calls `launch.template operator()<D, NT, kCompact>()` with the fast kernels' instantiation that
-/// serves `shape`: its head dim, its n-tiles (two for more than 4 query heads per CTA, never at
-/// head_dim 256) and its parameter encoding. The one list of what is built, beside fast_head_dim.
-template <class Launch>
+/// Calls `launch.template operator()<D, NT, kCompact, kChannelK>()` with the fast kernels'
+/// instantiation that serves `shape`: its head dim, its n-tiles (two for more than 4 query heads per
+/// CTA, never at head_dim 256), its parameter encoding and, for the kernels that read K (kReadsK),
+/// whether K has per-channel parameters (attn_v's kernels are built with kChannelK false only). The
+/// one list of what is built, beside fast_head_dim.
+template <bool kReadsK, class Launch>
 cudaError_t launch_fast_instantiation(const ReadShape& shape, Launch&& launch) {
   const bool eight = shape.heads_per_cta > 4, compact = shape.geometry.compact_params;
+  const bool channel_k = kReadsK && shape.geometry.k_per_channel;
   auto pick = [&]<int D, int NT>() {
-    return compact ? launch.template operator()<D, NT, true>() : launch.template operator()<D, NT, false>();
+    if constexpr (kReadsK) {
+      if (channel_k) {
+        return compact ? launch.template operator()<D, NT, true, true>() : launch.template operator()<D, NT, false, true>();
+      }
+    }
+    return compact ? launch.template operator()<D, NT, true, false>() : launch.template operator()<D, NT, false, false>();
   };
   switch (shape.geometry.head_dim) {
     case 64: return eight ? pick.template operator()<64, 2>() : pick.template operator()<64, 1>();
@@ -349,17 +419,15 @@ cudaError_t launch_fast_instantiation(const ReadShape& shape, Launch&& launch) {
   }
 }
 
-/// The fast path's plan for a geometry (fast_head_dim, either parameter encoding, and per-token
-/// K for the kernels that read K, `reads_k`; unusable otherwise):
+/// The fast path's plan for a geometry (fast_head_dim, either parameter encoding, K per token or
+/// per channel; unusable otherwise):
 /// query heads per CTA (8, or 4 at head_dim 256, where two n-tiles would not fit the registers),
 /// and the deepest staging whose shared memory, `shared_bytes(stages, heads_per_cta)`, fits.
 template <class SharedBytes>
-inline FastPlan plan_fast_kernels(const ReadShape& shape, int shared_limit, SharedBytes&& shared_bytes,
-                                  bool reads_k = true) {
+inline FastPlan plan_fast_kernels(const ReadShape& shape, int shared_limit, SharedBytes&& shared_bytes) {
   FastPlan plan{};
   const format::BlockGeometry& g = shape.geometry;
   if (!fast_head_dim(g.head_dim)) return plan;
-  if (reads_k && g.k_per_channel) return plan;
   plan.heads_per_cta = shape.group < (g.head_dim == 256 ? 4 : 8) ? shape.group : (g.head_dim == 256 ? 4 : 8);
   plan.subgroups = (shape.group + plan.heads_per_cta - 1) / plan.heads_per_cta;
   for (int stages = kFastStagesMax; stages >= 2; --stages) {

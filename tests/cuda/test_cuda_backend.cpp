@@ -538,7 +538,10 @@ TEST(CudaFastPath, ServesTheCommonGeometriesAndFillsTheSms) {
   EXPECT_EQ(plan(96, 8, false).heads_per_cta, 8);  // Phi-3's head_dim: three channels per lane
   EXPECT_FALSE(plan(80, 4, false).usable);
   EXPECT_FALSE(plan(40, 4, false).usable);
-  EXPECT_FALSE(plan(128, 4, true).usable);  // per-channel K
+  // Per-channel K: the same path and shape (q's fragments are rebuilt per block).
+  EXPECT_TRUE(plan(128, 4, true).usable);
+  EXPECT_EQ(plan(128, 4, true).stages, llama.stages);
+  EXPECT_EQ(plan(128, 4, true).heads_per_cta, llama.heads_per_cta);
   // Compact parameters (format version 3) take the same path and shape: smaller sections.
   auto compact = [&](int dim, int group) {
     detail::cuda::ReadShape shape{};
@@ -588,8 +591,7 @@ TEST(CudaFastPath, ScoresAndAttnVServeTheSameGeometries) {
     EXPECT_TRUE(plan_fast_primitive(shape(256, 4, false, 256), 227 * 1024, side).usable);
     EXPECT_TRUE(plan_fast_primitive(shape(96, 4, false), 227 * 1024, side).usable);
     EXPECT_FALSE(plan_fast_primitive(shape(80, 4, false), 227 * 1024, side).usable);
-    // attn_v reads V only: per-channel K does not keep it off the fast path.
-    EXPECT_EQ(plan_fast_primitive(shape(128, 4, true), 227 * 1024, side).usable, side == format::Side::v);
+    EXPECT_TRUE(plan_fast_primitive(shape(128, 4, true), 227 * 1024, side).usable);  // per-channel K
   }
 }
 
@@ -939,8 +941,8 @@ void compare_causal(CachePair<T>& pair, const std::vector<SeqId>& ids, const std
   expect_close(dlse.download(), cpu_lse, 1e-5, 1e-6, label + " lse");
 }
 
-// The fast path (head_dim 64/96/128/256, per-token K: up to 8 or 4 rows per CTA) and the first
-// read path (other head dims, per-channel K); masked keys in packed blocks (residual 0) and in the
+// The fast path (head_dim 64/96/128/256, K per token or per channel: up to 8 or 4 rows per CTA)
+// and the first read path (other head dims); masked keys in packed blocks (residual 0) and in the
 // tail.
 TYPED_TEST(CudaTyped, CausalAttentionMatchesCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
@@ -948,8 +950,8 @@ TYPED_TEST(CudaTyped, CausalAttentionMatchesCpu) {
   for (auto [dim, group, residual, mode] :
        {std::tuple{128, 4, 0, QuantMode::per_token}, std::tuple{64, 8, 24, QuantMode::per_token},
         std::tuple{256, 2, 0, QuantMode::per_token}, std::tuple{40, 4, 0, QuantMode::per_token},
-        std::tuple{96, 6, 8, QuantMode::per_token},
-        std::tuple{128, 4, 16, QuantMode::per_channel}}) {
+        std::tuple{96, 6, 8, QuantMode::per_token}, std::tuple{128, 4, 16, QuantMode::per_channel},
+        std::tuple{40, 4, 8, QuantMode::per_channel}}) {
     CacheConfig c = base_config();
     c.head_dim = dim;
     c.num_q_heads = c.num_kv_heads * group;
@@ -1184,15 +1186,17 @@ TYPED_TEST(CudaTyped, FastScoresAndAttnVBatchesMatchCpu) {
 }
 
 // head_dim 40 (not a multiple of 32: partial warps everywhere) reads everything on the first path;
-// at 128, K.q and attention take the first path and attn_v the fast one (V is per token).
+// at 96 (8 query heads per KV head: two n-tiles) and 128 every reader takes the fast path, whose
+// K.q rebuilds q's fragments per block from the channel steps (channel_k_fragments).
 TEST(Cuda, PerChannelKAndNoRepackMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
-  for (int dim : {40, 128}) {
+  for (auto [dim, group] : {std::pair{40, 4}, std::pair{96, 8}, std::pair{128, 4}}) {
     for (RepackMethod repack : {RepackMethod::none, RepackMethod::median}) {
       CacheConfig c = base_config();
       c.k_mode = QuantMode::per_channel;
       c.repack = repack;
       c.head_dim = dim;
+      c.num_q_heads = c.num_kv_heads * group;
       CachePair<bf16_t> pair(c);
       pair.add(5);
       pair.add(6);
@@ -1333,9 +1337,9 @@ TEST(Cuda, GreedyRepackIsRefusedClearly) {
 
 // Compact parameters (format version 3): the device encoder writes the CPU's bytes (per-token
 // and per-channel K, widths with and without a spare code, 8-bit codes), every reader agrees
-// with the CPU (the fast read path at head_dim 64, 96, 128 and 256 with per-token K, block sizes
-// 32 to 128; the first path at 80 and for per-channel K), images cross backends, and values beyond
-// +-16384 are refused by the kernels and by strict mode.
+// with the CPU (the fast read path at head_dim 64, 96, 128 and 256, block sizes 32 to 128, K per
+// token and per channel at 64; the first path at 80, K per token and per channel), images cross
+// backends, and values beyond +-16384 are refused by the kernels and by strict mode.
 TEST(Cuda, CompactParamsMatchCpu) {
   PACKKV_SKIP_WITHOUT_GPU();
   struct Case {
@@ -1347,6 +1351,7 @@ TEST(Cuda, CompactParamsMatchCpu) {
   for (const Case& cs : {Case{128, 0.1f, 0.2f, QuantMode::per_token}, Case{80, 1.0f / 15, 1.0f / 7, QuantMode::per_token},
                          Case{96, 0.2f, 0.1f, QuantMode::per_token},
                          Case{64, 1.0f / 255, 0.34f, QuantMode::per_channel},
+                         Case{80, 0.1f, 0.2f, QuantMode::per_channel},
                          Case{64, 0.34f, 1.0f / 31, QuantMode::per_token, 32},
                          Case{256, 1.0f / 7, 0.5f, QuantMode::per_token, 128}}) {
     CacheConfig c = base_config();
