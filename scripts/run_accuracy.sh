@@ -23,6 +23,8 @@
 #   scripts/run_accuracy.sh --lever entropy-images  # entropy-coded images of one window's K/V (3 min)
 #   scripts/run_accuracy.sh --lever pack-widths     # what one code width per group of channels would
 #                                                   # cost (a GPU-friendly format), one window (1 min)
+#   scripts/run_accuracy.sh --lever pack-radix      # what codes packed in any radix would save at
+#                                                   # most, one window (1 min)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,6 +52,14 @@ if [[ "${1:-}" == "--lever" && "${2:-}" == "entropy-images" ]]; then
   echo "== packkv_entropy (docs/results/entropy-images.md)"
   "$build/examples/packkv_entropy" --model "$model_dir/smollm2-135m.pkvllama" --tokens "$model_dir/GPL-3.tokens" \
     --context 2048 --markdown "$results/entropy-images.md" > /dev/null
+  exit 0
+fi
+if [[ "${1:-}" == "--lever" && "${2:-}" == "pack-radix" ]]; then
+  # Not a cache setting: what codes packed in any radix (not whole bits) would save, at most.
+  echo "== packkv_entropy --radix (docs/results/pack-radix.md)"
+  "$build/examples/packkv_entropy" --model "$model_dir/smollm2-135m.pkvllama" --tokens "$model_dir/GPL-3.tokens" \
+    --context 2048 --radix --k-rel 0.02,0.03,0.05,0.1 --v-rel 0.0667,0.1,0.143,0.25 \
+    --markdown "$results/pack-radix.md" > /dev/null
   exit 0
 fi
 if [[ "${1:-}" == "--lever" && "${2:-}" == "pack-widths" ]]; then
@@ -84,7 +94,7 @@ if [[ "${1:-}" == "--lever" ]]; then
     # K's channels scaled by calibrated powers of two before per-token quantization (q scaled back
     # at attention): SmoothAttention's max|K|^A, and the queries' weights; beside the plain K sweep.
     k-channel-scales) extra=(--sinks 4 --sweeps k --baselines none --k-channel-scales kmax:0.5,kmax:1,q:0.5) ;;
-    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, per-layer-aligned, per-layer-sinks, per-layer-sinks-compact, compact-pairs, k-before-rope, k-channel-scales, sinks, entropy-images, pack-widths)" >&2; exit 2 ;;
+    *) echo "unknown lever $name (known: rotate-v, rotate-k, rotate-kv, per-layer, per-layer-aligned, per-layer-sinks, per-layer-sinks-compact, compact-pairs, k-before-rope, k-channel-scales, sinks, entropy-images, pack-widths, pack-radix)" >&2; exit 2 ;;
   esac
 fi
 cmd=("$build/examples/packkv_eval" --model "$model_dir/smollm2-135m.pkvllama")

@@ -23,8 +23,13 @@
 // consecutive channels (one 4-bit width per group), the round stored plain when that is not
 // smaller, and the rounds' bytes compared with the format's (G = 1, checked to match the blocks).
 //
+// With --radix it measures what codes packed in any radix would save instead of whole bits: a
+// pack of range R (codes in [min, min + R]) takes 16 log2(R + 1) bits instead of 16 bit_width(R),
+// a plain round D * 16 log2(max_code + 1) instead of D * 16 bits (the ideal of mixed-radix
+// packing, no padding counted: an upper bound on its saving).
+//
 //   packkv_entropy --model smollm2-135m.pkvllama --tokens GPL-3.tokens [--context 2048]
-//                  [--k-rel 0.03,0.05,0.1] [--v-rel 0.1,0.15,0.25] [--markdown FILE] [--widths]
+//                  [--k-rel 0.03,0.05,0.1] [--v-rel 0.1,0.15,0.25] [--markdown FILE] [--widths | --radix]
 #include <algorithm>
 #include <bit>
 #include <chrono>
@@ -150,12 +155,54 @@ double add_width_group_bytes(const packkv::CodecParams& params, const std::uint8
   return actual;
 }
 
+/// One side's rounds in `block` (descriptors and packs), in bytes: as the format stores them (the
+/// return value, recomputed from the codes and checked against the block), and in `radix` as an
+/// ideal mixed-radix packing would: each pack at 16 log2(R + 1) bits for its range R, a plain round
+/// at head_dim * 16 log2(max_code + 1); radix[0] keeps the format's descriptors (a lower bound:
+/// a 4-bit width cannot say R), radix[1] stores R at the code bits in place of the width.
+double add_radix_bytes(const packkv::CodecParams& params, const std::uint8_t* block, packkv::format::Side side,
+                       double (&radix)[2]) {
+  namespace f = packkv::format;
+  const f::BlockGeometry& g = params.geometry;
+  const f::SectionLayout layout = side == f::Side::k ? g.k_layout() : g.v_layout();
+  const int dim = g.head_dim, rounds = g.block_tokens / f::kPackTokens;
+  const double plain_radix = dim * 16.0 * std::log2(params.code_limit(side) + 1.0) / 8.0;
+  const double range_descriptors = layout.descriptor_bytes - layout.widths_bytes + dim * layout.bits / 8.0;
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(g.block_tokens) * dim);
+  double format_bytes = 0;
+  for (int h = 0; h < g.num_heads; ++h) {
+    const std::uint8_t* section = block + f::head_entry(block, g, h).offset(side);
+    packkv::unpack_section_codes(layout, section, codes.data());
+    const double actual = f::rounds_bytes(section, layout);
+    double recomputed = 0;
+    for (int r = 0; r < rounds; ++r) {
+      std::uint32_t packs = 0;
+      double radix_packs = 0;
+      for (int c = 0; c < dim; ++c) {
+        int lo = 255, hi = 0;
+        for (int t = 16 * r; t < 16 * r + 16; ++t) {
+          lo = std::min<int>(lo, codes[static_cast<std::size_t>(t) * dim + c]);
+          hi = std::max<int>(hi, codes[static_cast<std::size_t>(t) * dim + c]);
+        }
+        packs += 2u * static_cast<std::uint32_t>(std::bit_width(static_cast<unsigned>(hi - lo)));
+        radix_packs += 16.0 * std::log2(hi - lo + 1.0) / 8.0;
+      }
+      recomputed += std::min(layout.descriptor_bytes + packs, layout.plain_round_bytes);
+      radix[0] += std::min(layout.descriptor_bytes + radix_packs, plain_radix);
+      radix[1] += std::min(range_descriptors + radix_packs, plain_radix);
+    }
+    if (recomputed != actual) throw std::runtime_error("the recomputed rounds differ from the format's");
+    format_bytes += actual;
+  }
+  return format_bytes;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string model_path, tokens_path, markdown;
   int context = 2048, offset = 0;
-  bool widths = false;
+  bool widths = false, radix = false;
   std::vector<float> k_rels = {0.03f, 0.05f, 0.1f}, v_rels = {0.1f, 0.15f, 0.25f};
   try {
     for (int i = 1; i < argc; ++i) {
@@ -172,11 +219,12 @@ int main(int argc, char** argv) {
       else if (arg == "--v-rel") v_rels = parse_list(value());
       else if (arg == "--markdown") markdown = value();
       else if (arg == "--widths") widths = true;
+      else if (arg == "--radix") radix = true;
       else throw std::invalid_argument("unknown argument " + arg);
     }
     if (model_path.empty() || tokens_path.empty()) {
       std::fprintf(stderr, "usage: packkv_entropy --model FILE --tokens FILE [--context N] [--offset N] [--k-rel LIST] "
-                           "[--v-rel LIST] [--markdown FILE] [--widths]\n");
+                           "[--v-rel LIST] [--markdown FILE] [--widths | --radix]\n");
       return 2;
     }
     const llama::LlamaModel model = llama::LlamaModel::load(model_path);
@@ -215,6 +263,68 @@ int main(int argc, char** argv) {
          << flags << "`: " << layers << " layers, " << heads << " KV heads, head_dim " << dim << ", " << n
          << " tokens of K and V recorded from the exact cache";
     };
+    // Encodes one side's blocks at `rel`, every layer, calling visit(params, block, side) on each;
+    // returns the side's bytes (its sections and half of what both sides share) and the elements
+    // coded.
+    struct SideTotals {
+      double side_bytes = 0, elements = 0;
+    };
+    auto for_each_block = [&](int side, float rel, auto&& visit) {
+      const packkv::CacheConfig c = one_layer_config(rel);
+      const packkv::CodecParams params = packkv::make_codec_params(c);
+      const packkv::format::Side which = side == 0 ? packkv::format::Side::k : packkv::format::Side::v;
+      SideTotals totals;
+      std::vector<std::uint8_t> block(params.geometry.max_block_bytes());
+      packkv::EncodeScratch scratch;
+      const std::size_t row = static_cast<std::size_t>(heads) * dim;
+      for (int l = 0; l < layers; ++l) {
+        for (int t0 = 0; t0 + c.block_tokens <= n; t0 += c.block_tokens) {
+          packkv::BlockBytes parts{};
+          packkv::encode_block(params, recording.k(l).data() + t0 * row, recording.v(l).data() + t0 * row, row,
+                               block.data(), scratch, &parts);
+          visit(params, block.data(), which);
+          // The side's sections and half of what both sides share (headers, permutation).
+          totals.side_bytes += static_cast<double>(side == 0 ? parts.k_sections : parts.v_sections) +
+                               static_cast<double>(parts.headers + parts.permutations) / 2.0;
+        }
+      }
+      totals.elements = static_cast<double>(layers) * (n / c.block_tokens) * c.block_tokens * heads * dim;
+      return totals;
+    };
+    if (radix) {
+      md << "# What codes packed in any radix would save\n\n";
+      made_by(" --radix");
+      md << ", encoded in blocks of 64 (median repacking, K per token, fp16 parameters). The format stores a pack "
+            "of range R (its codes in [min, min + R]) at bit_width(R) bits per code and a plain round at the code "
+            "bits; an ideal mixed-radix packing would take log2(R + 1) and log2(max code + 1), no padding counted, so "
+            "the saving below is an upper bound. Each round stays the smaller of its two forms. Radix, format's "
+            "descriptors: the 4-bit widths kept (they cannot say R: a lower bound on the bits); radix, range "
+            "descriptors: R stored at the code bits in place of each width. The side's total adds what the format "
+            "stores besides its rounds (parameters, round table, half the permutation and headers), unchanged.\n\n";
+      md << "| side | rel | max code | bits/element, format | radix, format's descriptors | radix, range descriptors |\n"
+            "|---|---|---|---|---|---|\n";
+      for (int side = 0; side < 2; ++side) {
+        for (float rel : side == 0 ? k_rels : v_rels) {
+          double format_rounds = 0, radix_rounds[2] = {0, 0};
+          int max_code = 0;
+          const SideTotals t = for_each_block(side, rel, [&](const packkv::CodecParams& params, const std::uint8_t* block,
+                                                             packkv::format::Side which) {
+            max_code = params.code_limit(which);
+            format_rounds += add_radix_bytes(params, block, which, radix_rounds);
+          });
+          auto bits = [&](double rounds) { return 8.0 * (t.side_bytes - format_rounds + rounds) / t.elements; };
+          auto saving = [&](double rounds) { return f2(100.0 * (format_rounds - rounds) / t.side_bytes); };
+          md << "| " << (side == 0 ? "K" : "V") << " | " << rel << " | " << max_code << " | " << f2(bits(format_rounds))
+             << " | " << f2(bits(radix_rounds[0])) << " (-" << saving(radix_rounds[0]) << "%) | " << f2(bits(radix_rounds[1]))
+             << " (-" << saving(radix_rounds[1]) << "%) |\n";
+          std::fprintf(stderr, "%s rel %g: format %.3f bits, radix %.3f / %.3f\n", side == 0 ? "K" : "V", rel,
+                       bits(format_rounds), bits(radix_rounds[0]), bits(radix_rounds[1]));
+        }
+      }
+      std::fputs(md.str().c_str(), stdout);
+      if (!markdown.empty()) std::ofstream(markdown) << md.str();
+      return 0;
+    }
     if (widths) {
       md << "# What one code width per group of channels would cost\n\n";
       made_by(" --widths");
@@ -233,28 +343,15 @@ int main(int argc, char** argv) {
       md << "\n";
       for (int side = 0; side < 2; ++side) {
         for (float rel : side == 0 ? k_rels : v_rels) {
-          const packkv::CacheConfig c = one_layer_config(rel);
-          const packkv::CodecParams params = packkv::make_codec_params(c);
-          const packkv::format::Side which = side == 0 ? packkv::format::Side::k : packkv::format::Side::v;
           std::vector<double> bytes(groups.size(), 0.0);
-          double actual = 0, side_bytes = 0;
-          std::vector<std::uint8_t> block(params.geometry.max_block_bytes());
-          packkv::EncodeScratch scratch;
-          const std::size_t row = static_cast<std::size_t>(heads) * dim;
-          for (int l = 0; l < layers; ++l) {
-            for (int t0 = 0; t0 + c.block_tokens <= n; t0 += c.block_tokens) {
-              packkv::BlockBytes parts{};
-              packkv::encode_block(params, recording.k(l).data() + t0 * row, recording.v(l).data() + t0 * row, row,
-                                   block.data(), scratch, &parts);
-              actual += add_width_group_bytes(params, block.data(), which, bytes);
-              // The side's sections and half of what both sides share (headers, permutation).
-              side_bytes += static_cast<double>(side == 0 ? parts.k_sections : parts.v_sections) +
-                            static_cast<double>(parts.headers + parts.permutations) / 2.0;
-            }
-          }
+          double actual = 0;
+          const SideTotals t = for_each_block(side, rel, [&](const packkv::CodecParams& params, const std::uint8_t* block,
+                                                             packkv::format::Side which) {
+            actual += add_width_group_bytes(params, block, which, bytes);
+          });
+          const double side_bytes = t.side_bytes;
           if (bytes[0] != actual) throw std::runtime_error("the G = 1 rounds differ from the format's");
-          const double coded = static_cast<double>(layers) * (n / c.block_tokens) * c.block_tokens * heads * dim;
-          auto bits = [&](double rounds) { return 8.0 * (side_bytes - actual + rounds) / coded; };
+          auto bits = [&](double rounds) { return 8.0 * (side_bytes - actual + rounds) / t.elements; };
           md << "| " << (side == 0 ? "K" : "V") << " | " << rel << " | " << f2(bits(actual)) << " |";
           for (std::size_t k = 1; k < groups.size(); ++k)
             md << " " << f2(bits(bytes[k])) << " (+" << f2(100.0 * (bytes[k] - actual) / side_bytes) << "%) |";
