@@ -159,15 +159,19 @@ double add_width_group_bytes(const packkv::CodecParams& params, const std::uint8
 /// return value, recomputed from the codes and checked against the block), and in `radix` as an
 /// ideal mixed-radix packing would: each pack at 16 log2(R + 1) bits for its range R, a plain round
 /// at head_dim * 16 log2(max_code + 1); radix[0] keeps the format's descriptors (a lower bound:
-/// a 4-bit width cannot say R), radix[1] stores R at the code bits in place of the width.
+/// a 4-bit width cannot say R), radix[1] stores R at the code bits in place of the width;
+/// radix[2] is the format with each width in bit_width(code bits) bits instead of 4 (whole bits,
+/// the decode unchanged but for the field size).
 double add_radix_bytes(const packkv::CodecParams& params, const std::uint8_t* block, packkv::format::Side side,
-                       double (&radix)[2]) {
+                       double (&radix)[3]) {
   namespace f = packkv::format;
   const f::BlockGeometry& g = params.geometry;
   const f::SectionLayout layout = side == f::Side::k ? g.k_layout() : g.v_layout();
   const int dim = g.head_dim, rounds = g.block_tokens / f::kPackTokens;
   const double plain_radix = dim * 16.0 * std::log2(params.code_limit(side) + 1.0) / 8.0;
-  const double range_descriptors = layout.descriptor_bytes - layout.widths_bytes + dim * layout.bits / 8.0;
+  const double minimums = layout.descriptor_bytes - layout.widths_bytes;
+  const double range_descriptors = minimums + dim * layout.bits / 8.0;
+  const double narrow_descriptors = minimums + dim * std::bit_width(layout.bits) / 8.0;
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(g.block_tokens) * dim);
   double format_bytes = 0;
   for (int h = 0; h < g.num_heads; ++h) {
@@ -190,6 +194,7 @@ double add_radix_bytes(const packkv::CodecParams& params, const std::uint8_t* bl
       recomputed += std::min(layout.descriptor_bytes + packs, layout.plain_round_bytes);
       radix[0] += std::min(layout.descriptor_bytes + radix_packs, plain_radix);
       radix[1] += std::min(range_descriptors + radix_packs, plain_radix);
+      radix[2] += std::min<double>(narrow_descriptors + packs, layout.plain_round_bytes);
     }
     if (recomputed != actual) throw std::runtime_error("the recomputed rounds differ from the format's");
     format_bytes += actual;
@@ -299,13 +304,15 @@ int main(int argc, char** argv) {
             "bits; an ideal mixed-radix packing would take log2(R + 1) and log2(max code + 1), no padding counted, so "
             "the saving below is an upper bound. Each round stays the smaller of its two forms. Radix, format's "
             "descriptors: the 4-bit widths kept (they cannot say R: a lower bound on the bits); radix, range "
-            "descriptors: R stored at the code bits in place of each width. The side's total adds what the format "
-            "stores besides its rounds (parameters, round table, half the permutation and headers), unchanged.\n\n";
-      md << "| side | rel | max code | bits/element, format | radix, format's descriptors | radix, range descriptors |\n"
-            "|---|---|---|---|---|---|\n";
+            "descriptors: R stored at the code bits in place of each width. Format, narrow widths: the format as it "
+            "is with each pack's width in bit_width(code bits) bits instead of 4 (2 bits for codes of up to 3 bits, "
+            "3 for up to 7). The side's total adds what the format stores besides its rounds (parameters, round "
+            "table, half the permutation and headers), unchanged.\n\n";
+      md << "| side | rel | max code | bits/element, format | radix, format's descriptors | radix, range descriptors | "
+            "format, narrow widths |\n|---|---|---|---|---|---|---|\n";
       for (int side = 0; side < 2; ++side) {
         for (float rel : side == 0 ? k_rels : v_rels) {
-          double format_rounds = 0, radix_rounds[2] = {0, 0};
+          double format_rounds = 0, radix_rounds[3] = {0, 0, 0};
           int max_code = 0;
           const SideTotals t = for_each_block(side, rel, [&](const packkv::CodecParams& params, const std::uint8_t* block,
                                                              packkv::format::Side which) {
@@ -316,7 +323,8 @@ int main(int argc, char** argv) {
           auto saving = [&](double rounds) { return f2(100.0 * (format_rounds - rounds) / t.side_bytes); };
           md << "| " << (side == 0 ? "K" : "V") << " | " << rel << " | " << max_code << " | " << f2(bits(format_rounds))
              << " | " << f2(bits(radix_rounds[0])) << " (-" << saving(radix_rounds[0]) << "%) | " << f2(bits(radix_rounds[1]))
-             << " (-" << saving(radix_rounds[1]) << "%) |\n";
+             << " (-" << saving(radix_rounds[1]) << "%) | " << f2(bits(radix_rounds[2])) << " (-" << saving(radix_rounds[2])
+             << "%) |\n";
           std::fprintf(stderr, "%s rel %g: format %.3f bits, radix %.3f / %.3f\n", side == 0 ? "K" : "V", rel,
                        bits(format_rounds), bits(radix_rounds[0]), bits(radix_rounds[1]));
         }
