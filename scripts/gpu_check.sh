@@ -6,9 +6,9 @@
 #       on a GPU machine that has the build dependencies (fmt, googletest, Google Benchmark):
 #       configure (gpu-native preset), build the CUDA test and benchmark, run the check
 #   scripts/gpu_check.sh --package DIR [--build BUILD] [--dry-run [--out RESULTS]]
-#       on a build machine, no GPU needed: build test_cuda_backend and bench_cuda for sm_80 and
-#       sm_90 in BUILD (default build-gpu-package; an existing build folder is reused as it is
-#       configured) and put into DIR the binaries, the runner (DIR/run.sh), the torch SDPA peer and
+#       on a build machine, no GPU needed: build test_cuda_backend and bench_cuda for sm_90 (the
+#       H100/H200 the check runs on) in BUILD (default build-gpu-package; an existing build folder
+#       is reused as it is configured) and put into DIR the binaries, the runner (DIR/run.sh), the torch SDPA peer and
 #       every shared library they need except the NVIDIA driver, cuBLAS/cuBLASLt (about 600 MB:
 #       the GPU machine's own CUDA 13 copy is found at run time) and the C/C++ runtime.
 #       --dry-run then runs DIR/run.sh --dry-run: what CI can check without a GPU
@@ -18,7 +18,8 @@
 # RESULTS defaults to gpu-check-<UTC date and time> under the current directory. The step
 # timeouts and filters are environment variables of the runner (scripts/gpu_run.sh --help);
 # PACKKV_JOBS sets the build's parallelism (default: all cores), PACKKV_PACKAGE_ARCHS the CUDA
-# architectures of a new package build (default 80-real;90-real), PACKKV_PACKAGE_LIMIT_MB the
+# architectures of a new package build (default 90-real; the runner says when the package has no
+# code for the GPU it finds, for example "80-real" for an A100), PACKKV_PACKAGE_LIMIT_MB the
 # size above which the binaries are stripped, and then gzip-compressed (default 60).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -107,7 +108,7 @@ package() {
     command -v ninja >/dev/null && generator=(-G Ninja)
     cmake -S "$root" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DPACKKV_CUDA=ON \
       -DPACKKV_NATIVE=OFF -DPACKKV_BUILD_EXAMPLES=OFF \
-      -DCMAKE_CUDA_ARCHITECTURES="${PACKKV_PACKAGE_ARCHS:-80-real;90-real}"
+      -DCMAKE_CUDA_ARCHITECTURES="${PACKKV_PACKAGE_ARCHS:-90-real}"
   fi
   cmake --build "$build" -j"$jobs" --target "${targets[@]}"
   local test_bin=$build/tests/cuda/test_cuda_backend bench_bin=$build/bench/cuda/bench_cuda

@@ -112,6 +112,28 @@ gpu=$(timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --forma
 [ -n "$gpu" ] || gpu="(nvidia-smi unavailable)"
 have_gpu=0
 [ "$gpu" != "(nvidia-smi unavailable)" ] && have_gpu=1
+# The package's code (MANIFEST) against the GPU's compute capability: machine code sm_XY runs on
+# capability X.Y' with Y' >= Y, PTX compute_XY on anything from X.Y up; otherwise no kernel loads.
+arch_note=""
+if ((have_gpu)) && [ -f "$here/MANIFEST" ]; then
+  cap=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
+  code_list=$(sed -n 's/^cuda code: //p' "$here/MANIFEST")
+  if [[ "$cap" =~ ^([0-9]+)\.([0-9])$ ]] && [ -n "$code_list" ]; then
+    major=${BASH_REMATCH[1]} minor=${BASH_REMATCH[2]} runs=0
+    for code in $code_list; do
+      [[ "$code" =~ ^(sm|compute)_([0-9]+)([0-9])[a-z]?$ ]] || continue
+      if [ "${BASH_REMATCH[1]}" = sm ]; then
+        ((BASH_REMATCH[2] == major && BASH_REMATCH[3] <= minor)) && runs=1
+      else
+        ((BASH_REMATCH[2] * 10 + BASH_REMATCH[3] <= major * 10 + minor)) && runs=1
+      fi
+    done
+    if ((!runs)); then
+      arch_note="the package holds ${code_list% } and no code for this GPU (capability $cap):"
+      arch_note+=" package it again with PACKKV_PACKAGE_ARCHS=${major}${minor}-real"
+    fi
+  fi
+fi
 
 # ---- steps and the table ------------------------------------------------------------------------
 
@@ -204,6 +226,7 @@ print_table() {
   echo "commit  $commit"
   echo "budget  tests $t_tests s, sanitizers $t_sanitizers s, bench $t_bench s, peer $t_peer s: $budget s in all"
   echo "cublas  ${lib_summary:-}"
+  [ -n "$arch_note" ] && echo "arch    $arch_note"
   printf '%-10s %-8s %6s  %s\n' step status wall_s result
   for i in "${!names[@]}"; do
     printf '%-10s %-8s %6s  %s\n' "${names[$i]}" "${statuses[$i]}" "${walls[$i]}" "${notes[$i]}"
