@@ -155,6 +155,25 @@ std::vector<T> parse_list(const std::string& text) {
   return out;
 }
 
+/// One item of --k-channel-scales: "kmax:A" or "q:A", A in (0, 4].
+std::pair<std::string, double> parse_channel_scale(const std::string& spec) {
+  const std::size_t colon = spec.find(':');
+  const std::string kind = spec.substr(0, colon);
+  if (colon == std::string::npos || (kind != "kmax" && kind != "q")) {
+    throw std::invalid_argument("--k-channel-scales: '" + spec + "' is not kmax:ALPHA or q:ALPHA");
+  }
+  double alpha = 0.0;
+  try {
+    alpha = std::stod(spec.substr(colon + 1));
+  } catch (const std::exception&) {
+    throw std::invalid_argument("--k-channel-scales: '" + spec + "' has no number after the colon");
+  }
+  if (!(alpha > 0.0 && alpha <= 4.0)) {
+    throw std::invalid_argument("--k-channel-scales: the power in '" + spec + "' must be in (0, 4]");
+  }
+  return {kind, alpha};
+}
+
 void usage() {
   std::fprintf(stderr,
                "usage: packkv_eval --model FILE (--tokens FILE... | --text FILE... --tokenizer FILE)\n"
@@ -190,8 +209,9 @@ void usage() {
                "  --layer-menu-k LIST, --layer-menu-v LIST  the rels each layer may take (besides 1/255)\n");
 }
 
-/// The exact cache, keeping per layer and (KV head, channel) K's largest magnitude and the mean
-/// square of the queries that read it (the KV head's group of query heads).
+/// The exact cache, keeping per layer and (KV head, channel) K's largest magnitude and the sum of
+/// squares of the queries that read it (the KV head's group of query heads): the mean square times
+/// a count shared by every channel, which per-token quantization does not see.
 class ChannelStatsCache final : public llama::KvCache {
  public:
   explicit ChannelStatsCache(const llama::KvShape& shape)
@@ -219,7 +239,8 @@ class ChannelStatsCache final : public llama::KvCache {
   std::string describe() const override { return "exact cache recording K's and q's channel statistics"; }
   /// Divisors 2^round(alpha log2 max|K_c|): channels with large keys shrink (SmoothAttention).
   std::vector<std::vector<float>> k_max_scales(double alpha) const { return powers_of_two(k_max_, alpha, false); }
-  /// Divisors 2^-round(alpha log2 rms q_c): channels the queries weigh heavily grow.
+  /// Divisors 2^-round(alpha log2 sqrt(sum q_c^2)), rms(q_c)^-alpha up to a factor every channel
+  /// shares: channels the queries weigh heavily grow.
   std::vector<std::vector<float>> q_rms_scales(double alpha) const { return powers_of_two(q_square_, alpha / 2.0, true); }
 
  private:
@@ -576,7 +597,10 @@ int main(int argc, char** argv) {
       else if (arg == "--k-before-rope") opt.keys_before_rope = true;
       else if (arg == "--compact-params") opt.compact_params = true;
       else if (arg == "--sinks") opt.sinks = std::stoi(value());
-      else if (arg == "--k-channel-scales") opt.k_channel_scales = parse_list<std::string>(value());
+      else if (arg == "--k-channel-scales") {
+        opt.k_channel_scales = parse_list<std::string>(value());
+        for (const std::string& spec : opt.k_channel_scales) parse_channel_scale(spec);  // refused before any run
+      }
       else if (arg == "--baselines") opt.baselines = value();
       else if (arg == "--sweeps") opt.sweeps = value();
       else if (arg == "--calibrate-layers") opt.layer_budgets = parse_list<double>(value());
@@ -765,12 +789,7 @@ int main(int argc, char** argv) {
       const std::vector<int> calibration = calibration_window();
       llama::evaluate_teacher_forced(model, calibration.data(), static_cast<int>(calibration.size()), recorder);
       for (const std::string& spec : opt.k_channel_scales) {
-        const std::size_t colon = spec.find(':');
-        const std::string kind = spec.substr(0, colon);
-        if (colon == std::string::npos || (kind != "kmax" && kind != "q")) {
-          throw std::invalid_argument("--k-channel-scales: '" + spec + "' is not kmax:ALPHA or q:ALPHA");
-        }
-        const double alpha = std::stod(spec.substr(colon + 1));
+        const auto [kind, alpha] = parse_channel_scale(spec);
         llama::PackkvLevers scaled = levers;
         scaled.sinks = opt.sinks;
         scaled.k_channel_scale = kind == "kmax" ? recorder.k_max_scales(alpha) : recorder.q_rms_scales(alpha);
