@@ -23,8 +23,9 @@
 #   scripts/run_accuracy.sh --lever entropy-images  # entropy-coded images of one window's K/V (3 min)
 #   scripts/run_accuracy.sh --lever pack-widths     # what one code width per group of channels would
 #                                                   # cost (a GPU-friendly format), one window (1 min)
-#   scripts/run_accuracy.sh --lever pack-radix      # what codes packed in any radix would save at
-#                                                   # most, one window (1 min)
+#   scripts/run_accuracy.sh --lever pack-radix      # what codes packed in any radix and narrower or
+#                                                   # joint descriptors would save, one window, fp16
+#                                                   # and compact parameters (2 min)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,10 +57,14 @@ if [[ "${1:-}" == "--lever" && "${2:-}" == "entropy-images" ]]; then
 fi
 if [[ "${1:-}" == "--lever" && "${2:-}" == "pack-radix" ]]; then
   # Not a cache setting: what codes packed in any radix (not whole bits) would save, at most.
-  echo "== packkv_entropy --radix (docs/results/pack-radix.md)"
-  "$build/examples/packkv_entropy" --model "$model_dir/smollm2-135m.pkvllama" --tokens "$model_dir/GPL-3.tokens" \
-    --context 2048 --radix --k-rel 0.02,0.03,0.05,0.1 --v-rel 0.0667,0.1,0.143,0.25 \
-    --markdown "$results/pack-radix.md" > /dev/null
+  # Once with fp16 parameters, once with compact ones (the setting the accuracy targets are met with).
+  for parameters in fp16 compact; do
+    suffix=${parameters/fp16/}
+    echo "== packkv_entropy --radix ${suffix:+--compact }(docs/results/pack-radix${suffix:+-$suffix}.md)"
+    "$build/examples/packkv_entropy" --model "$model_dir/smollm2-135m.pkvllama" --tokens "$model_dir/GPL-3.tokens" \
+      --context 2048 --radix ${suffix:+--compact} --k-rel 0.02,0.03,0.05,0.1 --v-rel 0.0667,0.1,0.143,0.25 \
+      --markdown "$results/pack-radix${suffix:+-$suffix}.md" > /dev/null
+  done
   exit 0
 fi
 if [[ "${1:-}" == "--lever" && "${2:-}" == "pack-widths" ]]; then

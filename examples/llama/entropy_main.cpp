@@ -26,10 +26,11 @@
 // With --radix it measures what codes packed in any radix would save instead of whole bits: a
 // pack of range R (codes in [min, min + R]) takes 16 log2(R + 1) bits instead of 16 bit_width(R),
 // a plain round D * 16 log2(max_code + 1) instead of D * 16 bits (the ideal of mixed-radix
-// packing, no padding counted: an upper bound on its saving).
+// packing, no padding counted: an upper bound on its saving), and what narrower or joint pack
+// descriptors would save. --compact encodes with compact parameters (CacheConfig::compact_params).
 //
 //   packkv_entropy --model smollm2-135m.pkvllama --tokens GPL-3.tokens [--context 2048]
-//                  [--k-rel 0.03,0.05,0.1] [--v-rel 0.1,0.15,0.25] [--markdown FILE] [--widths | --radix]
+//                  [--k-rel 0.03,0.05,0.1] [--v-rel 0.1,0.15,0.25] [--markdown FILE] [--widths | --radix] [--compact]
 #include <algorithm>
 #include <bit>
 #include <chrono>
@@ -155,15 +156,27 @@ double add_width_group_bytes(const packkv::CodecParams& params, const std::uint8
   return actual;
 }
 
+/// The (width, minimum) pairs of a pack whose codes lie in [0, max_code]: width 0 with any minimum,
+/// width w >= 1 with a range of at least 2^(w - 1), so a minimum of at most max_code - 2^(w - 1).
+std::uint32_t joint_descriptor_pairs(std::uint32_t max_code) {
+  std::uint32_t pairs = max_code + 1;
+  for (std::uint32_t w = 1; (1u << (w - 1)) <= max_code; ++w) pairs += max_code - (1u << (w - 1)) + 1;
+  return pairs;
+}
+
 /// One side's rounds in `block` (descriptors and packs), in bytes: as the format stores them (the
 /// return value, recomputed from the codes and checked against the block), and in `radix` as an
 /// ideal mixed-radix packing would: each pack at 16 log2(R + 1) bits for its range R, a plain round
 /// at head_dim * 16 log2(max_code + 1); radix[0] keeps the format's descriptors (a lower bound:
 /// a 4-bit width cannot say R), radix[1] stores R at the code bits in place of the width;
 /// radix[2] is the format with each width in bit_width(code bits) bits instead of 4 (whole bits,
-/// the decode unchanged but for the field size).
+/// the decode unchanged but for the field size); radix[3] is the format with each pack's width and
+/// minimum as one field of whole bits, just wide enough for the (width, minimum) pairs an encoder
+/// can write (joint_descriptor_pairs; a table would map the field back); radix[4] is the ideal of
+/// both: codes in any radix and the pair (minimum, R) at log2 of the number of such pairs, no
+/// padding: an upper bound on what any packing of whole-pack ranges saves without entropy coding.
 double add_radix_bytes(const packkv::CodecParams& params, const std::uint8_t* block, packkv::format::Side side,
-                       double (&radix)[3]) {
+                       double (&radix)[5]) {
   namespace f = packkv::format;
   const f::BlockGeometry& g = params.geometry;
   const f::SectionLayout layout = side == f::Side::k ? g.k_layout() : g.v_layout();
@@ -172,6 +185,11 @@ double add_radix_bytes(const packkv::CodecParams& params, const std::uint8_t* bl
   const double minimums = layout.descriptor_bytes - layout.widths_bytes;
   const double range_descriptors = minimums + dim * layout.bits / 8.0;
   const double narrow_descriptors = minimums + dim * std::bit_width(layout.bits) / 8.0;
+  const std::uint32_t max_code = params.code_limit(side);
+  const double joint_descriptors = dim * std::bit_width(joint_descriptor_pairs(max_code) - 1) / 8.0;
+  // Pairs (minimum m, range R) with m + R <= max code.
+  const double range_pairs = (max_code + 1.0) * (max_code + 2.0) / 2.0;
+  const double ideal_descriptors = dim * std::log2(range_pairs) / 8.0;
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(g.block_tokens) * dim);
   double format_bytes = 0;
   for (int h = 0; h < g.num_heads; ++h) {
@@ -188,13 +206,19 @@ double add_radix_bytes(const packkv::CodecParams& params, const std::uint8_t* bl
           lo = std::min<int>(lo, codes[static_cast<std::size_t>(t) * dim + c]);
           hi = std::max<int>(hi, codes[static_cast<std::size_t>(t) * dim + c]);
         }
-        packs += 2u * static_cast<std::uint32_t>(std::bit_width(static_cast<unsigned>(hi - lo)));
+        const int width = std::bit_width(static_cast<unsigned>(hi - lo));
+        // Every pair the blocks hold must be one joint_descriptor_pairs counts.
+        if (width > 0 && lo + (1 << (width - 1)) > static_cast<int>(max_code))
+          throw std::runtime_error("a pack's (width, minimum) lies outside the counted pairs");
+        packs += 2u * static_cast<std::uint32_t>(width);
         radix_packs += 16.0 * std::log2(hi - lo + 1.0) / 8.0;
       }
       recomputed += std::min(layout.descriptor_bytes + packs, layout.plain_round_bytes);
       radix[0] += std::min(layout.descriptor_bytes + radix_packs, plain_radix);
       radix[1] += std::min(range_descriptors + radix_packs, plain_radix);
       radix[2] += std::min<double>(narrow_descriptors + packs, layout.plain_round_bytes);
+      radix[3] += std::min<double>(joint_descriptors + packs, layout.plain_round_bytes);
+      radix[4] += std::min(ideal_descriptors + radix_packs, plain_radix);
     }
     if (recomputed != actual) throw std::runtime_error("the recomputed rounds differ from the format's");
     format_bytes += actual;
@@ -207,7 +231,7 @@ double add_radix_bytes(const packkv::CodecParams& params, const std::uint8_t* bl
 int main(int argc, char** argv) {
   std::string model_path, tokens_path, markdown;
   int context = 2048, offset = 0;
-  bool widths = false, radix = false;
+  bool widths = false, radix = false, compact = false;
   std::vector<float> k_rels = {0.03f, 0.05f, 0.1f}, v_rels = {0.1f, 0.15f, 0.25f};
   try {
     for (int i = 1; i < argc; ++i) {
@@ -225,11 +249,12 @@ int main(int argc, char** argv) {
       else if (arg == "--markdown") markdown = value();
       else if (arg == "--widths") widths = true;
       else if (arg == "--radix") radix = true;
+      else if (arg == "--compact") compact = true;
       else throw std::invalid_argument("unknown argument " + arg);
     }
     if (model_path.empty() || tokens_path.empty()) {
       std::fprintf(stderr, "usage: packkv_entropy --model FILE --tokens FILE [--context N] [--offset N] [--k-rel LIST] "
-                           "[--v-rel LIST] [--markdown FILE] [--widths | --radix]\n");
+                           "[--v-rel LIST] [--markdown FILE] [--widths | --radix] [--compact]\n");
       return 2;
     }
     const llama::LlamaModel model = llama::LlamaModel::load(model_path);
@@ -258,11 +283,14 @@ int main(int argc, char** argv) {
       c.k_rel = rel;
       c.v_rel = rel;
       c.num_threads = 1;
+      c.compact_params = compact;
       return c;
     };
     std::ostringstream md;
     // The command and the window, the start of each report's description.
-    auto made_by = [&](const char* flags) {
+    const char* parameters = compact ? "compact parameters" : "fp16 parameters";
+    auto made_by = [&](std::string flags) {
+      if (compact) flags += " --compact";
       md << "Made by `packkv_entropy --model " << std::filesystem::path(model_path).filename().string() << " --tokens "
          << std::filesystem::path(tokens_path).filename().string() << " --context " << context << " --offset " << offset
          << flags << "`: " << layers << " layers, " << heads << " KV heads, head_dim " << dim << ", " << n
@@ -299,20 +327,25 @@ int main(int argc, char** argv) {
     if (radix) {
       md << "# What codes packed in any radix would save\n\n";
       made_by(" --radix");
-      md << ", encoded in blocks of 64 (median repacking, K per token, fp16 parameters). The format stores a pack "
+      md << ", encoded in blocks of 64 (median repacking, K per token, " << parameters << "). The format stores a pack "
             "of range R (its codes in [min, min + R]) at bit_width(R) bits per code and a plain round at the code "
             "bits; an ideal mixed-radix packing would take log2(R + 1) and log2(max code + 1), no padding counted, so "
             "the saving below is an upper bound. Each round stays the smaller of its two forms. Radix, format's "
             "descriptors: the 4-bit widths kept (they cannot say R: a lower bound on the bits); radix, range "
             "descriptors: R stored at the code bits in place of each width. Format, narrow widths: the format as it "
             "is with each pack's width in bit_width(code bits) bits instead of 4 (2 bits for codes of up to 3 bits, "
-            "3 for up to 7). The side's total adds what the format stores besides its rounds (parameters, round "
-            "table, half the permutation and headers), unchanged.\n\n";
+            "3 for up to 7). Format, joint descriptors: the format's codes, each pack's width and minimum as one "
+            "field of whole bits, as narrow as the (width, minimum) pairs an encoder can write allow (40 pairs, "
+            "6 bits, for codes of up to 10; a table maps the field back). Ideal: codes in any radix and each "
+            "pack's (minimum, R) at log2 of the number of pairs with minimum + R <= max code, no padding: an upper "
+            "bound on what packing whole-pack ranges can save without entropy coding. The side's total adds what "
+            "the format stores besides its rounds (parameters, round table, half the permutation and headers), "
+            "unchanged.\n\n";
       md << "| side | rel | max code | bits/element, format | radix, format's descriptors | radix, range descriptors | "
-            "format, narrow widths |\n|---|---|---|---|---|---|---|\n";
+            "format, narrow widths | format, joint descriptors | ideal |\n|---|---|---|---|---|---|---|---|---|\n";
       for (int side = 0; side < 2; ++side) {
         for (float rel : side == 0 ? k_rels : v_rels) {
-          double format_rounds = 0, radix_rounds[3] = {0, 0, 0};
+          double format_rounds = 0, radix_rounds[5] = {0, 0, 0, 0, 0};
           int max_code = 0;
           const SideTotals t = for_each_block(side, rel, [&](const packkv::CodecParams& params, const std::uint8_t* block,
                                                              packkv::format::Side which) {
@@ -324,7 +357,8 @@ int main(int argc, char** argv) {
           md << "| " << (side == 0 ? "K" : "V") << " | " << rel << " | " << max_code << " | " << f2(bits(format_rounds))
              << " | " << f2(bits(radix_rounds[0])) << " (-" << saving(radix_rounds[0]) << "%) | " << f2(bits(radix_rounds[1]))
              << " (-" << saving(radix_rounds[1]) << "%) | " << f2(bits(radix_rounds[2])) << " (-" << saving(radix_rounds[2])
-             << "%) |\n";
+             << "%) | " << f2(bits(radix_rounds[3])) << " (-" << saving(radix_rounds[3]) << "%) | "
+             << f2(bits(radix_rounds[4])) << " (-" << saving(radix_rounds[4]) << "%) |\n";
           std::fprintf(stderr, "%s rel %g: format %.3f bits, radix %.3f / %.3f\n", side == 0 ? "K" : "V", rel,
                        bits(format_rounds), bits(radix_rounds[0]), bits(radix_rounds[1]));
         }
@@ -337,7 +371,7 @@ int main(int argc, char** argv) {
       md << "# What one code width per group of channels would cost\n\n";
       made_by(" --widths");
       md << ", encoded in blocks of 64 (median repacking, K per "
-            "token, fp16 parameters). Per round (16 tokens), each channel's pack width becomes the largest of its "
+            "token, " << parameters << "). Per round (16 tokens), each channel's pack width becomes the largest of its "
             "group of G consecutive channels, stored once per group (4 bits); the round is stored plain when that "
             "is not smaller. Rounds = descriptors and packs; the side's total adds what the format stores besides "
             "them (parameters, round table, half the permutation and headers), unchanged. G = 1 is the format (its "
