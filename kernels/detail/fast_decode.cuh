@@ -36,10 +36,11 @@ __device__ __forceinline__ std::uint32_t bits32(const std::uint8_t* base, std::u
 }
 
 /// Four values of w bits (w <= 8), value i at bit i * w of `t`, spread to bytes (unmasked): values
-/// 2 and 3 move to the upper half, then the second value of each half to its second byte.
-__device__ __forceinline__ std::uint32_t spread4(std::uint32_t t, std::uint32_t shift_pair, std::uint32_t shift_one) {
-  const std::uint32_t y = __byte_perm(t, t << shift_pair, 0x7610);
-  return __byte_perm(y, y << shift_one, 0x7250);
+/// 2 and 3 (t >> 2w) move to the upper half, then the second value of each half (>> w) to its
+/// second byte. Right shifts by w and 2w: no per-pack 8 - w and 16 - 2w to work out.
+__device__ __forceinline__ std::uint32_t spread4(std::uint32_t t, std::uint32_t w, std::uint32_t two_w) {
+  const std::uint32_t y = __byte_perm(t, t >> two_w, 0x5410);
+  return __byte_perm(y, y >> w, 0x6240);
 }
 
 /// Decodes one pack (16 codes of width w at byte `offset` of the staged section) into a tile row:
@@ -48,7 +49,7 @@ __device__ __forceinline__ void decode_pack(const std::uint8_t* section, std::ui
                                             std::uint32_t pack_min, std::uint8_t* row) {
   const std::uint32_t mask = (0x01010101u << w) - 0x01010101u;  // (2^w - 1) in every byte
   const std::uint32_t add = pack_min * 0x01010101u;
-  const std::uint32_t shift_pair = 16u - 2u * w, shift_one = 8u - w;
+  const std::uint32_t two_w = 2u * w;
   std::uint32_t out[4];
 #pragma unroll
   for (int group = 0; group < 2; ++group) {
@@ -58,8 +59,8 @@ __device__ __forceinline__ void decode_pack(const std::uint8_t* section, std::ui
     // The funnel shift takes its amount modulo 32: 8 * p shifts by the byte offset in the word.
     const std::uint32_t lo = __funnelshift_r(w0, w1, 8u * p), hi = __funnelshift_r(w1, w2, 8u * p);
     const std::uint32_t upper = __funnelshift_rc(lo, hi, 4u * w);
-    out[2 * group] = (spread4(lo, shift_pair, shift_one) & mask) + add;
-    out[2 * group + 1] = (spread4(upper, shift_pair, shift_one) & mask) + add;
+    out[2 * group] = (spread4(lo, w, two_w) & mask) + add;
+    out[2 * group + 1] = (spread4(upper, w, two_w) & mask) + add;
   }
   *reinterpret_cast<uint4*>(row) = uint4{out[0], out[1], out[2], out[3]};
 }
